@@ -1,0 +1,115 @@
+// epx::Buffer: dispatch tokens to the ranks that hold their experts, combine expert outputs
+// back. The semantics (layouts, orderings, exact numerics) are those of DESIGN.md §2-3; every
+// transport produces the same bits as the reference (src/reference).
+//
+// Collective: every rank of the communicator calls each operation, in the same order, with the
+// same options and the same optional channels (weights, aux, scalars, bias). All tensors live on
+// the buffer's device (host memory for the host transport) and are contiguous.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "epx/comm.hpp"
+#include "epx/config.hpp"
+#include "epx/handle.hpp"
+#include "epx/tensor.hpp"
+
+namespace epx {
+
+namespace detail {
+class Engine;
+}
+
+struct DispatchInputs {
+  TensorView x;         // [S, H] bf16, or fp8-e4m3 with x_scales (buffer built with fp8_dispatch)
+  TensorView x_scales;  // [S, H/128] fp32, only with fp8 x
+  TensorView topk_idx;  // [S, K] int32 or int64, values in [-1, E); omitted for cached dispatch
+  TensorView weights;   // [S, K] fp32, optional
+  TensorView aux;       // [S, K] fp32, optional second scalar channel
+};
+
+struct DispatchOptions {
+  bool expand = false;        // expanded layout: one row per (token, local k), grouped by expert
+  int expert_alignment = 1;   // expanded: pad each expert's segment to a multiple of this
+  bool zero_padding = false;  // expanded: write zeros into padding rows
+  bool sync_counts = true;    // false: no host sync, worst-case outputs, graph-capturable
+};
+
+struct DispatchResult {
+  Tensor x;         // compact [N, H] / expanded [M, H], same dtype as the input
+  Tensor x_scales;  // fp8 only: [N or M, H/128]
+  Tensor topk_idx;  // compact only: [N, K] int32, local expert or -1
+  Tensor weights;   // compact [N, K] / expanded [M]; when weights were given
+  Tensor aux;       // compact [N, K] / expanded [M]; when aux was given
+  Handle handle;
+};
+
+enum class ReduceAt { kExpert, kSource };
+
+struct CombineInputs {
+  TensorView x;        // compact [N, H] / expanded [M, H] bf16
+  TensorView weights;  // expanded only: [M] fp32, optional
+  TensorView scalars;  // optional side channel: expanded [M] / compact [N, K] fp32
+  TensorView bias0;    // optional [S, H] bf16, added before the final rounding
+  TensorView bias1;    // optional [S, H] bf16, added after bias0
+};
+
+struct CombineOptions {
+  ReduceAt reduce_at = ReduceAt::kExpert;  // compact handles always reduce at the expert
+};
+
+struct CombineResult {
+  Tensor x;        // [S, H] bf16
+  Tensor scalars;  // [S, K] fp32, when scalars were given
+};
+
+struct CombineBackwardResult {
+  Tensor grad_x;        // [M, H] bf16: bf16(w_row * grad_y[t]); padding rows 0
+  Tensor grad_weights;  // [M] fp32: dot(grad_y[t], x_row); padding rows 0
+};
+
+class Buffer {
+ public:
+  Buffer(Comm comm, const BufferConfig& config,
+         std::shared_ptr<Allocator> allocator = default_allocator());
+  ~Buffer();
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+
+  // Routing dispatch: computes the plan from topk_idx.
+  DispatchResult dispatch(const DispatchInputs& inputs, const DispatchOptions& options = {},
+                          void* stream = nullptr);
+  // Cached dispatch: replays `handle`'s layout row for row (topk_idx must be omitted; weights
+  // and aux may be given again). No count exchange, no host synchronisation.
+  DispatchResult dispatch(const DispatchInputs& inputs, const Handle& handle,
+                          void* stream = nullptr);
+
+  CombineResult combine(const CombineInputs& inputs, const Handle& handle,
+                        const CombineOptions& options = {}, void* stream = nullptr);
+
+  // Fused backward of an expanded weighted combine y = combine(x, handle, weights).
+  CombineBackwardResult combine_backward(const TensorView& grad_y, const Handle& handle,
+                                         const TensorView& x, const TensorView& weights,
+                                         void* stream = nullptr);
+
+  // Waits for the stream and raises any error a device-side check recorded (invalid routing
+  // found on the device, a peer timeout inside a kernel).
+  void synchronize(void* stream = nullptr);
+
+  const BufferConfig& config() const { return config_; }
+  const Comm& comm() const { return comm_; }
+  int rank() const { return comm_.rank(); }
+  int num_ranks() const { return comm_.num_ranks(); }
+  Device device() const;
+  uint64_t id() const { return id_; }
+
+ private:
+  Comm comm_;
+  BufferConfig config_;
+  std::shared_ptr<Allocator> allocator_;
+  uint64_t id_;
+  std::unique_ptr<detail::Engine> engine_;
+};
+
+}  // namespace epx

@@ -1,0 +1,81 @@
+// Non-owning tensor views (what the caller passes in) and owning tensors (what epx returns),
+// plus the allocator interface through which every output is allocated. No framework types:
+// PyTorch tensors cross into epx as a TensorView and come back from a Python-side Allocator.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace epx {
+
+enum class DType : uint8_t { kBFloat16, kFloat8E4M3, kFloat32, kInt32, kInt64 };
+
+size_t element_size(DType dtype);
+const char* to_string(DType dtype);
+
+enum class DeviceKind : uint8_t { kCpu, kCuda };
+
+struct Device {
+  DeviceKind kind = DeviceKind::kCpu;
+  int index = 0;  // CUDA ordinal; 0 for the CPU
+  static Device cpu() { return {DeviceKind::kCpu, 0}; }
+  static Device cuda(int index) { return {DeviceKind::kCuda, index}; }
+  bool operator==(const Device&) const = default;
+};
+
+std::string to_string(Device device);
+
+// A view of caller memory: pointer, dtype, shape, strides (in elements; empty = contiguous),
+// device. An empty view (data == nullptr and no shape) stands for "not given".
+struct TensorView {
+  void* data = nullptr;
+  DType dtype = DType::kFloat32;
+  std::vector<int64_t> shape;
+  std::vector<int64_t> strides;
+  Device device;
+
+  TensorView() = default;
+  TensorView(void* data, DType dtype, std::vector<int64_t> shape, Device device,
+             std::vector<int64_t> strides = {})
+      : data(data), dtype(dtype), shape(std::move(shape)), strides(std::move(strides)),
+        device(device) {}
+
+  bool defined() const { return data != nullptr || !shape.empty(); }
+  int64_t dim() const { return static_cast<int64_t>(shape.size()); }
+  int64_t size(int64_t d) const { return shape.at(static_cast<size_t>(d)); }
+  int64_t numel() const;
+  size_t nbytes() const { return static_cast<size_t>(numel()) * element_size(dtype); }
+  bool is_contiguous() const;
+  template <typename T>
+  T* ptr() const { return static_cast<T*>(data); }
+};
+
+// An output owned by epx's caller: the view plus whatever keeps its memory alive (a CUDA
+// allocation, a host vector, a Python object).
+struct Tensor {
+  TensorView view;
+  std::shared_ptr<void> owner;
+
+  bool defined() const { return view.defined(); }
+  template <typename T>
+  T* ptr() const { return view.ptr<T>(); }
+  int64_t size(int64_t d) const { return view.size(d); }
+};
+
+// Outputs are allocated through this interface so that frameworks can hand out their own
+// memory. `stream` is the cudaStream_t the output will first be used on (nullptr on the CPU).
+class Allocator {
+ public:
+  virtual ~Allocator() = default;
+  virtual Tensor allocate(DType dtype, const std::vector<int64_t>& shape, Device device,
+                          void* stream) = 0;
+};
+
+// Host memory (new[]) for the CPU, stream-ordered cudaMallocAsync for CUDA devices.
+std::shared_ptr<Allocator> default_allocator();
+
+}  // namespace epx

@@ -1,0 +1,37 @@
+// The transport-specific half of a Buffer. Buffer validates every input and then calls one of
+// these; an engine may assume its inputs are well formed (shapes, dtypes, devices, handle
+// identity), but must itself detect invalid routing values (topk_idx outside [-1, E)) and
+// report them on every rank without writing rows to any peer.
+#pragma once
+
+#include "epx/buffer.hpp"
+
+namespace epx::detail {
+
+class Engine {
+ public:
+  virtual ~Engine() = default;
+  virtual Device device() const = 0;
+  // `cached` is null for a routing dispatch, else the handle to replay.
+  virtual DispatchResult dispatch(const DispatchInputs& inputs, const DispatchOptions& options,
+                                  const Handle* cached, void* stream) = 0;
+  virtual CombineResult combine(const CombineInputs& inputs, const Handle& handle,
+                                ReduceAt reduce_at, void* stream) = 0;
+  virtual CombineBackwardResult combine_backward(const TensorView& grad_y, const Handle& handle,
+                                                 const TensorView& x, const TensorView& weights,
+                                                 void* stream) = 0;
+  virtual void synchronize(void* stream) = 0;
+};
+
+// Everything an engine is built from.
+struct EngineContext {
+  Comm comm;
+  BufferConfig config;
+  std::shared_ptr<Allocator> allocator;
+  uint64_t buffer_id;
+};
+
+std::unique_ptr<Engine> make_host_engine(const EngineContext& context);
+std::unique_ptr<Engine> make_cuda_engine(const EngineContext& context);  // throws without CUDA
+
+}  // namespace epx::detail
