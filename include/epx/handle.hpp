@@ -17,6 +17,7 @@ struct Handle {
   int32_t num_ranks = 0;
   bool expand = false;
   int32_t expert_alignment = 1;
+  bool zero_padding = false;  // cached replays zero the padding rows too
   int32_t num_experts = 0;
   int32_t num_topk = 0;
   int64_t max_tokens_per_rank = 0;

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "epx/buffer.hpp"
+#include "plan/workspace_layout.hpp"
 
 namespace epx::detail {
 
@@ -30,6 +31,9 @@ struct EngineContext {
   std::shared_ptr<Allocator> allocator;
   uint64_t buffer_id;
 };
+
+// The workspace layout every rank uses for `config` (src/core/buffer.cpp).
+plan::WorkspaceLayout workspace_layout(const BufferConfig& config, int num_ranks);
 
 std::unique_ptr<Engine> make_host_engine(const EngineContext& context);
 std::unique_ptr<Engine> make_cuda_engine(const EngineContext& context);  // throws without CUDA

@@ -3,6 +3,7 @@
 #include <cstring>
 #include <new>
 
+#include "core/allocators.hpp"
 #include "epx/error.hpp"
 
 namespace epx {
@@ -71,8 +72,33 @@ class HostAllocator final : public Allocator {
   }
 };
 
+// Sends each request to the host or the CUDA allocator by device.
+class DefaultAllocator final : public Allocator {
+ public:
+  Tensor allocate(DType dtype, const std::vector<int64_t>& shape, Device device,
+                  void* stream) override {
+    if (device.kind == DeviceKind::kCpu) return host_.allocate(dtype, shape, device, stream);
+#if defined(EPX_WITH_CUDA)
+    static const std::shared_ptr<Allocator> cuda = detail::make_cuda_allocator();
+    return cuda->allocate(dtype, shape, device, stream);
+#else
+    EPX_FAIL(kInvalidArgument, "epx was built without CUDA: cannot allocate on " << to_string(device));
+#endif
+  }
+
+ private:
+  HostAllocator host_;
+};
+
 }  // namespace
 
+namespace detail {
 std::shared_ptr<Allocator> make_host_allocator() { return std::make_shared<HostAllocator>(); }
+}  // namespace detail
+
+std::shared_ptr<Allocator> default_allocator() {
+  static const std::shared_ptr<Allocator> allocator = std::make_shared<DefaultAllocator>();
+  return allocator;
+}
 
 }  // namespace epx

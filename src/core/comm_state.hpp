@@ -1,0 +1,15 @@
+// The transport-specific state behind an epx::Comm. Each transport derives its own.
+#pragma once
+
+#include "epx/comm.hpp"
+
+namespace epx::detail {
+
+struct CommState {
+  virtual ~CommState() = default;
+  int rank = 0;
+  int num_ranks = 1;
+  virtual Transport transport() const = 0;
+};
+
+}  // namespace epx::detail

@@ -1,0 +1,34 @@
+// Host-side checks of every Buffer input (DESIGN.md §3 "Errors"). They run before any
+// communication, so a rejected call writes nothing to any peer.
+#pragma once
+
+#include <initializer_list>
+#include <vector>
+
+#include "epx/buffer.hpp"
+
+namespace epx::detail {
+
+// What one tensor argument must look like. A shape entry of -1 accepts any extent.
+struct TensorSpec {
+  const char* name;
+  std::initializer_list<DType> dtypes;
+  std::vector<int64_t> shape;
+};
+
+void check_tensor(const TensorView& tensor, const TensorSpec& spec, Device device);
+void check_optional_tensor(const TensorView& tensor, const TensorSpec& spec, Device device);
+
+void check_config(const BufferConfig& config, int num_ranks);
+void check_dispatch(const DispatchInputs& in, const DispatchOptions& options,
+                    const BufferConfig& config, Device device);
+void check_cached_dispatch(const DispatchInputs& in, const Handle& handle,
+                           const BufferConfig& config, Device device);
+void check_handle(const Handle& handle, uint64_t buffer_id, int rank, int num_ranks,
+                  const char* operation);
+void check_combine(const CombineInputs& in, const Handle& handle, const BufferConfig& config,
+                   Device device);
+void check_combine_backward(const TensorView& grad_y, const Handle& handle, const TensorView& x,
+                            const TensorView& weights, const BufferConfig& config, Device device);
+
+}  // namespace epx::detail

@@ -1,0 +1,50 @@
+// One randomized end-to-end check of a Buffer against the reference, shared by the host tests,
+// the GPU tests and the demo: routing dispatch, a cached replay with fresh values, combine and
+// (expanded, weighted) combine_backward, every output element compared bit for bit.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "common/random_problem.hpp"
+#include "epx/buffer.hpp"
+
+namespace epx::testing {
+
+// How the scenario moves data between the host and the buffer's device.
+struct DeviceOps {
+  // Copies `bytes` of host data into new device memory; the shared_ptr owns it.
+  std::function<std::shared_ptr<void>(const void* host, size_t bytes)> upload;
+  std::function<void(void* host, const void* device, size_t bytes)> download;
+  void* stream = nullptr;
+};
+
+DeviceOps host_device_ops();
+
+// An allocator that fills every output with a poison byte pattern (0x7f: huge finite bf16 and
+// fp32 values, int32 0x7f7f7f7f), so an element the transport forgot to write cannot pass.
+class PoisonAllocator : public Allocator {
+ public:
+  PoisonAllocator(std::shared_ptr<Allocator> inner,
+                  std::function<void(void* device, size_t bytes)> fill)
+      : inner_(std::move(inner)), fill_(std::move(fill)) {}
+  Tensor allocate(DType dtype, const std::vector<int64_t>& shape, Device device,
+                  void* stream) override;
+
+ private:
+  std::shared_ptr<Allocator> inner_;
+  std::function<void(void*, size_t)> fill_;
+};
+constexpr unsigned char kPoisonByte = 0x7f;
+
+struct PhaseTimes {
+  double dispatch_ms = 0, cached_ms = 0, combine_ms = 0, backward_ms = 0;
+};
+
+// Runs the scenario on this rank; returns "" on success, else a message naming the operation,
+// the output, the first mismatching element and the configuration.
+std::string run_scenario(Buffer& buffer, const RandomConfig& config, int rank,
+                         const DeviceOps& ops, PhaseTimes* times = nullptr);
+
+}  // namespace epx::testing
