@@ -1,0 +1,165 @@
+#include "bridge.hpp"
+
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+
+#include "epx/error.hpp"
+
+namespace epx::python {
+namespace {
+
+// The few DLPack (v0.x ABI) declarations the fallback needs; the layout is fixed by the DLPack
+// specification, which every PyTorch since 1.x imports.
+struct DLDevice {
+  int32_t device_type;  // 1 = CPU, 2 = CUDA
+  int32_t device_id;
+};
+struct DLDataType {
+  uint8_t code;  // 1 = unsigned integer
+  uint8_t bits;
+  uint16_t lanes;
+};
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;
+  uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor* self);
+};
+
+// Owns the epx::Tensor (and so its memory) for as long as the consumer holds the DLPack tensor.
+struct DlpackContext {
+  Tensor tensor;
+  int64_t num_bytes = 0;
+  DLManagedTensor managed{};
+};
+
+void delete_dlpack(DLManagedTensor* self) {
+  delete static_cast<DlpackContext*>(self->manager_ctx);
+}
+
+// Capsule destructor: only frees a capsule nobody consumed (a consumer renames it).
+void delete_unconsumed_capsule(PyObject* capsule) {
+  if (PyCapsule_IsValid(capsule, "dltensor")) {
+    auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
+    if (managed && managed->deleter) managed->deleter(managed);
+  } else {
+    PyErr_Clear();
+  }
+}
+
+// The bytes of `tensor` as a 1-D uint8 DLPack capsule.
+py::object dlpack_bytes(const Tensor& tensor) {
+  auto* context = new DlpackContext{tensor, static_cast<int64_t>(tensor.view.nbytes()), {}};
+  DLTensor& dl = context->managed.dl_tensor;
+  dl.data = tensor.view.data;
+  dl.device = tensor.view.device.kind == DeviceKind::kCuda
+                  ? DLDevice{2, tensor.view.device.index}
+                  : DLDevice{1, 0};
+  dl.ndim = 1;
+  dl.dtype = DLDataType{1, 8, 1};
+  dl.shape = &context->num_bytes;
+  dl.strides = nullptr;
+  dl.byte_offset = 0;
+  context->managed.manager_ctx = context;
+  context->managed.deleter = delete_dlpack;
+  PyObject* capsule = PyCapsule_New(&context->managed, "dltensor", delete_unconsumed_capsule);
+  if (!capsule) {
+    delete context;
+    throw py::error_already_set();
+  }
+  return py::reinterpret_steal<py::object>(capsule);
+}
+
+std::vector<int64_t> int_list(const py::handle& sequence) {
+  std::vector<int64_t> values;
+  for (const py::handle item : sequence) values.push_back(item.cast<int64_t>());
+  return values;
+}
+
+}  // namespace
+
+void PyObjectDeleter::operator()(void* object) const {
+  if (!Py_IsInitialized()) return;  // interpreter gone: leak instead of touching freed state
+  py::gil_scoped_acquire gil;
+  delete static_cast<py::object*>(object);
+}
+
+PyAllocator::PyAllocator(py::object allocate) : allocate_(std::move(allocate)) {}
+
+PyAllocator::~PyAllocator() {
+  if (!Py_IsInitialized()) {
+    allocate_.release();  // leak at shutdown
+    return;
+  }
+  py::gil_scoped_acquire gil;
+  allocate_ = py::object();
+}
+
+Tensor PyAllocator::allocate(DType dtype, const std::vector<int64_t>& shape, Device device,
+                             void* stream) {
+  TensorView view(nullptr, dtype, shape, device);
+  const size_t num_bytes = view.nbytes();
+  std::string failure;
+  {
+    py::gil_scoped_acquire gil;
+    try {
+      py::object storage = allocate_(num_bytes, static_cast<int>(device.kind), device.index,
+                                     reinterpret_cast<uintptr_t>(stream));
+      view.data = reinterpret_cast<void*>(storage.attr("data_ptr")().cast<uintptr_t>());
+      EPX_CHECK(view.data != nullptr || num_bytes == 0, kOutOfMemory,
+                "the Python allocator returned a tensor without data for " << num_bytes
+                                                                           << " bytes");
+      std::shared_ptr<void> owner(new py::object(std::move(storage)), PyObjectDeleter{});
+      return Tensor{std::move(view), std::move(owner)};
+    } catch (py::error_already_set& error) {
+      // Turn the Python error into an epx error here, while the GIL is held, so that no Python
+      // object travels through the engine.
+      failure = error.what();
+    }
+  }
+  EPX_FAIL(kOutOfMemory, "allocating " << num_bytes << " bytes for a " << to_string(dtype)
+                                       << " output on " << to_string(device)
+                                       << " failed in Python: " << failure);
+}
+
+TensorView view_from_py(const py::handle& description) {
+  if (description.is_none()) return TensorView();
+  const auto fields = description.cast<py::tuple>();
+  EPX_CHECK(fields.size() == 6, kInternal, "a tensor description has 6 fields");
+  TensorView view;
+  view.data = reinterpret_cast<void*>(fields[0].cast<uintptr_t>());
+  view.dtype = static_cast<DType>(fields[1].cast<int>());
+  view.shape = int_list(fields[2]);
+  view.strides = int_list(fields[3]);
+  view.device = Device{static_cast<DeviceKind>(fields[4].cast<int>()), fields[5].cast<int>()};
+  return view;
+}
+
+py::object tensor_to_py(const Tensor& tensor) {
+  if (!tensor.defined()) return py::none();
+  py::tuple shape(tensor.view.shape.size());
+  for (size_t d = 0; d < tensor.view.shape.size(); ++d) shape[d] = tensor.view.shape[d];
+  const auto dtype = static_cast<int>(tensor.view.dtype);
+  if (auto* deleter = std::get_deleter<PyObjectDeleter>(tensor.owner)) {
+    (void)deleter;
+    const auto& base = *static_cast<const py::object*>(tensor.owner.get());
+    const auto base_ptr = base.attr("data_ptr")().cast<uintptr_t>();
+    const uintptr_t offset = tensor.view.nbytes() == 0
+                                 ? 0
+                                 : reinterpret_cast<uintptr_t>(tensor.view.data) - base_ptr;
+    return py::make_tuple(base, offset, dtype, shape);
+  }
+  return py::make_tuple(dlpack_bytes(tensor), 0, dtype, shape);
+}
+
+}  // namespace epx::python

@@ -1,0 +1,51 @@
+// How tensors cross between PyTorch and epx without linking against PyTorch.
+//
+// Inputs: the Python side describes each tensor as a tuple
+//   (data_ptr: int, dtype: epx DType value, shape: list, strides: list, device_kind, device_index)
+// and bridge turns it into a non-owning epx::TensorView (None = "not given").
+//
+// Outputs: every epx output is allocated through PyAllocator, which calls a Python callable
+// `allocate(nbytes, device_kind, device_index, stream) -> torch.Tensor` (1-D uint8) and keeps the
+// returned object alive in the epx::Tensor's owner. Back in Python an output is described as
+//   (base: 1-D uint8 tensor, byte_offset, dtype, shape)
+// and the Python side views `base` with the right dtype and shape, so no copy is made.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <memory>
+#include <vector>
+
+#include "epx/tensor.hpp"
+
+namespace epx::python {
+
+namespace py = pybind11;
+
+// Releases a Python object from any thread: takes the GIL first. During interpreter shutdown
+// the object is leaked rather than touched.
+struct PyObjectDeleter {
+  void operator()(void* object) const;
+};
+
+// An epx::Allocator that hands out memory of Python objects (torch tensors).
+class PyAllocator final : public Allocator {
+ public:
+  explicit PyAllocator(py::object allocate);
+  ~PyAllocator() override;
+  Tensor allocate(DType dtype, const std::vector<int64_t>& shape, Device device,
+                  void* stream) override;
+
+ private:
+  py::object allocate_;
+};
+
+// A Python tensor description (see above) or None -> TensorView (empty when None).
+TensorView view_from_py(const py::handle& description);
+
+// An epx output -> (base, byte_offset, dtype, shape), or None when the tensor is not defined.
+// Tensors owned by something other than PyAllocator (an engine's own allocation) cross as a
+// DLPack capsule in place of `base`; the Python side imports it with torch's from_dlpack.
+py::object tensor_to_py(const Tensor& tensor);
+
+}  // namespace epx::python

@@ -1,0 +1,41 @@
+"""epx: expert-parallel dispatch and combine for mixture-of-experts layers, with PyTorch.
+
+    buffer = epx.Buffer(group, max_tokens_per_rank=..., hidden=..., num_experts=..., num_topk=...)
+    recv_x, recv_w, handle = epx.functional.dispatch(buffer, x, topk_idx, topk_weights, expand=True)
+    y = epx.functional.combine(buffer, expert_out, handle, recv_w)
+
+A process group on NCCL selects the CUDA transport, any other (gloo) the host transport over
+POSIX shared memory. See python/README.md for building and the semantics in DESIGN.md §2-3.
+"""
+
+import pkgutil as _pkgutil
+
+# The compiled module may live in another `epx` folder than these sources: a CMake build puts
+# it under <build>/python/epx/, and `PYTHONPATH=python:<build>/python` must find it. Every `epx`
+# folder on sys.path joins the package path.
+__path__ = _pkgutil.extend_path(__path__, __name__)
+
+try:
+    from . import _C
+except ImportError as _error:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        "epx: the compiled module epx._C was not found next to the package or in any 'epx' "
+        "folder on sys.path. Build it with `pip install --no-build-isolation .` or "
+        "`cmake -S . -B build -DEPX_BUILD_PYTHON=ON && cmake --build build` and put "
+        "build/python on PYTHONPATH (see python/README.md)."
+    ) from _error
+
+from ._C import EpxError, ErrorCode  # noqa: E402
+from .buffer import Buffer, CombineResult, DispatchResult, Handle, workspace_bytes  # noqa: E402
+from . import functional  # noqa: E402
+
+__all__ = [
+    "Buffer",
+    "CombineResult",
+    "DispatchResult",
+    "EpxError",
+    "ErrorCode",
+    "Handle",
+    "functional",
+    "workspace_bytes",
+]

@@ -1,0 +1,100 @@
+"""Tensors across the torch/epx boundary, without the extension linking against PyTorch.
+
+Inputs cross as descriptions (pointer, dtype, shape, strides, device); outputs are torch
+tensors that epx allocated through `allocate` below (as raw bytes) and that come back as
+(base, byte_offset, dtype, shape), viewed here with the right dtype and shape (no copy).
+"""
+
+import math
+
+import torch
+
+from . import _C
+
+# fp8-e4m3: torch.float8_e4m3fn where this PyTorch has it (>= 2.1), else raw bytes in uint8.
+FLOAT8 = getattr(torch, "float8_e4m3fn", None)
+
+_TO_EPX = {
+    torch.bfloat16: _C.DType.BFLOAT16,
+    torch.float32: _C.DType.FLOAT32,
+    torch.int32: _C.DType.INT32,
+    torch.int64: _C.DType.INT64,
+    torch.uint8: _C.DType.FLOAT8_E4M3,  # fp8-e4m3 bits, for PyTorch without a float8 dtype
+}
+if FLOAT8 is not None:
+    _TO_EPX[FLOAT8] = _C.DType.FLOAT8_E4M3
+
+_FROM_EPX = {
+    int(_C.DType.BFLOAT16): torch.bfloat16,
+    int(_C.DType.FLOAT8_E4M3): FLOAT8 if FLOAT8 is not None else torch.uint8,
+    int(_C.DType.FLOAT32): torch.float32,
+    int(_C.DType.INT32): torch.int32,
+    int(_C.DType.INT64): torch.int64,
+}
+
+_CPU = int(_C.DeviceKind.CPU)
+_CUDA = int(_C.DeviceKind.CUDA)
+
+
+def error(message, code=_C.ErrorCode.INVALID_ARGUMENT):
+    """An epx.EpxError raised by the Python layer (same class and `.code` as the C++ ones)."""
+    exception = _C.EpxError(f"epx {str(code.name).lower().replace('_', ' ')}: {message}")
+    exception.code = code
+    return exception
+
+
+def describe(tensor, name):
+    """A torch tensor (or None) as the description epx._C turns into a TensorView."""
+    if tensor is None:
+        return None
+    if not isinstance(tensor, torch.Tensor):
+        raise error(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    dtype = _TO_EPX.get(tensor.dtype)
+    if dtype is None:
+        raise error(f"{name} has dtype {tensor.dtype}, which epx does not take")
+    if tensor.device.type == "cuda":
+        kind, index = _CUDA, tensor.device.index
+    elif tensor.device.type == "cpu":
+        kind, index = _CPU, 0
+    else:
+        raise error(f"{name} is on {tensor.device}; epx takes CPU or CUDA tensors")
+    return (tensor.data_ptr(), int(dtype), list(tensor.shape), list(tensor.stride()), kind, index)
+
+
+def from_c(spec):
+    """An epx output (base, byte_offset, dtype, shape) as a torch tensor; None stays None."""
+    if spec is None:
+        return None
+    base, offset, dtype, shape = spec
+    if not isinstance(base, torch.Tensor):  # an engine-owned tensor, as a DLPack capsule
+        base = torch.utils.dlpack.from_dlpack(base)
+    torch_dtype = _FROM_EPX[dtype]
+    element_size = torch.empty((), dtype=torch_dtype).element_size()
+    num_bytes = math.prod(shape) * element_size
+    flat = base.reshape(-1)[offset:offset + num_bytes]
+    return flat.view(torch_dtype).view(tuple(shape))
+
+
+def allocate(num_bytes, device_kind, device_index, stream):
+    """epx's output allocator: raw bytes from PyTorch's allocator, on `stream` for CUDA."""
+    if device_kind == _CUDA:
+        device = torch.device("cuda", device_index)
+    else:
+        device = torch.device("cpu")
+    # At least one byte, so that an empty output still has a distinct, valid pointer.
+    storage = torch.empty(max(num_bytes, 1), dtype=torch.uint8, device=device)
+    if device_kind == _CUDA and stream and stream != torch.cuda.current_stream(device).cuda_stream:
+        storage.record_stream(torch.cuda.ExternalStream(stream, device=device))
+    return storage
+
+
+def torch_device(buffer_device):
+    kind, index = buffer_device
+    return torch.device("cuda", index) if kind == _CUDA else torch.device("cpu")
+
+
+def stream_of(device):
+    """The stream epx orders its work on: PyTorch's current stream (0 on the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.current_stream(device).cuda_stream
+    return 0

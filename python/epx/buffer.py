@@ -1,0 +1,293 @@
+"""epx.Buffer and epx.Handle: the PyTorch face of the C++ epx::Buffer (DESIGN.md §2-3, §5).
+
+Every operation is collective: all ranks of the group call it, in the same order, with the same
+options and the same optional channels (weights, aux, scalars, bias). Work is ordered on
+PyTorch's current CUDA stream (the CPU for the host transport).
+
+Index outputs are int32 tensors (the layout epx computes in): `DispatchResult.topk_idx`,
+`Handle.recv_topk_idx`, `src_token`, `expanded_rows`, `expert_offsets`.
+"""
+
+import secrets
+from typing import List, NamedTuple, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from . import _C
+from ._tensors import describe, error, from_c, stream_of, torch_device
+from ._tensors import allocate as _allocate
+
+
+class Handle:
+    """What a dispatch returns to replay (cached dispatch) or invert (combine) the exchange.
+
+    Its tensors live on the buffer's device and are shared, not copied: do not write to them.
+    With `sync_counts=False` the receive-side tensors are sized for the worst case and the real
+    counts are only in `device_counts` ([N, M], int64, on the device).
+    """
+
+    def __init__(self, c_handle):
+        self._c = c_handle
+        self._tensors = {}
+
+    def tensor(self, name: str) -> Optional[torch.Tensor]:
+        """A handle tensor by its C++ name (epx/handle.hpp), e.g. "send_slot"; int32."""
+        if name not in self._tensors:
+            self._tensors[name] = from_c(self._c.tensor(name))
+        return self._tensors[name]
+
+    expand = property(lambda self: self._c.expand, doc="expanded (True) or compact layout")
+    expert_alignment = property(lambda self: self._c.expert_alignment)
+    zero_padding = property(lambda self: self._c.zero_padding)
+    num_experts = property(lambda self: self._c.num_experts)
+    num_topk = property(lambda self: self._c.num_topk)
+    local_experts = property(lambda self: self._c.local_experts)
+    num_tokens = property(lambda self: self._c.num_tokens, doc="S: tokens this rank sent")
+    counts_synced = property(lambda self: self._c.counts_synced)
+
+    @property
+    def num_recv_tokens(self) -> Optional[int]:
+        """N: tokens received (compact rows); None when the counts stayed on the device."""
+        return self._c.num_recv_tokens if self._c.counts_synced else None
+
+    @property
+    def num_rows(self) -> Optional[int]:
+        """M: expanded rows including padding (N for a compact handle); None when not synced."""
+        return self._c.num_rows if self._c.counts_synced else None
+
+    @property
+    def recv_topk_idx(self) -> Optional[torch.Tensor]:
+        """Compact: [N, K] int32, the local expert of each (token, k) or -1. Expanded: None."""
+        return None if self.expand else self.tensor("recv_topk_idx")
+
+    @property
+    def tokens_per_expert(self) -> Optional[List[int]]:
+        """Real rows per local expert (a list of E_l ints) when counts were synced, else None."""
+        return list(self._c.host_tokens_per_expert) if self._c.counts_synced else None
+
+    @property
+    def expert_offsets(self) -> torch.Tensor:
+        """[E_l + 1] int32 on the device: first expanded row of each local expert; last = M."""
+        return self.tensor("expert_offsets")
+
+    @property
+    def host_expert_offsets(self) -> Optional[List[int]]:
+        """`expert_offsets` as a list of ints when counts were synced, else None."""
+        return list(self._c.host_expert_offsets) if self._c.counts_synced else None
+
+    @property
+    def src_token(self) -> torch.Tensor:
+        """[N] int32: global id (source_rank * max_tokens_per_rank + token) of each row."""
+        return self.tensor("src_token")
+
+    @property
+    def expanded_rows(self) -> torch.Tensor:
+        """[N, K] int32: expanded row holding (token, k), -1 where k is not local."""
+        return self.tensor("expanded_rows")
+
+    @property
+    def device_counts(self) -> torch.Tensor:
+        """[2] int64 on the device: N and M, valid without a host synchronisation."""
+        return self.tensor("device_counts")
+
+    def __repr__(self):
+        layout = "expanded" if self.expand else "compact"
+        return (f"epx.Handle({layout}, rank={self._c.rank}, tokens={self.num_tokens}, "
+                f"N={self.num_recv_tokens}, M={self.num_rows})")
+
+
+class DispatchResult(NamedTuple):
+    """x: [N or M, H] (fp8: a (data, scales) tuple); topk_idx: compact [N, K] int32 local expert
+    or -1, None when expanded; weights/aux: compact [N, K], expanded [M] fp32, or None."""
+
+    x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+    topk_idx: Optional[torch.Tensor]
+    weights: Optional[torch.Tensor]
+    aux: Optional[torch.Tensor]
+    handle: Handle
+
+
+class CombineResult(NamedTuple):
+    """x: [S, H] bf16; scalars: [S, K] fp32 when scalars were given, else None."""
+
+    x: torch.Tensor
+    scalars: Optional[torch.Tensor]
+
+
+def _config(max_tokens_per_rank, hidden, num_experts, num_topk, fp8_dispatch, timeout_seconds,
+            num_sms):
+    config = _C.BufferConfig()
+    config.max_tokens_per_rank = int(max_tokens_per_rank)
+    config.hidden = int(hidden)
+    config.num_experts = int(num_experts)
+    config.num_topk = int(num_topk)
+    config.fp8_dispatch = bool(fp8_dispatch)
+    config.timeout_seconds = float(timeout_seconds)
+    config.num_sms = int(num_sms)
+    return config
+
+
+def workspace_bytes(num_ranks, *, max_tokens_per_rank, hidden, num_experts, num_topk,
+                    fp8_dispatch=False) -> int:
+    """Bytes of the symmetric buffer each rank would allocate, without allocating."""
+    config = _config(max_tokens_per_rank, hidden, num_experts, num_topk, fp8_dispatch, 100.0, 0)
+    return _C.workspace_bytes(config, int(num_ranks))
+
+
+def _broadcast_from_first(value, group):
+    """`value` of the group's rank 0, on every rank of `group`."""
+    objects = [value]
+    if group is None or group is dist.group.WORLD:
+        source = 0
+    elif hasattr(dist, "get_global_rank"):
+        source = dist.get_global_rank(group, 0)
+    else:  # PyTorch < 2.0
+        source = dist.distributed_c10d._get_global_rank(group, 0)
+    dist.broadcast_object_list(objects, src=source, group=group)
+    return objects[0]
+
+
+class Buffer:
+    """The communication buffer of one MoE layer's exchanges (collective to construct).
+
+    group: a torch.distributed process group (None: the default group). On the NCCL backend
+    epx uses its CUDA transport on torch.cuda.current_device() (with its own NCCL communicator,
+    made from a unique id that rank 0 broadcasts through the group); on any other backend
+    (gloo) the host transport over POSIX shared memory, with CPU tensors. `transport` ("host"
+    or "cuda") overrides the choice.
+    """
+
+    def __init__(self, group=None, max_tokens_per_rank=None, hidden=None, num_experts=None,
+                 num_topk=None, fp8_dispatch=False, timeout_seconds=100.0, *, num_sms=0,
+                 transport=None):
+        for name, value in (("max_tokens_per_rank", max_tokens_per_rank), ("hidden", hidden),
+                            ("num_experts", num_experts), ("num_topk", num_topk)):
+            if value is None:
+                raise error(f"Buffer needs {name}")
+        if not dist.is_initialized():
+            raise error("Buffer needs an initialised torch.distributed process group")
+        group = group if group is not None else dist.group.WORLD
+        rank, num_ranks = dist.get_rank(group), dist.get_world_size(group)
+        if transport is None:
+            transport = "cuda" if str(dist.get_backend(group)).lower() == "nccl" else "host"
+        if transport not in ("host", "cuda"):
+            raise error(f'transport must be "host" or "cuda", got {transport!r}')
+        config = _config(max_tokens_per_rank, hidden, num_experts, num_topk, fp8_dispatch,
+                         timeout_seconds, num_sms)
+        if transport == "cuda":
+            unique_id = _C.nccl_unique_id() if rank == 0 else None
+            unique_id = _broadcast_from_first(unique_id, group)
+            comm = _C.Comm.nccl(rank, num_ranks, unique_id, torch.cuda.current_device())
+        else:
+            name = f"epx-{secrets.token_hex(8)}" if rank == 0 else None
+            comm = _C.Comm.host(rank, num_ranks, _broadcast_from_first(name, group))
+        self.group = group
+        self._c = _C.Buffer(comm, config, _allocate)
+        self._device = torch_device(self._c.device)
+
+    # -- properties ---------------------------------------------------------------------------
+    rank = property(lambda self: self._c.rank)
+    num_ranks = property(lambda self: self._c.num_ranks)
+    device = property(lambda self: self._device, doc="where every tensor of this buffer lives")
+    transport = property(lambda self: "host" if self._c.transport == _C.Transport.HOST else "cuda")
+    max_tokens_per_rank = property(lambda self: self._c.config.max_tokens_per_rank)
+    hidden = property(lambda self: self._c.config.hidden)
+    num_experts = property(lambda self: self._c.config.num_experts)
+    num_topk = property(lambda self: self._c.config.num_topk)
+    local_experts = property(lambda self: self._c.config.num_experts // self._c.num_ranks)
+    fp8_dispatch = property(lambda self: self._c.config.fp8_dispatch)
+
+    def __repr__(self):
+        config = self._c.config
+        return (f"epx.Buffer({self.transport}, rank {self.rank}/{self.num_ranks}, "
+                f"max_tokens_per_rank={config.max_tokens_per_rank}, hidden={config.hidden}, "
+                f"num_experts={config.num_experts}, num_topk={config.num_topk}, "
+                f"fp8_dispatch={config.fp8_dispatch})")
+
+    # -- operations ---------------------------------------------------------------------------
+    def dispatch(self, x, topk_idx=None, weights=None, aux=None, *, expand=False,
+                 expert_alignment=1, zero_padding=False, sync_counts=True,
+                 handle=None) -> DispatchResult:
+        """Sends each token to the ranks of its top-k experts (DESIGN.md §2-3).
+
+        x: [S, H] bf16, or a tuple (fp8-e4m3 data [S, H], fp32 scales [S, H/128]) on a buffer
+        built with fp8_dispatch (uint8 data stands for fp8-e4m3 bits on PyTorch without a
+        float8 dtype). topk_idx: [S, K] int64 or int32 in [-1, E). weights, aux: [S, K] fp32.
+        With `handle` (cached dispatch) topk_idx must be omitted and the layout and options are
+        the handle's, row for row.
+        """
+        if isinstance(x, (tuple, list)):
+            if len(x) != 2:
+                raise error("fp8 x must be a tuple (data, scales)")
+            data, scales = x
+        else:
+            data, scales = x, None
+        stream = stream_of(self._device)
+        if handle is not None:
+            self._check_handle(handle)
+            if topk_idx is not None:
+                raise error("cached dispatch takes its routing from the handle: omit topk_idx")
+            out = self._c.dispatch_cached(describe(data, "x"), describe(scales, "x scales"),
+                                          describe(weights, "weights"), describe(aux, "aux"),
+                                          handle._c, stream)
+            result_handle = handle
+        else:
+            if topk_idx is None:
+                raise error("dispatch needs topk_idx (or a handle, for a cached dispatch)")
+            out = self._c.dispatch(describe(data, "x"), describe(scales, "x scales"),
+                                   describe(topk_idx, "topk_idx"), describe(weights, "weights"),
+                                   describe(aux, "aux"), bool(expand), int(expert_alignment),
+                                   bool(zero_padding), bool(sync_counts), stream)
+            result_handle = Handle(out["handle"])
+        recv_x = from_c(out["x"])
+        if scales is not None:
+            recv_x = (recv_x, from_c(out["x_scales"]))
+        return DispatchResult(recv_x, from_c(out["topk_idx"]), from_c(out["weights"]),
+                              from_c(out["aux"]), result_handle)
+
+    def combine(self, x, handle, *, weights=None, scalars=None, bias=None,
+                reduce_at="expert") -> CombineResult:
+        """Brings expert outputs back to their source ranks and reduces them (DESIGN.md §3).
+
+        x: expanded [M, H] / compact [N, H] bf16. weights: expanded only, [M] fp32.
+        scalars: a side channel returned as `.scalars` [S, K] (expanded [M], compact [N, K]).
+        bias: one [S, H] bf16 tensor or a tuple of two, added in fp32 before the rounding.
+        reduce_at: "expert" (one row per token and rank on the link) or "source".
+        """
+        self._check_handle(handle)
+        if reduce_at not in ("expert", "source"):
+            raise error(f'reduce_at must be "expert" or "source", got {reduce_at!r}')
+        if isinstance(bias, (tuple, list)):
+            if len(bias) > 2:
+                raise error(f"bias takes at most two tensors, got {len(bias)}")
+            bias0, bias1 = (list(bias) + [None, None])[:2]
+        else:
+            bias0, bias1 = bias, None
+        y, combined_scalars = self._c.combine(
+            describe(x, "x"), describe(weights, "weights"), describe(scalars, "scalars"),
+            describe(bias0, "bias"), describe(bias1, "bias"), handle._c, reduce_at == "source",
+            stream_of(self._device))
+        return CombineResult(from_c(y), from_c(combined_scalars))
+
+    def combine_backward(self, grad_y, handle, *, x, weights) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Fused backward of y = combine(x, handle, weights=weights) on an expanded handle.
+
+        Returns (grad_x [M, H] bf16 = bf16(w_row * grad_y[t]), grad_weights [M] fp32 =
+        dot(grad_y[t], x_row)); padding rows are 0.
+        """
+        self._check_handle(handle)
+        grad_x, grad_weights = self._c.combine_backward(
+            describe(grad_y, "grad_y"), handle._c, describe(x, "x"),
+            describe(weights, "weights"), stream_of(self._device))
+        return from_c(grad_x), from_c(grad_weights)
+
+    def synchronize(self):
+        """Waits for this buffer's work and raises errors found on the device since."""
+        self._c.synchronize(stream_of(self._device))
+
+    @staticmethod
+    def _check_handle(handle):
+        if not isinstance(handle, Handle):
+            raise error(f"handle must be an epx.Handle, got {type(handle).__name__}",
+                        _C.ErrorCode.HANDLE_MISMATCH)
