@@ -95,6 +95,7 @@ std::vector<RankOutcome> run_ranks(int num_ranks, const std::function<std::strin
         kill(pids[rank], SIGKILL);
         waitpid(pids[rank], &status, 0);
         outcomes[rank].finished = false;
+        outcomes[rank].exit_code = 0;  // not a signal of its own: the test killed it
         break;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -104,8 +105,10 @@ std::vector<RankOutcome> run_ranks(int num_ranks, const std::function<std::strin
   for (int rank : ranks) {
     if (pipes[rank] >= 0) close(pipes[rank]);
     if (!outcomes[rank].finished && outcomes[rank].message.empty()) {
-      outcomes[rank].message = "killed after the test's " + std::to_string(timeout_seconds) +
-                               " s limit (hang)";
+      outcomes[rank].message =
+          outcomes[rank].exit_code < 0
+              ? "died of signal " + std::to_string(-outcomes[rank].exit_code)
+              : "killed after the test's " + std::to_string(timeout_seconds) + " s limit (hang)";
     }
   }
   return outcomes;
