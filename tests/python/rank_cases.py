@@ -1,0 +1,414 @@
+"""Code that runs on every rank (through ranks.RankPool): each function takes the rank's
+context, runs collective epx operations and checks this rank's outputs against the oracle
+(reference.py), computed from every rank's inputs, which every rank regenerates from the seed.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+import epx
+import epx.functional as F
+from reference import (combine_backward_outputs, combine_output, dispatch_outputs,
+                       receive_layout)
+
+
+def make_inputs(seed, world, max_tokens, hidden, num_experts, num_topk, *, empty_rank=None,
+                mask_fraction=0.15, one_rank_experts=False):
+    """Every rank's x [S_r, H] bf16, topk_idx [S_r, K] (with -1 and repeated experts), weights
+    and aux [S_r, K] fp32; S_r varies, 0 on `empty_rank`."""
+    g = torch.Generator().manual_seed(seed)
+    local = num_experts // world
+    xs, topks, weights, auxs = [], [], [], []
+    for r in range(world):
+        tokens = 0 if r == empty_rank else int(torch.randint(1, max_tokens + 1, (1,), generator=g))
+        xs.append(torch.randn(tokens, hidden, generator=g).bfloat16())
+        high = local if one_rank_experts else num_experts
+        topk = torch.randint(0, high, (tokens, num_topk), generator=g)
+        topk[torch.rand(tokens, num_topk, generator=g) < mask_fraction] = -1
+        topks.append(topk)
+        weights.append(torch.rand(tokens, num_topk, generator=g))
+        auxs.append(torch.randn(tokens, num_topk, generator=g))
+    return xs, topks, weights, auxs
+
+
+def _same(actual, expected, what):
+    actual = actual.cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    if not torch.equal(actual, expected):
+        bad = (actual != expected).nonzero()[:5].tolist()
+        raise AssertionError(f"{what}: differs at {bad} (of {actual.numel()} elements)")
+
+
+SIZES = dict(max_tokens=20, hidden=64, num_topk=3)
+
+
+def _setup(ctx, seed, local_experts=3, **input_options):
+    num_experts = local_experts * ctx.world
+    inputs = make_inputs(seed, ctx.world, SIZES["max_tokens"], SIZES["hidden"], num_experts,
+                         SIZES["num_topk"], **input_options)
+    buffer = ctx.buffer(max_tokens_per_rank=SIZES["max_tokens"], hidden=SIZES["hidden"],
+                        num_experts=num_experts, num_topk=SIZES["num_topk"])
+    return buffer, num_experts, inputs
+
+
+def dispatch_case(ctx, seed, expand, alignment, idx_dtype="int64", zero_padding=True,
+                  **input_options):
+    """dispatch (and its cached replay) against the oracle, row for row and bit for bit."""
+    buffer, num_experts, (xs, topks, ws, auxs) = _setup(ctx, seed, **input_options)
+    rank, dev = ctx.rank, ctx.device
+    result = buffer.dispatch(xs[rank].to(dev), topks[rank].to(dev, getattr(torch, idx_dtype)),
+                             ws[rank].to(dev), auxs[rank].to(dev), expand=expand,
+                             expert_alignment=alignment, zero_padding=zero_padding)
+    layout = receive_layout(topks, rank, num_experts, alignment)
+    want_x, want_w, want_aux = dispatch_outputs(layout, xs, ws, auxs, expand)
+    handle = result.handle
+    assert handle.expand == expand and handle.counts_synced
+    assert handle.num_tokens == xs[rank].shape[0]
+    assert handle.num_recv_tokens == layout.num_recv
+    assert handle.num_rows == (layout.num_rows if expand else layout.num_recv)
+    assert handle.tokens_per_expert == layout.tokens_per_expert
+    assert handle.host_expert_offsets == layout.expert_offsets
+    _same(handle.expert_offsets, torch.tensor(layout.expert_offsets, dtype=torch.int32),
+          "expert_offsets")
+    _same(handle.src_token,
+          torch.tensor([s * SIZES["max_tokens"] + t for s, t in layout.tokens], dtype=torch.int32),
+          "src_token")
+    _same(handle.expanded_rows, layout.expanded_rows, "expanded_rows")
+    if expand:
+        assert result.topk_idx is None and handle.recv_topk_idx is None
+        real = torch.tensor([owner is not None for owner in layout.row_owner], dtype=torch.bool)
+        got_x = result.x.cpu()
+        if not zero_padding:  # padding rows are unspecified: compare the real rows only
+            got_x = torch.where(real.unsqueeze(1), got_x, torch.zeros((), dtype=got_x.dtype))
+        _same(got_x, want_x, "recv_x")
+    else:
+        _same(result.topk_idx, layout.recv_topk, "recv topk_idx")
+        _same(handle.recv_topk_idx, layout.recv_topk, "handle.recv_topk_idx")
+        _same(result.x, want_x, "recv_x")
+    _same(result.weights, want_w, "recv weights")
+    _same(result.aux, want_aux, "recv aux")
+
+    # Cached dispatch replays the layout row for row, with new scalars.
+    new_w = ws[rank].to(dev) * 2
+    cached = buffer.dispatch(xs[rank].to(dev), weights=new_w, handle=handle)
+    assert cached.handle is handle
+    if zero_padding or not expand:
+        _same(cached.x, result.x, "cached recv_x")
+    _same(cached.weights, want_w * 2, "cached recv weights")
+    assert cached.aux is None
+    return layout.num_recv
+
+
+def _expert_side_rows(seed, layouts, hidden, num_topk, expand):
+    """Every rank's expert outputs (bf16 rows), per-row weights and scalars, from the seed."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    xs, ws, scalars = [], [], []
+    for layout in layouts:
+        rows = layout.num_rows if expand else layout.num_recv
+        xs.append(torch.randn(rows, hidden, generator=g).bfloat16())
+        ws.append(torch.rand(rows, generator=g) * 2 - 0.5)
+        shape = (rows,) if expand else (rows, num_topk)
+        scalars.append(torch.randn(shape, generator=g))
+    return xs, ws, scalars
+
+
+def combine_case(ctx, seed, expand, alignment, **input_options):
+    """combine in every mode (weighted or not, reduced at expert or source, scalars, one or
+    two biases) against the oracle, bit for bit."""
+    buffer, num_experts, (xs, topks, ws, auxs) = _setup(ctx, seed, **input_options)
+    rank, dev = ctx.rank, ctx.device
+    handle = buffer.dispatch(xs[rank].to(dev), topks[rank].to(dev), ws[rank].to(dev),
+                             expand=expand, expert_alignment=alignment).handle
+    layouts = [receive_layout(topks, r, num_experts, alignment) for r in range(ctx.world)]
+    h_rows, w_rows, s_rows = _expert_side_rows(seed, layouts, SIZES["hidden"], SIZES["num_topk"],
+                                               expand)
+    g = torch.Generator().manual_seed(seed + 2000)
+    biases = [[torch.randn(x.shape, generator=g).bfloat16() for _ in range(2)] for x in xs]
+    if expand:
+        modes = [(True, "expert", 1), (False, "expert", 0), (True, "source", 2),
+                 (False, "source", 1)]
+    else:
+        modes = [(False, "expert", 2), (False, "expert", 0)]
+    for weighted, reduce_at, num_bias in modes:
+        what = f"combine(weighted={weighted}, reduce_at={reduce_at}, bias={num_bias})"
+        bias = tuple(b.to(dev) for b in biases[rank][:num_bias])
+        out = buffer.combine(h_rows[rank].to(dev), handle,
+                             weights=w_rows[rank].to(dev) if weighted else None,
+                             scalars=s_rows[rank].to(dev),
+                             bias=bias if num_bias != 1 else bias[0], reduce_at=reduce_at)
+        want_y, want_s = combine_output(rank, topks, layouts, h_rows,
+                                        w_rows if weighted else None, s_rows,
+                                        bias=biases[rank][:num_bias], expand=expand,
+                                        reduce_at=reduce_at, num_experts=num_experts)
+        _same(out.x, want_y, what + " y")
+        _same(out.scalars, want_s, what + " scalars")
+    out = buffer.combine(h_rows[rank].to(dev), handle)
+    assert out.scalars is None
+    return True
+
+
+def combine_backward_case(ctx, seed, alignment, **input_options):
+    """The fused backward: grad_x = bf16(w * g) exactly, grad_w = dot(g, x) within 1e-5."""
+    buffer, num_experts, (xs, topks, ws, auxs) = _setup(ctx, seed, **input_options)
+    rank, dev = ctx.rank, ctx.device
+    handle = buffer.dispatch(xs[rank].to(dev), topks[rank].to(dev), ws[rank].to(dev),
+                             expand=True, expert_alignment=alignment).handle
+    layouts = [receive_layout(topks, r, num_experts, alignment) for r in range(ctx.world)]
+    h_rows, w_rows, _ = _expert_side_rows(seed, layouts, SIZES["hidden"], SIZES["num_topk"], True)
+    g = torch.Generator().manual_seed(seed + 3000)
+    grad_y = [torch.randn(x.shape, generator=g).bfloat16() for x in xs]
+    grad_x, grad_w = buffer.combine_backward(grad_y[rank].to(dev), handle,
+                                             x=h_rows[rank].to(dev), weights=w_rows[rank].to(dev))
+    want_x, want_w = combine_backward_outputs(layouts[rank], grad_y, h_rows[rank], w_rows[rank])
+    _same(grad_x, want_x, "grad_x")
+    assert grad_w.dtype == torch.float32 and grad_w.shape == want_w.shape
+    # Tolerance of DESIGN §3: 1e-5 of sum |g| |x| for each row.
+    bound = torch.zeros_like(want_w)
+    for row, owner in enumerate(layouts[rank].row_owner):
+        if owner is not None:
+            s, t = layouts[rank].tokens[owner[0]]
+            bound[row] = (grad_y[s][t].double().abs() * h_rows[rank][row].double().abs()).sum()
+    error = (grad_w.cpu().double() - want_w).abs()
+    assert bool((error <= 1e-5 * bound + 1e-30).all()), f"grad_weights error {error.max()}"
+    return True
+
+
+def fp8_case(ctx, seed, expand):
+    """fp8 rows (data + per-128 scales) travel unchanged; a bf16 cached dispatch on the same
+    buffer (what a backward pass sends) works too."""
+    hidden, max_tokens, num_topk = 256, 12, 2
+    num_experts = 2 * ctx.world
+    xs, topks, ws, _ = make_inputs(seed, ctx.world, max_tokens, hidden, num_experts, num_topk)
+    g = torch.Generator().manual_seed(seed + 4000)
+    data = [torch.randint(0, 256, x.shape, generator=g, dtype=torch.uint8) for x in xs]
+    scales = [torch.rand(x.shape[0], hidden // 128, generator=g) for x in xs]
+    buffer = ctx.buffer(max_tokens_per_rank=max_tokens, hidden=hidden, num_experts=num_experts,
+                        num_topk=num_topk, fp8_dispatch=True)
+    rank, dev = ctx.rank, ctx.device
+    result = buffer.dispatch((data[rank].to(dev), scales[rank].to(dev)), topks[rank].to(dev),
+                             ws[rank].to(dev), expand=expand, expert_alignment=4,
+                             zero_padding=True)
+    recv_data, recv_scales = result.x
+    layout = receive_layout(topks, rank, num_experts, 4)
+    want_data, want_w, _ = dispatch_outputs(layout, data, ws, None, expand)
+    want_scales, _, _ = dispatch_outputs(layout, scales, None, None, expand)
+    _same(recv_data.view(torch.uint8), want_data, "fp8 data")
+    _same(recv_scales, want_scales, "fp8 scales")
+    _same(result.weights, want_w, "weights")
+    cached = buffer.dispatch(xs[rank].to(dev), handle=result.handle)
+    want_x, _, _ = dispatch_outputs(layout, xs, None, None, expand)
+    _same(cached.x, want_x, "bf16 cached dispatch on an fp8 buffer")
+    return True
+
+
+def unsynced_case(ctx, seed, expand, alignment):
+    """sync_counts=False: worst-case outputs, counts on the device, same rows in the same
+    places, and the same combine result."""
+    buffer, num_experts, (xs, topks, ws, _) = _setup(ctx, seed)
+    rank, dev = ctx.rank, ctx.device
+    local, k = num_experts // ctx.world, SIZES["num_topk"]
+    synced = buffer.dispatch(xs[rank].to(dev), topks[rank].to(dev), ws[rank].to(dev),
+                             expand=expand, expert_alignment=alignment, zero_padding=True)
+    lazy = buffer.dispatch(xs[rank].to(dev), topks[rank].to(dev), ws[rank].to(dev),
+                           expand=expand, expert_alignment=alignment, zero_padding=True,
+                           sync_counts=False)
+    handle = lazy.handle
+    assert not handle.counts_synced
+    assert handle.num_recv_tokens is None and handle.num_rows is None
+    assert handle.tokens_per_expert is None
+    worst = ctx.world * SIZES["max_tokens"]
+    if expand:
+        worst = worst * min(k, local) + local * (alignment - 1)
+    assert lazy.x.shape[0] == worst, (lazy.x.shape, worst)
+    n, m = synced.handle.num_recv_tokens, synced.handle.num_rows
+    _same(handle.device_counts, torch.tensor([n, m], dtype=torch.int64), "device_counts")
+    _same(lazy.x[:m], synced.x, "recv_x rows")
+    _same(lazy.weights[:m], synced.weights, "recv weights")
+    _same(handle.src_token[:n], synced.handle.src_token, "src_token")
+    h = torch.randn(lazy.x.shape, generator=torch.Generator().manual_seed(seed + rank))
+    h = h.bfloat16().to(dev)
+    kwargs = dict(weights=lazy.weights) if expand else {}
+    y_lazy = buffer.combine(h, handle, **kwargs).x
+    kwargs = dict(weights=synced.weights) if expand else {}
+    y_synced = buffer.combine(h[:m].contiguous(), synced.handle, **kwargs).x
+    _same(y_lazy, y_synced.cpu(), "combine y")
+    return True
+
+
+def _expect_error(code, function, *args, **kwargs):
+    try:
+        function(*args, **kwargs)
+    except epx.EpxError as error:
+        assert isinstance(error, RuntimeError)
+        assert error.code == code, f"expected {code}, got {error.code}: {error}"
+        return str(error)
+    raise AssertionError(f"expected epx.EpxError({code}), nothing was raised")
+
+
+def errors_case(ctx, seed):
+    """Bad input raises epx.EpxError with the right code on every rank and leaves the buffer
+    usable."""
+    buffer, num_experts, (xs, topks, ws, _) = _setup(ctx, seed)
+    rank, dev = ctx.rank, ctx.device
+    x, topk, w = xs[rank].to(dev), topks[rank].to(dev), ws[rank].to(dev)
+    Code = epx.ErrorCode
+    # Checks every rank makes locally (all ranks pass the same bad input).
+    _expect_error(Code.INVALID_ARGUMENT, buffer.dispatch, x.float(), topk, w)
+    _expect_error(Code.INVALID_ARGUMENT, buffer.dispatch, x, topk.float(), w)
+    _expect_error(Code.INVALID_ARGUMENT, buffer.dispatch, x, topk, w.double())
+    too_many = torch.zeros(SIZES["max_tokens"] + 1, SIZES["hidden"], dtype=torch.bfloat16,
+                           device=dev)
+    _expect_error(Code.INVALID_ARGUMENT, buffer.dispatch, too_many,
+                  torch.zeros(too_many.shape[0], SIZES["num_topk"], dtype=torch.int64, device=dev))
+    strided = torch.zeros(SIZES["hidden"], 4, dtype=torch.bfloat16, device=dev).t()
+    _expect_error(Code.INVALID_ARGUMENT, buffer.dispatch, strided,
+                  torch.zeros(4, SIZES["num_topk"], dtype=torch.int64, device=dev))
+    _expect_error(Code.INVALID_ARGUMENT, buffer.dispatch, "not a tensor", topk, w)
+    _expect_error(Code.INVALID_ARGUMENT, buffer.dispatch, x)
+    _expect_error(Code.INVALID_ARGUMENT, buffer.combine, x, buffer.dispatch(x, topk, w).handle,
+                  reduce_at="nowhere")
+    compact = buffer.dispatch(x, topk, w).handle
+    rows = torch.zeros(compact.num_recv_tokens, SIZES["hidden"], dtype=torch.bfloat16, device=dev)
+    _expect_error(Code.INVALID_ARGUMENT, buffer.combine, rows, compact,
+                  weights=torch.zeros(compact.num_recv_tokens, device=dev))
+    _expect_error(Code.INVALID_ARGUMENT, buffer.combine, rows[1:], compact)
+    _expect_error(Code.HANDLE_MISMATCH, buffer.combine_backward, x, compact, x=rows,
+                  weights=torch.zeros(rows.shape[0], device=dev))
+    _expect_error(Code.HANDLE_MISMATCH, buffer.combine, rows, "not a handle")
+    other = ctx.buffer(max_tokens_per_rank=SIZES["max_tokens"], hidden=SIZES["hidden"],
+                       num_experts=num_experts, num_topk=SIZES["num_topk"])
+    _expect_error(Code.HANDLE_MISMATCH, other.combine, rows, compact)
+    _expect_error(Code.INVALID_ARGUMENT, buffer.dispatch, x, topk, handle=compact)
+    # A routing error on one rank is found on the data and raised on every rank.
+    bad = topk.clone()
+    if rank == ctx.world - 1:
+        bad = torch.full((max(topk.shape[0], 1), SIZES["num_topk"]), num_experts,
+                         dtype=torch.int64, device=dev)
+        x_bad = torch.zeros(bad.shape[0], SIZES["hidden"], dtype=torch.bfloat16, device=dev)
+        w_bad = torch.zeros(bad.shape, device=dev)
+    else:
+        x_bad, w_bad = x, w
+    message = _expect_error(Code.INVALID_ROUTING, buffer.dispatch, x_bad, bad, w_bad)
+    assert f"rank {ctx.world - 1}" in message, message
+    # Still usable, and right.
+    result = buffer.dispatch(x, topk, w)
+    layout = receive_layout(topks, rank, num_experts, 1)
+    want_x, _, _ = dispatch_outputs(layout, xs, None, None, False)
+    _same(result.x, want_x, "recv_x after errors")
+    return True
+
+
+# -- gradients ----------------------------------------------------------------------------------
+
+def _expert(x_rows, weight):
+    return torch.tanh(x_rows.float() @ weight)
+
+
+def _dense_layer(x_all, router, experts, topk_all, mask_all, grad_out_all):
+    """The same MoE layer on one device, fp64: router linear -> softmax -> top-k weights ->
+    experts -> weighted sum. Returns the gradients of x (per rank), the top-k weights (per
+    rank), the router and the experts."""
+    sizes = [x.shape[0] for x in x_all]
+    x = torch.cat(x_all).double().requires_grad_()
+    router = router.double().requires_grad_()
+    experts = experts.double().requires_grad_()
+    topk, mask = torch.cat(topk_all), torch.cat(mask_all)
+    probs = torch.softmax(x @ router, dim=-1)
+    weights = probs.gather(1, topk.clamp(min=0)).masked_fill(mask, 0.0)
+    weights.retain_grad()
+    chosen = experts[topk.clamp(min=0)]  # [S, K, H, H]
+    out = torch.tanh(torch.einsum("sh,skhj->skj", x, chosen))
+    y = (weights.unsqueeze(-1) * out).masked_fill(mask.unsqueeze(-1), 0.0).sum(1)
+    (y * torch.cat(grad_out_all).double()).sum().backward()
+    return (list(x.grad.split(sizes)), list(weights.grad.split(sizes)), router.grad,
+            experts.grad)
+
+
+def _routing(x, router, num_topk, mask):
+    """Top-k choice, made in fp32 on the CPU so that every rank and the dense layer agree."""
+    probs = torch.softmax(x.detach().cpu().float() @ router.detach().cpu(), dim=-1)
+    topk = probs.topk(num_topk, dim=-1).indices
+    return topk.masked_fill(mask, -1)
+
+
+def _relative_error(actual, expected):
+    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
+    return float((actual - expected).norm() / expected.norm().clamp(min=1e-30))
+
+
+def moe_grad_case(ctx, seed, expand, alignment=1, steps=1, empty_rank=None, mask_fraction=0.0,
+                  local_experts=2, num_topk=2, hidden=32, max_tokens=24):
+    """An expert-parallel MoE layer through epx.functional against the dense layer: gradients
+    of the input, the top-k weights, the router and the experts, over `steps` steps reusing
+    one buffer. Returns per step the norms and relative errors."""
+    world, rank, dev = ctx.world, ctx.rank, ctx.device
+    num_experts = local_experts * world
+    g = torch.Generator().manual_seed(seed)
+    router = torch.randn(hidden, num_experts, generator=g) * 0.5
+    experts = torch.randn(num_experts, hidden, hidden, generator=g) / math.sqrt(hidden)
+    buffer = ctx.buffer(max_tokens_per_rank=max_tokens, hidden=hidden, num_experts=num_experts,
+                        num_topk=num_topk)
+    report = []
+    for step in range(steps):
+        sizes = [0 if r == empty_rank else int(torch.randint(1, max_tokens + 1, (1,), generator=g))
+                 for r in range(world)]
+        x_all = [torch.randn(s, hidden, generator=g).bfloat16() for s in sizes]
+        grad_out_all = [torch.randn(s, hidden, generator=g) for s in sizes]
+        mask_all = [torch.rand(s, num_topk, generator=g) < mask_fraction for s in sizes]
+        topk_all = [_routing(x, router, num_topk, m) for x, m in zip(x_all, mask_all)]
+
+        # This rank's half: epx dispatch -> local experts -> epx combine.
+        x = x_all[rank].to(dev, copy=True).requires_grad_()
+        router_p = router.clone().to(dev).requires_grad_()
+        experts_p = experts.clone().to(dev).requires_grad_()
+        topk = topk_all[rank].to(dev)
+        probs = torch.softmax(x.float() @ router_p, dim=-1)
+        weights = probs.gather(1, topk.clamp(min=0)).masked_fill(mask_all[rank].to(dev), 0.0)
+        weights.retain_grad()
+        recv_x, recv_w, handle = F.dispatch(buffer, x, topk, weights, expand=expand,
+                                            expert_alignment=alignment)
+        first = rank * local_experts
+        if expand:
+            offsets = handle.host_expert_offsets
+            h = torch.cat([_expert(recv_x[offsets[e]:offsets[e + 1]], experts_p[first + e])
+                           for e in range(local_experts)]).bfloat16()
+            y = F.combine(buffer, h, handle, recv_w)
+        else:
+            local_k = handle.recv_topk_idx.long()
+            acc = torch.zeros(recv_x.shape, dtype=torch.float32, device=dev)
+            for e in range(local_experts):
+                coefficient = (recv_w * (local_k == e)).sum(1, keepdim=True)
+                acc = acc + coefficient * _expert(recv_x, experts_p[first + e])
+            y = F.combine(buffer, acc.bfloat16(), handle)
+        assert y.shape == x.shape and y.dtype == torch.bfloat16
+        (y.float() * grad_out_all[rank].to(dev)).sum().backward()
+
+        # A missing gradient (None) counts as zero, so that the comparison says what is wrong.
+        router_grad, experts_grad, weights_grad = (
+            torch.zeros_like(p) if p.grad is None else p.grad.clone()
+            for p in (router_p, experts_p, weights))
+        dist.all_reduce(router_grad)
+        dist.all_reduce(experts_grad)
+        want_x, want_w, want_router, want_experts = _dense_layer(
+            x_all, router, experts, topk_all, mask_all, grad_out_all)
+        entry = dict(
+            tokens=sizes[rank],
+            router_norm=float(router_grad.norm()),
+            want_router_norm=float(want_router.norm()),
+            weights_norm=float(weights_grad.norm()),
+            router=_relative_error(router_grad, want_router),
+            experts=_relative_error(experts_grad, want_experts),
+        )
+        if sizes[rank] > 0:
+            x_grad = torch.zeros_like(x) if x.grad is None else x.grad
+            entry["x"] = _relative_error(x_grad, want_x[rank])
+            entry["weights"] = _relative_error(weights_grad, want_w[rank])
+        report.append(entry)
+
+        # The same SGD step on both sides, then the next step reuses the buffer.
+        router = router - 0.1 * want_router.float()
+        experts = experts - 0.1 * want_experts.float()
+    return report
