@@ -1,11 +1,5 @@
-# Included by tests/CMakeLists.txt: the random problem generator every transport test shares,
-# and the oracle's own hand-worked tests.
-add_library(epx_test_common STATIC ${PROJECT_SOURCE_DIR}/tests/common/random_problem.cpp)
-target_include_directories(epx_test_common PUBLIC ${PROJECT_SOURCE_DIR}/src
-                                                  ${PROJECT_SOURCE_DIR}/tests)
-target_link_libraries(epx_test_common PUBLIC epx_reference)
-target_compile_options(epx_test_common PRIVATE -Wall -Wextra)
-
+# Included by tests/CMakeLists.txt: the oracle's own hand-worked tests (epx_test_common is
+# defined in tests/common/CMakeLists.txt).
 add_executable(test_reference ${CMAKE_CURRENT_LIST_DIR}/test_reference.cpp)
 target_include_directories(test_reference PRIVATE ${PROJECT_SOURCE_DIR}/src
                                                   ${PROJECT_SOURCE_DIR}/tests)
