@@ -17,12 +17,12 @@ __path__ = _pkgutil.extend_path(__path__, __name__)
 
 try:
     from . import _C
-except ImportError as _error:  # pragma: no cover - depends on the installation
+except ModuleNotFoundError as _error:  # pragma: no cover - depends on the installation
     raise ImportError(
         "epx: the compiled module epx._C was not found next to the package or in any 'epx' "
-        "folder on sys.path. Build it with `pip install --no-build-isolation .` or "
-        "`cmake -S . -B build -DEPX_BUILD_PYTHON=ON && cmake --build build` and put "
-        "build/python on PYTHONPATH (see python/README.md)."
+        "folder on sys.path. Build it with `pip install --no-build-isolation .`, or with "
+        "`cmake -S . -B build -DEPX_BUILD_PYTHON=ON && cmake --build build` and "
+        "PYTHONPATH=python:build/python (see python/README.md)."
     ) from _error
 
 from ._C import EpxError, ErrorCode  # noqa: E402
