@@ -412,3 +412,28 @@ def moe_grad_case(ctx, seed, expand, alignment=1, steps=1, empty_rank=None, mask
         router = router - 0.1 * want_router.float()
         experts = experts - 0.1 * want_experts.float()
     return report
+
+
+def autograd_edges_case(ctx, seed):
+    """Backward with a non-contiguous output gradient, an unused output (recv_weights: its
+    gradient arrives as None), an unweighted expanded combine (cached-dispatch backward) and
+    unzeroed padding rows (their gradient must still be zero)."""
+    rank, dev = ctx.rank, ctx.device
+    buffer, num_experts, (xs, topks, ws, _) = _setup(ctx, seed, mask_fraction=0.2)
+    x = xs[rank].to(dev, copy=True).requires_grad_()
+    w = ws[rank].to(dev, copy=True).requires_grad_()
+    recv_x, recv_w, handle = F.dispatch(buffer, x, topks[rank].to(dev), w, expand=True,
+                                        expert_alignment=4, zero_padding=False)
+    recv_x.retain_grad()
+    y = F.combine(buffer, recv_x * 2, handle)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + rank)).bfloat16()
+    (y.float().t() * g.float().to(dev).t()).sum().backward()  # dy arrives transposed
+    # dx[t] = 2 * (number of k with an expert) * g[t], each rank's partial sum rounded once.
+    valid = (topks[rank] >= 0).sum(1, keepdim=True).float()
+    want = (2 * valid * g.float())
+    assert _relative_error(x.grad, want) < 1e-2, _relative_error(x.grad, want)
+    assert w.grad is None or not bool(w.grad.any())
+    layout = receive_layout(topks, rank, num_experts, 4)
+    padding = torch.tensor([owner is None for owner in layout.row_owner], dtype=torch.bool)
+    assert not bool(recv_x.grad.cpu()[padding].any()), "padding rows got a gradient"
+    return int(padding.sum())

@@ -59,3 +59,9 @@ def test_router_weight_gradient_is_not_dropped(run_ranks, backend, expand):
         assert entry["router"] <= TOLERANCE
         if entry["tokens"]:
             assert entry["weights_norm"] > 0 and entry["weights"] <= TOLERANCE
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unused_output_noncontiguous_grad_and_padding(run_ranks, backend):
+    padding_rows = run_ranks(2, backend, rank_cases.autograd_edges_case, seed=104)
+    assert sum(padding_rows) > 0  # the case exercises padding rows
