@@ -15,6 +15,10 @@ import pkgutil as _pkgutil
 # folder on sys.path joins the package path.
 __path__ = _pkgutil.extend_path(__path__, __name__)
 
+# PyTorch first: it loads its CUDA runtime and NCCL, which the CUDA build of epx._C then
+# shares (one libnccl in the process) instead of looking for its own.
+import torch as _torch  # noqa: F401
+
 try:
     from . import _C
 except ModuleNotFoundError as _error:  # pragma: no cover - depends on the installation
