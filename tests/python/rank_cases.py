@@ -437,3 +437,18 @@ def autograd_edges_case(ctx, seed):
     padding = torch.tensor([owner is None for owner in layout.row_owner], dtype=torch.bool)
     assert not bool(recv_x.grad.cpu()[padding].any()), "padding rows got a gradient"
     return int(padding.sum())
+
+
+def timeout_case(ctx, seed):
+    """A peer that never arrives: the waiting rank raises epx.EpxError(TIMEOUT) naming the
+    phase after the buffer's timeout, instead of hanging."""
+    buffer = ctx.buffer(max_tokens_per_rank=4, hidden=SIZES["hidden"], num_experts=ctx.world,
+                        num_topk=1, timeout_seconds=1.0)
+    message = None
+    if ctx.rank == 0:
+        x = torch.zeros(1, SIZES["hidden"], dtype=torch.bfloat16, device=ctx.device)
+        topk = torch.zeros(1, 1, dtype=torch.int64, device=ctx.device)
+        message = _expect_error(epx.ErrorCode.TIMEOUT, buffer.dispatch, x, topk)
+        assert "dispatch" in message, message
+    dist.barrier()  # the other ranks never call dispatch on this buffer
+    return message

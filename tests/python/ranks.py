@@ -51,7 +51,7 @@ class RankContext:
     rank: int
     world: int
     backend: str
-    device: "object"  # torch.device
+    device: object  # torch.device
 
     def buffer(self, **kwargs):
         import epx

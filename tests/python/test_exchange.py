@@ -67,3 +67,9 @@ def test_unsynced_counts(run_ranks, backend, expand, alignment):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_errors_raise_epx_error_on_every_rank(run_ranks, backend):
     run_ranks(2, backend, rank_cases.errors_case, seed=60)
+
+
+def test_missing_peer_times_out(run_ranks):
+    # Host transport only: on GPUs a timed-out kernel is exercised by tests/gpu.
+    messages = run_ranks(2, "gloo", rank_cases.timeout_case, seed=70)
+    assert "timeout" in messages[0]
