@@ -33,6 +33,8 @@ from ._C import EpxError, ErrorCode  # noqa: E402
 from .buffer import Buffer, CombineResult, DispatchResult, Handle, workspace_bytes  # noqa: E402
 from . import functional  # noqa: E402
 
+__version__ = "0.1.0"
+
 __all__ = [
     "Buffer",
     "CombineResult",

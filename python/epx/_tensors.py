@@ -32,6 +32,8 @@ _FROM_EPX = {
     int(_C.DType.INT64): torch.int64,
 }
 
+_ELEMENT_SIZE = {dtype: torch.empty((), dtype=t).element_size() for dtype, t in _FROM_EPX.items()}
+
 _CPU = int(_C.DeviceKind.CPU)
 _CUDA = int(_C.DeviceKind.CUDA)
 
@@ -69,8 +71,7 @@ def from_c(spec):
     if not isinstance(base, torch.Tensor):  # an engine-owned tensor, as a DLPack capsule
         base = torch.utils.dlpack.from_dlpack(base)
     torch_dtype = _FROM_EPX[dtype]
-    element_size = torch.empty((), dtype=torch_dtype).element_size()
-    num_bytes = math.prod(shape) * element_size
+    num_bytes = math.prod(shape) * _ELEMENT_SIZE[dtype]
     flat = base.reshape(-1)[offset:offset + num_bytes]
     return flat.view(torch_dtype).view(tuple(shape))
 
