@@ -452,3 +452,19 @@ def timeout_case(ctx, seed):
         assert "dispatch" in message, message
     dist.barrier()  # the other ranks never call dispatch on this buffer
     return message
+
+
+def one_rank_invalid_case(ctx, seed):
+    """Only rank 0 passes an invalid x (fp32). docs/protocol.md: every rank still runs both
+    barriers, so rank 0 raises INVALID_ARGUMENT and its peers raise an error too, without
+    waiting for the timeout. Returns each rank's error code name."""
+    buffer = ctx.buffer(max_tokens_per_rank=4, hidden=SIZES["hidden"], num_experts=ctx.world,
+                        num_topk=1, timeout_seconds=3.0)
+    dtype = torch.float32 if ctx.rank == 0 else torch.bfloat16
+    x = torch.zeros(2, SIZES["hidden"], dtype=dtype, device=ctx.device)
+    topk = torch.zeros(2, 1, dtype=torch.int64, device=ctx.device)
+    try:
+        buffer.dispatch(x, topk)
+    except epx.EpxError as error:
+        return error.code.name
+    return None
