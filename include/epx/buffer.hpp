@@ -105,6 +105,9 @@ class Buffer {
   uint64_t id() const { return id_; }
 
  private:
+  template <typename Check>
+  void validate_collective(const char* operation, void* stream, Check&& check);
+
   Comm comm_;
   BufferConfig config_;
   std::shared_ptr<Allocator> allocator_;

@@ -21,6 +21,18 @@ uint64_t next_buffer_id() {
 
 }  // namespace
 
+// Runs a host-side check; if it rejects the input, tells the peers (through the operation's
+// entry barrier) before raising, so a bad call on one rank never leaves the others waiting.
+template <typename Check>
+void Buffer::validate_collective(const char* operation, void* stream, Check&& check) {
+  try {
+    check();
+  } catch (const Error&) {
+    engine_->abort(operation, stream);
+    throw;
+  }
+}
+
 Buffer::Buffer(Comm comm, const BufferConfig& config, std::shared_ptr<Allocator> allocator)
     : comm_(std::move(comm)), config_(config), allocator_(std::move(allocator)),
       id_(next_buffer_id()) {
@@ -37,14 +49,17 @@ Device Buffer::device() const { return engine_->device(); }
 
 DispatchResult Buffer::dispatch(const DispatchInputs& inputs, const DispatchOptions& options,
                                 void* stream) {
-  detail::check_dispatch(inputs, options, config_, device());
+  validate_collective("dispatch", stream,
+                      [&] { detail::check_dispatch(inputs, options, config_, device()); });
   return engine_->dispatch(inputs, options, nullptr, stream);
 }
 
 DispatchResult Buffer::dispatch(const DispatchInputs& inputs, const Handle& handle,
                                 void* stream) {
-  detail::check_handle(handle, id_, rank(), num_ranks(), "cached dispatch");
-  detail::check_cached_dispatch(inputs, handle, config_, device());
+  validate_collective("cached dispatch", stream, [&] {
+    detail::check_handle(handle, id_, rank(), num_ranks(), "cached dispatch");
+    detail::check_cached_dispatch(inputs, handle, config_, device());
+  });
   DispatchOptions options;
   options.expand = handle.expand;
   options.expert_alignment = handle.expert_alignment;
@@ -55,16 +70,20 @@ DispatchResult Buffer::dispatch(const DispatchInputs& inputs, const Handle& hand
 
 CombineResult Buffer::combine(const CombineInputs& inputs, const Handle& handle,
                               const CombineOptions& options, void* stream) {
-  detail::check_handle(handle, id_, rank(), num_ranks(), "combine");
-  detail::check_combine(inputs, handle, config_, device());
+  validate_collective("combine", stream, [&] {
+    detail::check_handle(handle, id_, rank(), num_ranks(), "combine");
+    detail::check_combine(inputs, handle, config_, device());
+  });
   return engine_->combine(inputs, handle, options.reduce_at, stream);
 }
 
 CombineBackwardResult Buffer::combine_backward(const TensorView& grad_y, const Handle& handle,
                                                const TensorView& x, const TensorView& weights,
                                                void* stream) {
-  detail::check_handle(handle, id_, rank(), num_ranks(), "combine_backward");
-  detail::check_combine_backward(grad_y, handle, x, weights, config_, device());
+  validate_collective("combine_backward", stream, [&] {
+    detail::check_handle(handle, id_, rank(), num_ranks(), "combine_backward");
+    detail::check_combine_backward(grad_y, handle, x, weights, config_, device());
+  });
   return engine_->combine_backward(grad_y, handle, x, weights, stream);
 }
 

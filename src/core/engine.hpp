@@ -22,6 +22,13 @@ class Engine {
                                                  const TensorView& x, const TensorView& weights,
                                                  void* stream) = 0;
   virtual void synchronize(void* stream) = 0;
+  // This rank rejected its input to `operation` (validation failed before any exchange): mark
+  // the operation's entry barrier as aborted so that the peers raise instead of waiting for a
+  // timeout. Transports without that mechanism leave the peers to time out.
+  virtual void abort(const char* operation, void* stream) {
+    (void)operation;
+    (void)stream;
+  }
 };
 
 // Everything an engine is built from.

@@ -37,6 +37,7 @@ class HostEngine final : public Engine {
 
   Device device() const override { return Device::cpu(); }
   void synchronize(void*) override {}
+  void abort(const char* operation, void*) override { workspace_.abort(operation); }
 
   DispatchResult dispatch(const DispatchInputs& in, const DispatchOptions& options,
                           const Handle* cached, void*) override {

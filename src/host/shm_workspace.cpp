@@ -180,18 +180,34 @@ void ShmWorkspace::barrier(const char* phase) {
   }
   const auto deadline = deadline_after(timeout_seconds_);
   uint64_t* flags = layout_.flags(local());
+  int aborted_by = -1;
   for (int p = 0; p < num_ranks_; ++p) {
     Backoff backoff;
     for (;;) {
       const uint64_t seen = std::atomic_ref<uint64_t>(flags[p]).load(std::memory_order_acquire);
-      if (seen >= epoch) break;
+      if ((seen & ~kAbortMark) >= epoch) {
+        if ((seen & kAbortMark) && (seen & ~kAbortMark) == epoch && aborted_by < 0) aborted_by = p;
+        break;
+      }
       if (std::chrono::steady_clock::now() > deadline) {
         EPX_FAIL(kTimeout, "rank " << rank_ << ": phase " << phase << " timed out after "
                                    << timeout_seconds_ << " s waiting for rank " << p
-                                   << " (expected epoch " << epoch << ", saw " << seen << ")");
+                                   << " (expected epoch " << epoch << ", saw "
+                                   << (seen & ~kAbortMark) << ")");
       }
       backoff.pause();
     }
+  }
+  EPX_CHECK(aborted_by < 0, kInvalidArgument,
+            "rank " << rank_ << ": phase " << phase << " aborted: rank " << aborted_by
+                    << " rejected its input to this operation (see that rank's error)");
+}
+
+void ShmWorkspace::abort(const char* /*operation*/) {
+  const uint64_t epoch = ++epoch_;
+  for (int p = 0; p < num_ranks_; ++p) {
+    std::atomic_ref<uint64_t>(layout_.flags(peers_[p])[rank_])
+        .store(epoch | kAbortMark, std::memory_order_release);
   }
 }
 

@@ -27,8 +27,13 @@ class ShmWorkspace {
   const plan::WorkspaceLayout& layout() const { return layout_; }
 
   // The barrier of docs/protocol.md: publish (release) and wait for every peer (acquire).
-  // `phase` names the operation and step in a timeout error, e.g. "dispatch/exit".
+  // `phase` names the operation and step in a timeout error, e.g. "dispatch/exit". Throws
+  // kInvalidArgument if a peer aborted this operation (abort() below) instead of arriving.
   void barrier(const char* phase);
+  // Arrives at the next entry barrier with the abort mark and returns without waiting: the
+  // peers, waiting in the same entry barrier, raise instead of exchanging. Used when this rank
+  // rejected its own input, so that a bad call on one rank never strands the others.
+  void abort(const char* operation);
 
  private:
   struct Mapping {
@@ -46,6 +51,7 @@ class ShmWorkspace {
   plan::WorkspaceLayout layout_;
   double timeout_seconds_;
   uint64_t epoch_ = 0;
+  static constexpr uint64_t kAbortMark = uint64_t(1) << 63;
   bool own_unlinked_ = false;
   std::vector<Mapping> mappings_;
   std::vector<char*> peers_;  // workspace start of each rank (after the segment header)

@@ -3,6 +3,7 @@
 // still matches the reference bit for bit (nothing corrupted, nothing left half-done).
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstring>
 #include <functional>
 
@@ -160,6 +161,35 @@ TEST(HostErrors, ExpertBelowMinusOne) {
     in.topk[0] = -2;
     b.dispatch(in.view(b.config()));
   });
+}
+
+// Only rank 0 passes a bad tensor: it raises the validation error at once, and rank 1 learns
+// of it through the entry barrier (well inside the timeout) instead of waiting for it.
+TEST(HostErrors, BadInputOnOneRankAbortsThePeers) {
+  const RandomConfig config = base_config();
+  const std::string name = unique_name("he");
+  const auto outcomes = run_ranks(kRanks, [&](int rank) -> std::string {
+    Buffer buffer(Comm::host(rank, kRanks, name), buffer_config_for(config, 20),
+                  poisoned_host_allocator());
+    Inputs in = make_inputs(buffer.config(), rank);
+    DispatchInputs view = in.view(buffer.config());
+    if (rank == 0) view.x.dtype = DType::kFloat32;
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      buffer.dispatch(view);
+      return "no error was raised";
+    } catch (const Error& error) {
+      const std::string what = error.what();
+      const double seconds =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (error.code() != ErrorCode::kInvalidArgument) return "wrong code: " + what;
+      const std::string needle = rank == 0 ? "x must be" : "rank 0 rejected its input";
+      if (what.find(needle) == std::string::npos) return "message lacks '" + needle + "': " + what;
+      if (seconds > 5) return "took " + std::to_string(seconds) + " s";
+    }
+    return run_scenario(buffer, config, rank, host_device_ops());
+  }, 60);
+  EXPECT_EQ(failures(outcomes), "");
 }
 
 TEST(HostErrors, ChannelsDisagree) {

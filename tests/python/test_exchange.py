@@ -75,9 +75,6 @@ def test_missing_peer_times_out(run_ranks):
     assert "timeout" in messages[0]
 
 
-@pytest.mark.xfail(reason="C++ Buffer validates before the entry barrier, so the peers of a rank "
-                          "with invalid input wait for the timeout (docs/protocol.md says every "
-                          "rank runs both barriers)", strict=False)
 def test_invalid_input_on_one_rank_does_not_strand_peers(run_ranks):
     codes = run_ranks(2, "gloo", rank_cases.one_rank_invalid_case, seed=71)
     assert codes[0] == "INVALID_ARGUMENT"
