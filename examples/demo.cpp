@@ -17,7 +17,6 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <random>
 #include <sstream>
 #include <string>
@@ -249,8 +248,7 @@ RankReport run_rank(Buffer& buffer, const RandomConfig& config, int rank,
 
 bool cuda_usable(int ranks) {
 #if defined(EPX_WITH_CUDA)
-  int count = 0;
-  return cudaGetDeviceCount(&count) == cudaSuccess && count >= ranks;
+  return testing::count_cuda_devices() >= ranks;  // counted in a child: this process forks ranks
 #else
   (void)ranks;
   return false;
@@ -288,12 +286,6 @@ int main(int argc, char** argv) {
 
   const std::string name = "demo-" + std::to_string(getpid());
   const std::string id_file = "/tmp/epx-demo-" + std::to_string(getpid()) + ".id";
-#if defined(EPX_WITH_CUDA)
-  if (use_cuda) {
-    const UniqueId id = Comm::nccl_unique_id();
-    std::ofstream(id_file, std::ios::binary).write(id.bytes.data(), id.bytes.size());
-  }
-#endif
   std::vector<int> pipes(options.ranks);
   std::vector<pid_t> pids(options.ranks);
   for (int rank = 0; rank < options.ranks; ++rank) {
@@ -312,9 +304,8 @@ int main(int argc, char** argv) {
         bc.timeout_seconds = 60;
         if (use_cuda) {
 #if defined(EPX_WITH_CUDA)
-          UniqueId id;
-          std::ifstream(id_file, std::ios::binary).read(id.bytes.data(), id.bytes.size());
           cudaSetDevice(rank);
+          const UniqueId id = testing::share_unique_id(rank, id_file);
           cudaStream_t stream;
           cudaStreamCreate(&stream);
           Buffer buffer(Comm::nccl(rank, options.ranks, id, rank), bc);

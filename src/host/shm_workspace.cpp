@@ -185,15 +185,17 @@ void ShmWorkspace::barrier(const char* phase) {
     Backoff backoff;
     for (;;) {
       const uint64_t seen = std::atomic_ref<uint64_t>(flags[p]).load(std::memory_order_acquire);
-      if ((seen & ~kAbortMark) >= epoch) {
-        if ((seen & kAbortMark) && (seen & ~kAbortMark) == epoch && aborted_by < 0) aborted_by = p;
+      if (seen >= epoch) {
+        // Read after the acquire of the flag, which the aborting peer released after it.
+        const uint64_t aborted =
+            std::atomic_ref<uint64_t>(layout_.abort_epochs(local())[p]).load(std::memory_order_relaxed);
+        if (aborted == epoch && aborted_by < 0) aborted_by = p;
         break;
       }
       if (std::chrono::steady_clock::now() > deadline) {
         EPX_FAIL(kTimeout, "rank " << rank_ << ": phase " << phase << " timed out after "
                                    << timeout_seconds_ << " s waiting for rank " << p
-                                   << " (expected epoch " << epoch << ", saw "
-                                   << (seen & ~kAbortMark) << ")");
+                                   << " (expected epoch " << epoch << ", saw " << seen << ")");
       }
       backoff.pause();
     }
@@ -206,8 +208,10 @@ void ShmWorkspace::barrier(const char* phase) {
 void ShmWorkspace::abort(const char* /*operation*/) {
   const uint64_t epoch = ++epoch_;
   for (int p = 0; p < num_ranks_; ++p) {
+    std::atomic_ref<uint64_t>(layout_.abort_epochs(peers_[p])[rank_])
+        .store(epoch, std::memory_order_relaxed);
     std::atomic_ref<uint64_t>(layout_.flags(peers_[p])[rank_])
-        .store(epoch | kAbortMark, std::memory_order_release);
+        .store(epoch, std::memory_order_release);
   }
 }
 

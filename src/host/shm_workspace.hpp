@@ -30,8 +30,8 @@ class ShmWorkspace {
   // `phase` names the operation and step in a timeout error, e.g. "dispatch/exit". Throws
   // kInvalidArgument if a peer aborted this operation (abort() below) instead of arriving.
   void barrier(const char* phase);
-  // Arrives at the next entry barrier with the abort mark and returns without waiting: the
-  // peers, waiting in the same entry barrier, raise instead of exchanging. Used when this rank
+  // Arrives at the next entry barrier marked as aborted and returns without waiting: the peers,
+  // waiting in the same entry barrier, raise instead of exchanging. Used when this rank
   // rejected its own input, so that a bad call on one rank never strands the others.
   void abort(const char* operation);
 
@@ -51,7 +51,6 @@ class ShmWorkspace {
   plan::WorkspaceLayout layout_;
   double timeout_seconds_;
   uint64_t epoch_ = 0;
-  static constexpr uint64_t kAbortMark = uint64_t(1) << 63;
   bool own_unlinked_ = false;
   std::vector<Mapping> mappings_;
   std::vector<char*> peers_;  // workspace start of each rank (after the segment header)

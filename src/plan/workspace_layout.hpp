@@ -3,6 +3,8 @@
 // addresses the same field in any peer's workspace.
 //
 //   flags          [R] uint64        barrier epochs; peer p writes flags[p] of this rank
+//   abort_epochs   [R] uint64        the epoch at which peer p aborted an operation (it stays,
+//                                    so a peer that is already past it cannot hide it)
 //   headers        [R] SourceHeader  what source s sent to this rank (count, status, channels)
 //   expert_counts  [R][E_l] int32    rows source s sends to each local expert of this rank
 //   slot_meta      [R][S_max]        per dispatched token: source token index and, per k, the
@@ -61,7 +63,7 @@ struct WorkspaceLayout {
 
   EPX_HD int64_t flags_offset() const { return 0; }
   EPX_HD int64_t headers_offset() const {
-    return align_up(flags_offset() + 8 * int64_t(num_ranks), kRegionAlignment);
+    return align_up(flags_offset() + 16 * int64_t(num_ranks), kRegionAlignment);
   }
   EPX_HD int64_t expert_counts_offset() const {
     return align_up(headers_offset() + int64_t(sizeof(SourceHeader)) * num_ranks,
@@ -93,6 +95,7 @@ struct WorkspaceLayout {
   EPX_HD uint64_t* flags(char* base) const {
     return reinterpret_cast<uint64_t*>(base + flags_offset());
   }
+  EPX_HD uint64_t* abort_epochs(char* base) const { return flags(base) + num_ranks; }
   EPX_HD SourceHeader* header(char* base, int source) const {
     return reinterpret_cast<SourceHeader*>(base + headers_offset()) + source;
   }

@@ -1,6 +1,13 @@
 #include "common/cuda_device_ops.hpp"
 
 #include <cuda_runtime.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <thread>
 
 #include "epx/error.hpp"
 
@@ -31,8 +38,45 @@ DeviceOps cuda_device_ops(int device, void* stream) {
   return ops;
 }
 
-void cuda_poison(void* device_memory, size_t bytes) {
-  check(cudaMemset(device_memory, kPoisonByte, bytes), "poison");
+std::shared_ptr<Allocator> poisoned_cuda_allocator() {
+  return std::make_shared<PoisonAllocator>(default_allocator(), [](void* p, size_t bytes) {
+    check(cudaDeviceSynchronize(), "poison sync");
+    check(cudaMemset(p, kPoisonByte, bytes), "poison");
+    check(cudaDeviceSynchronize(), "poison sync");
+  });
+}
+
+UniqueId share_unique_id(int rank, const std::string& path, double timeout_seconds) {
+  UniqueId id;
+  if (rank == 0) {
+    id = Comm::nccl_unique_id();
+    const std::string partial = path + ".partial";
+    std::ofstream(partial, std::ios::binary).write(id.bytes.data(), id.bytes.size());
+    std::rename(partial.c_str(), path.c_str());  // readers never see half a file
+    return id;
+  }
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
+  for (;;) {
+    std::ifstream in(path, std::ios::binary);
+    if (in && in.read(id.bytes.data(), id.bytes.size())) return id;
+    EPX_CHECK(std::chrono::steady_clock::now() < deadline, kTimeout,
+              "rank " << rank << ": no unique id from rank 0 in " << path << " after "
+                      << timeout_seconds << " s");
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
+
+int count_cuda_devices() {
+  const pid_t pid = fork();
+  if (pid == 0) {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess) count = 0;
+    _exit(count > 100 ? 100 : count);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 0;
 }
 
 }  // namespace epx::testing

@@ -1,0 +1,233 @@
+// Combine and combine_backward on the device. Rows are processed in 8-element (16-byte)
+// chunks per lane when H % 8 == 0, one element per lane otherwise (the Vec template), with the
+// exact numerics of plan/numerics.hpp: fma for weighted terms, plain adds otherwise, one RNE
+// rounding to bf16.
+#include "cuda/device_primitives.cuh"
+#include "cuda/kernels.hpp"
+#include "plan/routing.hpp"
+
+namespace epx::cuda {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / kWarpSize;
+
+__device__ __forceinline__ int global_warp() { return blockIdx.x * kWarps + threadIdx.x / kWarpSize; }
+__device__ __forceinline__ int total_warps() { return gridDim.x * kWarps; }
+__device__ __forceinline__ int lane_id() { return threadIdx.x % kWarpSize; }
+
+// Vec elements of a bf16 row as fp32, and back.
+template <int Vec>
+struct Chunk {
+  float v[Vec];
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < Vec; ++i) v[i] = 0.0f;
+  }
+  __device__ __forceinline__ void load(const uint16_t* p) {
+    if constexpr (Vec == 8) {
+      const Float8 f = load_bf16x8(p);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = f.v[i];
+    } else {
+#pragma unroll
+      for (int i = 0; i < Vec; ++i) v[i] = plan::bf16_bits_to_float(p[i]);
+    }
+  }
+  __device__ __forceinline__ void store(uint16_t* p) const {
+    if constexpr (Vec == 8) {
+      Float8 f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) f.v[i] = v[i];
+      store_bf16x8(p, f);
+    } else {
+#pragma unroll
+      for (int i = 0; i < Vec; ++i) p[i] = plan::float_to_bf16_bits(v[i]);
+    }
+  }
+  __device__ __forceinline__ void add(const Chunk& x) {
+#pragma unroll
+    for (int i = 0; i < Vec; ++i) v[i] = plan::accumulate(v[i], x.v[i]);
+  }
+  __device__ __forceinline__ void fma(float w, const Chunk& x) {
+#pragma unroll
+    for (int i = 0; i < Vec; ++i) v[i] = plan::accumulate_weighted(v[i], w, x.v[i]);
+  }
+};
+
+template <int Vec>
+__global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParams p) {
+  const plan::WorkspaceLayout& layout = p.topo.layout;
+  const int num_topk = layout.num_topk;
+  const int64_t hidden = layout.hidden;
+  const int rank = p.topo.rank;
+  if (*p.topo.failed) return;
+  const int lane = lane_id();
+  const int64_t num_recv = p.device_counts[0];
+  for (int64_t n = global_warp(); n < num_recv; n += total_warps()) {
+    const int32_t g = p.src_token[n];
+    const int source = static_cast<int>(g / layout.max_tokens);
+    const int64_t token = g % layout.max_tokens;
+    char* dst = p.topo.peers[source];
+    const int32_t* rows = p.expanded_rows + n * num_topk;
+    if (!p.expand) {
+      warp_copy(layout.row(dst, layout.expert_combine_row_index(rank, token)), p.x + n * hidden,
+                hidden * 2, lane);
+    } else if (!p.at_source) {
+      auto* out = reinterpret_cast<uint16_t*>(
+          layout.row(dst, layout.expert_combine_row_index(rank, token)));
+      for (int64_t h = int64_t(lane) * Vec; h < hidden; h += kWarpSize * Vec) {
+        Chunk<Vec> acc;
+        acc.zero();
+        for (int k = 0; k < num_topk; ++k) {
+          const int32_t row = rows[k];
+          if (row < 0) continue;
+          Chunk<Vec> x;
+          x.load(p.x + int64_t(row) * hidden + h);
+          if (p.weights) {
+            acc.fma(p.weights[row], x);
+          } else {
+            acc.add(x);
+          }
+        }
+        acc.store(out + h);
+      }
+    } else {
+      for (int k = 0; k < num_topk; ++k) {
+        const int32_t row = rows[k];
+        if (row < 0) continue;
+        warp_copy(layout.row(dst, layout.source_combine_row_index(token, k)),
+                  p.x + int64_t(row) * hidden, hidden * 2, lane);
+        if (lane == 0 && p.weights) {
+          layout.row_weights(dst)[token * num_topk + k] = p.weights[row];
+        }
+      }
+    }
+    if (p.scalars) {
+      for (int k = lane; k < num_topk; k += kWarpSize) {
+        if (p.recv_topk[n * num_topk + k] < 0) continue;
+        layout.scalars(dst)[token * num_topk + k] =
+            p.expand ? p.scalars[rows[k]] : p.scalars[n * num_topk + k];
+      }
+    }
+  }
+}
+
+template <int Vec>
+__global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceParams p) {
+  const plan::WorkspaceLayout& layout = p.topo.layout;
+  const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
+  const int64_t hidden = layout.hidden;
+  if (*p.topo.failed) return;
+  char* local = p.topo.peers[p.topo.rank];
+  const int lane = lane_id();
+  for (int64_t t = global_warp(); t < p.num_tokens; t += total_warps()) {
+    for (int64_t h = int64_t(lane) * Vec; h < hidden; h += kWarpSize * Vec) {
+      Chunk<Vec> acc;
+      acc.zero();
+      if (!p.at_source) {
+        for (int r = 0; r < num_ranks; ++r) {
+          if (p.send_slot[t * num_ranks + r] < 0) continue;
+          Chunk<Vec> x;
+          x.load(reinterpret_cast<const uint16_t*>(
+                     layout.row(local, layout.expert_combine_row_index(r, t))) + h);
+          acc.add(x);
+        }
+      } else {
+        for (int k = 0; k < num_topk; ++k) {
+          if (p.topk32[t * num_topk + k] < 0) continue;
+          Chunk<Vec> x;
+          x.load(reinterpret_cast<const uint16_t*>(
+                     layout.row(local, layout.source_combine_row_index(t, k))) + h);
+          if (p.weighted) {
+            acc.fma(layout.row_weights(local)[t * num_topk + k], x);
+          } else {
+            acc.add(x);
+          }
+        }
+      }
+      for (const uint16_t* bias : {p.bias0, p.bias1}) {
+        if (!bias) continue;
+        Chunk<Vec> b;
+        b.load(bias + t * hidden + h);
+        acc.add(b);
+      }
+      acc.store(p.y + t * hidden + h);
+    }
+    if (p.scalars_out) {
+      for (int k = lane; k < num_topk; k += kWarpSize) {
+        const int64_t i = t * num_topk + k;
+        p.scalars_out[i] = p.topk32[i] >= 0 ? layout.scalars(local)[i] : 0.0f;
+      }
+    }
+  }
+}
+
+template <int Vec>
+__global__ void __launch_bounds__(kThreads) backward_kernel(BackwardParams p) {
+  const plan::WorkspaceLayout& layout = p.topo.layout;
+  const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
+  const int64_t hidden = layout.hidden;
+  if (*p.topo.failed) return;
+  char* local = p.topo.peers[p.topo.rank];
+  const int lane = lane_id();
+  const int64_t num_recv = p.device_counts[0];
+  for (int64_t n = global_warp(); n < num_recv; n += total_warps()) {
+    int s = 0;
+    while (s + 1 < num_ranks && p.recv_offsets[s + 1] <= n) ++s;
+    const int64_t slot = n - p.recv_offsets[s];
+    const auto* grad = reinterpret_cast<const uint16_t*>(
+        layout.row(local, layout.dispatch_row_index(s, slot)));
+    const int32_t* rows = p.expanded_rows + n * num_topk;
+    // One (token, k) at a time keeps registers bounded for any K; grad_y stays in L1/L2.
+    for (int k = 0; k < num_topk; ++k) {
+      const int32_t row = rows[k];
+      if (row < 0) continue;
+      const float w = p.weights[row];
+      float dot = 0.0f;
+      for (int64_t h = int64_t(lane) * Vec; h < hidden; h += kWarpSize * Vec) {
+        Chunk<Vec> g, x, scaled;
+        g.load(grad + h);
+        x.load(p.x + int64_t(row) * hidden + h);
+#pragma unroll
+        for (int i = 0; i < Vec; ++i) {
+          scaled.v[i] = __fmul_rn(w, g.v[i]);
+          dot = __fmaf_rn(g.v[i], x.v[i], dot);
+        }
+        scaled.store(p.grad_x + int64_t(row) * hidden + h);
+      }
+      dot = warp_sum(dot);
+      if (lane == 0) p.grad_weights[row] = dot;
+    }
+  }
+}
+
+int vector_width(int64_t hidden) { return hidden % 8 == 0 ? 8 : 1; }
+
+}  // namespace
+
+void launch_combine_send(const CombineSendParams& params, cudaStream_t stream) {
+  if (vector_width(params.topo.layout.hidden) == 8) {
+    combine_send_kernel<8><<<params.num_blocks, kThreads, 0, stream>>>(params);
+  } else {
+    combine_send_kernel<1><<<params.num_blocks, kThreads, 0, stream>>>(params);
+  }
+}
+
+void launch_combine_reduce(const CombineReduceParams& params, cudaStream_t stream) {
+  if (vector_width(params.topo.layout.hidden) == 8) {
+    combine_reduce_kernel<8><<<params.num_blocks, kThreads, 0, stream>>>(params);
+  } else {
+    combine_reduce_kernel<1><<<params.num_blocks, kThreads, 0, stream>>>(params);
+  }
+}
+
+void launch_backward(const BackwardParams& params, cudaStream_t stream) {
+  if (vector_width(params.topo.layout.hidden) == 8) {
+    backward_kernel<8><<<params.num_blocks, kThreads, 0, stream>>>(params);
+  } else {
+    backward_kernel<1><<<params.num_blocks, kThreads, 0, stream>>>(params);
+  }
+}
+
+}  // namespace epx::cuda

@@ -1,0 +1,467 @@
+// The CUDA transport: the protocol of docs/protocol.md over an NCCL symmetric window (NVLink
+// loads and stores into peers' workspaces), one stream-ordered sequence of kernels per
+// operation. Host synchronisation happens only where the caller asks for it (sync_counts, or
+// Buffer::synchronize), so sync_counts=false operations can be captured in a CUDA graph.
+#include <nccl.h>
+#include <nccl_device.h>
+
+#include <cstring>
+#include <sstream>
+
+#include "core/engine.hpp"
+#include "cuda/cuda_check.hpp"
+#include "cuda/kernels.hpp"
+#include "cuda/nccl_comm.hpp"
+#include "plan/routing.hpp"
+
+namespace epx::detail {
+namespace {
+
+using cuda::Topology;
+
+// Makes `device` current for the scope.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    cudaGetDevice(&previous_);
+    if (previous_ != device) cudaSetDevice(device);
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+
+ private:
+  int previous_ = 0;
+};
+
+template <typename T>
+T* device_alloc(size_t count) {
+  void* memory = nullptr;
+  EPX_CUDA_CHECK(cudaMalloc(&memory, count * sizeof(T) > 0 ? count * sizeof(T) : 16));
+  EPX_CUDA_CHECK(cudaMemset(memory, 0, count * sizeof(T) > 0 ? count * sizeof(T) : 16));
+  return static_cast<T*>(memory);
+}
+
+template <typename T>
+T* mapped_alloc(size_t count) {
+  void* memory = nullptr;
+  EPX_CUDA_CHECK(cudaHostAlloc(&memory, count * sizeof(T), cudaHostAllocMapped));
+  std::memset(memory, 0, count * sizeof(T));
+  return static_cast<T*>(memory);
+}
+
+template <typename T>
+T* device_view_of_mapped(T* host) {
+  void* device = nullptr;
+  EPX_CUDA_CHECK(cudaHostGetDevicePointer(&device, host, 0));
+  return static_cast<T*>(device);
+}
+
+class CudaEngine final : public Engine {
+ public:
+  explicit CudaEngine(const EngineContext& context)
+      : context_(context),
+        state_(static_cast<CudaCommState&>(*context.comm.state())),
+        layout_(workspace_layout(context.config, context.comm.num_ranks())),
+        rank_(state_.rank),
+        num_ranks_(state_.num_ranks) {
+    DeviceGuard guard(state_.device);
+    cudaDeviceProp properties{};
+    EPX_CUDA_CHECK(cudaGetDeviceProperties(&properties, state_.device));
+    num_blocks_ = context.config.num_sms > 0 ? context.config.num_sms
+                                             : std::min(24, properties.multiProcessorCount);
+    const size_t bytes = static_cast<size_t>(layout_.total_bytes());
+    EPX_NCCL_CHECK(ncclMemAlloc(&workspace_, bytes));
+    EPX_CUDA_CHECK(cudaMemset(workspace_, 0, bytes));
+    EPX_CUDA_CHECK(cudaDeviceSynchronize());
+    EPX_NCCL_CHECK(
+        ncclCommWindowRegister(state_.comm, workspace_, bytes, &window_, NCCL_WIN_COLL_SYMMETRIC));
+    ncclDevCommRequirements requirements = {};
+    requirements.lsaBarrierCount = 1;
+    EPX_NCCL_CHECK(ncclDevCommCreate(state_.comm, &requirements, &dev_comm_));
+    EPX_CHECK(dev_comm_.lsaSize == num_ranks_, kInvalidArgument,
+              "the CUDA transport needs every rank in one NVLink domain: " << dev_comm_.lsaSize
+                                                                           << " of " << num_ranks_
+                                                                           << " ranks are");
+    peers_ = device_alloc<char*>(num_ranks_);
+    cuda::fetch_peer_pointers(window_, num_ranks_, peers_, nullptr);
+    epoch_ = device_alloc<uint64_t>(1);
+    failed_ = device_alloc<int32_t>(1);
+    status_ = mapped_alloc<cuda::DeviceStatus>(1);
+    status_device_ = device_view_of_mapped(status_);
+    host_counts_ = mapped_alloc<int64_t>(2 + 2 * layout_.local_experts() + 1);
+    host_counts_device_ = device_view_of_mapped(host_counts_);
+    rank_counts_ = device_alloc<int32_t>(num_ranks_);
+    expert_counts_ = device_alloc<int32_t>(layout_.num_experts);
+    plan_status_ = device_alloc<int32_t>(2);
+    EPX_CUDA_CHECK(cudaGetLastError());
+    EPX_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+
+  ~CudaEngine() override {
+    DeviceGuard guard(state_.device);
+    cudaDeviceSynchronize();
+    for (void* p : {static_cast<void*>(peers_), static_cast<void*>(epoch_),
+                    static_cast<void*>(failed_), static_cast<void*>(rank_counts_),
+                    static_cast<void*>(expert_counts_), static_cast<void*>(plan_status_)}) {
+      if (p) cudaFree(p);
+    }
+    if (status_) cudaFreeHost(status_);
+    if (host_counts_) cudaFreeHost(host_counts_);
+    ncclDevCommDestroy(state_.comm, &dev_comm_);
+    if (window_) ncclCommWindowDeregister(state_.comm, window_);
+    if (workspace_) ncclMemFree(workspace_);
+  }
+
+  Device device() const override { return Device::cuda(state_.device); }
+
+  void synchronize(void* stream) override {
+    DeviceGuard guard(state_.device);
+    EPX_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)));
+    raise_device_error();
+  }
+
+  void abort(const char*, void* stream) override {
+    DeviceGuard guard(state_.device);
+    cuda::BarrierParams params{topology(), epoch_, cuda::kPhaseDispatchEntry, true, 0};
+    cuda::launch_barrier(params, static_cast<cudaStream_t>(stream));
+  }
+
+  DispatchResult dispatch(const DispatchInputs& in, const DispatchOptions& options,
+                          const Handle* cached, void* stream_ptr) override {
+    DeviceGuard guard(state_.device);
+    auto stream = static_cast<cudaStream_t>(stream_ptr);
+    const int64_t num_tokens = in.x.size(0);
+    const int32_t num_topk = layout_.num_topk;
+    const int32_t channels = (in.weights.defined() ? plan::kChannelWeights : 0) |
+                             (in.aux.defined() ? plan::kChannelAux : 0);
+    Handle handle;
+    if (cached) {
+      handle = *cached;
+    } else {
+      handle = new_handle(options, num_tokens, stream);
+      cuda::PlanParams plan{in.topk_idx.data, in.topk_idx.dtype == DType::kInt64, num_tokens,
+                            num_topk, layout_.num_experts, num_ranks_,
+                            handle.send_slot.ptr<int32_t>(), handle.expert_slot.ptr<int32_t>(),
+                            handle.topk_idx.ptr<int32_t>(), rank_counts_, expert_counts_,
+                            plan_status_};
+      cuda::launch_plan(plan, stream);
+    }
+    barrier(cached ? cuda::kPhaseCachedEntry : cuda::kPhaseDispatchEntry, stream);
+    cuda::SendParams send{};
+    send.topo = topology();
+    send.x = in.x.ptr<const char>();
+    send.row_bytes = in.x.size(1) * static_cast<int64_t>(element_size(in.x.dtype));
+    send.scales = in.x_scales.ptr<const float>();
+    send.scales_per_row = in.x_scales.defined() ? in.x_scales.size(1) : 0;
+    send.weights = in.weights.ptr<const float>();
+    send.aux = in.aux.ptr<const float>();
+    send.num_tokens = num_tokens;
+    send.send_slot = handle.send_slot.ptr<int32_t>();
+    send.expert_slot = handle.expert_slot.ptr<int32_t>();
+    send.topk32 = handle.topk_idx.ptr<int32_t>();
+    send.with_meta = true;
+    send.write_headers = !cached;
+    send.channels = channels;
+    send.plan_status = cached ? nullptr : plan_status_;
+    send.rank_counts = rank_counts_;
+    send.expert_counts = expert_counts_;
+    send.num_blocks = num_blocks_;
+    cuda::launch_send(send, stream);
+    barrier(cached ? cuda::kPhaseCachedExit : cuda::kPhaseDispatchExit, stream);
+    if (!cached) receive_counts(handle, options, channels, stream);
+    return receive(handle, in, !cached, stream);
+  }
+
+  CombineResult combine(const CombineInputs& in, const Handle& handle, ReduceAt reduce_at,
+                        void* stream_ptr) override {
+    DeviceGuard guard(state_.device);
+    auto stream = static_cast<cudaStream_t>(stream_ptr);
+    const bool at_source = handle.expand && reduce_at == ReduceAt::kSource;
+    barrier(cuda::kPhaseCombineEntry, stream);
+    cuda::CombineSendParams send{topology(),
+                                 handle.expand,
+                                 at_source,
+                                 handle.device_counts.ptr<int64_t>(),
+                                 handle.src_token.ptr<int32_t>(),
+                                 handle.expanded_rows.ptr<int32_t>(),
+                                 handle.recv_topk_idx.ptr<int32_t>(),
+                                 in.x.ptr<uint16_t>(),
+                                 in.weights.ptr<float>(),
+                                 in.scalars.ptr<float>(),
+                                 num_blocks_};
+    cuda::launch_combine_send(send, stream);
+    barrier(cuda::kPhaseCombineExit, stream);
+    CombineResult result;
+    result.x = allocate(DType::kBFloat16, {handle.num_tokens, layout_.hidden}, stream);
+    if (in.scalars.defined()) {
+      result.scalars = allocate(DType::kFloat32, {handle.num_tokens, layout_.num_topk}, stream);
+    }
+    cuda::CombineReduceParams reduce{topology(),
+                                     at_source,
+                                     in.weights.defined(),
+                                     handle.num_tokens,
+                                     handle.send_slot.ptr<int32_t>(),
+                                     handle.topk_idx.ptr<int32_t>(),
+                                     in.bias0.ptr<uint16_t>(),
+                                     in.bias1.ptr<uint16_t>(),
+                                     result.x.ptr<uint16_t>(),
+                                     result.scalars.ptr<float>(),
+                                     num_blocks_};
+    cuda::launch_combine_reduce(reduce, stream);
+    EPX_CUDA_CHECK(cudaGetLastError());
+    return result;
+  }
+
+  CombineBackwardResult combine_backward(const TensorView& grad_y, const Handle& handle,
+                                         const TensorView& x, const TensorView& weights,
+                                         void* stream_ptr) override {
+    DeviceGuard guard(state_.device);
+    auto stream = static_cast<cudaStream_t>(stream_ptr);
+    barrier(cuda::kPhaseBackwardEntry, stream);
+    cuda::SendParams send{};
+    send.topo = topology();
+    send.x = grad_y.ptr<const char>();
+    send.row_bytes = layout_.hidden * 2;
+    send.num_tokens = handle.num_tokens;
+    send.send_slot = handle.send_slot.ptr<int32_t>();
+    send.expert_slot = handle.expert_slot.ptr<int32_t>();
+    send.topk32 = handle.topk_idx.ptr<int32_t>();
+    send.num_blocks = num_blocks_;
+    cuda::launch_send(send, stream);
+    barrier(cuda::kPhaseBackwardExit, stream);
+    CombineBackwardResult result;
+    result.grad_x = allocate(DType::kBFloat16, {handle.row_capacity, layout_.hidden}, stream);
+    result.grad_weights = allocate(DType::kFloat32, {handle.row_capacity}, stream);
+    cuda::BackwardParams backward{topology(),
+                                  handle.device_counts.ptr<int64_t>(),
+                                  handle.recv_offsets.ptr<int32_t>(),
+                                  handle.expanded_rows.ptr<int32_t>(),
+                                  x.ptr<uint16_t>(),
+                                  weights.ptr<float>(),
+                                  result.grad_x.ptr<uint16_t>(),
+                                  result.grad_weights.ptr<float>(),
+                                  num_blocks_};
+    cuda::launch_backward(backward, stream);
+    cuda::PaddingParams padding{handle.tokens_per_expert.ptr<int32_t>(),
+                                handle.expert_offsets.ptr<int32_t>(),
+                                layout_.local_experts(),
+                                result.grad_x.ptr<char>(),
+                                layout_.hidden * 2,
+                                nullptr,
+                                0,
+                                result.grad_weights.ptr<float>(),
+                                nullptr,
+                                true,
+                                num_blocks_};
+    cuda::launch_padding(padding, stream);
+    EPX_CUDA_CHECK(cudaGetLastError());
+    return result;
+  }
+
+ private:
+  Topology topology() const {
+    return Topology{layout_, peers_, rank_, failed_, status_device_};
+  }
+
+  void barrier(int32_t phase, cudaStream_t stream) {
+    const auto timeout_ns = static_cast<uint64_t>(context_.config.timeout_seconds * 1e9);
+    cuda::BarrierParams params{topology(), epoch_, phase, false, timeout_ns};
+    cuda::launch_barrier(params, stream);
+  }
+
+  Tensor allocate(DType dtype, std::vector<int64_t> shape, cudaStream_t stream) {
+    return context_.allocator->allocate(dtype, shape, device(), stream);
+  }
+
+  // Raises (and clears) an error a kernel recorded.
+  void raise_device_error() {
+    cuda::DeviceStatus status;
+    std::memcpy(&status, const_cast<const cuda::DeviceStatus*>(status_), sizeof(status));
+    if (status.code == cuda::kDeviceOk) return;
+    std::memset(status_, 0, sizeof(*status_));
+    EPX_CUDA_CHECK(cudaMemset(failed_, 0, sizeof(int32_t)));
+    EPX_CUDA_CHECK(cudaDeviceSynchronize());
+    const char* phase = cuda::phase_name(status.phase);
+    switch (status.code) {
+      case cuda::kDeviceTimeout:
+        EPX_FAIL(kTimeout, "rank " << rank_ << ": phase " << phase << " timed out after "
+                                   << context_.config.timeout_seconds << " s waiting for rank "
+                                   << status.peer << " (expected epoch " << status.expected
+                                   << ", saw " << status.seen << ")");
+      case cuda::kDeviceBadRouting:
+        EPX_FAIL(kInvalidRouting, "rank " << rank_ << ": dispatch aborted: rank " << status.peer
+                                          << " passed topk_idx value " << status.value
+                                          << " outside [-1, " << layout_.num_experts << ")");
+      case cuda::kDeviceChannelMismatch:
+        EPX_FAIL(kInvalidArgument, "rank " << rank_ << ": rank " << status.peer
+                                           << " dispatched other channels (weights/aux bits "
+                                           << status.value
+                                           << "): every rank must pass the same channels");
+      case cuda::kDevicePeerAborted:
+        EPX_FAIL(kInvalidArgument, "rank " << rank_ << ": phase " << phase
+                                           << " aborted: rank " << status.peer
+                                           << " rejected its input to this operation (see that "
+                                              "rank's error)");
+      default:
+        EPX_FAIL(kInternal, "rank " << rank_ << ": unknown device error " << status.code);
+    }
+  }
+
+  // A routing dispatch's handle with its source-side arrays allocated (filled by the plan).
+  Handle new_handle(const DispatchOptions& options, int64_t num_tokens, cudaStream_t stream) {
+    Handle handle;
+    handle.buffer_id = context_.buffer_id;
+    handle.rank = rank_;
+    handle.num_ranks = num_ranks_;
+    handle.expand = options.expand;
+    handle.expert_alignment = options.expert_alignment;
+    handle.zero_padding = options.zero_padding;
+    handle.num_experts = layout_.num_experts;
+    handle.num_topk = layout_.num_topk;
+    handle.max_tokens_per_rank = layout_.max_tokens;
+    handle.num_tokens = num_tokens;
+    handle.counts_synced = options.sync_counts;
+    handle.send_slot = allocate(DType::kInt32, {num_tokens, num_ranks_}, stream);
+    handle.expert_slot = allocate(DType::kInt32, {num_tokens, layout_.num_topk}, stream);
+    handle.topk_idx = allocate(DType::kInt32, {num_tokens, layout_.num_topk}, stream);
+    return handle;
+  }
+
+  // Receive-side counts into the handle; with sync_counts, waits for them on the host.
+  void receive_counts(Handle& handle, const DispatchOptions& options, int32_t channels,
+                      cudaStream_t stream) {
+    const int32_t local_experts = layout_.local_experts();
+    handle.recv_counts = allocate(DType::kInt32, {num_ranks_}, stream);
+    handle.recv_offsets = allocate(DType::kInt32, {num_ranks_ + 1}, stream);
+    handle.source_expert_counts = allocate(DType::kInt32, {num_ranks_, local_experts}, stream);
+    handle.tokens_per_expert = allocate(DType::kInt32, {local_experts}, stream);
+    handle.expert_offsets = allocate(DType::kInt32, {local_experts + 1}, stream);
+    handle.expert_source_offsets = allocate(DType::kInt32, {local_experts, num_ranks_}, stream);
+    handle.device_counts = allocate(DType::kInt64, {2}, stream);
+    cuda::ReceiveCountsParams params{topology(),
+                                     channels,
+                                     options.expert_alignment,
+                                     options.expand,
+                                     handle.recv_counts.ptr<int32_t>(),
+                                     handle.recv_offsets.ptr<int32_t>(),
+                                     handle.source_expert_counts.ptr<int32_t>(),
+                                     handle.tokens_per_expert.ptr<int32_t>(),
+                                     handle.expert_offsets.ptr<int32_t>(),
+                                     handle.expert_source_offsets.ptr<int32_t>(),
+                                     handle.device_counts.ptr<int64_t>(),
+                                     options.sync_counts ? host_counts_device_ : nullptr};
+    cuda::launch_receive_counts(params, stream);
+    EPX_CUDA_CHECK(cudaGetLastError());
+    if (options.sync_counts) {
+      EPX_CUDA_CHECK(cudaStreamSynchronize(stream));
+      raise_device_error();
+      const volatile int64_t* host = host_counts_;
+      handle.num_recv_tokens = host[0];
+      handle.num_rows = host[1];
+      handle.recv_token_capacity = handle.num_recv_tokens;
+      handle.row_capacity = handle.num_rows;
+      handle.host_tokens_per_expert.assign(local_experts, 0);
+      handle.host_expert_offsets.assign(local_experts + 1, 0);
+      for (int32_t e = 0; e < local_experts; ++e) handle.host_tokens_per_expert[e] = host[2 + e];
+      for (int32_t e = 0; e <= local_experts; ++e) {
+        handle.host_expert_offsets[e] = host[2 + local_experts + e];
+      }
+    } else {
+      handle.recv_token_capacity = plan::worst_case_compact_rows(num_ranks_, layout_.max_tokens);
+      handle.row_capacity = options.expand ? plan::worst_case_expanded_rows(
+                                                 num_ranks_, layout_.max_tokens, layout_.num_topk,
+                                                 local_experts, options.expert_alignment)
+                                           : handle.recv_token_capacity;
+    }
+    const int64_t capacity = handle.recv_token_capacity;
+    handle.src_token = allocate(DType::kInt32, {capacity}, stream);
+    handle.expanded_rows = allocate(DType::kInt32, {capacity, layout_.num_topk}, stream);
+    handle.recv_topk_idx = allocate(DType::kInt32, {capacity, layout_.num_topk}, stream);
+    if (!options.sync_counts) {
+      // Rows past the real N hold -1 (docs/decisions.md).
+      for (const Tensor* t : {&handle.src_token, &handle.expanded_rows, &handle.recv_topk_idx}) {
+        EPX_CUDA_CHECK(cudaMemsetAsync(t->view.data, 0xff, t->view.nbytes(), stream));
+      }
+    }
+  }
+
+  DispatchResult receive(const Handle& handle, const DispatchInputs& in, bool routing,
+                         cudaStream_t stream) {
+    const int32_t num_topk = layout_.num_topk;
+    const int64_t row_bytes = in.x.size(1) * static_cast<int64_t>(element_size(in.x.dtype));
+    const int64_t scales_per_row = in.x_scales.defined() ? in.x_scales.size(1) : 0;
+    const int64_t capacity = handle.expand ? handle.row_capacity : handle.recv_token_capacity;
+    DispatchResult result;
+    result.x = allocate(in.x.dtype, {capacity, layout_.hidden}, stream);
+    if (scales_per_row > 0) {
+      result.x_scales = allocate(DType::kFloat32, {capacity, scales_per_row}, stream);
+    }
+    const std::vector<int64_t> scalar_shape =
+        handle.expand ? std::vector<int64_t>{capacity} : std::vector<int64_t>{capacity, num_topk};
+    if (in.weights.defined()) result.weights = allocate(DType::kFloat32, scalar_shape, stream);
+    if (in.aux.defined()) result.aux = allocate(DType::kFloat32, scalar_shape, stream);
+    if (!handle.expand) result.topk_idx = allocate(DType::kInt32, {capacity, num_topk}, stream);
+    cuda::ReceiveParams params{topology(),
+                               routing,
+                               handle.expand,
+                               handle.device_counts.ptr<int64_t>(),
+                               handle.recv_offsets.ptr<int32_t>(),
+                               handle.expert_source_offsets.ptr<int32_t>(),
+                               handle.src_token.ptr<int32_t>(),
+                               handle.recv_topk_idx.ptr<int32_t>(),
+                               handle.expanded_rows.ptr<int32_t>(),
+                               result.x.ptr<char>(),
+                               row_bytes,
+                               result.x_scales.ptr<float>(),
+                               scales_per_row,
+                               result.weights.ptr<float>(),
+                               result.aux.ptr<float>(),
+                               result.topk_idx.ptr<int32_t>(),
+                               num_blocks_};
+    cuda::launch_receive(params, stream);
+    if (handle.expand) {
+      cuda::PaddingParams padding{handle.tokens_per_expert.ptr<int32_t>(),
+                                  handle.expert_offsets.ptr<int32_t>(),
+                                  layout_.local_experts(),
+                                  result.x.ptr<char>(),
+                                  row_bytes,
+                                  result.x_scales.ptr<float>(),
+                                  scales_per_row,
+                                  result.weights.ptr<float>(),
+                                  result.aux.ptr<float>(),
+                                  handle.zero_padding,
+                                  num_blocks_};
+      cuda::launch_padding(padding, stream);
+    }
+    EPX_CUDA_CHECK(cudaGetLastError());
+    result.handle = handle;
+    return result;
+  }
+
+  EngineContext context_;
+  CudaCommState& state_;
+  plan::WorkspaceLayout layout_;
+  int32_t rank_;
+  int32_t num_ranks_;
+  int num_blocks_ = 24;
+  void* workspace_ = nullptr;
+  ncclWindow_t window_ = nullptr;
+  ncclDevComm dev_comm_{};
+  char** peers_ = nullptr;
+  uint64_t* epoch_ = nullptr;
+  int32_t* failed_ = nullptr;
+  cuda::DeviceStatus* status_ = nullptr;  // host-mapped
+  cuda::DeviceStatus* status_device_ = nullptr;
+  int64_t* host_counts_ = nullptr;  // host-mapped
+  int64_t* host_counts_device_ = nullptr;
+  int32_t* rank_counts_ = nullptr;
+  int32_t* expert_counts_ = nullptr;
+  int32_t* plan_status_ = nullptr;
+};
+
+}  // namespace
+
+std::unique_ptr<Engine> make_cuda_engine(const EngineContext& context) {
+  return std::make_unique<CudaEngine>(context);
+}
+
+}  // namespace epx::detail

@@ -1,0 +1,109 @@
+// Device-side building blocks of the CUDA transport: system-scope release/acquire on flags,
+// the global timer, 16-byte row copies by a warp, bf16x8 <-> fp32x8 conversion.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "plan/numerics.hpp"
+
+namespace epx::cuda {
+
+constexpr int kWarpSize = 32;
+
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Release at system scope: every write this thread (and, through the preceding fence, the
+// kernels before it on the stream) made is visible to a reader that acquires the flag.
+__device__ __forceinline__ void store_release_system(uint64_t* flag, uint64_t value) {
+  asm volatile("st.release.sys.u64 [%0], %1;" ::"l"(flag), "l"(value) : "memory");
+}
+
+__device__ __forceinline__ uint64_t load_acquire_system(const uint64_t* flag) {
+  uint64_t value;
+  asm volatile("ld.acquire.sys.u64 %0, [%1];" : "=l"(value) : "l"(flag) : "memory");
+  return value;
+}
+
+// A warp copies `bytes` from src to dst: 16-byte vectors when both are 16-byte aligned and
+// bytes % 16 == 0 (every row the kernels move, for H % 8 == 0), else 2-byte elements.
+// Loads are issued in groups of four before their stores so several are in flight.
+__device__ __forceinline__ void warp_copy(void* dst, const void* src, int64_t bytes, int lane) {
+  const bool vector = ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) |
+                        static_cast<uintptr_t>(bytes)) &
+                       15) == 0;
+  if (vector) {
+    const int4* s = static_cast<const int4*>(src);
+    int4* d = static_cast<int4*>(dst);
+    const int64_t n = bytes / 16;
+    int64_t i = lane;
+    for (; i + 3 * kWarpSize < n; i += 4 * kWarpSize) {
+      const int4 a = __ldg(s + i);
+      const int4 b = __ldg(s + i + kWarpSize);
+      const int4 c = __ldg(s + i + 2 * kWarpSize);
+      const int4 e = __ldg(s + i + 3 * kWarpSize);
+      d[i] = a;
+      d[i + kWarpSize] = b;
+      d[i + 2 * kWarpSize] = c;
+      d[i + 3 * kWarpSize] = e;
+    }
+    for (; i < n; i += kWarpSize) d[i] = __ldg(s + i);
+  } else {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    uint16_t* d = static_cast<uint16_t*>(dst);
+    for (int64_t i = lane; i < bytes / 2; i += kWarpSize) d[i] = s[i];
+  }
+}
+
+// A warp zeroes `bytes` (a multiple of 2) at dst.
+__device__ __forceinline__ void warp_zero(void* dst, int64_t bytes, int lane) {
+  if (((reinterpret_cast<uintptr_t>(dst) | static_cast<uintptr_t>(bytes)) & 15) == 0) {
+    int4* d = static_cast<int4*>(dst);
+    for (int64_t i = lane; i < bytes / 16; i += kWarpSize) d[i] = make_int4(0, 0, 0, 0);
+  } else {
+    uint16_t* d = static_cast<uint16_t*>(dst);
+    for (int64_t i = lane; i < bytes / 2; i += kWarpSize) d[i] = 0;
+  }
+}
+
+// Eight bf16 values as fp32 (one 16-byte vector), and back with round-to-nearest-even.
+struct Float8 {
+  float v[8];
+};
+
+__device__ __forceinline__ Float8 load_bf16x8(const uint16_t* p) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+  Float8 out;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out.v[2 * i] = __uint_as_float(words[i] << 16);
+    out.v[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+  }
+  return out;
+}
+
+__device__ __forceinline__ void store_bf16x8(uint16_t* p, const Float8& values) {
+  uint32_t words[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    words[i] = uint32_t(plan::float_to_bf16_bits(values.v[2 * i])) |
+               (uint32_t(plan::float_to_bf16_bits(values.v[2 * i + 1])) << 16);
+  }
+  *reinterpret_cast<uint4*>(p) = make_uint4(words[0], words[1], words[2], words[3]);
+}
+
+__device__ __forceinline__ float warp_sum(float value) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    value += __shfl_xor_sync(0xffffffffu, value, offset);
+  }
+  return value;
+}
+
+}  // namespace epx::cuda

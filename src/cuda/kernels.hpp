@@ -1,0 +1,207 @@
+// The CUDA transport's kernels: typed parameter structs and launchers (bodies in *.cu).
+// Every kernel follows docs/protocol.md; positions come from plan/routing.hpp, numerics from
+// plan/numerics.hpp, addresses from plan/workspace_layout.hpp.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "plan/workspace_layout.hpp"
+
+namespace epx::cuda {
+
+// Error record in host-mapped memory, written by a kernel that hits a problem; the host raises
+// it at the next synchronisation. `failed` (device memory) makes later kernels skip their work.
+enum DeviceErrorCode : int32_t {
+  kDeviceOk = 0,
+  kDeviceTimeout = 1,
+  kDeviceBadRouting = 2,
+  kDeviceChannelMismatch = 3,
+  kDevicePeerAborted = 4,
+};
+
+struct DeviceStatus {
+  int32_t code;
+  int32_t phase;  // a Phase
+  int32_t peer;
+  int32_t value;  // bad topk value, or channels seen
+  uint64_t expected;
+  uint64_t seen;
+};
+
+enum Phase : int32_t {
+  kPhaseDispatchEntry,
+  kPhaseDispatchExit,
+  kPhaseCachedEntry,
+  kPhaseCachedExit,
+  kPhaseCombineEntry,
+  kPhaseCombineExit,
+  kPhaseBackwardEntry,
+  kPhaseBackwardExit,
+  kPhaseCount
+};
+const char* phase_name(int32_t phase);
+
+// What every kernel knows about the workspace and the ranks.
+struct Topology {
+  plan::WorkspaceLayout layout;
+  char* const* peers;  // [R] device array: workspace base of every rank (LSA pointers)
+  int32_t rank;
+  int32_t* failed;        // device flag: a previous step failed, skip work
+  DeviceStatus* status;   // host-mapped
+};
+
+struct BarrierParams {
+  Topology topo;
+  uint64_t* epoch;  // device counter, advanced by one per barrier (graph replays stay in step)
+  int32_t phase;
+  bool abort;       // publish the abort mark and return (this rank rejected its input)
+  uint64_t timeout_ns;
+};
+void launch_barrier(const BarrierParams& params, cudaStream_t stream);
+
+// Source plan on the device: exactly plan::plan_source (src/plan/source_plan.cpp).
+struct PlanParams {
+  const void* topk_idx;  // [S, K] int32 or int64
+  bool topk_int64;
+  int64_t num_tokens;
+  int32_t num_topk, num_experts, num_ranks;
+  int32_t* send_slot;      // [S, R]
+  int32_t* expert_slot;    // [S, K]
+  int32_t* topk32;         // [S, K] int32 copy of the routing
+  int32_t* rank_counts;    // [R]
+  int32_t* expert_counts;  // [E]
+  int32_t* plan_status;    // [2]: RoutingStatus, bad value
+};
+void launch_plan(const PlanParams& params, cudaStream_t stream);
+
+// Source side of dispatch, cached dispatch and combine_backward: rows (+ scales, + metadata)
+// into every destination's staging, and (routing dispatch) the headers and expert counts.
+struct SendParams {
+  Topology topo;
+  const char* x;
+  int64_t row_bytes;
+  const float* scales;  // fp8 only
+  int64_t scales_per_row;
+  const float* weights;  // [S, K] or null
+  const float* aux;      // [S, K] or null
+  int64_t num_tokens;
+  const int32_t* send_slot;
+  const int32_t* expert_slot;
+  const int32_t* topk32;
+  bool with_meta;
+  bool write_headers;
+  int32_t channels;
+  const int32_t* plan_status;
+  const int32_t* rank_counts;
+  const int32_t* expert_counts;
+  int num_blocks;
+};
+void launch_send(const SendParams& params, cudaStream_t stream);
+
+// Receive-side counts of a routing dispatch: reads headers, checks them, computes offsets.
+struct ReceiveCountsParams {
+  Topology topo;
+  int32_t channels;
+  int32_t alignment;
+  bool expand;
+  int32_t* recv_counts;            // [R]
+  int32_t* recv_offsets;           // [R+1]
+  int32_t* source_expert_counts;   // [R, E_l]
+  int32_t* tokens_per_expert;      // [E_l]
+  int32_t* expert_offsets;         // [E_l+1]
+  int32_t* expert_source_offsets;  // [E_l, R]
+  int64_t* device_counts;          // [2]: N, M
+  int64_t* host_counts;            // host-mapped copy of [N, M, tokens_per_expert..., offsets...]
+};
+void launch_receive_counts(const ReceiveCountsParams& params, cudaStream_t stream);
+
+// Receive epilogue of dispatch (routing or cached): staged rows into compact/expanded outputs.
+struct ReceiveParams {
+  Topology topo;
+  bool routing;  // fill src_token / recv_topk / expanded_rows from the metadata
+  bool expand;
+  const int64_t* device_counts;
+  const int32_t* recv_offsets;
+  const int32_t* expert_source_offsets;
+  int32_t* src_token;
+  int32_t* recv_topk;
+  int32_t* expanded_rows;
+  char* x_out;
+  int64_t row_bytes;
+  float* scales_out;
+  int64_t scales_per_row;
+  float* weights_out;
+  float* aux_out;
+  int32_t* topk_out;  // compact only
+  int num_blocks;
+};
+void launch_receive(const ReceiveParams& params, cudaStream_t stream);
+
+// Expanded padding rows: weights/aux 0, and x (+ scales) 0 when zero_x.
+struct PaddingParams {
+  const int32_t* tokens_per_expert;
+  const int32_t* expert_offsets;
+  int32_t local_experts;
+  char* x;
+  int64_t row_bytes;
+  float* scales;
+  int64_t scales_per_row;
+  float* weights;
+  float* aux;
+  bool zero_x;
+  int num_blocks;
+};
+void launch_padding(const PaddingParams& params, cudaStream_t stream);
+
+// Expert side of combine: reduce (or forward) each received token's rows to its source.
+struct CombineSendParams {
+  Topology topo;
+  bool expand;
+  bool at_source;
+  const int64_t* device_counts;
+  const int32_t* src_token;
+  const int32_t* expanded_rows;
+  const int32_t* recv_topk;
+  const uint16_t* x;
+  const float* weights;
+  const float* scalars;
+  int num_blocks;
+};
+void launch_combine_send(const CombineSendParams& params, cudaStream_t stream);
+
+// Source side of combine: sum the staged rows of each token, add biases, round.
+struct CombineReduceParams {
+  Topology topo;
+  bool at_source;
+  bool weighted;  // at_source: apply the staged row weights
+  int64_t num_tokens;
+  const int32_t* send_slot;
+  const int32_t* topk32;
+  const uint16_t* bias0;
+  const uint16_t* bias1;
+  uint16_t* y;
+  float* scalars_out;  // or null
+  int num_blocks;
+};
+void launch_combine_reduce(const CombineReduceParams& params, cudaStream_t stream);
+
+// Expert side of combine_backward: grad_x rows and grad_weights from the staged grad_y.
+struct BackwardParams {
+  Topology topo;
+  const int64_t* device_counts;
+  const int32_t* recv_offsets;
+  const int32_t* expanded_rows;
+  const uint16_t* x;
+  const float* weights;
+  uint16_t* grad_x;
+  float* grad_weights;
+  int num_blocks;
+};
+void launch_backward(const BackwardParams& params, cudaStream_t stream);
+
+// Writes every rank's workspace base pointer (ncclGetLsaPointer) into peers[R].
+void fetch_peer_pointers(void* window, int num_ranks, char** peers, cudaStream_t stream);
+
+}  // namespace epx::cuda

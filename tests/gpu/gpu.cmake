@@ -1,0 +1,7 @@
+# GPU suites (built with the CUDA transport; they skip themselves where fewer than 2 GPUs are
+# visible, so CI without GPUs runs and skips them).
+add_executable(test_gpu ${CMAKE_CURRENT_LIST_DIR}/test_gpu.cpp
+                        ${CMAKE_CURRENT_LIST_DIR}/../cpp/multi_process.cpp)
+target_include_directories(test_gpu PRIVATE ${PROJECT_SOURCE_DIR}/src ${PROJECT_SOURCE_DIR}/tests)
+target_link_libraries(test_gpu PRIVATE epx epx_test_common GTest::gtest_main)
+gtest_discover_tests(test_gpu DISCOVERY_TIMEOUT 60 PROPERTIES TIMEOUT 900)

@@ -1,0 +1,332 @@
+// The CUDA transport against the reference, bit for bit, on the GPUs of this machine: the same
+// random scenarios as the host tests (one process per GPU, the NCCL unique id through a file),
+// a CUDA-graph capture and replay of sync_counts=false dispatch + combine, invalid routing on one
+// rank, bad input on one rank, and a peer that never arrives (timeout naming rank and phase).
+// Skips (with the reason) where fewer than 2 GPUs are visible.
+// EPX_GPU_CONFIGS=<n> sets the random configurations per rank count (default 60);
+// EPX_TEST_SEED=<n> replays a run.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <random>
+#include <thread>
+
+#include "common/cuda_device_ops.hpp"
+#include "common/random_problem.hpp"
+#include "common/scenario.hpp"
+#include "cpp/multi_process.hpp"
+#include "epx/error.hpp"
+#include "reference/reference.hpp"
+
+namespace epx::testing {
+namespace {
+
+int gpu_count() {
+  static const int count = count_cuda_devices();
+  return count;
+}
+
+uint64_t base_seed() {
+  static const uint64_t seed = [] {
+    const char* env = std::getenv("EPX_TEST_SEED");
+    const uint64_t value = env ? std::strtoull(env, nullptr, 10) : std::random_device{}();
+    std::cout << "[epx-gpu] base seed " << value << " (EPX_TEST_SEED=" << value
+              << " replays this run)" << std::endl;
+    return value;
+  }();
+  return seed;
+}
+
+int env_int(const char* name, int fallback) {
+  const char* value = std::getenv(name);
+  return value ? std::atoi(value) : fallback;
+}
+
+BufferConfig buffer_config_for(const RandomConfig& config, double timeout_seconds = 60) {
+  BufferConfig buffer;
+  buffer.max_tokens_per_rank = config.max_tokens;
+  buffer.hidden = config.hidden;
+  buffer.num_experts = config.num_experts;
+  buffer.num_topk = config.num_topk;
+  buffer.fp8_dispatch = config.fp8;
+  buffer.timeout_seconds = timeout_seconds;
+  return buffer;
+}
+
+// Everything a rank process needs: its device, a stream and a communicator.
+struct RankContext {
+  int rank;
+  cudaStream_t stream;
+  Comm comm;
+};
+
+RankContext open_rank(int rank, int num_ranks, const std::string& id_file) {
+  EPX_CHECK(cudaSetDevice(rank) == cudaSuccess, kTransport, "cudaSetDevice(" << rank << ")");
+  cudaStream_t stream;
+  EPX_CHECK(cudaStreamCreate(&stream) == cudaSuccess, kTransport, "cudaStreamCreate");
+  const UniqueId id = share_unique_id(rank, id_file);
+  return RankContext{rank, stream, Comm::nccl(rank, num_ranks, id, rank)};
+}
+
+std::string id_file() { return "/tmp/" + unique_name("epx-gpu") + ".id"; }
+
+#define REQUIRE_GPUS(n)                                                                     \
+  if (gpu_count() < (n)) {                                                                  \
+    GTEST_SKIP() << "needs " << (n) << " GPUs, " << gpu_count() << " visible";             \
+  }
+
+class GpuRandom : public ::testing::TestWithParam<int> {};
+
+TEST_P(GpuRandom, MatchesReferenceBitForBit) {
+  const int num_ranks = GetParam();
+  REQUIRE_GPUS(num_ranks);
+  const int count = env_int("EPX_GPU_CONFIGS", 60);
+  const uint64_t seed0 = base_seed() * 1000003ull + uint64_t(num_ranks) * 10007ull;
+  const std::string path = id_file();
+  const auto outcomes = run_ranks(num_ranks, [&](int rank) -> std::string {
+    RankContext ctx = open_rank(rank, num_ranks, path);
+    const DeviceOps ops = cuda_device_ops(rank, ctx.stream);
+    for (int i = 0; i < count; ++i) {
+      const uint64_t seed = seed0 + i;
+      const RandomConfig config = draw_config(seed, num_ranks);
+      RandomConfig again = config;
+      again.seed = seed ^ 0xa5a5a5a5ull;
+      again.expand = !config.expand;
+      again.sync_counts = !config.sync_counts;
+      Buffer buffer(ctx.comm, buffer_config_for(config), poisoned_cuda_allocator());
+      for (const RandomConfig* c : {&config, static_cast<const RandomConfig*>(&again)}) {
+        const std::string failure = run_scenario(buffer, *c, rank, ops);
+        if (!failure.empty()) return "seed " + std::to_string(seed) + ": " + failure;
+      }
+    }
+    return "";
+  }, 540);
+  const std::string failed = failures(outcomes);
+  ASSERT_TRUE(failed.empty()) << failed;
+  std::cout << "[epx-gpu] R=" << num_ranks << ": " << 2 * count
+            << " scenarios bit-exact with the reference" << std::endl;
+}
+
+INSTANTIATE_TEST_SUITE_P(Ranks, GpuRandom, ::testing::Values(2, 4, 8),
+                         [](const auto& info) { return "R" + std::to_string(info.param); });
+
+// A few small configurations, for compute-sanitizer (memcheck, racecheck).
+TEST(GpuSmall, Scenarios) {
+  REQUIRE_GPUS(2);
+  const std::string path = id_file();
+  const auto outcomes = run_ranks(2, [&](int rank) -> std::string {
+    RankContext ctx = open_rank(rank, 2, path);
+    const DeviceOps ops = cuda_device_ops(rank, ctx.stream);
+    for (uint64_t seed = 11; seed < 14; ++seed) {
+      RandomConfig config = draw_config(seed, 2);
+      config.max_tokens = 8;
+      config.hidden = 128;
+      config.fp8 = false;
+      Buffer buffer(ctx.comm, buffer_config_for(config), poisoned_cuda_allocator());
+      const std::string failure = run_scenario(buffer, config, rank, ops);
+      if (!failure.empty()) return failure;
+    }
+    return "";
+  }, 540);
+  EXPECT_EQ(failures(outcomes), "");
+}
+
+// sync_counts=false dispatch + combine captured once in a CUDA graph, then replayed with new
+// input values written into the captured inputs; every replay matches the reference.
+TEST(GpuGraph, CaptureAndReplay) {
+  REQUIRE_GPUS(2);
+  const std::string path = id_file();
+  const auto outcomes = run_ranks(2, [&](int rank) -> std::string {
+    RankContext ctx = open_rank(rank, 2, path);
+    RandomConfig config = draw_config(base_seed() ^ 0x9a9a, 2);
+    config.fp8 = false;
+    config.expand = true;
+    config.sync_counts = false;
+    config.with_weights = true;
+    config.with_aux = false;
+    config.with_scalars = false;
+    config.with_bias0 = config.with_bias1 = false;
+    config.reduce_at_source = false;
+    config.topk_int64 = true;
+    const reference::Problem problem = config.problem();
+    Buffer buffer(ctx.comm, buffer_config_for(config));
+    const DeviceOps ops = cuda_device_ops(rank, ctx.stream);
+    auto inputs = draw_dispatch_inputs(config);
+    const int64_t tokens = inputs[rank].num_tokens, hidden = config.hidden, k = config.num_topk;
+    auto x = ops.upload(inputs[rank].x.data(), inputs[rank].x.size());
+    auto topk = ops.upload(inputs[rank].topk_idx.data(), inputs[rank].topk_idx.size() * 8);
+    auto w = ops.upload(inputs[rank].weights.data(), inputs[rank].weights.size() * 4);
+    DispatchInputs din;
+    din.x = TensorView(x.get(), DType::kBFloat16, {tokens, hidden}, buffer.device());
+    din.topk_idx = TensorView(topk.get(), DType::kInt64, {tokens, k}, buffer.device());
+    din.weights = TensorView(w.get(), DType::kFloat32, {tokens, k}, buffer.device());
+    DispatchOptions options;
+    options.expand = true;
+    options.expert_alignment = config.expert_alignment;
+    options.sync_counts = false;
+
+    // Warm-up outside the capture (allocator pools, module load), then capture.
+    (void)buffer.dispatch(din, options, ctx.stream);
+    buffer.synchronize(ctx.stream);
+    cudaGraph_t graph;
+    EPX_CHECK(cudaStreamBeginCapture(ctx.stream, cudaStreamCaptureModeThreadLocal) == cudaSuccess,
+              kTransport, "begin capture");
+    DispatchResult recv = buffer.dispatch(din, options, ctx.stream);
+    CombineInputs cin;
+    cin.x = recv.x.view;  // combine the dispatched rows themselves, weighted
+    cin.weights = recv.weights.view;
+    CombineResult out = buffer.combine(cin, recv.handle, {}, ctx.stream);
+    EPX_CHECK(cudaStreamEndCapture(ctx.stream, &graph) == cudaSuccess, kTransport, "end capture");
+    cudaGraphExec_t exec;
+    EPX_CHECK(cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess, kTransport, "instantiate");
+
+    for (int replay = 0; replay < 3; ++replay) {
+      std::mt19937_64 rng(config.seed + 100 * replay);
+      for (auto& in : inputs) {
+        for (size_t i = 0; i + 1 < in.x.size(); i += 2) {
+          const uint16_t bits = random_bf16(rng);
+          std::memcpy(&in.x[i], &bits, 2);
+        }
+      }
+      cudaMemcpy(x.get(), inputs[rank].x.data(), inputs[rank].x.size(), cudaMemcpyHostToDevice);
+      EPX_CHECK(cudaGraphLaunch(exec, ctx.stream) == cudaSuccess, kTransport, "graph launch");
+      buffer.synchronize(ctx.stream);
+      const auto want = reference::dispatch(problem, inputs, true, config.expert_alignment, false);
+      std::vector<reference::CombineRankInputs> cin_ref(2);
+      for (int r = 0; r < 2; ++r) {
+        cin_ref[r].x.resize(want[r].x.size() / 2);
+        std::memcpy(cin_ref[r].x.data(), want[r].x.data(), want[r].x.size());
+        cin_ref[r].weights = want[r].weights;
+      }
+      const auto want_y = reference::combine(problem, inputs, want, true, cin_ref, false);
+      std::vector<uint16_t> y(tokens * hidden);
+      ops.download(y.data(), out.x.view.data, y.size() * 2);
+      const std::string bad = first_mismatch(y.data(), want_y[rank].x.data(), 2, y.size(),
+                                             "graph replay combine y");
+      if (!bad.empty()) return "replay " + std::to_string(replay) + ": " + bad;
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    return "";
+  }, 300);
+  EXPECT_EQ(failures(outcomes), "");
+}
+
+// The expected error on every rank, then a valid scenario on the same buffer.
+void expect_all_raise(ErrorCode code, const std::string& needle,
+                      const std::function<void(Buffer&, int, cudaStream_t)>& bad) {
+  const std::string path = id_file();
+  const auto outcomes = run_ranks(2, [&](int rank) -> std::string {
+    RankContext ctx = open_rank(rank, 2, path);
+    RandomConfig config = draw_config(4242, 2);
+    config.fp8 = false;
+    Buffer buffer(ctx.comm, buffer_config_for(config, 20), poisoned_cuda_allocator());
+    try {
+      bad(buffer, rank, ctx.stream);
+      buffer.synchronize(ctx.stream);
+      return "no error was raised";
+    } catch (const Error& error) {
+      const std::string what = error.what();
+      std::cout << "[epx-gpu] rank " << rank << " raised as expected: " << what << std::endl;
+      if (error.code() != code) return "wrong code: " + what;
+      if (what.find(needle) == std::string::npos) return "message lacks '" + needle + "': " + what;
+    }
+    return run_scenario(buffer, config, rank, cuda_device_ops(rank, ctx.stream));
+  }, 120);
+  EXPECT_EQ(failures(outcomes), "");
+}
+
+// Device tensors for a tiny routing dispatch.
+struct TinyInputs {
+  std::shared_ptr<void> x, topk;
+  DispatchInputs view;
+};
+
+TinyInputs tiny_inputs(const Buffer& buffer, int rank, int64_t bad_expert) {
+  const BufferConfig& c = buffer.config();
+  const int64_t tokens = 4;
+  std::vector<uint16_t> x(tokens * c.hidden);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<uint16_t>(0x3f80 + i % 61);
+  std::vector<int64_t> topk(tokens * c.num_topk);
+  for (size_t i = 0; i < topk.size(); ++i) topk[i] = (i * 7 + rank) % c.num_experts;
+  if (bad_expert != 0) topk[1] = bad_expert;
+  const DeviceOps ops = cuda_device_ops(rank, nullptr);
+  TinyInputs in;
+  in.x = ops.upload(x.data(), x.size() * 2);
+  in.topk = ops.upload(topk.data(), topk.size() * 8);
+  in.view.x = TensorView(in.x.get(), DType::kBFloat16, {tokens, c.hidden}, buffer.device());
+  in.view.topk_idx = TensorView(in.topk.get(), DType::kInt64, {tokens, c.num_topk},
+                                buffer.device());
+  return in;
+}
+
+TEST(GpuErrors, InvalidRoutingOnOneRankRaisesEverywhere) {
+  REQUIRE_GPUS(2);
+  expect_all_raise(ErrorCode::kInvalidRouting, "rank 1 passed topk_idx value",
+                   [](Buffer& b, int rank, cudaStream_t stream) {
+                     TinyInputs in = tiny_inputs(b, rank, rank == 1 ? b.config().num_experts : 0);
+                     b.dispatch(in.view, DispatchOptions{}, stream);
+                   });
+}
+
+TEST(GpuErrors, BadInputOnOneRankAbortsThePeer) {
+  REQUIRE_GPUS(2);
+  expect_all_raise(ErrorCode::kInvalidArgument, "", [](Buffer& b, int rank, cudaStream_t stream) {
+    TinyInputs in = tiny_inputs(b, rank, 0);
+    if (rank == 0) in.view.x.dtype = DType::kFloat32;
+    b.dispatch(in.view, DispatchOptions{}, stream);
+  });
+}
+
+TEST(GpuErrors, WrongDeviceTensor) {
+  REQUIRE_GPUS(2);
+  expect_all_raise(ErrorCode::kInvalidArgument, "must be on cuda",
+                   [](Buffer& b, int rank, cudaStream_t stream) {
+                     TinyInputs in = tiny_inputs(b, rank, 0);
+                     in.view.x.device = Device::cpu();
+                     b.dispatch(in.view, DispatchOptions{}, stream);
+                   });
+}
+
+// Rank 1 never calls dispatch: rank 0's kernel gives up after the timeout and the host raises
+// kTimeout naming the phase and the missing rank, instead of hanging.
+TEST(GpuTimeout, MissingPeerTimesOut) {
+  REQUIRE_GPUS(2);
+  const std::string path = id_file();
+  const auto outcomes = run_ranks(2, [&](int rank) -> std::string {
+    RankContext ctx = open_rank(rank, 2, path);
+    RandomConfig config = draw_config(99, 2);
+    Buffer buffer(ctx.comm, buffer_config_for(config, 2.0));
+    if (rank == 1) {
+      std::this_thread::sleep_for(std::chrono::seconds(6));  // alive, but never arrives
+      return "";
+    }
+    TinyInputs in = tiny_inputs(buffer, rank, 0);
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      buffer.dispatch(in.view, DispatchOptions{}, ctx.stream);
+      return "no error was raised";
+    } catch (const Error& error) {
+      const double seconds =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      const std::string what = error.what();
+      std::cout << "[epx-gpu] rank 0 after " << seconds << " s: " << what << std::endl;
+      if (error.code() != ErrorCode::kTimeout) return "wrong code: " + what;
+      if (what.find("phase dispatch/entry") == std::string::npos ||
+          what.find("waiting for rank 1") == std::string::npos) {
+        return "phase or rank missing: " + what;
+      }
+      if (seconds > 20) return "took " + std::to_string(seconds) + " s";
+    }
+    return "";
+  }, 120);
+  EXPECT_EQ(failures(outcomes), "");
+}
+
+}  // namespace
+}  // namespace epx::testing

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Everything the GPU machine checks, in one call (device time is scarce): build once with CUDA
+# and the Python extension, then the steps named in EPX_STEPS (default: all of them):
+#   gpu     tools/gpu-check.sh (GPU tests bit-exact vs the reference, sanitizer, demo on GPUs)
+#   python  the pytest suite, NCCL cases included
+#   bench   the benchmark (bench/bench.py), JSON and plot under $OUT
+# Logs go to $OUT (the device tool brings them back) and a summary is printed last.
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export PYTHONUNBUFFERED=1
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=${OUT:-$root/build-gpu/out}
+mkdir -p "$out"
+steps=${EPX_STEPS:-gpu python bench}
+python=$(command -v python3)
+nccl_root=$("$python" -c "import nvidia.nccl as n; print(list(n.__path__)[0])" 2>/dev/null || true)
+export EPX_BUILD_DIR=${EPX_BUILD_DIR:-$root/build-gpu}
+export EPX_COMMIT=${EPX_COMMIT:-$(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)}
+summary=()
+
+echo "== build ($(date -u +%FT%TZ)) nccl_root=$nccl_root"
+cmake -S "$root" -B "$EPX_BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DEPX_BUILD_PYTHON=ON -DPython_EXECUTABLE="$python" -DPYTHON_EXECUTABLE="$python" \
+  ${nccl_root:+-DEPX_NCCL_ROOT="$nccl_root"} > "$out/build.log" 2>&1 &&
+  cmake --build "$EPX_BUILD_DIR" -j "$(nproc)" >> "$out/build.log" 2>&1
+build_status=$?
+tail -n 30 "$out/build.log"
+summary+=("build: exit $build_status")
+
+for step in $steps; do
+  case $step in
+    gpu)
+      EPX_SKIP_BUILD=1 bash "$root/tools/gpu-check.sh" 2>&1 | tee "$out/gpu-check.log"
+      summary+=("gpu-check: exit ${PIPESTATUS[0]}")
+      ;;
+    python)
+      PYTHONPATH="$root/python:$EPX_BUILD_DIR/python" timeout 420 "$python" -m pytest -q -x \
+        "$root/tests/python" 2>&1 | tee "$out/pytest-gpu.log"
+      summary+=("pytest: $(tail -n 1 "$out/pytest-gpu.log")")
+      ;;
+    bench)
+      PYTHONPATH="$root/python:$EPX_BUILD_DIR/python" timeout 480 "$python" "$root/bench/bench.py" \
+        --out "$out" ${EPX_BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
+      summary+=("bench: exit ${PIPESTATUS[0]}")
+      ;;
+  esac
+done
+echo "== device-run summary"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -n 1
+printf '%s\n' "${summary[@]}"

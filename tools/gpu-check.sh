@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# GPU machine check: builds epx for sm_90a against PyTorch's NCCL (unless EPX_SKIP_BUILD=1 and
+# a build exists), then runs the GPU suites (bit-exact against the reference), the small
+# configuration under compute-sanitizer (memcheck, racecheck) and the demo on the GPUs.
+# Writes its log to $OUT/gpu-check.log when $OUT is set; prints a summary last.
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+root=$(cd "$(dirname "$0")/.." && pwd)
+build=${EPX_BUILD_DIR:-$root/build-gpu}
+log=${OUT:+$OUT/gpu-check.log}
+log=${log:-$build/gpu-check.log}
+mkdir -p "$(dirname "$log")" "$build"
+exec > >(tee "$log") 2>&1
+
+python=$(command -v python3 || true)
+nccl_root=$("$python" -c "import nvidia.nccl as n; print(list(n.__path__)[0])" 2>/dev/null || true)
+gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | wc -l)
+echo "== epx gpu-check $(date -u +%FT%TZ)"
+echo "commit: $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo "${EPX_COMMIT:-unknown}")"
+nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader
+nvidia-smi topo -m 2>/dev/null | head -n 4
+echo "nvcc: $(nvcc --version | tail -n 1)"
+echo "nccl: ${nccl_root:-system} $(ls "$nccl_root"/lib 2>/dev/null | grep -m1 libnccl)"
+
+if [ "${EPX_SKIP_BUILD:-0}" != 1 ] || [ ! -x "$build/tests/test_gpu" ]; then
+  cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    ${nccl_root:+-DEPX_NCCL_ROOT="$nccl_root"} > "$build/configure.log" 2>&1 || {
+    tail -n 40 "$build/configure.log"; exit 1; }
+  cmake --build "$build" -j "$(nproc)" 2>&1 | tail -n 5
+fi
+
+results=()
+run() {  # run NAME COMMAND...: records PASS/FAIL with the exit code and the time taken
+  local name=$1; shift
+  local start=$SECONDS
+  echo "== $name: $*"
+  "$@"
+  local status=$?
+  results+=("$(printf '%-34s %s (exit %d, %ds)' "$name" "$([ $status = 0 ] && echo PASS || echo FAIL)" $status $((SECONDS - start)))")
+}
+
+run "gpu tests (random, graph, errors)" "$build/tests/test_gpu"
+if command -v compute-sanitizer >/dev/null; then
+  run "compute-sanitizer memcheck" compute-sanitizer --tool memcheck --target-processes all \
+    --error-exitcode 9 "$build/tests/test_gpu" --gtest_filter=GpuSmall.*
+  run "compute-sanitizer racecheck" compute-sanitizer --tool racecheck --target-processes all \
+    --error-exitcode 9 "$build/tests/test_gpu" --gtest_filter=GpuSmall.*
+fi
+run "demo on $gpus GPUs" "$build/examples/epx-demo" --ranks "$gpus" --transport cuda
+run "host tests (same build)" bash -c "cd '$build' && ctest -R 'Host|Plan|Reference' -j 8 --output-on-failure | tail -n 3"
+
+echo "== gpu-check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1), $gpus GPUs)"
+printf '%s\n' "${results[@]}"
