@@ -39,14 +39,14 @@ run() {  # run NAME COMMAND...: records PASS/FAIL with the exit code and the tim
   results+=("$(printf '%-34s %s (exit %d, %ds)' "$name" "$([ $status = 0 ] && echo PASS || echo FAIL)" $status $((SECONDS - start)))")
 }
 
-run "gpu tests (random, graph, errors)" "$build/tests/test_gpu"
+run "gpu tests (random, graph, errors)" timeout 420 "$build/tests/test_gpu"
 if command -v compute-sanitizer >/dev/null; then
-  run "compute-sanitizer memcheck" compute-sanitizer --tool memcheck --target-processes all \
+  run "compute-sanitizer memcheck" timeout 240 compute-sanitizer --tool memcheck --target-processes all \
     --error-exitcode 9 "$build/tests/test_gpu" --gtest_filter=GpuSmall.*
-  run "compute-sanitizer racecheck" compute-sanitizer --tool racecheck --target-processes all \
+  run "compute-sanitizer racecheck" timeout 240 compute-sanitizer --tool racecheck --target-processes all \
     --error-exitcode 9 "$build/tests/test_gpu" --gtest_filter=GpuSmall.*
 fi
-run "demo on $gpus GPUs" "$build/examples/epx-demo" --ranks "$gpus" --transport cuda
+run "demo on $gpus GPUs" timeout 120 "$build/examples/epx-demo" --ranks "$gpus" --transport cuda
 run "host tests (same build)" bash -c "cd '$build' && ctest -R 'Host|Plan|Reference' -j 8 --output-on-failure | tail -n 3"
 
 echo "== gpu-check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1), $gpus GPUs)"
