@@ -34,7 +34,7 @@ for step in $steps; do
       summary+=("gpu-check: exit ${PIPESTATUS[0]}")
       ;;
     python)
-      PYTHONPATH="$root/python:$EPX_BUILD_DIR/python" timeout ${EPX_PYTEST_TIMEOUT:-200} "$python" -m pytest -q -x \
+      PYTHONPATH="$root/python:$EPX_BUILD_DIR/python" timeout ${EPX_PYTEST_TIMEOUT:-200} "$python" -m pytest -q ${EPX_PYTEST_ARGS:-} \
         "$root/tests/python" 2>&1 | tee "$out/pytest-gpu.log"
       summary+=("pytest: $(tail -n 1 "$out/pytest-gpu.log")")
       ;;

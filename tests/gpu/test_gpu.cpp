@@ -141,6 +141,32 @@ TEST(GpuSmall, Scenarios) {
   EXPECT_EQ(failures(outcomes), "");
 }
 
+// A bump allocator over one cudaMalloc'd arena: outputs allocated during capture keep fixed
+// addresses that every replay writes again (what a framework's graph memory pool provides).
+class ArenaAllocator : public Allocator {
+ public:
+  explicit ArenaAllocator(size_t bytes) : bytes_(bytes) {
+    EPX_CHECK(cudaMalloc(&base_, bytes) == cudaSuccess, kOutOfMemory, "arena");
+  }
+  ~ArenaAllocator() override { cudaFree(base_); }
+  Tensor allocate(DType dtype, const std::vector<int64_t>& shape, Device device,
+                  void*) override {
+    TensorView view(nullptr, dtype, shape, device);
+    const size_t bytes = (view.nbytes() + 255) / 256 * 256;
+    EPX_CHECK(used_ + bytes <= bytes_, kOutOfMemory, "arena exhausted");
+    view.data = static_cast<char*>(base_) + used_;
+    used_ += bytes;
+    return Tensor{view, nullptr};
+  }
+
+ private:
+  void* base_ = nullptr;
+  size_t bytes_ = 0;
+  size_t used_ = 0;
+};
+
+const char* cuda_error(cudaError_t status) { return cudaGetErrorString(status); }
+
 // sync_counts=false dispatch + combine captured once in a CUDA graph, then replayed with new
 // input values written into the captured inputs; every replay matches the reference.
 TEST(GpuGraph, CaptureAndReplay) {
@@ -160,7 +186,7 @@ TEST(GpuGraph, CaptureAndReplay) {
     config.reduce_at_source = false;
     config.topk_int64 = true;
     const reference::Problem problem = config.problem();
-    Buffer buffer(ctx.comm, buffer_config_for(config));
+    Buffer buffer(ctx.comm, buffer_config_for(config), std::make_shared<ArenaAllocator>(1 << 28));
     const DeviceOps ops = cuda_device_ops(rank, ctx.stream);
     auto inputs = draw_dispatch_inputs(config);
     const int64_t tokens = inputs[rank].num_tokens, hidden = config.hidden, k = config.num_topk;
@@ -180,16 +206,18 @@ TEST(GpuGraph, CaptureAndReplay) {
     (void)buffer.dispatch(din, options, ctx.stream);
     buffer.synchronize(ctx.stream);
     cudaGraph_t graph;
-    EPX_CHECK(cudaStreamBeginCapture(ctx.stream, cudaStreamCaptureModeThreadLocal) == cudaSuccess,
-              kTransport, "begin capture");
+    cudaError_t status = cudaStreamBeginCapture(ctx.stream, cudaStreamCaptureModeThreadLocal);
+    EPX_CHECK(status == cudaSuccess, kTransport, "begin capture: " << cuda_error(status));
     DispatchResult recv = buffer.dispatch(din, options, ctx.stream);
     CombineInputs cin;
     cin.x = recv.x.view;  // combine the dispatched rows themselves, weighted
     cin.weights = recv.weights.view;
     CombineResult out = buffer.combine(cin, recv.handle, {}, ctx.stream);
-    EPX_CHECK(cudaStreamEndCapture(ctx.stream, &graph) == cudaSuccess, kTransport, "end capture");
+    status = cudaStreamEndCapture(ctx.stream, &graph);
+    EPX_CHECK(status == cudaSuccess, kTransport, "end capture: " << cuda_error(status));
     cudaGraphExec_t exec;
-    EPX_CHECK(cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess, kTransport, "instantiate");
+    status = cudaGraphInstantiate(&exec, graph, 0);
+    EPX_CHECK(status == cudaSuccess, kTransport, "instantiate: " << cuda_error(status));
 
     for (int replay = 0; replay < 3; ++replay) {
       std::mt19937_64 rng(config.seed + 100 * replay);
@@ -200,7 +228,8 @@ TEST(GpuGraph, CaptureAndReplay) {
         }
       }
       cudaMemcpy(x.get(), inputs[rank].x.data(), inputs[rank].x.size(), cudaMemcpyHostToDevice);
-      EPX_CHECK(cudaGraphLaunch(exec, ctx.stream) == cudaSuccess, kTransport, "graph launch");
+      status = cudaGraphLaunch(exec, ctx.stream);
+      EPX_CHECK(status == cudaSuccess, kTransport, "graph launch: " << cuda_error(status));
       buffer.synchronize(ctx.stream);
       const auto want = reference::dispatch(problem, inputs, true, config.expert_alignment, false);
       std::vector<reference::CombineRankInputs> cin_ref(n);
