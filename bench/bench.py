@@ -234,7 +234,7 @@ def worker(rank, world, args, result_path):
     import epx
     device = torch.device("cpu") if smoke else torch.device("cuda", rank)
     link, link_note = (None, "smoke run") if smoke else link_limit(torch.cuda.device_count(), rank)
-    link_t = torch.tensor([link or 0.0])
+    link_t = torch.tensor([link or 0.0], device=device)
     dist.broadcast(link_t, 0)
     link = float(link_t.item()) or None
     cases = []

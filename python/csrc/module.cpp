@@ -92,7 +92,9 @@ void bind_error(py::module_& m) {
       PyExc_RuntimeError, nullptr);
   if (!error_type) throw py::error_already_set();
   m.add_object("EpxError", py::handle(error_type));
-  py::register_exception_translator([](std::exception_ptr pointer) {
+  // Module-local: the translator lives in this module's own pybind11 internals, never in the
+  // internals other extensions (PyTorch's, built with another pybind11) may share.
+  py::register_local_exception_translator([](std::exception_ptr pointer) {
     try {
       if (pointer) std::rethrow_exception(pointer);
     } catch (const Error& error) {
