@@ -55,6 +55,32 @@ T* device_view_of_mapped(T* host) {
   return static_cast<T*>(device);
 }
 
+// Several small tensors carved out of one allocation: one allocator call instead of many (with
+// the Python package each call is a round trip into PyTorch's allocator). They share the owner.
+struct PackedTensor {
+  Tensor* out;
+  DType dtype;
+  std::vector<int64_t> shape;
+};
+
+void allocate_packed(Allocator& allocator, Device device, cudaStream_t stream,
+                     std::initializer_list<PackedTensor> items) {
+  constexpr int64_t kAlign = 256;
+  int64_t total = 0;
+  for (const PackedTensor& item : items) {
+    total += (static_cast<int64_t>(TensorView(nullptr, item.dtype, item.shape, device).nbytes()) +
+              kAlign - 1) / kAlign * kAlign;
+  }
+  Tensor block = allocator.allocate(DType::kInt32, {std::max<int64_t>(total / 4, 1)}, device,
+                                    stream);
+  int64_t offset = 0;
+  for (const PackedTensor& item : items) {
+    TensorView view(block.ptr<char>() + offset, item.dtype, item.shape, device);
+    offset += (static_cast<int64_t>(view.nbytes()) + kAlign - 1) / kAlign * kAlign;
+    *item.out = Tensor{std::move(view), block.owner};
+  }
+}
+
 class CudaEngine final : public Engine {
  public:
   explicit CudaEngine(const EngineContext& context)
@@ -320,9 +346,10 @@ class CudaEngine final : public Engine {
     handle.max_tokens_per_rank = layout_.max_tokens;
     handle.num_tokens = num_tokens;
     handle.counts_synced = options.sync_counts;
-    handle.send_slot = allocate(DType::kInt32, {num_tokens, num_ranks_}, stream);
-    handle.expert_slot = allocate(DType::kInt32, {num_tokens, layout_.num_topk}, stream);
-    handle.topk_idx = allocate(DType::kInt32, {num_tokens, layout_.num_topk}, stream);
+    allocate_packed(*context_.allocator, device(), stream,
+                    {{&handle.send_slot, DType::kInt32, {num_tokens, num_ranks_}},
+                     {&handle.expert_slot, DType::kInt32, {num_tokens, layout_.num_topk}},
+                     {&handle.topk_idx, DType::kInt32, {num_tokens, layout_.num_topk}}});
     return handle;
   }
 
@@ -330,13 +357,15 @@ class CudaEngine final : public Engine {
   void receive_counts(Handle& handle, const DispatchOptions& options, int32_t channels,
                       cudaStream_t stream) {
     const int32_t local_experts = layout_.local_experts();
-    handle.recv_counts = allocate(DType::kInt32, {num_ranks_}, stream);
-    handle.recv_offsets = allocate(DType::kInt32, {num_ranks_ + 1}, stream);
-    handle.source_expert_counts = allocate(DType::kInt32, {num_ranks_, local_experts}, stream);
-    handle.tokens_per_expert = allocate(DType::kInt32, {local_experts}, stream);
-    handle.expert_offsets = allocate(DType::kInt32, {local_experts + 1}, stream);
-    handle.expert_source_offsets = allocate(DType::kInt32, {local_experts, num_ranks_}, stream);
-    handle.device_counts = allocate(DType::kInt64, {2}, stream);
+    allocate_packed(
+        *context_.allocator, device(), stream,
+        {{&handle.device_counts, DType::kInt64, {2}},
+         {&handle.recv_counts, DType::kInt32, {num_ranks_}},
+         {&handle.recv_offsets, DType::kInt32, {num_ranks_ + 1}},
+         {&handle.source_expert_counts, DType::kInt32, {num_ranks_, local_experts}},
+         {&handle.tokens_per_expert, DType::kInt32, {local_experts}},
+         {&handle.expert_offsets, DType::kInt32, {local_experts + 1}},
+         {&handle.expert_source_offsets, DType::kInt32, {local_experts, num_ranks_}}});
     cuda::ReceiveCountsParams params{topology(),
                                      channels,
                                      options.expert_alignment,
@@ -373,9 +402,10 @@ class CudaEngine final : public Engine {
                                            : handle.recv_token_capacity;
     }
     const int64_t capacity = handle.recv_token_capacity;
-    handle.src_token = allocate(DType::kInt32, {capacity}, stream);
-    handle.expanded_rows = allocate(DType::kInt32, {capacity, layout_.num_topk}, stream);
-    handle.recv_topk_idx = allocate(DType::kInt32, {capacity, layout_.num_topk}, stream);
+    allocate_packed(*context_.allocator, device(), stream,
+                    {{&handle.src_token, DType::kInt32, {capacity}},
+                     {&handle.expanded_rows, DType::kInt32, {capacity, layout_.num_topk}},
+                     {&handle.recv_topk_idx, DType::kInt32, {capacity, layout_.num_topk}}});
     if (!options.sync_counts) {
       // Rows past the real N hold -1 (docs/decisions.md).
       for (const Tensor* t : {&handle.src_token, &handle.expanded_rows, &handle.recv_topk_idx}) {

@@ -1,5 +1,7 @@
 // Dispatch on the device: the send into every destination's staging (also used by cached
 // dispatch and combine_backward), the receive-side counts, and the receive epilogue.
+#include <cub/block/block_scan.cuh>
+
 #include "cuda/device_errors.cuh"
 #include "cuda/device_primitives.cuh"
 #include "cuda/kernels.hpp"
@@ -67,48 +69,88 @@ __global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
   }
 }
 
-// One thread: headers -> checks -> offsets (plan::compute_receive_offsets, shared with the
-// host transport) -> device counts and a host-mapped copy for sync_counts.
-__global__ void receive_counts_kernel(ReceiveCountsParams p) {
+// One block: headers -> checks -> offsets -> device counts and a host-mapped copy for
+// sync_counts. The offsets are plan::compute_receive_offsets computed in parallel (a thread
+// per local expert and a block-wide scan over the padded segment sizes); the GPU tests compare
+// them with the reference, like the host transport's sequential ones.
+constexpr int kCountThreads = 256;
+
+__global__ void __launch_bounds__(kCountThreads) receive_counts_kernel(ReceiveCountsParams p) {
+  using Scan = cub::BlockScan<int, kCountThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ int running;
+  __shared__ bool ok;
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, local_experts = layout.local_experts();
-  if (threadIdx.x != 0) return;
   char* local = p.topo.peers[p.topo.rank];
-  bool ok = *p.topo.failed == 0;
-  for (int s = 0; ok && s < num_ranks; ++s) {
-    const plan::SourceHeader header = *layout.header(local, s);
-    int32_t code = kDeviceOk;
-    if (header.status != plan::kRoutingOk) {
-      code = kDeviceBadRouting;
-    } else if (header.channels != p.channels) {
-      code = kDeviceChannelMismatch;
+  if (threadIdx.x == 0) {
+    ok = *p.topo.failed == 0;
+    for (int s = 0; ok && s < num_ranks; ++s) {
+      const plan::SourceHeader header = *layout.header(local, s);
+      int32_t code = kDeviceOk;
+      if (header.status != plan::kRoutingOk) {
+        code = kDeviceBadRouting;
+      } else if (header.channels != p.channels) {
+        code = kDeviceChannelMismatch;
+      }
+      if (code != kDeviceOk) {
+        record_error(p.topo, code, kPhaseDispatchExit, s,
+                     code == kDeviceBadRouting ? header.bad_value : header.channels);
+        ok = false;
+      }
     }
-    if (code != kDeviceOk) {
-      record_error(p.topo, code, kPhaseDispatchExit, s,
-                   code == kDeviceBadRouting ? header.bad_value : header.channels);
-      ok = false;
+    int offset = 0;
+    for (int s = 0; s < num_ranks; ++s) {
+      const int count = ok ? layout.header(local, s)->num_tokens : 0;
+      p.recv_counts[s] = count;
+      p.recv_offsets[s] = offset;
+      offset += count;
     }
+    p.recv_offsets[num_ranks] = offset;
+    running = 0;
   }
-  for (int s = 0; s < num_ranks; ++s) {
-    p.recv_counts[s] = ok ? layout.header(local, s)->num_tokens : 0;
-    for (int e = 0; e < local_experts; ++e) {
-      p.source_expert_counts[s * local_experts + e] =
-          ok ? layout.expert_counts(local, s)[e] : 0;
+  __syncthreads();
+  for (int base = 0; base < local_experts; base += kCountThreads) {
+    const int e = base + threadIdx.x;
+    int rows = 0;
+    if (e < local_experts) {
+      for (int s = 0; s < num_ranks; ++s) {
+        const int count = ok ? layout.expert_counts(local, s)[e] : 0;
+        p.source_expert_counts[s * local_experts + e] = count;
+        p.expert_source_offsets[e * num_ranks + s] = rows;  // relative for now
+        rows += count;
+      }
+      p.tokens_per_expert[e] = rows;
     }
+    const int padded = e < local_experts ? static_cast<int>(plan::align_up(rows, p.alignment)) : 0;
+    int start = 0, total = 0;
+    Scan(scan_storage).ExclusiveSum(padded, start, total);
+    if (e < local_experts) {
+      start += running;
+      p.expert_offsets[e] = start;
+      for (int s = 0; s < num_ranks; ++s) p.expert_source_offsets[e * num_ranks + s] += start;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) running += total;
+    __syncthreads();
   }
-  plan::compute_receive_offsets(p.recv_counts, p.source_expert_counts, num_ranks, local_experts,
-                                p.alignment, p.recv_offsets, p.tokens_per_expert,
-                                p.expert_offsets, p.expert_source_offsets);
   const int64_t num_recv = p.recv_offsets[num_ranks];
-  const int64_t num_rows = p.expand ? p.expert_offsets[local_experts] : num_recv;
-  p.device_counts[0] = num_recv;
-  p.device_counts[1] = num_rows;
+  const int64_t num_rows = p.expand ? running : num_recv;
+  if (threadIdx.x == 0) {
+    p.expert_offsets[local_experts] = running;
+    p.device_counts[0] = num_recv;
+    p.device_counts[1] = num_rows;
+  }
   if (p.host_counts) {
     volatile int64_t* host = p.host_counts;
-    host[0] = num_recv;
-    host[1] = num_rows;
-    for (int e = 0; e < local_experts; ++e) host[2 + e] = p.tokens_per_expert[e];
-    for (int e = 0; e <= local_experts; ++e) host[2 + local_experts + e] = p.expert_offsets[e];
+    for (int e = threadIdx.x; e <= local_experts; e += kCountThreads) {
+      if (e < local_experts) host[2 + e] = p.tokens_per_expert[e];
+      host[2 + local_experts + e] = e < local_experts ? p.expert_offsets[e] : running;
+    }
+    if (threadIdx.x == 0) {
+      host[0] = num_recv;
+      host[1] = num_rows;
+    }
     __threadfence_system();
   }
 }
@@ -168,13 +210,14 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
   }
 }
 
-// One warp per padding row, over all experts.
+// Blocks over experts, warps over each expert's padding rows.
 __global__ void __launch_bounds__(kThreads) padding_kernel(PaddingParams p) {
   const int lane = lane_id();
-  for (int e = 0; e < p.local_experts; ++e) {
+  const int warp = threadIdx.x / kWarpSize;
+  for (int e = blockIdx.x; e < p.local_experts; e += gridDim.x) {
     const int64_t first = p.expert_offsets[e] + p.tokens_per_expert[e];
     const int64_t end = p.expert_offsets[e + 1];
-    for (int64_t row = first + global_warp(); row < end; row += total_warps()) {
+    for (int64_t row = first + warp; row < end; row += kWarps) {
       if (lane == 0) {
         if (p.weights) p.weights[row] = 0.0f;
         if (p.aux) p.aux[row] = 0.0f;
@@ -195,7 +238,7 @@ void launch_send(const SendParams& params, cudaStream_t stream) {
 }
 
 void launch_receive_counts(const ReceiveCountsParams& params, cudaStream_t stream) {
-  receive_counts_kernel<<<1, 32, 0, stream>>>(params);
+  receive_counts_kernel<<<1, kCountThreads, 0, stream>>>(params);
 }
 
 void launch_receive(const ReceiveParams& params, cudaStream_t stream) {
