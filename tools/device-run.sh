@@ -19,7 +19,7 @@ export EPX_COMMIT=${EPX_COMMIT:-$(git -C "$root" rev-parse HEAD 2>/dev/null || e
 summary=()
 
 echo "== build ($(date -u +%FT%TZ)) nccl_root=$nccl_root"
-cmake -S "$root" -B "$EPX_BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+cmake -S "$root" -B "$EPX_BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=${EPX_BUILD_TYPE:-Release} \
   -DEPX_BUILD_PYTHON=ON -DPython_EXECUTABLE="$python" -DPYTHON_EXECUTABLE="$python" \
   ${nccl_root:+-DEPX_NCCL_ROOT="$nccl_root"} > "$out/build.log" 2>&1 &&
   cmake --build "$EPX_BUILD_DIR" -j "$(nproc)" >> "$out/build.log" 2>&1
