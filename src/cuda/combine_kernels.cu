@@ -11,6 +11,7 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kBatch = 4;  // rows (or chunks) whose loads are in flight together
 
 __device__ __forceinline__ int global_warp() { return blockIdx.x * kWarps + threadIdx.x / kWarpSize; }
 __device__ __forceinline__ int total_warps() { return gridDim.x * kWarps; }
@@ -79,15 +80,24 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
       for (int64_t h = int64_t(lane) * Vec; h < hidden; h += kWarpSize * Vec) {
         Chunk<Vec> acc;
         acc.zero();
-        for (int k = 0; k < num_topk; ++k) {
-          const int32_t row = rows[k];
-          if (row < 0) continue;
-          Chunk<Vec> x;
-          x.load(p.x + int64_t(row) * hidden + h);
-          if (p.weights) {
-            acc.fma(p.weights[row], x);
-          } else {
-            acc.add(x);
+        // Loads of kBatch rows are issued before their (in-order) accumulation: the loop is
+        // bound by memory latency, not bandwidth, when each load waits for the previous add.
+        for (int k0 = 0; k0 < num_topk; k0 += kBatch) {
+          Chunk<Vec> x[kBatch];
+          int32_t row[kBatch];
+#pragma unroll
+          for (int j = 0; j < kBatch; ++j) {
+            row[j] = k0 + j < num_topk ? rows[k0 + j] : -1;
+            if (row[j] >= 0) x[j].load(p.x + int64_t(row[j]) * hidden + h);
+          }
+#pragma unroll
+          for (int j = 0; j < kBatch; ++j) {
+            if (row[j] < 0) continue;
+            if (p.weights) {
+              acc.fma(p.weights[row[j]], x[j]);
+            } else {
+              acc.add(x[j]);
+            }
           }
         }
         acc.store(out + h);
@@ -185,16 +195,32 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardParams p) {
       if (row < 0) continue;
       const float w = p.weights[row];
       float dot = 0.0f;
-      for (int64_t h = int64_t(lane) * Vec; h < hidden; h += kWarpSize * Vec) {
-        Chunk<Vec> g, x, scaled;
-        g.load(grad + h);
-        x.load(p.x + int64_t(row) * hidden + h);
+      const uint16_t* x_row = p.x + int64_t(row) * hidden;
+      uint16_t* grad_x_row = p.grad_x + int64_t(row) * hidden;
+      constexpr int64_t kStride = kWarpSize * Vec;
+      for (int64_t h0 = int64_t(lane) * Vec; h0 < hidden; h0 += kBatch * kStride) {
+        // kBatch chunks of grad_y and x loaded before any is used (latency, as above).
+        Chunk<Vec> g[kBatch], x[kBatch];
 #pragma unroll
-        for (int i = 0; i < Vec; ++i) {
-          scaled.v[i] = __fmul_rn(w, g.v[i]);
-          dot = __fmaf_rn(g.v[i], x.v[i], dot);
+        for (int j = 0; j < kBatch; ++j) {
+          const int64_t h = h0 + j * kStride;
+          if (h < hidden) {
+            g[j].load(grad + h);
+            x[j].load(x_row + h);
+          }
         }
-        scaled.store(p.grad_x + int64_t(row) * hidden + h);
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+          const int64_t h = h0 + j * kStride;
+          if (h >= hidden) continue;
+          Chunk<Vec> scaled;
+#pragma unroll
+          for (int i = 0; i < Vec; ++i) {
+            scaled.v[i] = __fmul_rn(w, g[j].v[i]);
+            dot = __fmaf_rn(g[j].v[i], x[j].v[i], dot);
+          }
+          scaled.store(grad_x_row + h);
+        }
       }
       dot = warp_sum(dot);
       if (lane == 0) p.grad_weights[row] = dot;

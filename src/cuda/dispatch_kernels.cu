@@ -195,10 +195,35 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
       }
       continue;
     }
+    const int32_t* out_rows = p.expanded_rows + n * num_topk;
+    if (p.row_bytes % 16 == 0) {
+      // The staged row is read once (four 16-byte vectors in flight per lane) and stored into
+      // each of its expanded rows.
+      const int4* src = reinterpret_cast<const int4*>(row);
+      const int64_t vectors = p.row_bytes / 16;
+      for (int64_t i0 = lane; i0 < vectors; i0 += 4 * kWarpSize) {
+        int4 v[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (i0 + j * kWarpSize < vectors) v[j] = src[i0 + j * kWarpSize];
+        }
+        for (int k = 0; k < num_topk; ++k) {
+          const int32_t out_row = out_rows[k];
+          if (out_row < 0) continue;
+          int4* dst = reinterpret_cast<int4*>(p.x_out + out_row * p.row_bytes);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            if (i0 + j * kWarpSize < vectors) dst[i0 + j * kWarpSize] = v[j];
+          }
+        }
+      }
+    }
     for (int k = 0; k < num_topk; ++k) {
-      const int32_t out_row = p.expanded_rows[n * num_topk + k];
+      const int32_t out_row = out_rows[k];
       if (out_row < 0) continue;
-      warp_copy(p.x_out + out_row * p.row_bytes, row, p.row_bytes, lane);
+      if (p.row_bytes % 16 != 0) {
+        warp_copy(p.x_out + out_row * p.row_bytes, row, p.row_bytes, lane);
+      }
       for (int64_t i = lane; scales && i < p.scales_per_row; i += kWarpSize) {
         p.scales_out[out_row * p.scales_per_row + i] = scales[i];
       }
