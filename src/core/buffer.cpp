@@ -105,6 +105,23 @@ plan::WorkspaceLayout workspace_layout(const BufferConfig& config, int num_ranks
   layout.fp8 = config.fp8_dispatch;
   return layout;
 }
+
+Handle new_handle(const EngineContext& context, const DispatchOptions& options,
+                  int64_t num_tokens) {
+  Handle handle;
+  handle.buffer_id = context.buffer_id;
+  handle.rank = context.comm.rank();
+  handle.num_ranks = context.comm.num_ranks();
+  handle.expand = options.expand;
+  handle.expert_alignment = options.expert_alignment;
+  handle.zero_padding = options.zero_padding;
+  handle.counts_synced = options.sync_counts;
+  handle.num_experts = static_cast<int32_t>(context.config.num_experts);
+  handle.num_topk = static_cast<int32_t>(context.config.num_topk);
+  handle.max_tokens_per_rank = context.config.max_tokens_per_rank;
+  handle.num_tokens = num_tokens;
+  return handle;
+}
 }  // namespace detail
 
 #if !defined(EPX_WITH_CUDA)

@@ -42,6 +42,11 @@ struct EngineContext {
 // The workspace layout every rank uses for `config` (src/core/buffer.cpp).
 plan::WorkspaceLayout workspace_layout(const BufferConfig& config, int num_ranks);
 
+// A routing dispatch's handle with its identity and options filled in (src/core/buffer.cpp);
+// the engine adds the arrays.
+Handle new_handle(const EngineContext& context, const DispatchOptions& options,
+                  int64_t num_tokens);
+
 std::unique_ptr<Engine> make_host_engine(const EngineContext& context);
 std::unique_ptr<Engine> make_cuda_engine(const EngineContext& context);  // throws without CUDA
 

@@ -163,7 +163,7 @@ class CudaEngine final : public Engine {
     if (cached) {
       handle = *cached;
     } else {
-      handle = new_handle(options, num_tokens, stream);
+      handle = new_routing_handle(options, num_tokens, stream);
       cuda::PlanParams plan{in.topk_idx.data, in.topk_idx.dtype == DType::kInt64, num_tokens,
                             num_topk, layout_.num_experts, num_ranks_,
                             handle.send_slot.ptr<int32_t>(), handle.expert_slot.ptr<int32_t>(),
@@ -333,19 +333,9 @@ class CudaEngine final : public Engine {
   }
 
   // A routing dispatch's handle with its source-side arrays allocated (filled by the plan).
-  Handle new_handle(const DispatchOptions& options, int64_t num_tokens, cudaStream_t stream) {
-    Handle handle;
-    handle.buffer_id = context_.buffer_id;
-    handle.rank = rank_;
-    handle.num_ranks = num_ranks_;
-    handle.expand = options.expand;
-    handle.expert_alignment = options.expert_alignment;
-    handle.zero_padding = options.zero_padding;
-    handle.num_experts = layout_.num_experts;
-    handle.num_topk = layout_.num_topk;
-    handle.max_tokens_per_rank = layout_.max_tokens;
-    handle.num_tokens = num_tokens;
-    handle.counts_synced = options.sync_counts;
+  Handle new_routing_handle(const DispatchOptions& options, int64_t num_tokens,
+                            cudaStream_t stream) {
+    Handle handle = new_handle(context_, options, num_tokens);
     allocate_packed(*context_.allocator, device(), stream,
                     {{&handle.send_slot, DType::kInt32, {num_tokens, num_ranks_}},
                      {&handle.expert_slot, DType::kInt32, {num_tokens, layout_.num_topk}},

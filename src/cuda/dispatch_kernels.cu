@@ -166,8 +166,7 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
   const int lane = lane_id();
   const int64_t num_recv = p.device_counts[0];
   for (int64_t n = global_warp(); n < num_recv; n += total_warps()) {
-    int s = 0;
-    while (s + 1 < num_ranks && p.recv_offsets[s + 1] <= n) ++s;
+    const int s = plan::source_of_received(p.recv_offsets, num_ranks, n);
     const int64_t slot = n - p.recv_offsets[s];
     const plan::SlotMeta meta{layout.slot_meta(local, s, slot), num_topk};
     const char* row = layout.row(local, layout.dispatch_row_index(s, slot));

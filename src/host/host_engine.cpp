@@ -242,17 +242,7 @@ class HostEngine final : public Engine {
     const int32_t num_topk = layout_.num_topk;
     const int64_t num_tokens = source_plan.num_tokens;
     const bool is64 = in.topk_idx.dtype == DType::kInt64;
-    Handle handle;
-    handle.buffer_id = context_.buffer_id;
-    handle.rank = rank_;
-    handle.num_ranks = num_ranks_;
-    handle.expand = options.expand;
-    handle.expert_alignment = options.expert_alignment;
-    handle.zero_padding = options.zero_padding;
-    handle.num_experts = layout_.num_experts;
-    handle.num_topk = num_topk;
-    handle.max_tokens_per_rank = layout_.max_tokens;
-    handle.num_tokens = num_tokens;
+    Handle handle = new_handle(context_, options, num_tokens);
     handle.send_slot = int32_tensor(source_plan.send_slot, {num_tokens, num_ranks_});
     handle.expert_slot = int32_tensor(source_plan.expert_slot, {num_tokens, num_topk});
     std::vector<int32_t> topk(static_cast<size_t>(num_tokens * num_topk));
@@ -261,7 +251,6 @@ class HostEngine final : public Engine {
                                           : in.topk_idx.ptr<int32_t>()[i]);
     }
     handle.topk_idx = int32_tensor(topk, {num_tokens, num_topk});
-    handle.counts_synced = options.sync_counts;
     return handle;
   }
 

@@ -37,6 +37,13 @@ EPX_HD int64_t worst_case_expanded_rows(int64_t num_ranks, int64_t max_tokens, i
   return num_ranks * max_tokens * per_token + local_experts * (alignment - 1);
 }
 
+// The source rank of received (compact) token n: the last s with recv_offsets[s] <= n.
+EPX_HD int32_t source_of_received(const int32_t* recv_offsets, int32_t num_ranks, int64_t n) {
+  int32_t s = 0;
+  while (s + 1 < num_ranks && recv_offsets[s + 1] <= n) ++s;
+  return s;
+}
+
 // Receive-side offsets from the per-source counts. Inputs: recv_counts[R] (tokens from each
 // source) and source_expert_counts[R][E_l] (rows from each source for each local expert).
 // Outputs: recv_offsets[R+1], tokens_per_expert[E_l], expert_offsets[E_l+1] (padded to

@@ -180,6 +180,17 @@ std::vector<T> pad_rows(std::vector<T> rows, int64_t row_elems, int64_t capacity
 
 }  // namespace
 
+BufferConfig buffer_config_for(const RandomConfig& config, double timeout_seconds) {
+  BufferConfig buffer;
+  buffer.max_tokens_per_rank = config.max_tokens;
+  buffer.hidden = config.hidden;
+  buffer.num_experts = config.num_experts;
+  buffer.num_topk = config.num_topk;
+  buffer.fp8_dispatch = config.fp8;
+  buffer.timeout_seconds = timeout_seconds;
+  return buffer;
+}
+
 DeviceOps host_device_ops() {
   DeviceOps ops;
   ops.upload = [](const void* host, size_t bytes) {

@@ -42,6 +42,9 @@ struct PhaseTimes {
   double dispatch_ms = 0, cached_ms = 0, combine_ms = 0, backward_ms = 0;
 };
 
+// The BufferConfig a random configuration needs.
+BufferConfig buffer_config_for(const RandomConfig& config, double timeout_seconds = 60);
+
 // Runs the scenario on this rank; returns "" on success, else a message naming the operation,
 // the output, the first mismatching element and the configuration.
 std::string run_scenario(Buffer& buffer, const RandomConfig& config, int rank,

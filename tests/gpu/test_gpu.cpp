@@ -48,17 +48,6 @@ int env_int(const char* name, int fallback) {
   return value ? std::atoi(value) : fallback;
 }
 
-BufferConfig buffer_config_for(const RandomConfig& config, double timeout_seconds = 60) {
-  BufferConfig buffer;
-  buffer.max_tokens_per_rank = config.max_tokens;
-  buffer.hidden = config.hidden;
-  buffer.num_experts = config.num_experts;
-  buffer.num_topk = config.num_topk;
-  buffer.fp8_dispatch = config.fp8;
-  buffer.timeout_seconds = timeout_seconds;
-  return buffer;
-}
-
 // Everything a rank process needs: its device, a stream and a communicator.
 struct RankContext {
   int rank;
