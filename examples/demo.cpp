@@ -9,11 +9,13 @@
 //
 // Usage: epx-demo [--ranks R] [--tokens S] [--hidden H] [--experts E] [--topk K]
 //                 [--transport auto|host|cuda] [--seed N]
-// With --transport auto (the default) it uses the GPUs when epx was built with CUDA and at least
-// R GPUs are visible, else the host transport.
+// With --transport auto (the default) it runs on the GPUs when epx was built with CUDA and GPUs
+// are visible (one rank per GPU unless --ranks says otherwise, which then needs that many GPUs),
+// else on the host transport with --ranks ranks (default 4).
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -41,7 +43,7 @@ using testing::RandomConfig;
 using Clock = std::chrono::steady_clock;
 
 struct Options {
-  int ranks = 4;
+  int ranks = 0;  // 0: one per GPU, or 4 on the host transport
   int64_t tokens = 96;
   int64_t hidden = 256;
   int32_t experts = 16;
@@ -246,12 +248,11 @@ RankReport run_rank(Buffer& buffer, const RandomConfig& config, int rank,
   return report;
 }
 
-bool cuda_usable(int ranks) {
+int visible_gpus() {
 #if defined(EPX_WITH_CUDA)
-  return testing::count_cuda_devices() >= ranks;  // counted in a child: this process forks ranks
+  return testing::count_cuda_devices();  // counted in a child: this process forks the ranks
 #else
-  (void)ranks;
-  return false;
+  return 0;
 #endif
 }
 
@@ -265,8 +266,13 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "epx-demo: %s\n", error.what());
     return 2;
   }
-  const bool use_cuda = options.transport == "cuda" ||
-                        (options.transport == "auto" && cuda_usable(options.ranks));
+  const int gpus = options.transport == "host" ? 0 : visible_gpus();
+  const bool use_cuda =
+      options.transport == "cuda" ||
+      (options.transport == "auto" && gpus > 0 && (options.ranks == 0 || options.ranks <= gpus));
+  if (options.ranks == 0) options.ranks = use_cuda ? std::max(gpus, 1) : 4;
+  // Experts must split evenly over the ranks (any GPU count works with the defaults).
+  options.experts = (options.experts + options.ranks - 1) / options.ranks * options.ranks;
   RandomConfig config = testing::draw_config(options.seed, options.ranks);
   config.max_tokens = options.tokens;
   config.hidden = options.hidden;

@@ -46,8 +46,8 @@ if command -v compute-sanitizer >/dev/null; then
   run "compute-sanitizer racecheck" timeout 240 compute-sanitizer --tool racecheck --target-processes all \
     --error-exitcode 9 "$build/tests/test_gpu" --gtest_filter=GpuSmall.*
 fi
-run "demo on $gpus GPUs" timeout 120 "$build/examples/epx-demo" --ranks "$gpus" --transport cuda
-run "demo, host transport" timeout 120 "$build/examples/epx-demo"
+run "demo (default: GPUs when present)" timeout 120 "$build/examples/epx-demo"
+run "demo, host transport" timeout 120 "$build/examples/epx-demo" --transport host
 run "host tests (same build)" bash -c "cd '$build' && ctest -R 'Host|Plan|Reference' -j 8 --output-on-failure | tail -n 3"
 
 echo "== gpu-check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1), $gpus GPUs)"
