@@ -18,7 +18,7 @@ SourcePlan plan_source(const int32_t* topk_idx32, const int64_t* topk_idx64, int
   const int32_t local_experts = num_experts / num_ranks;
 
   for (int64_t t = 0; t < num_tokens; ++t) {
-    // Validate the whole row first so a bad token contributes nothing.
+    // Validate every index first: an invalid routing produces no slots at all.
     for (int32_t k = 0; k < num_topk; ++k) {
       const int64_t e = topk_idx32 ? topk_idx32[t * num_topk + k] : topk_idx64[t * num_topk + k];
       if (e < -1 || e >= num_experts) {
