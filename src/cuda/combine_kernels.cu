@@ -9,13 +9,9 @@
 namespace epx::cuda {
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kThreads = kBlockThreads;
 constexpr int kBatch = 4;  // rows (or chunks) whose loads are in flight together
 
-__device__ __forceinline__ int global_warp() { return blockIdx.x * kWarps + threadIdx.x / kWarpSize; }
-__device__ __forceinline__ int total_warps() { return gridDim.x * kWarps; }
-__device__ __forceinline__ int lane_id() { return threadIdx.x % kWarpSize; }
 
 // Vec elements of a bf16 row as fp32, and back.
 template <int Vec>

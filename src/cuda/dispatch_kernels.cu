@@ -10,12 +10,8 @@
 namespace epx::cuda {
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kThreads = kBlockThreads;
 
-__device__ __forceinline__ int global_warp() { return blockIdx.x * kWarps + threadIdx.x / kWarpSize; }
-__device__ __forceinline__ int total_warps() { return gridDim.x * kWarps; }
-__device__ __forceinline__ int lane_id() { return threadIdx.x % kWarpSize; }
 
 // One warp per token: its row goes to every destination in order; lanes k < K write the
 // per-k metadata. Block 0 writes the headers and expert counts of a routing dispatch.
@@ -237,11 +233,11 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
 // Blocks over experts, warps over each expert's padding rows.
 __global__ void __launch_bounds__(kThreads) padding_kernel(PaddingParams p) {
   const int lane = lane_id();
-  const int warp = threadIdx.x / kWarpSize;
+  const int warp = warp_in_block();
   for (int e = blockIdx.x; e < p.local_experts; e += gridDim.x) {
     const int64_t first = p.expert_offsets[e] + p.tokens_per_expert[e];
     const int64_t end = p.expert_offsets[e + 1];
-    for (int64_t row = first + warp; row < end; row += kWarps) {
+    for (int64_t row = first + warp; row < end; row += warps_per_block()) {
       if (lane == 0) {
         if (p.weights) p.weights[row] = 0.0f;
         if (p.aux) p.aux[row] = 0.0f;
