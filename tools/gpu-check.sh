@@ -20,7 +20,13 @@ echo "commit: $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo "${EPX
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader
 nvidia-smi topo -m 2>/dev/null | head -n 4
 echo "nvcc: $(nvcc --version | tail -n 1)"
-echo "nccl: ${nccl_root:-system} $(ls "$nccl_root"/lib 2>/dev/null | grep -m1 libnccl)"
+nccl_header=${nccl_root:+$nccl_root/include/nccl.h}
+[ -f "${nccl_header:-}" ] || nccl_header=/usr/include/nccl.h
+nccl_version=$(awk '/^#define NCCL_(MAJOR|MINOR|PATCH) /{v=v (v?".":"") $3} END{print v}' \
+  "$nccl_header" 2>/dev/null)
+driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)
+gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+echo "nccl: ${nccl_version:-unknown} (${nccl_root:-system} $(ls "$nccl_root"/lib 2>/dev/null | grep -m1 libnccl))"
 
 if [ "${EPX_SKIP_BUILD:-0}" != 1 ] || [ ! -x "$build/tests/test_gpu" ]; then
   cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
@@ -46,9 +52,12 @@ if command -v compute-sanitizer >/dev/null; then
   run "compute-sanitizer racecheck" timeout 240 compute-sanitizer --tool racecheck --target-processes all \
     --error-exitcode 9 "$build/tests/test_gpu" --gtest_filter=GpuSmall.*
 fi
+# First-look timings (every visible GPU one rank): the headline case, then the small one.
+run "bench 4096 x 7168, top-8 of 256, 24 SMs" timeout 150 "$build/tests/bench_gpu"
+run "bench 128 x 7168, top-8 of 256, 24 SMs" timeout 90 "$build/tests/bench_gpu" --tokens 128
 run "demo (default: GPUs when present)" timeout 120 "$build/examples/epx-demo"
 run "demo, host transport" timeout 120 "$build/examples/epx-demo" --transport host
 run "host tests (same build)" bash -c "cd '$build' && ctest -R 'Host|Plan|Reference' -j 8 --output-on-failure | tail -n 3"
 
-echo "== gpu-check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1), $gpus GPUs)"
+echo "== gpu-check summary $(date -u +%FT%TZ): $gpus x ${gpu_name:-no GPU}, driver ${driver:-?}, NCCL ${nccl_version:-?}"
 printf '%s\n' "${results[@]}"

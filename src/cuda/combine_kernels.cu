@@ -117,6 +117,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
       }
     }
   }
+  __threadfence_system();  // as in the dispatch send: own stores visible before the barrier
 }
 
 template <int Vec>

@@ -107,6 +107,11 @@ class CudaEngine final : public Engine {
               "the CUDA transport needs every rank in one NVLink domain: " << dev_comm_.lsaSize
                                                                            << " of " << num_ranks_
                                                                            << " ranks are");
+    // The kernels index peers by communicator rank through ncclGetLsaPointer, which takes the
+    // LSA rank: with every rank in one LSA team the two agree, checked here once.
+    EPX_CHECK(dev_comm_.lsaRank == rank_, kInternal,
+              "rank " << rank_ << " has LSA rank " << dev_comm_.lsaRank
+                      << "; the CUDA transport expects them equal");
     peers_ = device_alloc<char*>(num_ranks_);
     cuda::fetch_peer_pointers(window_, num_ranks_, peers_, nullptr);
     epoch_ = device_alloc<uint64_t>(1);

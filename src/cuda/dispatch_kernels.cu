@@ -34,9 +34,8 @@ __global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
           routing_ok ? p.expert_counts[i] : 0;
     }
   }
-  if (!routing_ok) return;
   const int lane = lane_id();
-  for (int64_t t = global_warp(); t < p.num_tokens; t += total_warps()) {
+  for (int64_t t = global_warp(); routing_ok && t < p.num_tokens; t += total_warps()) {
     for (int r = 0; r < num_ranks; ++r) {
       const int32_t slot = p.send_slot[t * num_ranks + r];
       if (slot < 0) continue;
@@ -63,6 +62,11 @@ __global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
       }
     }
   }
+  // Every writer makes its own stores into the peers visible at system scope before the
+  // kernel ends; the exit barrier (the next kernel on the stream) then publishes them with its
+  // release. Stream order alone covers them in the memory model too; the per-writer fence is
+  // the pattern known to hold for NVLink stores.
+  __threadfence_system();
 }
 
 // One block: headers -> checks -> offsets -> device counts and a host-mapped copy for

@@ -24,6 +24,13 @@ namespace {
 __global__ void barrier_kernel(BarrierParams p) {
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks;
+  // After a recorded failure the rest of the operation's barriers neither advance the epoch
+  // nor publish: a peer that aborted this operation ran only its entry barrier, so the ranks
+  // leave the operation with equal epochs (the next operation pairs up again). Failures that
+  // every rank detects (invalid routing, channel mismatch) are detected after the exit
+  // barrier, by every rank alike; a rank that timed out stops publishing, so its peers time
+  // out too instead of running ahead.
+  if (!p.abort && *p.topo.failed) return;
   __shared__ uint64_t epoch;
   if (threadIdx.x == 0) {
     epoch = *p.epoch + 1;
@@ -41,7 +48,7 @@ __global__ void barrier_kernel(BarrierParams p) {
     if (p.abort) layout.abort_epochs(peer_base)[p.topo.rank] = epoch;
     store_release_system(layout.flags(peer_base) + p.topo.rank, epoch);
   }
-  if (p.abort || peer >= num_ranks || *p.topo.failed) return;
+  if (p.abort || peer >= num_ranks) return;
   const uint64_t* mine = layout.flags(p.topo.peers[p.topo.rank]) + peer;
   const uint64_t start = global_timer_ns();
   uint64_t seen = load_acquire_system(mine);

@@ -5,3 +5,9 @@ add_executable(test_gpu ${CMAKE_CURRENT_LIST_DIR}/test_gpu.cpp
 target_include_directories(test_gpu PRIVATE ${PROJECT_SOURCE_DIR}/src ${PROJECT_SOURCE_DIR}/tests)
 target_link_libraries(test_gpu PRIVATE epx epx_test_common GTest::gtest_main)
 gtest_discover_tests(test_gpu DISCOVERY_TIMEOUT 60 PROPERTIES TIMEOUT 900)
+
+# First-look timings of the CUDA transport (not a test; tools/gpu-check.sh runs it).
+add_executable(bench_gpu ${CMAKE_CURRENT_LIST_DIR}/bench_gpu.cpp
+                         ${CMAKE_CURRENT_LIST_DIR}/../cpp/multi_process.cpp)
+target_include_directories(bench_gpu PRIVATE ${PROJECT_SOURCE_DIR}/src ${PROJECT_SOURCE_DIR}/tests)
+target_link_libraries(bench_gpu PRIVATE epx epx_test_common)
