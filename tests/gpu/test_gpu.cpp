@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -241,6 +242,9 @@ TEST(GpuGraph, CaptureAndReplay) {
   EXPECT_EQ(failures(outcomes), "");
 }
 
+// Tokens of the tiny dispatch the error tests make; their buffers are sized for at least this.
+constexpr int64_t kTinyTokens = 4;
+
 // The expected error on every rank, then a valid scenario on the same buffer.
 void expect_all_raise(int n, ErrorCode code, const std::string& needle,
                       const std::function<void(Buffer&, int, cudaStream_t)>& bad) {
@@ -249,6 +253,7 @@ void expect_all_raise(int n, ErrorCode code, const std::string& needle,
     RankContext ctx = open_rank(rank, n, path);
     RandomConfig config = draw_config(4242, n);
     config.fp8 = false;
+    config.max_tokens = std::max<int64_t>(config.max_tokens, kTinyTokens);  // R=2 draws S_max=2
     Buffer buffer(ctx.comm, buffer_config_for(config, 20), poisoned_cuda_allocator());
     try {
       bad(buffer, rank, ctx.stream);
@@ -273,7 +278,7 @@ struct TinyInputs {
 
 TinyInputs tiny_inputs(const Buffer& buffer, int rank, int64_t bad_expert) {
   const BufferConfig& c = buffer.config();
-  const int64_t tokens = 4;
+  const int64_t tokens = kTinyTokens;
   std::vector<uint16_t> x(tokens * c.hidden);
   for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<uint16_t>(0x3f80 + i % 61);
   std::vector<int64_t> topk(tokens * c.num_topk);
@@ -328,6 +333,7 @@ TEST(GpuTimeout, MissingPeerTimesOut) {
   const auto outcomes = run_ranks(2, [&](int rank) -> std::string {
     RankContext ctx = open_rank(rank, 2, path);
     RandomConfig config = draw_config(99, 2);
+    config.max_tokens = std::max<int64_t>(config.max_tokens, kTinyTokens);
     Buffer buffer(ctx.comm, buffer_config_for(config, 2.0));
     if (rank == 1) {
       std::this_thread::sleep_for(std::chrono::seconds(6));  // alive, but never arrives
