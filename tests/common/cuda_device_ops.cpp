@@ -12,37 +12,41 @@
 #include "epx/error.hpp"
 
 namespace epx::testing {
-namespace {
-
-void check(cudaError_t status, const char* what) {
+void check_cuda(cudaError_t status, const char* what) {
   EPX_CHECK(status == cudaSuccess, kTransport, what << ": " << cudaGetErrorString(status));
 }
 
-}  // namespace
+RankContext open_rank(int rank, int num_ranks, const std::string& id_file) {
+  check_cuda(cudaSetDevice(rank), "cudaSetDevice");
+  cudaStream_t stream;
+  check_cuda(cudaStreamCreate(&stream), "cudaStreamCreate");
+  const UniqueId id = share_unique_id(rank, id_file);
+  return RankContext{rank, stream, Comm::nccl(rank, num_ranks, id, rank)};
+}
 
 DeviceOps cuda_device_ops(int device, void* stream) {
   DeviceOps ops;
   ops.stream = stream;
   ops.upload = [device](const void* host, size_t bytes) {
-    check(cudaSetDevice(device), "cudaSetDevice");
+    check_cuda(cudaSetDevice(device), "cudaSetDevice");
     void* memory = nullptr;
-    check(cudaMalloc(&memory, bytes > 0 ? bytes : 16), "cudaMalloc");
-    if (bytes) check(cudaMemcpy(memory, host, bytes, cudaMemcpyHostToDevice), "upload");
+    check_cuda(cudaMalloc(&memory, bytes > 0 ? bytes : 16), "cudaMalloc");
+    if (bytes) check_cuda(cudaMemcpy(memory, host, bytes, cudaMemcpyHostToDevice), "upload");
     return std::shared_ptr<void>(memory, [](void* p) { cudaFree(p); });
   };
   ops.download = [stream](void* host, const void* device_memory, size_t bytes) {
     auto s = static_cast<cudaStream_t>(stream);
-    check(cudaMemcpyAsync(host, device_memory, bytes, cudaMemcpyDeviceToHost, s), "download");
-    check(cudaStreamSynchronize(s), "download sync");
+    check_cuda(cudaMemcpyAsync(host, device_memory, bytes, cudaMemcpyDeviceToHost, s), "download");
+    check_cuda(cudaStreamSynchronize(s), "download sync");
   };
   return ops;
 }
 
 std::shared_ptr<Allocator> poisoned_cuda_allocator() {
   return std::make_shared<PoisonAllocator>(default_allocator(), [](void* p, size_t bytes) {
-    check(cudaDeviceSynchronize(), "poison sync");
-    check(cudaMemset(p, kPoisonByte, bytes), "poison");
-    check(cudaDeviceSynchronize(), "poison sync");
+    check_cuda(cudaDeviceSynchronize(), "poison sync");
+    check_cuda(cudaMemset(p, kPoisonByte, bytes), "poison");
+    check_cuda(cudaDeviceSynchronize(), "poison sync");
   });
 }
 

@@ -3,6 +3,8 @@
 // and a GPU count taken in a child process (a parent that initialises CUDA cannot fork ranks).
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <memory>
 #include <string>
 
@@ -20,5 +22,17 @@ UniqueId share_unique_id(int rank, const std::string& path, double timeout_secon
 
 // CUDA devices visible, counted in a forked child so this process stays CUDA-free.
 int count_cuda_devices();
+
+// Raises epx::Error(kTransport) naming `what` when a CUDA call failed.
+void check_cuda(cudaError_t status, const char* what);
+
+// What a rank process of a GPU test or benchmark needs: its device (the rank's ordinal), a
+// stream and an NCCL communicator made from the unique id rank 0 writes to `id_file`.
+struct RankContext {
+  int rank;
+  cudaStream_t stream;
+  Comm comm;
+};
+RankContext open_rank(int rank, int num_ranks, const std::string& id_file);
 
 }  // namespace epx::testing

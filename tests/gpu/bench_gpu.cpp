@@ -56,9 +56,6 @@ Options parse(int argc, char** argv) {
   return o;
 }
 
-void check(cudaError_t status, const char* what) {
-  EPX_CHECK(status == cudaSuccess, kTransport, what << ": " << cudaGetErrorString(status));
-}
 
 // Top-k distinct experts per token, uniform; a pure function of (rank, options).
 std::vector<int64_t> routing_of(int rank, const Options& o) {
@@ -94,14 +91,14 @@ struct Timer {
   // Mean per call of `iters` calls between two events.
   double batched_us(int iters, const std::function<void()>& op) const {
     cudaEvent_t start, stop;
-    check(cudaEventCreate(&start), "event");
-    check(cudaEventCreate(&stop), "event");
-    check(cudaEventRecord(start, stream), "record");
+    testing::check_cuda(cudaEventCreate(&start), "event");
+    testing::check_cuda(cudaEventCreate(&stop), "event");
+    testing::check_cuda(cudaEventRecord(start, stream), "record");
     for (int i = 0; i < iters; ++i) op();
-    check(cudaEventRecord(stop, stream), "record");
-    check(cudaEventSynchronize(stop), "sync");
+    testing::check_cuda(cudaEventRecord(stop, stream), "record");
+    testing::check_cuda(cudaEventSynchronize(stop), "sync");
     float ms = 0;
-    check(cudaEventElapsedTime(&ms, start, stop), "elapsed");
+    testing::check_cuda(cudaEventElapsedTime(&ms, start, stop), "elapsed");
     cudaEventDestroy(start);
     cudaEventDestroy(stop);
     return 1000.0 * ms / iters;
@@ -116,11 +113,9 @@ struct Timer {
 };
 
 std::string run_rank(int rank, int num_ranks, const Options& o, const std::string& id_path) {
-  check(cudaSetDevice(rank), "cudaSetDevice");
-  cudaStream_t stream;
-  check(cudaStreamCreate(&stream), "stream");
-  const UniqueId id = testing::share_unique_id(rank, id_path);
-  Comm comm = Comm::nccl(rank, num_ranks, id, rank);
+  const testing::RankContext ctx = testing::open_rank(rank, num_ranks, id_path);
+  cudaStream_t stream = ctx.stream;
+  const Comm& comm = ctx.comm;
   BufferConfig config;
   config.max_tokens_per_rank = o.tokens;
   config.hidden = o.hidden;

@@ -49,21 +49,6 @@ int env_int(const char* name, int fallback) {
   return value ? std::atoi(value) : fallback;
 }
 
-// Everything a rank process needs: its device, a stream and a communicator.
-struct RankContext {
-  int rank;
-  cudaStream_t stream;
-  Comm comm;
-};
-
-RankContext open_rank(int rank, int num_ranks, const std::string& id_file) {
-  EPX_CHECK(cudaSetDevice(rank) == cudaSuccess, kTransport, "cudaSetDevice(" << rank << ")");
-  cudaStream_t stream;
-  EPX_CHECK(cudaStreamCreate(&stream) == cudaSuccess, kTransport, "cudaStreamCreate");
-  const UniqueId id = share_unique_id(rank, id_file);
-  return RankContext{rank, stream, Comm::nccl(rank, num_ranks, id, rank)};
-}
-
 std::string id_file() { return "/tmp/" + unique_name("epx-gpu") + ".id"; }
 
 #define REQUIRE_GPUS(n)                                                                     \
