@@ -4,6 +4,8 @@
 // rounding to bf16.
 #include "cuda/device_primitives.cuh"
 #include "cuda/kernels.hpp"
+#include "cuda/operation_sync.cuh"
+#include "cuda/padding.cuh"
 #include "plan/routing.hpp"
 
 namespace epx::cuda {
@@ -58,7 +60,10 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
   const int num_topk = layout.num_topk;
   const int64_t hidden = layout.hidden;
   const int rank = p.topo.rank;
-  if (*p.topo.failed) return;
+  if (!operation_entry(p.topo, kPhaseCombineEntry)) {
+    operation_handoff(p.topo, true);
+    return;
+  }
   const int lane = lane_id();
   const int64_t num_recv = p.device_counts[0];
   for (int64_t n = global_warp(); n < num_recv; n += total_warps()) {
@@ -117,7 +122,8 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
       }
     }
   }
-  __threadfence_system();  // as in the dispatch send: own stores visible before the barrier
+  __threadfence_system();  // as in the dispatch send: own stores visible before the handoff
+  operation_handoff(p.topo, true);
 }
 
 template <int Vec>
@@ -125,7 +131,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
   const int64_t hidden = layout.hidden;
-  if (*p.topo.failed) return;
+  if (!operation_exit_wait(p.topo, kPhaseCombineExit)) return;
   char* local = p.topo.peers[p.topo.rank];
   const int lane = lane_id();
   for (int64_t t = global_warp(); t < p.num_tokens; t += total_warps()) {
@@ -175,7 +181,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardParams p) {
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
   const int64_t hidden = layout.hidden;
-  if (*p.topo.failed) return;
+  if (!operation_exit_wait(p.topo, kPhaseBackwardExit)) return;
   char* local = p.topo.peers[p.topo.rank];
   const int lane = lane_id();
   const int64_t num_recv = p.device_counts[0];
@@ -222,6 +228,9 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardParams p) {
       if (lane == 0) p.grad_weights[row] = dot;
     }
   }
+  write_padding(PaddingRows{p.tokens_per_expert, p.expert_offsets, layout.local_experts(),
+                            reinterpret_cast<char*>(p.grad_x), hidden * 2, nullptr, 0,
+                            p.grad_weights, nullptr, true});
 }
 
 int vector_width(int64_t hidden) { return hidden % 8 == 0 ? 8 : 1; }

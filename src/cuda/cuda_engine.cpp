@@ -90,6 +90,10 @@ class CudaEngine final : public Engine {
         rank_(state_.rank),
         num_ranks_(state_.num_ranks) {
     DeviceGuard guard(state_.device);
+    // The counts a receive block keeps in shared memory (without an opt-in to more than 48 KB).
+    EPX_CHECK(cuda::receive_counts_smem_bytes(layout_) <= 48 * 1024, kInvalidArgument,
+              "the CUDA transport supports up to ~12 000 experts (" << layout_.num_experts
+                                                                    << " requested)");
     cudaDeviceProp properties{};
     EPX_CUDA_CHECK(cudaGetDeviceProperties(&properties, state_.device));
     num_blocks_ = context.config.num_sms > 0 ? context.config.num_sms
@@ -115,6 +119,7 @@ class CudaEngine final : public Engine {
     peers_ = device_alloc<char*>(num_ranks_);
     cuda::fetch_peer_pointers(window_, num_ranks_, peers_, nullptr);
     epoch_ = device_alloc<uint64_t>(1);
+    sync_ = device_alloc<cuda::OperationSync>(1);
     failed_ = device_alloc<int32_t>(1);
     status_ = mapped_alloc<cuda::DeviceStatus>(1);
     status_device_ = device_view_of_mapped(status_);
@@ -131,7 +136,7 @@ class CudaEngine final : public Engine {
     DeviceGuard guard(state_.device);
     cudaDeviceSynchronize();
     for (void* p : {static_cast<void*>(peers_), static_cast<void*>(epoch_),
-                    static_cast<void*>(failed_), static_cast<void*>(rank_counts_),
+                    static_cast<void*>(sync_), static_cast<void*>(failed_), static_cast<void*>(rank_counts_),
                     static_cast<void*>(expert_counts_), static_cast<void*>(plan_status_)}) {
       if (p) cudaFree(p);
     }
@@ -152,8 +157,7 @@ class CudaEngine final : public Engine {
 
   void abort(const char*, void* stream) override {
     DeviceGuard guard(state_.device);
-    cuda::BarrierParams params{topology(), epoch_, cuda::kPhaseDispatchEntry, true, 0};
-    cuda::launch_barrier(params, static_cast<cudaStream_t>(stream));
+    cuda::launch_abort(topology(), static_cast<cudaStream_t>(stream));
   }
 
   DispatchResult dispatch(const DispatchInputs& in, const DispatchOptions& options,
@@ -176,7 +180,6 @@ class CudaEngine final : public Engine {
                             plan_status_};
       cuda::launch_plan(plan, stream);
     }
-    barrier(cached ? cuda::kPhaseCachedEntry : cuda::kPhaseDispatchEntry, stream);
     cuda::SendParams send{};
     send.topo = topology();
     send.x = in.x.ptr<const char>();
@@ -195,11 +198,16 @@ class CudaEngine final : public Engine {
     send.plan_status = cached ? nullptr : plan_status_;
     send.rank_counts = rank_counts_;
     send.expert_counts = expert_counts_;
+    send.entry_phase = cached ? cuda::kPhaseCachedEntry : cuda::kPhaseDispatchEntry;
     send.num_blocks = num_blocks_;
     cuda::launch_send(send, stream);
-    barrier(cached ? cuda::kPhaseCachedExit : cuda::kPhaseDispatchExit, stream);
-    if (!cached) receive_counts(handle, options, channels, stream);
-    return receive(handle, in, !cached, stream);
+    if (cached) return receive(handle, in, ReceiveMode::kCached, {}, stream);
+    const cuda::ReceiveCountsParams counts = counts_params(handle, options, channels);
+    if (!options.sync_counts) {
+      return receive(handle, in, ReceiveMode::kCountsInKernel, counts, stream);
+    }
+    sync_receive_counts(handle, counts, stream);
+    return receive(handle, in, ReceiveMode::kCountsSynced, counts, stream);
   }
 
   CombineResult combine(const CombineInputs& in, const Handle& handle, ReduceAt reduce_at,
@@ -207,7 +215,6 @@ class CudaEngine final : public Engine {
     DeviceGuard guard(state_.device);
     auto stream = static_cast<cudaStream_t>(stream_ptr);
     const bool at_source = handle.expand && reduce_at == ReduceAt::kSource;
-    barrier(cuda::kPhaseCombineEntry, stream);
     cuda::CombineSendParams send{topology(),
                                  handle.expand,
                                  at_source,
@@ -220,7 +227,6 @@ class CudaEngine final : public Engine {
                                  in.scalars.ptr<float>(),
                                  num_blocks_};
     cuda::launch_combine_send(send, stream);
-    barrier(cuda::kPhaseCombineExit, stream);
     CombineResult result;
     result.x = allocate(DType::kBFloat16, {handle.num_tokens, layout_.hidden}, stream);
     if (in.scalars.defined()) {
@@ -247,7 +253,6 @@ class CudaEngine final : public Engine {
                                          void* stream_ptr) override {
     DeviceGuard guard(state_.device);
     auto stream = static_cast<cudaStream_t>(stream_ptr);
-    barrier(cuda::kPhaseBackwardEntry, stream);
     cuda::SendParams send{};
     send.topo = topology();
     send.x = grad_y.ptr<const char>();
@@ -256,13 +261,15 @@ class CudaEngine final : public Engine {
     send.send_slot = handle.send_slot.ptr<int32_t>();
     send.expert_slot = handle.expert_slot.ptr<int32_t>();
     send.topk32 = handle.topk_idx.ptr<int32_t>();
+    send.entry_phase = cuda::kPhaseBackwardEntry;
     send.num_blocks = num_blocks_;
     cuda::launch_send(send, stream);
-    barrier(cuda::kPhaseBackwardExit, stream);
     CombineBackwardResult result;
     result.grad_x = allocate(DType::kBFloat16, {handle.row_capacity, layout_.hidden}, stream);
     result.grad_weights = allocate(DType::kFloat32, {handle.row_capacity}, stream);
     cuda::BackwardParams backward{topology(),
+                                  handle.tokens_per_expert.ptr<int32_t>(),
+                                  handle.expert_offsets.ptr<int32_t>(),
                                   handle.device_counts.ptr<int64_t>(),
                                   handle.recv_offsets.ptr<int32_t>(),
                                   handle.expanded_rows.ptr<int32_t>(),
@@ -272,31 +279,14 @@ class CudaEngine final : public Engine {
                                   result.grad_weights.ptr<float>(),
                                   num_blocks_};
     cuda::launch_backward(backward, stream);
-    cuda::PaddingParams padding{handle.tokens_per_expert.ptr<int32_t>(),
-                                handle.expert_offsets.ptr<int32_t>(),
-                                layout_.local_experts(),
-                                result.grad_x.ptr<char>(),
-                                layout_.hidden * 2,
-                                nullptr,
-                                0,
-                                result.grad_weights.ptr<float>(),
-                                nullptr,
-                                true,
-                                num_blocks_};
-    cuda::launch_padding(padding, stream);
     EPX_CUDA_CHECK(cudaGetLastError());
     return result;
   }
 
  private:
   Topology topology() const {
-    return Topology{layout_, peers_, rank_, failed_, status_device_};
-  }
-
-  void barrier(int32_t phase, cudaStream_t stream) {
     const auto timeout_ns = static_cast<uint64_t>(context_.config.timeout_seconds * 1e9);
-    cuda::BarrierParams params{topology(), epoch_, phase, false, timeout_ns};
-    cuda::launch_barrier(params, stream);
+    return Topology{layout_, peers_, rank_, failed_, status_device_, epoch_, sync_, timeout_ns};
   }
 
   Tensor allocate(DType dtype, std::vector<int64_t> shape, cudaStream_t stream) {
@@ -337,31 +327,42 @@ class CudaEngine final : public Engine {
     }
   }
 
-  // A routing dispatch's handle with its source-side arrays allocated (filled by the plan).
+  // A routing dispatch's handle with its arrays allocated in one block: the source side (filled
+  // by the plan), the receive-side counts, and without sync_counts the per-received-token
+  // arrays too, at their worst-case size (with sync_counts those wait for the counts).
   Handle new_routing_handle(const DispatchOptions& options, int64_t num_tokens,
                             cudaStream_t stream) {
     Handle handle = new_handle(context_, options, num_tokens);
+    const int32_t local_experts = layout_.local_experts();
+    const int32_t num_topk = layout_.num_topk;
+    if (!options.sync_counts) {
+      handle.recv_token_capacity = plan::worst_case_compact_rows(num_ranks_, layout_.max_tokens);
+      handle.row_capacity = options.expand ? plan::worst_case_expanded_rows(
+                                                 num_ranks_, layout_.max_tokens, num_topk,
+                                                 local_experts, options.expert_alignment)
+                                           : handle.recv_token_capacity;
+    }
+    const int64_t capacity = options.sync_counts ? 0 : handle.recv_token_capacity;
     allocate_packed(*context_.allocator, device(), stream,
                     {{&handle.send_slot, DType::kInt32, {num_tokens, num_ranks_}},
-                     {&handle.expert_slot, DType::kInt32, {num_tokens, layout_.num_topk}},
-                     {&handle.topk_idx, DType::kInt32, {num_tokens, layout_.num_topk}}});
+                     {&handle.expert_slot, DType::kInt32, {num_tokens, num_topk}},
+                     {&handle.topk_idx, DType::kInt32, {num_tokens, num_topk}},
+                     {&handle.device_counts, DType::kInt64, {2}},
+                     {&handle.recv_counts, DType::kInt32, {num_ranks_}},
+                     {&handle.recv_offsets, DType::kInt32, {num_ranks_ + 1}},
+                     {&handle.source_expert_counts, DType::kInt32, {num_ranks_, local_experts}},
+                     {&handle.tokens_per_expert, DType::kInt32, {local_experts}},
+                     {&handle.expert_offsets, DType::kInt32, {local_experts + 1}},
+                     {&handle.expert_source_offsets, DType::kInt32, {local_experts, num_ranks_}},
+                     {&handle.src_token, DType::kInt32, {capacity}},
+                     {&handle.expanded_rows, DType::kInt32, {capacity, num_topk}},
+                     {&handle.recv_topk_idx, DType::kInt32, {capacity, num_topk}}});
     return handle;
   }
 
-  // Receive-side counts into the handle; with sync_counts, waits for them on the host.
-  void receive_counts(Handle& handle, const DispatchOptions& options, int32_t channels,
-                      cudaStream_t stream) {
-    const int32_t local_experts = layout_.local_experts();
-    allocate_packed(
-        *context_.allocator, device(), stream,
-        {{&handle.device_counts, DType::kInt64, {2}},
-         {&handle.recv_counts, DType::kInt32, {num_ranks_}},
-         {&handle.recv_offsets, DType::kInt32, {num_ranks_ + 1}},
-         {&handle.source_expert_counts, DType::kInt32, {num_ranks_, local_experts}},
-         {&handle.tokens_per_expert, DType::kInt32, {local_experts}},
-         {&handle.expert_offsets, DType::kInt32, {local_experts + 1}},
-         {&handle.expert_source_offsets, DType::kInt32, {local_experts, num_ranks_}}});
-    cuda::ReceiveCountsParams params{topology(),
+  cuda::ReceiveCountsParams counts_params(Handle& handle, const DispatchOptions& options,
+                                          int32_t channels) {
+    return cuda::ReceiveCountsParams{topology(),
                                      channels,
                                      options.expert_alignment,
                                      options.expand,
@@ -373,44 +374,43 @@ class CudaEngine final : public Engine {
                                      handle.expert_source_offsets.ptr<int32_t>(),
                                      handle.device_counts.ptr<int64_t>(),
                                      options.sync_counts ? host_counts_device_ : nullptr};
+  }
+
+  // sync_counts: the exit barrier and the counts, a wait for them on the host, then the
+  // per-received-token arrays at their real size.
+  void sync_receive_counts(Handle& handle, const cuda::ReceiveCountsParams& params,
+                           cudaStream_t stream) {
+    const int32_t local_experts = layout_.local_experts();
     cuda::launch_receive_counts(params, stream);
     EPX_CUDA_CHECK(cudaGetLastError());
-    if (options.sync_counts) {
-      EPX_CUDA_CHECK(cudaStreamSynchronize(stream));
-      raise_device_error();
-      const volatile int64_t* host = host_counts_;
-      handle.num_recv_tokens = host[0];
-      handle.num_rows = host[1];
-      handle.recv_token_capacity = handle.num_recv_tokens;
-      handle.row_capacity = handle.num_rows;
-      handle.host_tokens_per_expert.assign(local_experts, 0);
-      handle.host_expert_offsets.assign(local_experts + 1, 0);
-      for (int32_t e = 0; e < local_experts; ++e) handle.host_tokens_per_expert[e] = host[2 + e];
-      for (int32_t e = 0; e <= local_experts; ++e) {
-        handle.host_expert_offsets[e] = host[2 + local_experts + e];
-      }
-    } else {
-      handle.recv_token_capacity = plan::worst_case_compact_rows(num_ranks_, layout_.max_tokens);
-      handle.row_capacity = options.expand ? plan::worst_case_expanded_rows(
-                                                 num_ranks_, layout_.max_tokens, layout_.num_topk,
-                                                 local_experts, options.expert_alignment)
-                                           : handle.recv_token_capacity;
+    EPX_CUDA_CHECK(cudaStreamSynchronize(stream));
+    raise_device_error();
+    const volatile int64_t* host = host_counts_;
+    handle.num_recv_tokens = host[0];
+    handle.num_rows = host[1];
+    handle.recv_token_capacity = handle.num_recv_tokens;
+    handle.row_capacity = handle.num_rows;
+    handle.host_tokens_per_expert.assign(local_experts, 0);
+    handle.host_expert_offsets.assign(local_experts + 1, 0);
+    for (int32_t e = 0; e < local_experts; ++e) handle.host_tokens_per_expert[e] = host[2 + e];
+    for (int32_t e = 0; e <= local_experts; ++e) {
+      handle.host_expert_offsets[e] = host[2 + local_experts + e];
     }
     const int64_t capacity = handle.recv_token_capacity;
     allocate_packed(*context_.allocator, device(), stream,
                     {{&handle.src_token, DType::kInt32, {capacity}},
                      {&handle.expanded_rows, DType::kInt32, {capacity, layout_.num_topk}},
                      {&handle.recv_topk_idx, DType::kInt32, {capacity, layout_.num_topk}}});
-    if (!options.sync_counts) {
-      // Rows past the real N hold -1 (docs/decisions.md).
-      for (const Tensor* t : {&handle.src_token, &handle.expanded_rows, &handle.recv_topk_idx}) {
-        EPX_CUDA_CHECK(cudaMemsetAsync(t->view.data, 0xff, t->view.nbytes(), stream));
-      }
-    }
   }
 
-  DispatchResult receive(const Handle& handle, const DispatchInputs& in, bool routing,
-                         cudaStream_t stream) {
+  enum class ReceiveMode {
+    kCountsSynced,    // routing, sync_counts: counts already in the handle, exit passed
+    kCountsInKernel,  // routing, sync_counts=false: the kernel waits and counts (one launch)
+    kCached,          // cached: the kernel waits; offsets from the handle
+  };
+
+  DispatchResult receive(const Handle& handle, const DispatchInputs& in, ReceiveMode mode,
+                         const cuda::ReceiveCountsParams& counts, cudaStream_t stream) {
     const int32_t num_topk = layout_.num_topk;
     const int64_t row_bytes = in.x.size(1) * static_cast<int64_t>(element_size(in.x.dtype));
     const int64_t scales_per_row = in.x_scales.defined() ? in.x_scales.size(1) : 0;
@@ -426,7 +426,13 @@ class CudaEngine final : public Engine {
     if (in.aux.defined()) result.aux = allocate(DType::kFloat32, scalar_shape, stream);
     if (!handle.expand) result.topk_idx = allocate(DType::kInt32, {capacity, num_topk}, stream);
     cuda::ReceiveParams params{topology(),
-                               routing,
+                               mode == ReceiveMode::kCached ? cuda::kPhaseCachedExit
+                                                            : cuda::kPhaseDispatchExit,
+                               mode != ReceiveMode::kCountsSynced,
+                               mode == ReceiveMode::kCountsInKernel,
+                               counts,
+                               handle.recv_token_capacity,
+                               mode != ReceiveMode::kCached,
                                handle.expand,
                                handle.device_counts.ptr<int64_t>(),
                                handle.recv_offsets.ptr<int32_t>(),
@@ -441,22 +447,11 @@ class CudaEngine final : public Engine {
                                result.weights.ptr<float>(),
                                result.aux.ptr<float>(),
                                result.topk_idx.ptr<int32_t>(),
+                               handle.tokens_per_expert.ptr<int32_t>(),
+                               handle.expert_offsets.ptr<int32_t>(),
+                               handle.zero_padding,
                                num_blocks_};
     cuda::launch_receive(params, stream);
-    if (handle.expand) {
-      cuda::PaddingParams padding{handle.tokens_per_expert.ptr<int32_t>(),
-                                  handle.expert_offsets.ptr<int32_t>(),
-                                  layout_.local_experts(),
-                                  result.x.ptr<char>(),
-                                  row_bytes,
-                                  result.x_scales.ptr<float>(),
-                                  scales_per_row,
-                                  result.weights.ptr<float>(),
-                                  result.aux.ptr<float>(),
-                                  handle.zero_padding,
-                                  num_blocks_};
-      cuda::launch_padding(padding, stream);
-    }
     EPX_CUDA_CHECK(cudaGetLastError());
     result.handle = handle;
     return result;
@@ -473,6 +468,7 @@ class CudaEngine final : public Engine {
   ncclDevComm dev_comm_{};
   char** peers_ = nullptr;
   uint64_t* epoch_ = nullptr;
+  cuda::OperationSync* sync_ = nullptr;
   int32_t* failed_ = nullptr;
   cuda::DeviceStatus* status_ = nullptr;  // host-mapped
   cuda::DeviceStatus* status_device_ = nullptr;

@@ -1,10 +1,13 @@
 // Dispatch on the device: the send into every destination's staging (also used by cached
-// dispatch and combine_backward), the receive-side counts, and the receive epilogue.
+// dispatch and combine_backward; it holds the operation's entry barrier and hands off its exit
+// barrier), the receive-side counts, and the receive epilogue (which waits for the exit).
 #include <cub/block/block_scan.cuh>
 
 #include "cuda/device_errors.cuh"
 #include "cuda/device_primitives.cuh"
 #include "cuda/kernels.hpp"
+#include "cuda/operation_sync.cuh"
+#include "cuda/padding.cuh"
 #include "plan/routing.hpp"
 
 namespace epx::cuda {
@@ -20,7 +23,10 @@ __global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
   const int local_experts = layout.local_experts();
   const int rank = p.topo.rank;
-  if (*p.topo.failed) return;
+  if (!operation_entry(p.topo, p.entry_phase)) {
+    operation_handoff(p.topo, true);
+    return;
+  }
   const bool routing_ok = !p.plan_status || p.plan_status[0] == plan::kRoutingOk;
   if (p.write_headers && blockIdx.x == 0) {
     for (int r = threadIdx.x; r < num_ranks; r += blockDim.x) {
@@ -63,28 +69,41 @@ __global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
     }
   }
   // Every writer makes its own stores into the peers visible at system scope before the
-  // kernel ends; the exit barrier (the next kernel on the stream) then publishes them with its
-  // release. Stream order alone covers them in the memory model too; the per-writer fence is
-  // the pattern known to hold for NVLink stores.
+  // handoff counts its block; the last block then publishes the exit barrier with a release.
   __threadfence_system();
+  operation_handoff(p.topo, true);
 }
 
-// One block: headers -> checks -> offsets -> device counts and a host-mapped copy for
-// sync_counts. The offsets are plan::compute_receive_offsets computed in parallel (a thread
-// per local expert and a block-wide scan over the padded segment sizes); the GPU tests compare
-// them with the reference, like the host transport's sequential ones.
-constexpr int kCountThreads = 256;
+// Receive-side counts: headers -> checks -> offsets, computed by one block into its shared
+// memory (`smem`, receive_counts_smem_bytes) and, with `to_handle`, also into the handle and
+// the host-mapped copy for sync_counts. The offsets are plan::compute_receive_offsets computed
+// in parallel (a thread per local expert and a block-wide scan over the padded segment sizes);
+// the GPU tests compare them with the reference, like the host transport's sequential ones.
+// False when a source's header is invalid (the error is recorded; every rank sees the same
+// headers, so every rank fails alike).
+struct BlockCounts {
+  const int32_t* recv_offsets;           // [R+1]
+  const int32_t* expert_source_offsets;  // [E_l, R]
+  const int32_t* tokens_per_expert;      // [E_l]
+  const int32_t* expert_offsets;         // [E_l+1]
+  int64_t num_recv;
+};
 
-__global__ void __launch_bounds__(kCountThreads) receive_counts_kernel(ReceiveCountsParams p) {
-  using Scan = cub::BlockScan<int, kCountThreads>;
+__device__ bool block_receive_counts(const ReceiveCountsParams& p, int32_t* smem, bool to_handle,
+                                     BlockCounts& out) {
+  using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ int running;
-  __shared__ bool ok;
+  __shared__ int ok;
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, local_experts = layout.local_experts();
+  int32_t* recv_offsets = smem;
+  int32_t* expert_source_offsets = recv_offsets + num_ranks + 1;
+  int32_t* tokens_per_expert = expert_source_offsets + local_experts * num_ranks;
+  int32_t* expert_offsets = tokens_per_expert + local_experts;
   char* local = p.topo.peers[p.topo.rank];
   if (threadIdx.x == 0) {
-    ok = *p.topo.failed == 0;
+    ok = 1;
     for (int s = 0; ok && s < num_ranks; ++s) {
       const plan::SourceHeader header = *layout.header(local, s);
       int32_t code = kDeviceOk;
@@ -96,56 +115,69 @@ __global__ void __launch_bounds__(kCountThreads) receive_counts_kernel(ReceiveCo
       if (code != kDeviceOk) {
         record_error(p.topo, code, kPhaseDispatchExit, s,
                      code == kDeviceBadRouting ? header.bad_value : header.channels);
-        ok = false;
+        ok = 0;
       }
     }
     int offset = 0;
     for (int s = 0; s < num_ranks; ++s) {
       const int count = ok ? layout.header(local, s)->num_tokens : 0;
-      p.recv_counts[s] = count;
-      p.recv_offsets[s] = offset;
+      recv_offsets[s] = offset;
+      if (to_handle) {
+        p.recv_counts[s] = count;
+        p.recv_offsets[s] = offset;
+      }
       offset += count;
     }
-    p.recv_offsets[num_ranks] = offset;
+    recv_offsets[num_ranks] = offset;
+    if (to_handle) p.recv_offsets[num_ranks] = offset;
     running = 0;
   }
   __syncthreads();
-  for (int base = 0; base < local_experts; base += kCountThreads) {
+  for (int base = 0; base < local_experts; base += kThreads) {
     const int e = base + threadIdx.x;
     int rows = 0;
     if (e < local_experts) {
       for (int s = 0; s < num_ranks; ++s) {
         const int count = ok ? layout.expert_counts(local, s)[e] : 0;
-        p.source_expert_counts[s * local_experts + e] = count;
-        p.expert_source_offsets[e * num_ranks + s] = rows;  // relative for now
+        if (to_handle) p.source_expert_counts[s * local_experts + e] = count;
+        expert_source_offsets[e * num_ranks + s] = rows;  // relative for now
         rows += count;
       }
-      p.tokens_per_expert[e] = rows;
+      tokens_per_expert[e] = rows;
+      if (to_handle) p.tokens_per_expert[e] = rows;
     }
     const int padded = e < local_experts ? static_cast<int>(plan::align_up(rows, p.alignment)) : 0;
     int start = 0, total = 0;
     Scan(scan_storage).ExclusiveSum(padded, start, total);
     if (e < local_experts) {
       start += running;
-      p.expert_offsets[e] = start;
-      for (int s = 0; s < num_ranks; ++s) p.expert_source_offsets[e * num_ranks + s] += start;
+      expert_offsets[e] = start;
+      if (to_handle) p.expert_offsets[e] = start;
+      for (int s = 0; s < num_ranks; ++s) {
+        const int i = e * num_ranks + s;
+        expert_source_offsets[i] += start;
+        if (to_handle) p.expert_source_offsets[i] = expert_source_offsets[i];
+      }
     }
     __syncthreads();
     if (threadIdx.x == 0) running += total;
     __syncthreads();
   }
-  const int64_t num_recv = p.recv_offsets[num_ranks];
+  const int64_t num_recv = recv_offsets[num_ranks];
   const int64_t num_rows = p.expand ? running : num_recv;
   if (threadIdx.x == 0) {
-    p.expert_offsets[local_experts] = running;
-    p.device_counts[0] = num_recv;
-    p.device_counts[1] = num_rows;
+    expert_offsets[local_experts] = running;
+    if (to_handle) {
+      p.expert_offsets[local_experts] = running;
+      p.device_counts[0] = num_recv;
+      p.device_counts[1] = num_rows;
+    }
   }
-  if (p.host_counts) {
+  if (to_handle && p.host_counts) {
     volatile int64_t* host = p.host_counts;
-    for (int e = threadIdx.x; e <= local_experts; e += kCountThreads) {
-      if (e < local_experts) host[2 + e] = p.tokens_per_expert[e];
-      host[2 + local_experts + e] = e < local_experts ? p.expert_offsets[e] : running;
+    for (int e = threadIdx.x; e <= local_experts; e += kThreads) {
+      if (e < local_experts) host[2 + e] = tokens_per_expert[e];
+      host[2 + local_experts + e] = e < local_experts ? expert_offsets[e] : running;
     }
     if (threadIdx.x == 0) {
       host[0] = num_recv;
@@ -153,21 +185,56 @@ __global__ void __launch_bounds__(kCountThreads) receive_counts_kernel(ReceiveCo
     }
     __threadfence_system();
   }
+  __syncthreads();
+  out = BlockCounts{recv_offsets, expert_source_offsets, tokens_per_expert, expert_offsets,
+                    num_recv};
+  return ok != 0;
+}
+
+// sync_counts: the exit barrier, then the counts into the handle and the host-mapped copy.
+__global__ void __launch_bounds__(kThreads) receive_counts_kernel(ReceiveCountsParams p) {
+  extern __shared__ int32_t counts_smem[];
+  if (!operation_exit_wait(p.topo, kPhaseDispatchExit)) return;
+  BlockCounts counts;
+  block_receive_counts(p, counts_smem, true, counts);
 }
 
 // One warp per received token n: locate its (source, slot), fill the handle's per-token
 // entries (routing dispatch), and copy the staged row into its compact row or all of its
-// expanded rows (the row is read once and stored to each).
+// expanded rows (the row is read once and stored to each). Then the expanded padding rows.
 __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
+  extern __shared__ int32_t counts_smem[];
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
-  if (*p.topo.failed) return;
+  if (p.wait_exit ? !operation_exit_wait(p.topo, p.exit_phase) : !no_failure(p.topo)) {
+    if (p.compute_counts && blockIdx.x == 0 && threadIdx.x == 0) {
+      p.counts.device_counts[0] = 0;
+      p.counts.device_counts[1] = 0;
+    }
+    return;
+  }
+  BlockCounts counts{p.recv_offsets, p.expert_source_offsets, p.tokens_per_expert,
+                     p.expert_offsets, 0};
+  if (p.compute_counts) {
+    if (!block_receive_counts(p.counts, counts_smem, blockIdx.x == 0, counts)) return;
+    // Handle rows past the real N hold -1 (docs/decisions.md).
+    for (int64_t n = counts.num_recv + blockIdx.x * blockDim.x + threadIdx.x; n < p.capacity;
+         n += int64_t(gridDim.x) * blockDim.x) {
+      p.src_token[n] = -1;
+      for (int k = 0; k < num_topk; ++k) {
+        p.recv_topk[n * num_topk + k] = -1;
+        p.expanded_rows[n * num_topk + k] = -1;
+      }
+    }
+  } else {
+    counts.num_recv = p.device_counts[0];
+  }
   char* local = p.topo.peers[p.topo.rank];
   const int lane = lane_id();
-  const int64_t num_recv = p.device_counts[0];
+  const int64_t num_recv = counts.num_recv;
   for (int64_t n = global_warp(); n < num_recv; n += total_warps()) {
-    const int s = plan::source_of_received(p.recv_offsets, num_ranks, n);
-    const int64_t slot = n - p.recv_offsets[s];
+    const int s = plan::source_of_received(counts.recv_offsets, num_ranks, n);
+    const int64_t slot = n - counts.recv_offsets[s];
     const plan::SlotMeta meta{layout.slot_meta(local, s, slot), num_topk};
     const char* row = layout.row(local, layout.dispatch_row_index(s, slot));
     const float* scales = p.scales_out ? layout.row_scales(local, s, slot) : nullptr;
@@ -177,7 +244,7 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
         const int32_t e = meta.local_expert()[k];
         p.recv_topk[n * num_topk + k] = e;
         p.expanded_rows[n * num_topk + k] =
-            e >= 0 ? p.expert_source_offsets[e * num_ranks + s] + meta.expert_slot()[k] : -1;
+            e >= 0 ? counts.expert_source_offsets[e * num_ranks + s] + meta.expert_slot()[k] : -1;
       }
       __syncwarp();
     }
@@ -232,45 +299,33 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
       }
     }
   }
-}
-
-// Blocks over experts, warps over each expert's padding rows.
-__global__ void __launch_bounds__(kThreads) padding_kernel(PaddingParams p) {
-  const int lane = lane_id();
-  const int warp = warp_in_block();
-  for (int e = blockIdx.x; e < p.local_experts; e += gridDim.x) {
-    const int64_t first = p.expert_offsets[e] + p.tokens_per_expert[e];
-    const int64_t end = p.expert_offsets[e + 1];
-    for (int64_t row = first + warp; row < end; row += warps_per_block()) {
-      if (lane == 0) {
-        if (p.weights) p.weights[row] = 0.0f;
-        if (p.aux) p.aux[row] = 0.0f;
-      }
-      if (!p.zero_x) continue;
-      warp_zero(p.x + row * p.row_bytes, p.row_bytes, lane);
-      for (int64_t i = lane; p.scales && i < p.scales_per_row; i += kWarpSize) {
-        p.scales[row * p.scales_per_row + i] = 0.0f;
-      }
-    }
+  if (p.expand) {
+    write_padding(PaddingRows{counts.tokens_per_expert, counts.expert_offsets,
+                              layout.local_experts(), p.x_out, p.row_bytes, p.scales_out,
+                              p.scales_per_row, p.weights_out, p.aux_out, p.zero_padding});
   }
 }
 
 }  // namespace
+
+size_t receive_counts_smem_bytes(const plan::WorkspaceLayout& layout) {
+  const int64_t ranks = layout.num_ranks, local_experts = layout.local_experts();
+  return static_cast<size_t>(ranks + 1 + local_experts * ranks + 2 * local_experts + 1) *
+         sizeof(int32_t);
+}
 
 void launch_send(const SendParams& params, cudaStream_t stream) {
   send_kernel<<<params.num_blocks, kThreads, 0, stream>>>(params);
 }
 
 void launch_receive_counts(const ReceiveCountsParams& params, cudaStream_t stream) {
-  receive_counts_kernel<<<1, kCountThreads, 0, stream>>>(params);
+  receive_counts_kernel<<<1, kThreads, receive_counts_smem_bytes(params.topo.layout), stream>>>(
+      params);
 }
 
 void launch_receive(const ReceiveParams& params, cudaStream_t stream) {
-  receive_kernel<<<params.num_blocks, kThreads, 0, stream>>>(params);
-}
-
-void launch_padding(const PaddingParams& params, cudaStream_t stream) {
-  padding_kernel<<<params.num_blocks, kThreads, 0, stream>>>(params);
+  const size_t smem = params.compute_counts ? receive_counts_smem_bytes(params.topo.layout) : 0;
+  receive_kernel<<<params.num_blocks, kThreads, smem, stream>>>(params);
 }
 
 }  // namespace epx::cuda

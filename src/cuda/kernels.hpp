@@ -43,6 +43,12 @@ enum Phase : int32_t {
 };
 const char* phase_name(int32_t phase);
 
+// Device words of the barriers folded into kernels (cuda/operation_sync.cuh).
+struct OperationSync {
+  uint32_t blocks_done;      // blocks of the current writing kernel that reached its handoff
+  uint32_t entry_published;  // block 0 published the entry barrier of the current operation
+};
+
 // What every kernel knows about the workspace and the ranks.
 struct Topology {
   plan::WorkspaceLayout layout;
@@ -50,16 +56,14 @@ struct Topology {
   int32_t rank;
   int32_t* failed;        // device flag: a previous step failed, skip work
   DeviceStatus* status;   // host-mapped
+  uint64_t* epoch;        // device: barriers passed (graph replays stay in step)
+  OperationSync* sync;    // device
+  uint64_t timeout_ns;    // bound of every wait for a peer
 };
 
-struct BarrierParams {
-  Topology topo;
-  uint64_t* epoch;  // device counter, advanced by one per barrier (graph replays stay in step)
-  int32_t phase;
-  bool abort;       // publish the abort mark and return (this rank rejected its input)
-  uint64_t timeout_ns;
-};
-void launch_barrier(const BarrierParams& params, cudaStream_t stream);
+// This rank rejected its input to an operation: its entry barrier with the abort mark, so the
+// peers raise kDevicePeerAborted instead of timing out; nothing else of the operation runs.
+void launch_abort(const Topology& topo, cudaStream_t stream);
 
 // Source plan on the device: exactly plan::plan_source (src/plan/source_plan.cpp).
 struct PlanParams {
@@ -96,11 +100,14 @@ struct SendParams {
   const int32_t* plan_status;
   const int32_t* rank_counts;
   const int32_t* expert_counts;
+  int32_t entry_phase;  // the operation's entry barrier is part of this kernel
   int num_blocks;
 };
 void launch_send(const SendParams& params, cudaStream_t stream);
 
 // Receive-side counts of a routing dispatch: reads headers, checks them, computes offsets.
+// launch_receive_counts waits for the exit barrier and writes them for the host (sync_counts);
+// without sync_counts the receive kernel computes them itself (ReceiveParams::counts).
 struct ReceiveCountsParams {
   Topology topo;
   int32_t channels;
@@ -116,10 +123,19 @@ struct ReceiveCountsParams {
   int64_t* host_counts;            // host-mapped copy of [N, M, tokens_per_expert..., offsets...]
 };
 void launch_receive_counts(const ReceiveCountsParams& params, cudaStream_t stream);
+// Shared memory a block needs to hold the counts (ReceiveParams::compute_counts).
+size_t receive_counts_smem_bytes(const plan::WorkspaceLayout& layout);
 
-// Receive epilogue of dispatch (routing or cached): staged rows into compact/expanded outputs.
+// Receive epilogue of dispatch (routing or cached): staged rows into compact/expanded outputs,
+// then (expanded) the padding rows.
 struct ReceiveParams {
   Topology topo;
+  int32_t exit_phase;
+  bool wait_exit;       // the exit barrier is part of this kernel (not of receive_counts)
+  bool compute_counts;  // every block computes the counts itself from `counts` (block 0 also
+                        // writes them to the handle): sync_counts=false routing dispatch
+  ReceiveCountsParams counts;
+  int64_t capacity;     // compute_counts: handle rows [N, capacity) get -1
   bool routing;  // fill src_token / recv_topk / expanded_rows from the metadata
   bool expand;
   const int64_t* device_counts;
@@ -135,25 +151,12 @@ struct ReceiveParams {
   float* weights_out;
   float* aux_out;
   int32_t* topk_out;  // compact only
+  const int32_t* tokens_per_expert;  // expanded: the padding rows (unless compute_counts)
+  const int32_t* expert_offsets;
+  bool zero_padding;
   int num_blocks;
 };
 void launch_receive(const ReceiveParams& params, cudaStream_t stream);
-
-// Expanded padding rows: weights/aux 0, and x (+ scales) 0 when zero_x.
-struct PaddingParams {
-  const int32_t* tokens_per_expert;
-  const int32_t* expert_offsets;
-  int32_t local_experts;
-  char* x;
-  int64_t row_bytes;
-  float* scales;
-  int64_t scales_per_row;
-  float* weights;
-  float* aux;
-  bool zero_x;
-  int num_blocks;
-};
-void launch_padding(const PaddingParams& params, cudaStream_t stream);
 
 // Expert side of combine: reduce (or forward) each received token's rows to its source.
 struct CombineSendParams {
@@ -169,9 +172,11 @@ struct CombineSendParams {
   const float* scalars;
   int num_blocks;
 };
+// With the combine's entry barrier and the handoff of its exit barrier.
 void launch_combine_send(const CombineSendParams& params, cudaStream_t stream);
 
-// Source side of combine: sum the staged rows of each token, add biases, round.
+// Source side of combine: waits for the exit barrier, sums the staged rows of each token, adds
+// biases, rounds.
 struct CombineReduceParams {
   Topology topo;
   bool at_source;
@@ -187,9 +192,12 @@ struct CombineReduceParams {
 };
 void launch_combine_reduce(const CombineReduceParams& params, cudaStream_t stream);
 
-// Expert side of combine_backward: grad_x rows and grad_weights from the staged grad_y.
+// Expert side of combine_backward: waits for the exit barrier, then grad_x rows and
+// grad_weights from the staged grad_y, then zeroes the padding rows of both.
 struct BackwardParams {
   Topology topo;
+  const int32_t* tokens_per_expert;
+  const int32_t* expert_offsets;
   const int64_t* device_counts;
   const int32_t* recv_offsets;
   const int32_t* expanded_rows;

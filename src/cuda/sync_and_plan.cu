@@ -1,11 +1,12 @@
-// The bounded epoch barrier over the workspace flags, the device routing plan, and the LSA
-// pointer lookup.
+// The abort of an operation (the barriers themselves are folded into the kernels:
+// cuda/operation_sync.cuh), the device routing plan, and the LSA pointer lookup.
 #include <cub/block/block_scan.cuh>
 #include <nccl.h>
 #include <nccl_device.h>
 
 #include "cuda/device_errors.cuh"
 #include "cuda/device_primitives.cuh"
+#include "cuda/operation_sync.cuh"
 #include "cuda/kernels.hpp"
 #include "plan/routing.hpp"
 
@@ -20,50 +21,20 @@ const char* phase_name(int32_t phase) {
 
 namespace {
 
-// One block; thread p publishes to peer p and waits for peer p.
-__global__ void barrier_kernel(BarrierParams p) {
-  const plan::WorkspaceLayout& layout = p.topo.layout;
-  const int num_ranks = layout.num_ranks;
-  // After a recorded failure the rest of the operation's barriers neither advance the epoch
-  // nor publish: a peer that aborted this operation ran only its entry barrier, so the ranks
-  // leave the operation with equal epochs (the next operation pairs up again). Failures that
-  // every rank detects (invalid routing, channel mismatch) are detected after the exit
-  // barrier, by every rank alike; a rank that timed out stops publishing, so its peers time
-  // out too instead of running ahead.
-  if (!p.abort && *p.topo.failed) return;
+// One block; thread p marks the abort in peer p and publishes the entry epoch to it. The mark
+// is a field of its own, ordered before the flag by the release, so a peer sees it even after
+// this rank has gone on to the next operation.
+__global__ void abort_kernel(Topology topo) {
+  const plan::WorkspaceLayout& layout = topo.layout;
   __shared__ uint64_t epoch;
   if (threadIdx.x == 0) {
-    epoch = *p.epoch + 1;
-    *p.epoch = epoch;
+    epoch = *topo.epoch + 1;
+    *topo.epoch = epoch;
   }
   __syncthreads();
-  // Everything the earlier kernels of this stream wrote (rows, metadata, scalars, into peers
-  // or locally) is ordered before the flag stores below.
-  __threadfence_system();
   const int peer = threadIdx.x;
-  if (peer < num_ranks) {
-    char* peer_base = p.topo.peers[peer];
-    // An abort leaves its epoch in a field of its own, ordered before the flag by the release,
-    // so a peer sees it even after this rank has gone on to the next operation.
-    if (p.abort) layout.abort_epochs(peer_base)[p.topo.rank] = epoch;
-    store_release_system(layout.flags(peer_base) + p.topo.rank, epoch);
-  }
-  if (p.abort || peer >= num_ranks) return;
-  const uint64_t* mine = layout.flags(p.topo.peers[p.topo.rank]) + peer;
-  const uint64_t start = global_timer_ns();
-  uint64_t seen = load_acquire_system(mine);
-  while (seen < epoch) {
-    if (global_timer_ns() - start > p.timeout_ns) {
-      record_error(p.topo, kDeviceTimeout, p.phase, peer, 0, epoch, seen);
-      return;
-    }
-    __nanosleep(64);
-    seen = load_acquire_system(mine);
-  }
-  const volatile uint64_t* aborts = layout.abort_epochs(p.topo.peers[p.topo.rank]);
-  if (aborts[peer] == epoch) {
-    record_error(p.topo, kDevicePeerAborted, p.phase, peer);
-  }
+  if (peer < layout.num_ranks) layout.abort_epochs(topo.peers[peer])[topo.rank] = epoch;
+  publish_to_peers(topo, epoch);
 }
 
 constexpr int kPlanThreads = 512;
@@ -160,9 +131,9 @@ __global__ void peer_pointer_kernel(ncclWindow_t window, int num_ranks, char** p
 
 }  // namespace
 
-void launch_barrier(const BarrierParams& params, cudaStream_t stream) {
-  const int threads = ((params.topo.layout.num_ranks + 31) / 32) * 32;
-  barrier_kernel<<<1, threads, 0, stream>>>(params);
+void launch_abort(const Topology& topo, cudaStream_t stream) {
+  const int threads = ((topo.layout.num_ranks + 31) / 32) * 32;
+  abort_kernel<<<1, threads, 0, stream>>>(topo);
 }
 
 void launch_plan(const PlanParams& params, cudaStream_t stream) {

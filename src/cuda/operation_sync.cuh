@@ -1,0 +1,128 @@
+// The entry and exit barriers of an operation, folded into the kernels that do the work (one
+// launch fewer per barrier, docs/protocol.md "barriers inside the kernels").
+//
+// Epochs: the device counter `topo.epoch` counts the barriers this rank has passed. An operation
+// uses two: entry = epoch + 1 (a rank publishes it once it has stopped reading its staging from
+// the previous operation) and exit = epoch + 2 (published once its rows are in the peers'
+// staging). Their kernels:
+//
+//   first writing kernel   every block: operation_entry (block 0 publishes entry; each block
+//                          waits for every peer's entry itself, so no block waits on another
+//                          block of its grid and none needs to be co-resident), the block's
+//                          stores into peers, then operation_handoff: the last block to finish
+//                          publishes exit and advances the epoch counter.
+//   next kernel            every block: operation_exit_wait, then the local epilogue.
+//
+// Failures keep the rule of the standalone barrier they replace: after a recorded failure no
+// barrier publishes or advances. A rank that found a failure before the operation therefore
+// publishes nothing for it; one whose entry wait failed (timeout, a peer aborted) has passed the
+// entry barrier only, which is what an aborting peer does (abort_kernel), so epochs stay paired.
+#pragma once
+
+#include "cuda/device_errors.cuh"
+#include "cuda/device_primitives.cuh"
+#include "cuda/kernels.hpp"
+
+namespace epx::cuda {
+
+// Threads [0, R) of the block wait for peer `threadIdx.x` to publish `epoch` into this rank's
+// flags, bounded by the timeout; an abort mark of that epoch is an error too.
+__device__ __forceinline__ void wait_for_peers(const Topology& topo, uint64_t epoch,
+                                               int32_t phase, bool check_abort) {
+  const plan::WorkspaceLayout& layout = topo.layout;
+  const int peer = threadIdx.x;
+  if (peer >= layout.num_ranks) return;
+  char* local = topo.peers[topo.rank];
+  const uint64_t* flag = layout.flags(local) + peer;
+  const uint64_t start = global_timer_ns();
+  uint64_t seen = load_acquire_system(flag);
+  while (seen < epoch) {
+    if (global_timer_ns() - start > topo.timeout_ns) {
+      record_error(topo, kDeviceTimeout, phase, peer, 0, epoch, seen);
+      return;
+    }
+    __nanosleep(32);
+    seen = load_acquire_system(flag);
+  }
+  if (check_abort) {
+    const volatile uint64_t* aborts = layout.abort_epochs(local);
+    if (aborts[peer] == epoch) record_error(topo, kDevicePeerAborted, phase, peer);
+  }
+}
+
+// Threads [0, R) publish `epoch` into every peer's flag slot of this rank (release at system
+// scope after a system fence, so every earlier store of this thread's block — ordered by the
+// caller's __syncthreads — and of the earlier kernels is visible first).
+__device__ __forceinline__ void publish_to_peers(const Topology& topo, uint64_t epoch) {
+  const plan::WorkspaceLayout& layout = topo.layout;
+  const int peer = threadIdx.x;
+  __threadfence_system();
+  if (peer < layout.num_ranks) {
+    store_release_system(layout.flags(topo.peers[peer]) + topo.rank, epoch);
+  }
+}
+
+__device__ __forceinline__ bool no_failure(const Topology& topo) {
+  return *static_cast<volatile int32_t*>(topo.failed) == 0;
+}
+
+// Entry barrier at the start of the operation's first writing kernel, run by every block;
+// false: the block must skip its work (a failure is recorded) and go on to operation_handoff.
+__device__ __forceinline__ bool operation_entry(const Topology& topo, int32_t phase) {
+  __shared__ int proceed;
+  if (threadIdx.x == 0) proceed = no_failure(topo);
+  __syncthreads();
+  // Every block reads the counter before its handoff; only the last block writes it.
+  const uint64_t entry = *topo.epoch + 1;
+  const bool go = proceed != 0;
+  if (blockIdx.x == 0 && go) {
+    publish_to_peers(topo, entry);
+    if (threadIdx.x == 0) topo.sync->entry_published = 1;
+  }
+  if (go) wait_for_peers(topo, entry, phase, true);
+  __syncthreads();
+  if (threadIdx.x == 0) proceed = go && no_failure(topo);
+  __syncthreads();
+  return proceed != 0;
+}
+
+// End of the operation's first writing kernel, run by every block (after operation_entry,
+// whatever it returned). The last block to get here publishes the exit barrier (when
+// `publish_exit` and nothing failed) and leaves the epoch counter at the barriers passed.
+__device__ __forceinline__ void operation_handoff(const Topology& topo, bool publish_exit) {
+  __shared__ int last;
+  __syncthreads();  // the block's stores are done
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    last = atomicAdd(&topo.sync->blocks_done, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __shared__ int publish;
+  __shared__ uint64_t entry;
+  if (threadIdx.x == 0) {
+    __threadfence_system();  // every block's fence and count happen before what follows
+    entry = *topo.epoch + 1;
+    const bool entered = *static_cast<volatile uint32_t*>(&topo.sync->entry_published) != 0;
+    publish = entered && publish_exit && no_failure(topo);
+    *topo.epoch = !entered ? entry - 1 : publish ? entry + 1 : entry;
+    topo.sync->blocks_done = 0;
+    topo.sync->entry_published = 0;
+  }
+  __syncthreads();
+  if (publish) publish_to_peers(topo, entry + 1);
+}
+
+// Exit barrier at the start of the kernel after the handoff, run by every block; false: skip.
+__device__ __forceinline__ bool operation_exit_wait(const Topology& topo, int32_t phase) {
+  __shared__ int proceed;
+  if (threadIdx.x == 0) proceed = no_failure(topo);
+  __syncthreads();
+  if (proceed) wait_for_peers(topo, *topo.epoch, phase, false);
+  __syncthreads();
+  if (threadIdx.x == 0) proceed = proceed && no_failure(topo);
+  __syncthreads();
+  return proceed != 0;
+}
+
+}  // namespace epx::cuda
