@@ -4,7 +4,9 @@
 //
 //   batched  N back-to-back calls between two events (sync_counts=false dispatch, cached
 //            dispatch, combine, combine_backward: none of them waits on the host), mean per call;
-//   per-call median of N calls that each end in a host synchronisation (sync_counts=true).
+//   per-call median of N calls that each end in a host synchronisation (sync_counts=true);
+//   graph    the op captured once in a CUDA graph and replayed N times between two events:
+//            device time without the host's launches and allocations.
 //
 // GB/s counts the token rows (H * 2 bytes each) that cross NVLink into this rank: for
 // dispatch the rows other ranks send it, for combine (and combine_backward, whose grad_y rows
@@ -22,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "common/arena_allocator.hpp"
 #include "common/cuda_device_ops.hpp"
 #include "cpp/multi_process.hpp"
 #include "epx/buffer.hpp"
@@ -203,6 +206,46 @@ std::string run_rank(int rank, int num_ranks, const Options& o, const std::strin
                     (void)buffer.combine_backward(grad_view, wide.handle, wide.x.view,
                                                   wide.weights.view, stream);
                   }), false});
+
+  // The same small ops captured once in a CUDA graph (outputs in an arena) and replayed: the
+  // time without host overhead (launches, allocations). The input is not rotated here.
+  {
+    auto arena = std::make_shared<testing::ArenaAllocator>(size_t(1) << 32);
+    Buffer graph_buffer(comm, config, arena);
+    const DispatchResult routed = graph_buffer.dispatch(inputs(true), compact_async, stream);
+    CombineInputs combine_routed;
+    combine_routed.x = routed.x.view;
+    const DispatchInputs fixed = inputs(true);
+    auto replay_us = [&](const std::function<void()>& op) {
+      graph_buffer.synchronize(stream);
+      cudaGraph_t graph;
+      cudaGraphExec_t exec;
+      testing::check_cuda(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal),
+                          "begin capture");
+      op();
+      testing::check_cuda(cudaStreamEndCapture(stream, &graph), "end capture");
+      testing::check_cuda(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+      const double us = measure(true, [&] {
+        testing::check_cuda(cudaGraphLaunch(exec, stream), "graph launch");
+      });
+      graph_buffer.synchronize(stream);
+      cudaGraphExecDestroy(exec);
+      cudaGraphDestroy(graph);
+      return us;
+    };
+    rows.push_back({"graph: dispatch compact (sync_counts=false)", replay_us([&] {
+                      (void)graph_buffer.dispatch(fixed, compact_async, stream);
+                    }), false});
+    rows.push_back({"graph: combine compact", replay_us([&] {
+                      (void)graph_buffer.combine(combine_routed, routed.handle, {}, stream);
+                    }), true});
+    rows.push_back({"graph: dispatch + combine compact", replay_us([&] {
+                      const DispatchResult r = graph_buffer.dispatch(fixed, compact_async, stream);
+                      CombineInputs c;
+                      c.x = r.x.view;
+                      (void)graph_buffer.combine(c, r.handle, {}, stream);
+                    }), false});
+  }
 
   int64_t rows_in = 0, rows_back = 0;
   for (int peer = 0; peer < num_ranks; ++peer) {

@@ -18,6 +18,7 @@
 #include <random>
 #include <thread>
 
+#include "common/arena_allocator.hpp"
 #include "common/cuda_device_ops.hpp"
 #include "common/random_problem.hpp"
 #include "common/scenario.hpp"
@@ -115,30 +116,6 @@ TEST(GpuSmall, Scenarios) {
   }, 540);
   EXPECT_EQ(failures(outcomes), "");
 }
-
-// A bump allocator over one cudaMalloc'd arena: outputs allocated during capture keep fixed
-// addresses that every replay writes again (what a framework's graph memory pool provides).
-class ArenaAllocator : public Allocator {
- public:
-  explicit ArenaAllocator(size_t bytes) : bytes_(bytes) {
-    EPX_CHECK(cudaMalloc(&base_, bytes) == cudaSuccess, kOutOfMemory, "arena");
-  }
-  ~ArenaAllocator() override { cudaFree(base_); }
-  Tensor allocate(DType dtype, const std::vector<int64_t>& shape, Device device,
-                  void*) override {
-    TensorView view(nullptr, dtype, shape, device);
-    const size_t bytes = (view.nbytes() + 255) / 256 * 256;
-    EPX_CHECK(used_ + bytes <= bytes_, kOutOfMemory, "arena exhausted");
-    view.data = static_cast<char*>(base_) + used_;
-    used_ += bytes;
-    return Tensor{view, nullptr};
-  }
-
- private:
-  void* base_ = nullptr;
-  size_t bytes_ = 0;
-  size_t used_ = 0;
-};
 
 const char* cuda_error(cudaError_t status) { return cudaGetErrorString(status); }
 
