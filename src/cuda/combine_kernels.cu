@@ -13,6 +13,15 @@ namespace {
 
 constexpr int kThreads = kBlockThreads;
 constexpr int kBatch = 4;  // rows (or chunks) whose loads are in flight together
+// The reductions hand out (row, span) pairs to warps, a span being kSpanVectors vectors per
+// lane, so a small batch still spreads over every warp (as the copies do, by kChunkBytes).
+constexpr int kSpanVectors = 4;
+template <int Vec>
+constexpr int64_t kSpan = int64_t(kWarpSize) * Vec * kSpanVectors;  // elements
+
+__host__ __device__ inline int64_t spans_per_row(int64_t hidden, int64_t span) {
+  return (hidden + span - 1) / span;
+}
 
 
 // Vec elements of a bf16 row as fp32, and back.
@@ -66,19 +75,23 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
   }
   const int lane = lane_id();
   const int64_t num_recv = p.device_counts[0];
-  for (int64_t n = global_warp(); n < num_recv; n += total_warps()) {
+  const bool reduce = p.expand && !p.at_source;
+  const int64_t per_row = reduce ? spans_per_row(hidden, kSpan<Vec>) : chunks_per_row(hidden * 2);
+  for (int64_t item = global_warp(); item < num_recv * per_row; item += total_warps()) {
+    const int64_t n = item / per_row, part = item % per_row;
     const int32_t g = p.src_token[n];
     const int source = static_cast<int>(g / layout.max_tokens);
     const int64_t token = g % layout.max_tokens;
     char* dst = p.topo.peers[source];
     const int32_t* rows = p.expanded_rows + n * num_topk;
     if (!p.expand) {
-      warp_copy(layout.row(dst, layout.expert_combine_row_index(rank, token)), p.x + n * hidden,
-                hidden * 2, lane);
-    } else if (!p.at_source) {
+      warp_copy_chunk(layout.row(dst, layout.expert_combine_row_index(rank, token)),
+                      p.x + n * hidden, hidden * 2, part, lane);
+    } else if (reduce) {
       auto* out = reinterpret_cast<uint16_t*>(
           layout.row(dst, layout.expert_combine_row_index(rank, token)));
-      for (int64_t h = int64_t(lane) * Vec; h < hidden; h += kWarpSize * Vec) {
+      const int64_t end = min(hidden, (part + 1) * kSpan<Vec>);
+      for (int64_t h = part * kSpan<Vec> + int64_t(lane) * Vec; h < end; h += kWarpSize * Vec) {
         Chunk<Vec> acc;
         acc.zero();
         // Loads of kBatch rows are issued before their (in-order) accumulation: the loop is
@@ -107,14 +120,14 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
       for (int k = 0; k < num_topk; ++k) {
         const int32_t row = rows[k];
         if (row < 0) continue;
-        warp_copy(layout.row(dst, layout.source_combine_row_index(token, k)),
-                  p.x + int64_t(row) * hidden, hidden * 2, lane);
-        if (lane == 0 && p.weights) {
+        warp_copy_chunk(layout.row(dst, layout.source_combine_row_index(token, k)),
+                        p.x + int64_t(row) * hidden, hidden * 2, part, lane);
+        if (part == 0 && lane == 0 && p.weights) {
           layout.row_weights(dst)[token * num_topk + k] = p.weights[row];
         }
       }
     }
-    if (p.scalars) {
+    if (part == 0 && p.scalars) {
       for (int k = lane; k < num_topk; k += kWarpSize) {
         if (p.recv_topk[n * num_topk + k] < 0) continue;
         layout.scalars(dst)[token * num_topk + k] =
@@ -134,28 +147,37 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
   if (!operation_exit_wait(p.topo, kPhaseCombineExit)) return;
   char* local = p.topo.peers[p.topo.rank];
   const int lane = lane_id();
-  for (int64_t t = global_warp(); t < p.num_tokens; t += total_warps()) {
-    for (int64_t h = int64_t(lane) * Vec; h < hidden; h += kWarpSize * Vec) {
+  const int64_t spans = spans_per_row(hidden, kSpan<Vec>);
+  // The staged rows of token t, in the order they are summed: one per expert rank (reduce at
+  // expert) or one per k (reduce at source); -1 where none.
+  const int terms = p.at_source ? num_topk : num_ranks;
+  for (int64_t item = global_warp(); item < p.num_tokens * spans; item += total_warps()) {
+    const int64_t t = item / spans, span = item % spans;
+    const int64_t end = min(hidden, (span + 1) * kSpan<Vec>);
+    for (int64_t h = span * kSpan<Vec> + int64_t(lane) * Vec; h < end; h += kWarpSize * Vec) {
       Chunk<Vec> acc;
       acc.zero();
-      if (!p.at_source) {
-        for (int r = 0; r < num_ranks; ++r) {
-          if (p.send_slot[t * num_ranks + r] < 0) continue;
-          Chunk<Vec> x;
-          x.load(reinterpret_cast<const uint16_t*>(
-                     layout.row(local, layout.expert_combine_row_index(r, t))) + h);
-          acc.add(x);
+      // kBatch terms loaded before they are summed in order (latency, as in combine_send).
+      for (int i0 = 0; i0 < terms; i0 += kBatch) {
+        Chunk<Vec> x[kBatch];
+        bool present[kBatch];
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+          const int i = i0 + j;
+          present[j] = i < terms && (p.at_source ? p.topk32[t * num_topk + i] >= 0
+                                                 : p.send_slot[t * num_ranks + i] >= 0);
+          if (!present[j]) continue;
+          const int64_t staged = p.at_source ? layout.source_combine_row_index(t, i)
+                                             : layout.expert_combine_row_index(i, t);
+          x[j].load(reinterpret_cast<const uint16_t*>(layout.row(local, staged)) + h);
         }
-      } else {
-        for (int k = 0; k < num_topk; ++k) {
-          if (p.topk32[t * num_topk + k] < 0) continue;
-          Chunk<Vec> x;
-          x.load(reinterpret_cast<const uint16_t*>(
-                     layout.row(local, layout.source_combine_row_index(t, k))) + h);
-          if (p.weighted) {
-            acc.fma(layout.row_weights(local)[t * num_topk + k], x);
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+          if (!present[j]) continue;
+          if (p.at_source && p.weighted) {
+            acc.fma(layout.row_weights(local)[t * num_topk + i0 + j], x[j]);
           } else {
-            acc.add(x);
+            acc.add(x[j]);
           }
         }
       }
@@ -167,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
       }
       acc.store(p.y + t * hidden + h);
     }
-    if (p.scalars_out) {
+    if (span == 0 && p.scalars_out) {
       for (int k = lane; k < num_topk; k += kWarpSize) {
         const int64_t i = t * num_topk + k;
         p.scalars_out[i] = p.topk32[i] >= 0 ? layout.scalars(local)[i] : 0.0f;
