@@ -13,15 +13,6 @@ namespace {
 
 constexpr int kThreads = kBlockThreads;
 constexpr int kBatch = 4;  // rows (or chunks) whose loads are in flight together
-// The reductions hand out (row, span) pairs to warps, a span being kSpanVectors vectors per
-// lane, so a small batch still spreads over every warp (as the copies do, by kChunkBytes).
-constexpr int kSpanVectors = 4;
-template <int Vec>
-constexpr int64_t kSpan = int64_t(kWarpSize) * Vec * kSpanVectors;  // elements
-
-__host__ __device__ inline int64_t spans_per_row(int64_t hidden, int64_t span) {
-  return (hidden + span - 1) / span;
-}
 
 
 // Vec elements of a bf16 row as fp32, and back.
@@ -76,22 +67,26 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
   const int lane = lane_id();
   const int64_t num_recv = p.device_counts[0];
   const bool reduce = p.expand && !p.at_source;
-  const int64_t per_row = reduce ? spans_per_row(hidden, kSpan<Vec>) : chunks_per_row(hidden * 2);
-  for (int64_t item = global_warp(); item < num_recv * per_row; item += total_warps()) {
-    const int64_t n = item / per_row, part = item % per_row;
+  // Rows split into parts over the warps (device_primitives.cuh); a part of a reduction is a
+  // range of elements (bytes / 2), a multiple of 8.
+  const RowParts parts = row_parts(num_recv, hidden * 2);
+  for (int64_t item = global_warp(); item < num_recv * parts.count; item += total_warps()) {
+    const int64_t n = item / parts.count, part = item % parts.count;
     const int32_t g = p.src_token[n];
     const int source = static_cast<int>(g / layout.max_tokens);
     const int64_t token = g % layout.max_tokens;
     char* dst = p.topo.peers[source];
     const int32_t* rows = p.expanded_rows + n * num_topk;
     if (!p.expand) {
-      warp_copy_chunk(layout.row(dst, layout.expert_combine_row_index(rank, token)),
-                      p.x + n * hidden, hidden * 2, part, lane);
+      warp_copy_part(layout.row(dst, layout.expert_combine_row_index(rank, token)),
+                     reinterpret_cast<const char*>(p.x + n * hidden), hidden * 2, parts, part,
+                     lane);
     } else if (reduce) {
       auto* out = reinterpret_cast<uint16_t*>(
           layout.row(dst, layout.expert_combine_row_index(rank, token)));
-      const int64_t end = min(hidden, (part + 1) * kSpan<Vec>);
-      for (int64_t h = part * kSpan<Vec> + int64_t(lane) * Vec; h < end; h += kWarpSize * Vec) {
+      const int64_t end = min(hidden, (part + 1) * parts.bytes / 2);
+      for (int64_t h = part * parts.bytes / 2 + int64_t(lane) * Vec; h < end;
+           h += kWarpSize * Vec) {
         Chunk<Vec> acc;
         acc.zero();
         // Loads of kBatch rows are issued before their (in-order) accumulation: the loop is
@@ -120,8 +115,9 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
       for (int k = 0; k < num_topk; ++k) {
         const int32_t row = rows[k];
         if (row < 0) continue;
-        warp_copy_chunk(layout.row(dst, layout.source_combine_row_index(token, k)),
-                        p.x + int64_t(row) * hidden, hidden * 2, part, lane);
+        warp_copy_part(layout.row(dst, layout.source_combine_row_index(token, k)),
+                       reinterpret_cast<const char*>(p.x + int64_t(row) * hidden), hidden * 2,
+                       parts, part, lane);
         if (part == 0 && lane == 0 && p.weights) {
           layout.row_weights(dst)[token * num_topk + k] = p.weights[row];
         }
@@ -147,14 +143,15 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
   if (!operation_exit_wait(p.topo, kPhaseCombineExit)) return;
   char* local = p.topo.peers[p.topo.rank];
   const int lane = lane_id();
-  const int64_t spans = spans_per_row(hidden, kSpan<Vec>);
+  const RowParts parts = row_parts(p.num_tokens, hidden * 2);
   // The staged rows of token t, in the order they are summed: one per expert rank (reduce at
   // expert) or one per k (reduce at source); -1 where none.
   const int terms = p.at_source ? num_topk : num_ranks;
-  for (int64_t item = global_warp(); item < p.num_tokens * spans; item += total_warps()) {
-    const int64_t t = item / spans, span = item % spans;
-    const int64_t end = min(hidden, (span + 1) * kSpan<Vec>);
-    for (int64_t h = span * kSpan<Vec> + int64_t(lane) * Vec; h < end; h += kWarpSize * Vec) {
+  for (int64_t item = global_warp(); item < p.num_tokens * parts.count; item += total_warps()) {
+    const int64_t t = item / parts.count, part = item % parts.count;
+    const int64_t end = min(hidden, (part + 1) * parts.bytes / 2);
+    for (int64_t h = part * parts.bytes / 2 + int64_t(lane) * Vec; h < end;
+         h += kWarpSize * Vec) {
       Chunk<Vec> acc;
       acc.zero();
       // kBatch terms loaded before they are summed in order (latency, as in combine_send).
@@ -189,7 +186,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
       }
       acc.store(p.y + t * hidden + h);
     }
-    if (span == 0 && p.scalars_out) {
+    if (part == 0 && p.scalars_out) {
       for (int k = lane; k < num_topk; k += kWarpSize) {
         const int64_t i = t * num_topk + k;
         p.scalars_out[i] = p.topk32[i] >= 0 ? layout.scalars(local)[i] : 0.0f;

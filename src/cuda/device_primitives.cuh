@@ -70,46 +70,28 @@ __device__ __forceinline__ void warp_copy(void* dst, const void* src, int64_t by
   }
 }
 
-// Row chunks: the row-moving loops hand out (row, chunk) pairs to warps instead of whole rows,
-// so a small batch still keeps every warp busy (128 rows of 14 KB are 512 chunks for 384 warps
-// instead of 128 rows), and each lane has kChunkVectors 16-byte loads in flight per pass.
-constexpr int kChunkVectors = 8;
-constexpr int64_t kChunkBytes = int64_t(kWarpSize) * kChunkVectors * 16;  // 4 KB
+// Row parts: the row-moving loops hand out (row, part) pairs to warps. With at least as many
+// rows as warps a part is the whole row (a warp streams it with warp_copy, four loads in
+// flight per lane); with fewer, each row splits into enough parts (of >= 512 bytes, a multiple
+// of 16) to keep every warp busy: 128 rows of 14 KB over 384 warps are 3 parts each.
+struct RowParts {
+  int64_t count;  // parts per row
+  int64_t bytes;  // bytes per part (the last one may be shorter)
+};
 
-__host__ __device__ __forceinline__ int64_t chunks_per_row(int64_t row_bytes) {
-  return (row_bytes + kChunkBytes - 1) / kChunkBytes;
+__device__ __forceinline__ RowParts row_parts(int64_t rows, int64_t row_bytes) {
+  const int64_t warps = total_warps();
+  int64_t count = rows >= warps || rows == 0 ? 1 : (warps + rows - 1) / rows;
+  count = max(int64_t(1), min(count, row_bytes / 512));
+  const int64_t bytes = ((row_bytes + count - 1) / count + 15) / 16 * 16;
+  return RowParts{(row_bytes + bytes - 1) / bytes, bytes};
 }
 
-// A warp copies bytes [chunk * kChunkBytes, +kChunkBytes) of a row of `bytes` (clipped at its
-// end): all of a lane's loads are issued before its stores. 2-byte elements when the row is
-// not 16-byte aligned.
-__device__ __forceinline__ void warp_copy_chunk(void* dst, const void* src, int64_t bytes,
-                                                int64_t chunk, int lane) {
-  const bool vector = ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) |
-                        static_cast<uintptr_t>(bytes)) &
-                       15) == 0;
-  if (vector) {
-    const int4* s = static_cast<const int4*>(src);
-    int4* d = static_cast<int4*>(dst);
-    const int64_t n = bytes / 16;
-    const int64_t first = chunk * kWarpSize * kChunkVectors + lane;
-    int4 v[kChunkVectors];
-#pragma unroll
-    for (int j = 0; j < kChunkVectors; ++j) {
-      const int64_t i = first + j * kWarpSize;
-      if (i < n) v[j] = __ldg(s + i);
-    }
-#pragma unroll
-    for (int j = 0; j < kChunkVectors; ++j) {
-      const int64_t i = first + j * kWarpSize;
-      if (i < n) d[i] = v[j];
-    }
-  } else {
-    const uint16_t* s = static_cast<const uint16_t*>(src);
-    uint16_t* d = static_cast<uint16_t*>(dst);
-    const int64_t end = min(bytes, (chunk + 1) * kChunkBytes) / 2;
-    for (int64_t i = chunk * kChunkBytes / 2 + lane; i < end; i += kWarpSize) d[i] = s[i];
-  }
+// A warp copies part `part` of a row (bytes [part * parts.bytes, +parts.bytes), clipped).
+__device__ __forceinline__ void warp_copy_part(char* dst, const char* src, int64_t row_bytes,
+                                               const RowParts& parts, int64_t part, int lane) {
+  const int64_t begin = part * parts.bytes;
+  warp_copy(dst + begin, src + begin, min(parts.bytes, row_bytes - begin), lane);
 }
 
 // A warp zeroes `bytes` (a multiple of 2) at dst.

@@ -16,8 +16,8 @@ namespace {
 constexpr int kThreads = kBlockThreads;
 
 
-// One warp per (token, row chunk): the chunk goes to every destination in order; the warp of
-// chunk 0 also writes the scales and (lanes k < K) the per-k metadata. Block 0 writes the
+// One warp per (token, row part): the part goes to every destination in order; the warp of
+// part 0 also writes the scales and (lanes k < K) the per-k metadata. Block 0 writes the
 // headers and expert counts of a routing dispatch.
 __global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
   const plan::WorkspaceLayout& layout = p.topo.layout;
@@ -42,17 +42,17 @@ __global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
     }
   }
   const int lane = lane_id();
-  const int64_t chunks = chunks_per_row(p.row_bytes);
-  for (int64_t item = global_warp(); routing_ok && item < p.num_tokens * chunks;
+  const RowParts parts = row_parts(p.num_tokens, p.row_bytes);
+  for (int64_t item = global_warp(); routing_ok && item < p.num_tokens * parts.count;
        item += total_warps()) {
-    const int64_t t = item / chunks, chunk = item % chunks;
+    const int64_t t = item / parts.count, part = item % parts.count;
     for (int r = 0; r < num_ranks; ++r) {
       const int32_t slot = p.send_slot[t * num_ranks + r];
       if (slot < 0) continue;
       char* dst = p.topo.peers[r];
-      warp_copy_chunk(layout.row(dst, layout.dispatch_row_index(rank, slot)),
-                      p.x + t * p.row_bytes, p.row_bytes, chunk, lane);
-      if (chunk != 0) continue;  // the row's first chunk carries its scales and metadata
+      warp_copy_part(layout.row(dst, layout.dispatch_row_index(rank, slot)),
+                     p.x + t * p.row_bytes, p.row_bytes, parts, part, lane);
+      if (part != 0) continue;  // the row's first part carries its scales and metadata
       if (p.scales) {
         float* scales = layout.row_scales(dst, rank, slot);
         for (int64_t i = lane; i < p.scales_per_row; i += kWarpSize) {
@@ -204,9 +204,9 @@ __global__ void __launch_bounds__(kThreads) receive_counts_kernel(ReceiveCountsP
   block_receive_counts(p, counts_smem, true, counts);
 }
 
-// One warp per (received token n, row chunk): locate its (source, slot) and copy the chunk of
+// One warp per (received token n, row part): locate its (source, slot) and copy the part of
 // the staged row into its compact row or all of its expanded rows (read once, stored to each);
-// the warp of chunk 0 also fills the handle's per-token entries (routing dispatch) and the
+// the warp of part 0 also fills the handle's per-token entries (routing dispatch) and the
 // scalar outputs. Then the expanded padding rows.
 __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
   extern __shared__ int32_t counts_smem[];
@@ -238,24 +238,24 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
   char* local = p.topo.peers[p.topo.rank];
   const int lane = lane_id();
   const int64_t num_recv = counts.num_recv;
-  const int64_t chunks = chunks_per_row(p.row_bytes);
-  for (int64_t item = global_warp(); item < num_recv * chunks; item += total_warps()) {
-    const int64_t n = item / chunks, chunk = item % chunks;
-    const bool first_chunk = chunk == 0;  // its warp also does the row's per-token entries
+  const RowParts parts = row_parts(num_recv, p.row_bytes);
+  for (int64_t item = global_warp(); item < num_recv * parts.count; item += total_warps()) {
+    const int64_t n = item / parts.count, part = item % parts.count;
+    const bool first_part = part == 0;  // its warp also does the row's per-token entries
     const int s = plan::source_of_received(counts.recv_offsets, num_ranks, n);
     const int64_t slot = n - counts.recv_offsets[s];
     const plan::SlotMeta meta{layout.slot_meta(local, s, slot), num_topk};
     const char* row = layout.row(local, layout.dispatch_row_index(s, slot));
     const float* scales = p.scales_out ? layout.row_scales(local, s, slot) : nullptr;
     // Expanded row of (n, k), or -1; from the metadata in a routing dispatch (the handle's
-    // entry is written by the warp of chunk 0, possibly after this warp reads it).
+    // entry is written by the warp of part 0, possibly after this warp reads it).
     auto expanded_row = [&](int k) -> int64_t {
       if (!p.routing) return p.expanded_rows[n * num_topk + k];
       const int32_t e = meta.local_expert()[k];
       return e >= 0 ? counts.expert_source_offsets[e * num_ranks + s] + meta.expert_slot()[k]
                     : -1;
     };
-    if (p.routing && first_chunk) {
+    if (p.routing && first_part) {
       if (lane == 0) p.src_token[n] = static_cast<int32_t>(s * layout.max_tokens + *meta.token());
       for (int k = lane; k < num_topk; k += kWarpSize) {
         p.recv_topk[n * num_topk + k] = meta.local_expert()[k];
@@ -263,8 +263,8 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
       }
     }
     if (!p.expand) {
-      warp_copy_chunk(p.x_out + n * p.row_bytes, row, p.row_bytes, chunk, lane);
-      if (!first_chunk) continue;
+      warp_copy_part(p.x_out + n * p.row_bytes, row, p.row_bytes, parts, part, lane);
+      if (!first_part) continue;
       for (int64_t i = lane; scales && i < p.scales_per_row; i += kWarpSize) {
         p.scales_out[n * p.scales_per_row + i] = scales[i];
       }
@@ -277,33 +277,35 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
       continue;
     }
     if (p.row_bytes % 16 == 0) {
-      // The chunk of the staged row is loaded once and stored into each of its expanded rows.
+      // The part of the staged row is read once (four 16-byte vectors in flight per lane) and
+      // stored into each of its expanded rows.
       const int4* src = reinterpret_cast<const int4*>(row);
-      const int64_t vectors = p.row_bytes / 16;
-      const int64_t first = chunk * kWarpSize * kChunkVectors + lane;
-      int4 v[kChunkVectors];
+      const int64_t end = min(p.row_bytes, (part + 1) * parts.bytes) / 16;
+      for (int64_t i0 = part * parts.bytes / 16 + lane; i0 < end; i0 += 4 * kWarpSize) {
+        int4 v[4];
 #pragma unroll
-      for (int j = 0; j < kChunkVectors; ++j) {
-        if (first + j * kWarpSize < vectors) v[j] = src[first + j * kWarpSize];
-      }
-      for (int k = 0; k < num_topk; ++k) {
-        const int64_t out_row = expanded_row(k);
-        if (out_row < 0) continue;
-        int4* dst = reinterpret_cast<int4*>(p.x_out + out_row * p.row_bytes);
+        for (int j = 0; j < 4; ++j) {
+          if (i0 + j * kWarpSize < end) v[j] = src[i0 + j * kWarpSize];
+        }
+        for (int k = 0; k < num_topk; ++k) {
+          const int64_t out_row = expanded_row(k);
+          if (out_row < 0) continue;
+          int4* dst = reinterpret_cast<int4*>(p.x_out + out_row * p.row_bytes);
 #pragma unroll
-        for (int j = 0; j < kChunkVectors; ++j) {
-          if (first + j * kWarpSize < vectors) dst[first + j * kWarpSize] = v[j];
+          for (int j = 0; j < 4; ++j) {
+            if (i0 + j * kWarpSize < end) dst[i0 + j * kWarpSize] = v[j];
+          }
         }
       }
     } else {
       for (int k = 0; k < num_topk; ++k) {
         const int64_t out_row = expanded_row(k);
         if (out_row >= 0) {
-          warp_copy_chunk(p.x_out + out_row * p.row_bytes, row, p.row_bytes, chunk, lane);
+          warp_copy_part(p.x_out + out_row * p.row_bytes, row, p.row_bytes, parts, part, lane);
         }
       }
     }
-    if (!first_chunk) continue;
+    if (!first_part) continue;
     for (int k = 0; k < num_topk; ++k) {
       const int64_t out_row = expanded_row(k);
       if (out_row < 0) continue;
