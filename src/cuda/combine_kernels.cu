@@ -12,7 +12,7 @@ namespace epx::cuda {
 namespace {
 
 constexpr int kThreads = kBlockThreads;
-constexpr int kBatch = 4;  // rows (or chunks) whose loads are in flight together
+constexpr int kBatch = 4;  // chunks whose loads are in flight together (backward)
 
 
 // Vec elements of a bf16 row as fp32, and back.
@@ -54,6 +54,82 @@ struct Chunk {
   }
 };
 
+// The same Vec bf16 values still packed (half the registers of a Chunk while a load is in
+// flight); unpacked when summed.
+template <int Vec>
+struct PackedChunk {
+  uint16_t bits[Vec];
+  __device__ __forceinline__ void load(const uint16_t* p) {
+    if constexpr (Vec == 8) {
+      *reinterpret_cast<uint4*>(bits) = *reinterpret_cast<const uint4*>(p);
+    } else {
+#pragma unroll
+      for (int i = 0; i < Vec; ++i) bits[i] = p[i];
+    }
+  }
+  __device__ __forceinline__ Chunk<Vec> unpack() const {
+    Chunk<Vec> out;
+#pragma unroll
+    for (int i = 0; i < Vec; ++i) out.v[i] = plan::bf16_bits_to_float(bits[i]);
+    return out;
+  }
+};
+
+// Row sums, the inner loop of both reductions. A lane covers kReduceSpan positions of the row
+// (h0 + u * kWarpSize * Vec, u < kReduceSpan, those < end) and loads kReduceTerms terms at all
+// of them before summing: up to 8 loads in flight per lane instead of one, which is what
+// bounds these loops (memory latency, not bandwidth). Every element still sums its terms in
+// term order, then the caller adds biases: the numerics of plan/numerics.hpp are unchanged.
+constexpr int kReduceSpan = 4;
+constexpr int kReduceTerms = 2;
+
+template <int Vec>
+struct RowSpan {
+  Chunk<Vec> v[kReduceSpan];
+  int64_t h0, end;
+  __device__ __forceinline__ bool has(int u) const {
+    return h0 + int64_t(u) * kWarpSize * Vec < end;
+  }
+  __device__ __forceinline__ int64_t at(int u) const { return h0 + int64_t(u) * kWarpSize * Vec; }
+};
+
+// term(i, w, weighted) returns term i's row, or null when the term is absent; it sets
+// `weighted` (and `w`) when the term is fma'd with a weight rather than added.
+template <int Vec, typename Term>
+__device__ __forceinline__ void sum_terms(RowSpan<Vec>& acc, int num_terms, Term term) {
+#pragma unroll
+  for (int u = 0; u < kReduceSpan; ++u) acc.v[u].zero();
+  for (int i0 = 0; i0 < num_terms; i0 += kReduceTerms) {
+    PackedChunk<Vec> x[kReduceTerms][kReduceSpan];
+    const uint16_t* rows[kReduceTerms];
+    float weight[kReduceTerms];
+    bool weighted[kReduceTerms];
+#pragma unroll
+    for (int j = 0; j < kReduceTerms; ++j) {
+      weight[j] = 0.0f;
+      weighted[j] = false;
+      rows[j] = i0 + j < num_terms ? term(i0 + j, weight[j], weighted[j]) : nullptr;
+#pragma unroll
+      for (int u = 0; u < kReduceSpan; ++u) {
+        if (rows[j] && acc.has(u)) x[j][u].load(rows[j] + acc.at(u));
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kReduceTerms; ++j) {
+      if (!rows[j]) continue;
+#pragma unroll
+      for (int u = 0; u < kReduceSpan; ++u) {
+        if (!acc.has(u)) continue;
+        if (weighted[j]) {
+          acc.v[u].fma(weight[j], x[j][u].unpack());
+        } else {
+          acc.v[u].add(x[j][u].unpack());
+        }
+      }
+    }
+  }
+}
+
 template <int Vec>
 __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParams p) {
   const plan::WorkspaceLayout& layout = p.topo.layout;
@@ -85,31 +161,21 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
       auto* out = reinterpret_cast<uint16_t*>(
           layout.row(dst, layout.expert_combine_row_index(rank, token)));
       const int64_t end = min(hidden, (part + 1) * parts.bytes / 2);
-      for (int64_t h = part * parts.bytes / 2 + int64_t(lane) * Vec; h < end;
-           h += kWarpSize * Vec) {
-        Chunk<Vec> acc;
-        acc.zero();
-        // Loads of kBatch rows are issued before their (in-order) accumulation: the loop is
-        // bound by memory latency, not bandwidth, when each load waits for the previous add.
-        for (int k0 = 0; k0 < num_topk; k0 += kBatch) {
-          Chunk<Vec> x[kBatch];
-          int32_t row[kBatch];
+      for (int64_t h0 = part * parts.bytes / 2 + int64_t(lane) * Vec; h0 < end;
+           h0 += kReduceSpan * kWarpSize * Vec) {
+        RowSpan<Vec> acc{{}, h0, end};
+        // The token's expanded rows in k order, weighted when weights are given.
+        sum_terms(acc, num_topk, [&](int k, float& w, bool& weighted) -> const uint16_t* {
+          const int32_t row = rows[k];
+          if (row < 0) return nullptr;
+          weighted = p.weights != nullptr;
+          if (weighted) w = p.weights[row];
+          return p.x + int64_t(row) * hidden;
+        });
 #pragma unroll
-          for (int j = 0; j < kBatch; ++j) {
-            row[j] = k0 + j < num_topk ? rows[k0 + j] : -1;
-            if (row[j] >= 0) x[j].load(p.x + int64_t(row[j]) * hidden + h);
-          }
-#pragma unroll
-          for (int j = 0; j < kBatch; ++j) {
-            if (row[j] < 0) continue;
-            if (p.weights) {
-              acc.fma(p.weights[row[j]], x[j]);
-            } else {
-              acc.add(x[j]);
-            }
-          }
+        for (int u = 0; u < kReduceSpan; ++u) {
+          if (acc.has(u)) acc.v[u].store(out + acc.at(u));
         }
-        acc.store(out + h);
       }
     } else {
       for (int k = 0; k < num_topk; ++k) {
@@ -150,41 +216,30 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
   for (int64_t item = global_warp(); item < p.num_tokens * parts.count; item += total_warps()) {
     const int64_t t = item / parts.count, part = item % parts.count;
     const int64_t end = min(hidden, (part + 1) * parts.bytes / 2);
-    for (int64_t h = part * parts.bytes / 2 + int64_t(lane) * Vec; h < end;
-         h += kWarpSize * Vec) {
-      Chunk<Vec> acc;
-      acc.zero();
-      // kBatch terms loaded before they are summed in order (latency, as in combine_send).
-      for (int i0 = 0; i0 < terms; i0 += kBatch) {
-        Chunk<Vec> x[kBatch];
-        bool present[kBatch];
+    for (int64_t h0 = part * parts.bytes / 2 + int64_t(lane) * Vec; h0 < end;
+         h0 += kReduceSpan * kWarpSize * Vec) {
+      RowSpan<Vec> acc{{}, h0, end};
+      sum_terms(acc, terms, [&](int i, float& w, bool& weighted) -> const uint16_t* {
+        const bool present = p.at_source ? p.topk32[t * num_topk + i] >= 0
+                                         : p.send_slot[t * num_ranks + i] >= 0;
+        if (!present) return nullptr;
+        weighted = p.at_source && p.weighted;
+        if (weighted) w = layout.row_weights(local)[t * num_topk + i];
+        const int64_t staged = p.at_source ? layout.source_combine_row_index(t, i)
+                                           : layout.expert_combine_row_index(i, t);
+        return reinterpret_cast<const uint16_t*>(layout.row(local, staged));
+      });
 #pragma unroll
-        for (int j = 0; j < kBatch; ++j) {
-          const int i = i0 + j;
-          present[j] = i < terms && (p.at_source ? p.topk32[t * num_topk + i] >= 0
-                                                 : p.send_slot[t * num_ranks + i] >= 0);
-          if (!present[j]) continue;
-          const int64_t staged = p.at_source ? layout.source_combine_row_index(t, i)
-                                             : layout.expert_combine_row_index(i, t);
-          x[j].load(reinterpret_cast<const uint16_t*>(layout.row(local, staged)) + h);
+      for (int u = 0; u < kReduceSpan; ++u) {
+        if (!acc.has(u)) continue;
+        for (const uint16_t* bias : {p.bias0, p.bias1}) {
+          if (!bias) continue;
+          Chunk<Vec> b;
+          b.load(bias + t * hidden + acc.at(u));
+          acc.v[u].add(b);
         }
-#pragma unroll
-        for (int j = 0; j < kBatch; ++j) {
-          if (!present[j]) continue;
-          if (p.at_source && p.weighted) {
-            acc.fma(layout.row_weights(local)[t * num_topk + i0 + j], x[j]);
-          } else {
-            acc.add(x[j]);
-          }
-        }
+        acc.v[u].store(p.y + t * hidden + acc.at(u));
       }
-      for (const uint16_t* bias : {p.bias0, p.bias1}) {
-        if (!bias) continue;
-        Chunk<Vec> b;
-        b.load(bias + t * hidden + h);
-        acc.add(b);
-      }
-      acc.store(p.y + t * hidden + h);
     }
     if (part == 0 && p.scalars_out) {
       for (int k = lane; k < num_topk; k += kWarpSize) {
