@@ -72,19 +72,30 @@ def from_c(spec):
         base = torch.utils.dlpack.from_dlpack(base)
     torch_dtype = _FROM_EPX[dtype]
     num_bytes = math.prod(shape) * _ELEMENT_SIZE[dtype]
-    flat = base.reshape(-1)[offset:offset + num_bytes]
+    if offset == 0 and base.dim() == 1 and base.numel() == num_bytes:
+        flat = base  # an output with an allocation of its own (the common case): two views
+    else:
+        flat = base.reshape(-1)[offset:offset + num_bytes]
     return flat.view(torch_dtype).view(tuple(shape))
+
+
+_DEVICES = {}  # (kind, index) -> torch.device, made once (allocate runs several times a call)
+_last_stream = [0]  # the stream stream_of() last returned: the one epx's calls run on
 
 
 def allocate(num_bytes, device_kind, device_index, stream):
     """epx's output allocator: raw bytes from PyTorch's allocator, on `stream` for CUDA."""
-    if device_kind == _CUDA:
-        device = torch.device("cuda", device_index)
-    else:
-        device = torch.device("cpu")
+    device = _DEVICES.get((device_kind, device_index))
+    if device is None:
+        device = torch.device("cuda", device_index) if device_kind == _CUDA else torch.device("cpu")
+        _DEVICES[(device_kind, device_index)] = device
     # At least one byte, so that an empty output still has a distinct, valid pointer.
     storage = torch.empty(max(num_bytes, 1), dtype=torch.uint8, device=device)
-    if device_kind == _CUDA and stream and stream != torch.cuda.current_stream(device).cuda_stream:
+    # PyTorch's caching allocator tracks the current stream; an allocation for another stream
+    # must be recorded on it. Every epx call runs on the stream stream_of() just returned, so
+    # the current stream is only queried when the stream differs from that one.
+    if (device_kind == _CUDA and stream and stream != _last_stream[0]
+            and stream != torch.cuda.current_stream(device).cuda_stream):
         storage.record_stream(torch.cuda.ExternalStream(stream, device=device))
     return storage
 
@@ -97,5 +108,6 @@ def torch_device(buffer_device):
 def stream_of(device):
     """The stream epx orders its work on: PyTorch's current stream (0 on the CPU)."""
     if device.type == "cuda":
-        return torch.cuda.current_stream(device).cuda_stream
+        _last_stream[0] = torch.cuda.current_stream(device).cuda_stream
+        return _last_stream[0]
     return 0
