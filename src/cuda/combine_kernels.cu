@@ -130,7 +130,10 @@ __device__ __forceinline__ void sum_terms(RowSpan<Vec>& acc, int num_terms, Term
   }
 }
 
-template <int Vec>
+// Reduce: the expert-side sum of expanded rows (expand, reduce at expert); otherwise rows are
+// copied (compact, or reduce at source). Separate instantiations keep each path's registers
+// to itself (together they spilled).
+template <int Vec, bool Reduce>
 __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParams p) {
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_topk = layout.num_topk;
@@ -142,7 +145,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
   }
   const int lane = lane_id();
   const int64_t num_recv = p.device_counts[0];
-  const bool reduce = p.expand && !p.at_source;
+  constexpr bool reduce = Reduce;
   // Rows split into parts over the warps (device_primitives.cuh); a part of a reduction is a
   // range of elements (bytes / 2), a multiple of 8.
   const RowParts parts = row_parts(num_recv, hidden * 2);
@@ -153,11 +156,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
     const int64_t token = g % layout.max_tokens;
     char* dst = p.topo.peers[source];
     const int32_t* rows = p.expanded_rows + n * num_topk;
-    if (!p.expand) {
-      warp_copy_part(layout.row(dst, layout.expert_combine_row_index(rank, token)),
-                     reinterpret_cast<const char*>(p.x + n * hidden), hidden * 2, parts, part,
-                     lane);
-    } else if (reduce) {
+    if constexpr (reduce) {
       auto* out = reinterpret_cast<uint16_t*>(
           layout.row(dst, layout.expert_combine_row_index(rank, token)));
       const int64_t end = min(hidden, (part + 1) * parts.bytes / 2);
@@ -177,6 +176,10 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
           if (acc.has(u)) acc.v[u].store(out + acc.at(u));
         }
       }
+    } else if (!p.expand) {
+      warp_copy_part(layout.row(dst, layout.expert_combine_row_index(rank, token)),
+                     reinterpret_cast<const char*>(p.x + n * hidden), hidden * 2, parts, part,
+                     lane);
     } else {
       for (int k = 0; k < num_topk; ++k) {
         const int32_t row = rows[k];
@@ -312,10 +315,18 @@ int vector_width(int64_t hidden) { return hidden % 8 == 0 ? 8 : 1; }
 }  // namespace
 
 void launch_combine_send(const CombineSendParams& params, cudaStream_t stream) {
+  const bool reduce = params.expand && !params.at_source;
+  const int blocks = params.num_blocks;
   if (vector_width(params.topo.layout.hidden) == 8) {
-    combine_send_kernel<8><<<params.num_blocks, kThreads, 0, stream>>>(params);
+    if (reduce) {
+      combine_send_kernel<8, true><<<blocks, kThreads, 0, stream>>>(params);
+    } else {
+      combine_send_kernel<8, false><<<blocks, kThreads, 0, stream>>>(params);
+    }
+  } else if (reduce) {
+    combine_send_kernel<1, true><<<blocks, kThreads, 0, stream>>>(params);
   } else {
-    combine_send_kernel<1><<<params.num_blocks, kThreads, 0, stream>>>(params);
+    combine_send_kernel<1, false><<<blocks, kThreads, 0, stream>>>(params);
   }
 }
 

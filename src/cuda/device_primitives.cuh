@@ -42,7 +42,10 @@ __device__ __forceinline__ uint64_t load_acquire_system(const uint64_t* flag) {
 
 // A warp copies `bytes` from src to dst: 16-byte vectors when both are 16-byte aligned and
 // bytes % 16 == 0 (every row the kernels move, for H % 8 == 0), else 2-byte elements.
-// Loads are issued in groups of four before their stores so several are in flight.
+// A lane issues kCopyLoads loads before their stores (a 14 KB row is four passes, the last one
+// partial), so enough bytes are in flight to cover memory latency with 24 SMs.
+constexpr int kCopyLoads = 8;
+
 __device__ __forceinline__ void warp_copy(void* dst, const void* src, int64_t bytes, int lane) {
   const bool vector = ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) |
                         static_cast<uintptr_t>(bytes)) &
@@ -51,18 +54,17 @@ __device__ __forceinline__ void warp_copy(void* dst, const void* src, int64_t by
     const int4* s = static_cast<const int4*>(src);
     int4* d = static_cast<int4*>(dst);
     const int64_t n = bytes / 16;
-    int64_t i = lane;
-    for (; i + 3 * kWarpSize < n; i += 4 * kWarpSize) {
-      const int4 a = __ldg(s + i);
-      const int4 b = __ldg(s + i + kWarpSize);
-      const int4 c = __ldg(s + i + 2 * kWarpSize);
-      const int4 e = __ldg(s + i + 3 * kWarpSize);
-      d[i] = a;
-      d[i + kWarpSize] = b;
-      d[i + 2 * kWarpSize] = c;
-      d[i + 3 * kWarpSize] = e;
+    for (int64_t i = lane; i < n; i += kCopyLoads * kWarpSize) {
+      int4 v[kCopyLoads];
+#pragma unroll
+      for (int j = 0; j < kCopyLoads; ++j) {
+        if (i + j * kWarpSize < n) v[j] = __ldg(s + i + j * kWarpSize);
+      }
+#pragma unroll
+      for (int j = 0; j < kCopyLoads; ++j) {
+        if (i + j * kWarpSize < n) d[i + j * kWarpSize] = v[j];
+      }
     }
-    for (; i < n; i += kWarpSize) d[i] = __ldg(s + i);
   } else {
     const uint16_t* s = static_cast<const uint16_t*>(src);
     uint16_t* d = static_cast<uint16_t*>(dst);
