@@ -46,6 +46,7 @@ run() {  # run NAME COMMAND...: records PASS/FAIL with the exit code and the tim
 }
 
 run "gpu tests (random, graph, errors)" timeout 420 "$build/tests/test_gpu"
+run "device plan vs host plan" timeout 300 "$build/tests/test_gpu_plan"
 if command -v compute-sanitizer >/dev/null; then
   run "compute-sanitizer memcheck" timeout 240 compute-sanitizer --tool memcheck --target-processes all --report-api-errors no \
     --error-exitcode 9 "$build/tests/test_gpu" --gtest_filter=GpuSmall.*

@@ -90,6 +90,9 @@ class CudaEngine final : public Engine {
         rank_(state_.rank),
         num_ranks_(state_.num_ranks) {
     DeviceGuard guard(state_.device);
+    EPX_CHECK(layout_.num_topk <= 2048, kInvalidArgument,
+              "the CUDA transport supports num_topk up to 2048 (" << layout_.num_topk
+                                                                  << " requested)");
     // The counts a receive block keeps in shared memory (without an opt-in to more than 48 KB).
     EPX_CHECK(cuda::receive_counts_smem_bytes(layout_) <= 48 * 1024, kInvalidArgument,
               "the CUDA transport supports up to ~12 000 experts (" << layout_.num_experts
@@ -128,6 +131,11 @@ class CudaEngine final : public Engine {
     rank_counts_ = device_alloc<int32_t>(num_ranks_);
     expert_counts_ = device_alloc<int32_t>(layout_.num_experts);
     plan_status_ = device_alloc<int32_t>(2);
+    plan_tile_counts_ = device_alloc<int32_t>(
+        int64_t(cuda::plan_tiles(layout_.max_tokens, layout_.num_topk)) *
+        (layout_.num_experts + num_ranks_));
+    plan_first_bad_ = device_alloc<unsigned long long>(1);
+    EPX_CUDA_CHECK(cudaMemset(plan_first_bad_, 0xff, sizeof(unsigned long long)));
     EPX_CUDA_CHECK(cudaGetLastError());
     EPX_CUDA_CHECK(cudaDeviceSynchronize());
   }
@@ -136,8 +144,10 @@ class CudaEngine final : public Engine {
     DeviceGuard guard(state_.device);
     cudaDeviceSynchronize();
     for (void* p : {static_cast<void*>(peers_), static_cast<void*>(epoch_),
-                    static_cast<void*>(sync_), static_cast<void*>(failed_), static_cast<void*>(rank_counts_),
-                    static_cast<void*>(expert_counts_), static_cast<void*>(plan_status_)}) {
+                    static_cast<void*>(sync_), static_cast<void*>(failed_),
+                    static_cast<void*>(rank_counts_), static_cast<void*>(expert_counts_),
+                    static_cast<void*>(plan_status_), static_cast<void*>(plan_tile_counts_),
+                    static_cast<void*>(plan_first_bad_)}) {
       if (p) cudaFree(p);
     }
     if (status_) cudaFreeHost(status_);
@@ -177,7 +187,7 @@ class CudaEngine final : public Engine {
                             num_topk, layout_.num_experts, num_ranks_,
                             handle.send_slot.ptr<int32_t>(), handle.expert_slot.ptr<int32_t>(),
                             handle.topk_idx.ptr<int32_t>(), rank_counts_, expert_counts_,
-                            plan_status_};
+                            plan_status_, plan_tile_counts_, plan_first_bad_};
       cuda::launch_plan(plan, stream);
     }
     cuda::SendParams send{};
@@ -477,6 +487,8 @@ class CudaEngine final : public Engine {
   int32_t* rank_counts_ = nullptr;
   int32_t* expert_counts_ = nullptr;
   int32_t* plan_status_ = nullptr;
+  int32_t* plan_tile_counts_ = nullptr;
+  unsigned long long* plan_first_bad_ = nullptr;
 };
 
 }  // namespace

@@ -65,7 +65,8 @@ struct Topology {
 // peers raise kDevicePeerAborted instead of timing out; nothing else of the operation runs.
 void launch_abort(const Topology& topo, cudaStream_t stream);
 
-// Source plan on the device: exactly plan::plan_source (src/plan/source_plan.cpp).
+// Source plan on the device: exactly plan::plan_source (src/plan/source_plan.cpp), tile by
+// tile (cuda/plan_kernels.cu).
 struct PlanParams {
   const void* topk_idx;  // [S, K] int32 or int64
   bool topk_int64;
@@ -77,8 +78,16 @@ struct PlanParams {
   int32_t* rank_counts;    // [R]
   int32_t* expert_counts;  // [E]
   int32_t* plan_status;    // [2]: RoutingStatus, bad value
+  int32_t* tile_counts;    // scratch [plan_tiles][E + R]
+  unsigned long long* first_bad;  // scratch: first invalid entry; ~0 between plans
 };
 void launch_plan(const PlanParams& params, cudaStream_t stream);
+// Tokens per plan tile (a tile holds up to 2048 routing entries, at most 256 tokens), and the
+// tiles a plan of `num_tokens` uses (at least one). The plan needs num_topk <= 2048.
+__host__ __device__ inline int plan_tile_tokens(int32_t num_topk) {
+  return num_topk >= 2048 ? 1 : (2048 / num_topk < 256 ? 2048 / num_topk : 256);
+}
+int plan_tiles(int64_t num_tokens, int32_t num_topk);
 
 // Source side of dispatch, cached dispatch and combine_backward: rows (+ scales, + metadata)
 // into every destination's staging, and (routing dispatch) the headers and expert counts.

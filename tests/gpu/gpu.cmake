@@ -11,3 +11,11 @@ add_executable(bench_gpu ${CMAKE_CURRENT_LIST_DIR}/bench_gpu.cpp
                          ${CMAKE_CURRENT_LIST_DIR}/../cpp/multi_process.cpp)
 target_include_directories(bench_gpu PRIVATE ${PROJECT_SOURCE_DIR}/src ${PROJECT_SOURCE_DIR}/tests)
 target_link_libraries(bench_gpu PRIVATE epx epx_test_common)
+
+# The device routing plan against the host plan (one GPU).
+add_executable(test_gpu_plan ${CMAKE_CURRENT_LIST_DIR}/test_gpu_plan.cpp
+                             ${CMAKE_CURRENT_LIST_DIR}/../cpp/multi_process.cpp)
+target_include_directories(test_gpu_plan PRIVATE ${PROJECT_SOURCE_DIR}/src
+                                                 ${PROJECT_SOURCE_DIR}/tests)
+target_link_libraries(test_gpu_plan PRIVATE epx epx_test_common GTest::gtest_main)
+gtest_discover_tests(test_gpu_plan DISCOVERY_TIMEOUT 60 PROPERTIES TIMEOUT 600)
