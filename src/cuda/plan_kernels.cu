@@ -10,6 +10,8 @@
 //   plan_finish_kernel  one block per tile: adds the counts of the earlier tiles to the tile's
 //                       ranks (slots are counts of earlier tokens, as plan_source defines
 //                       them); the last block writes the totals and the routing status.
+//                       Not launched for a plan of one tile (up to 256 tokens at K = 8): the
+//                       tile kernel finishes it.
 //
 // The previous design (one block per rank and per expert, each scanning every token) took
 // 47 us at 4096 tokens (ncu, base clocks): 257 blocks each walking 8 dependent tiles.
@@ -48,6 +50,35 @@ struct DifferentExpert {
     return (a >> kEntryBits) != (b >> kEntryBits);
   }
 };
+
+// The last tile's block: totals (base + the last tile's counts; base null for a single tile)
+// and the routing status, then the scratch reset for the next plan (graph replays included).
+__device__ void write_totals_and_status(const PlanParams& p, const int32_t* base,
+                                        const int32_t* last) {
+  const int num_experts = p.num_experts, targets = p.num_experts + p.num_ranks;
+  for (int i = threadIdx.x; i < targets; i += kThreads) {
+    // `last` was counted with atomics by this block: read it past L1.
+    const int32_t total = (base ? base[i] : 0) + static_cast<const volatile int32_t*>(last)[i];
+    if (i < num_experts) {
+      p.expert_counts[i] = total;
+    } else {
+      p.rank_counts[i - num_experts] = total;
+    }
+  }
+  if (threadIdx.x != 0) return;
+  const unsigned long long bad = atomicOr(p.first_bad, 0ull);  // the atomics' value, not L1's
+  p.plan_status[0] = bad == ~0ull ? plan::kRoutingOk : plan::kRoutingBadExpert;
+  if (bad != ~0ull) {
+    const int64_t value = p.topk_int64 ? static_cast<const int64_t*>(p.topk_idx)[bad]
+                                       : static_cast<const int32_t*>(p.topk_idx)[bad];
+    p.plan_status[1] = value < INT32_MIN   ? INT32_MIN
+                       : value > INT32_MAX ? INT32_MAX
+                                           : static_cast<int32_t>(value);
+  } else {
+    p.plan_status[1] = 0;
+  }
+  *p.first_bad = ~0ull;
+}
 
 template <typename Index>
 __global__ void __launch_bounds__(kThreads) plan_tiles_kernel(PlanParams p, int sort_bits) {
@@ -146,6 +177,11 @@ __global__ void __launch_bounds__(kThreads) plan_tiles_kernel(PlanParams p, int 
       }
     }
   }
+  // A plan of one tile is complete here (its slots need no base): no finish kernel.
+  if (gridDim.x == 1) {
+    __syncthreads();
+    write_totals_and_status(p, nullptr, counts);
+  }
 }
 
 // Dynamic shared memory: the tile's base per expert and per rank, (E + R) ints.
@@ -160,45 +196,49 @@ __global__ void __launch_bounds__(kThreads) plan_finish_kernel(PlanParams p) {
       max(int64_t(0), min(int64_t(tile_tokens), p.num_tokens - first_token)));
   for (int i = threadIdx.x; i < targets; i += kThreads) {
     int sum = 0;
+#pragma unroll 8
     for (int tile = 0; tile < static_cast<int>(blockIdx.x); ++tile) {
       sum += p.tile_counts[int64_t(tile) * targets + i];
     }
     base[i] = sum;
   }
   __syncthreads();
+  // Every load of a thread is issued before its stores (the loops are latency-bound).
   const int64_t first_entry = first_token * num_topk;
-  for (int i = threadIdx.x; i < tokens * num_topk; i += kThreads) {
-    const int32_t e = p.topk32[first_entry + i];
-    if (e >= 0 && e < num_experts) p.expert_slot[first_entry + i] += base[e];
+  for (int i0 = threadIdx.x; i0 < tokens * num_topk; i0 += kItems * kThreads) {
+    int32_t e[kItems], slot[kItems];
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      const int i = i0 + j * kThreads;
+      if (i >= tokens * num_topk) break;
+      e[j] = p.topk32[first_entry + i];
+      slot[j] = p.expert_slot[first_entry + i];
+    }
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      const int i = i0 + j * kThreads;
+      if (i >= tokens * num_topk) break;
+      if (e[j] >= 0 && e[j] < num_experts) p.expert_slot[first_entry + i] = slot[j] + base[e[j]];
+    }
   }
-  for (int i = threadIdx.x; i < tokens * num_ranks; i += kThreads) {
-    int32_t& slot = p.send_slot[first_token * num_ranks + i];
-    if (slot >= 0) slot += base[num_experts + i % num_ranks];
+  for (int i0 = threadIdx.x; i0 < tokens * num_ranks; i0 += kItems * kThreads) {
+    int32_t slot[kItems];
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      const int i = i0 + j * kThreads;
+      if (i < tokens * num_ranks) slot[j] = p.send_slot[first_token * num_ranks + i];
+    }
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      const int i = i0 + j * kThreads;
+      if (i < tokens * num_ranks && slot[j] >= 0) {
+        p.send_slot[first_token * num_ranks + i] = slot[j] + base[num_experts + i % num_ranks];
+      }
+    }
   }
   if (blockIdx.x != gridDim.x - 1) return;
-  const int32_t* last = p.tile_counts + int64_t(blockIdx.x) * targets;
-  for (int i = threadIdx.x; i < targets; i += kThreads) {
-    const int32_t total = base[i] + last[i];
-    if (i < num_experts) {
-      p.expert_counts[i] = total;
-    } else {
-      p.rank_counts[i - num_experts] = total;
-    }
-  }
-  if (threadIdx.x == 0) {
-    const unsigned long long bad = *p.first_bad;
-    p.plan_status[0] = bad == ~0ull ? plan::kRoutingOk : plan::kRoutingBadExpert;
-    if (bad != ~0ull) {
-      const int64_t value = p.topk_int64 ? static_cast<const int64_t*>(p.topk_idx)[bad]
-                                         : static_cast<const int32_t*>(p.topk_idx)[bad];
-      p.plan_status[1] = value < INT32_MIN   ? INT32_MIN
-                         : value > INT32_MAX ? INT32_MAX
-                                             : static_cast<int32_t>(value);
-    } else {
-      p.plan_status[1] = 0;
-    }
-    *p.first_bad = ~0ull;  // ready for the next plan (graph replays included)
-  }
+  __syncthreads();
+  write_totals_and_status(p, base, p.tile_counts + int64_t(blockIdx.x) * targets);
 }
 
 template <typename Index>
@@ -207,6 +247,7 @@ void launch(const PlanParams& p, cudaStream_t stream) {
   while ((1 << (sort_bits - kEntryBits)) <= p.num_experts) ++sort_bits;
   const int tiles = plan_tiles(p.num_tokens, p.num_topk);
   plan_tiles_kernel<Index><<<tiles, kThreads, 0, stream>>>(p, sort_bits);
+  if (tiles == 1) return;
   const size_t smem = sizeof(int32_t) * (p.num_experts + p.num_ranks);
   plan_finish_kernel<Index><<<tiles, kThreads, smem, stream>>>(p);
 }
