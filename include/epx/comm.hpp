@@ -1,6 +1,8 @@
 // The communicator a Buffer runs over: which ranks take part and which transport joins them.
 //   - host: one process per rank, POSIX shared memory (works everywhere, no GPU needed);
-//   - cuda: an NCCL communicator whose symmetric windows give NVLink load/store access to peers.
+//   - cuda: an NCCL communicator whose symmetric windows give NVLink load/store access to peers;
+//   - cuda, local group: ranks that are threads of one process, each on a CUDA device of its
+//     choice (peer access between devices; several ranks may share one device).
 #pragma once
 
 #include <array>
@@ -21,8 +23,22 @@ struct UniqueId {
 };
 
 namespace detail {
-struct CommState;  // transport-specific state, defined in src/
+struct CommState;       // transport-specific state, defined in src/
+struct LocalGroupState;
 }
+
+// The ranks of a process-local CUDA group (Comm::cuda_local): made once, shared by the rank
+// threads. Every collective setup and teardown (buffer creation and destruction) waits for all
+// ranks at most `timeout_seconds`, then raises kTimeout naming the rank.
+class LocalGroup {
+ public:
+  explicit LocalGroup(int num_ranks, double timeout_seconds = 100.0);
+  int num_ranks() const;
+  const std::shared_ptr<detail::LocalGroupState>& state() const { return state_; }
+
+ private:
+  std::shared_ptr<detail::LocalGroupState> state_;
+};
 
 class Comm {
  public:
@@ -35,6 +51,12 @@ class Comm {
   static Comm nccl(int rank, int num_ranks, const UniqueId& id, int cuda_device);
   // Wraps a communicator the caller owns (it must outlive every Buffer built on it).
   static Comm nccl(ncclComm* comm, int cuda_device);
+  // CUDA transport for a rank that is a thread of this process (LocalGroup). Ranks of one
+  // group may share a device (how the GPU tests run several ranks on one GPU); ranks on
+  // different devices need peer access between them. Each rank thread orders its work on a
+  // stream of its own (a non-blocking one: the legacy default stream would wait for the
+  // other ranks' kernels, which wait for this rank).
+  static Comm cuda_local(const LocalGroup& group, int rank, int cuda_device);
   static bool cuda_available();  // built with CUDA and at least one device visible
 
   int rank() const;

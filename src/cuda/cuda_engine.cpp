@@ -1,17 +1,15 @@
-// The CUDA transport: the protocol of docs/protocol.md over an NCCL symmetric window (NVLink
-// loads and stores into peers' workspaces), one stream-ordered sequence of kernels per
+// The CUDA transport: the protocol of docs/protocol.md over a symmetric workspace (an NCCL
+// window, or a local group's cudaMalloc'd workspaces: cuda/peer_workspace.hpp; NVLink loads
+// and stores into peers' workspaces), one stream-ordered sequence of kernels per
 // operation. Host synchronisation happens only where the caller asks for it (sync_counts, or
 // Buffer::synchronize), so sync_counts=false operations can be captured in a CUDA graph.
-#include <nccl.h>
-#include <nccl_device.h>
-
 #include <cstring>
 #include <sstream>
 
 #include "core/engine.hpp"
 #include "cuda/cuda_check.hpp"
 #include "cuda/kernels.hpp"
-#include "cuda/nccl_comm.hpp"
+#include "cuda/peer_workspace.hpp"
 #include "plan/routing.hpp"
 
 namespace epx::detail {
@@ -101,26 +99,8 @@ class CudaEngine final : public Engine {
     EPX_CUDA_CHECK(cudaGetDeviceProperties(&properties, state_.device));
     num_blocks_ = context.config.num_sms > 0 ? context.config.num_sms
                                              : std::min(24, properties.multiProcessorCount);
-    const size_t bytes = static_cast<size_t>(layout_.total_bytes());
-    EPX_NCCL_CHECK(ncclMemAlloc(&workspace_, bytes));
-    EPX_CUDA_CHECK(cudaMemset(workspace_, 0, bytes));
-    EPX_CUDA_CHECK(cudaDeviceSynchronize());
-    EPX_NCCL_CHECK(
-        ncclCommWindowRegister(state_.comm, workspace_, bytes, &window_, NCCL_WIN_COLL_SYMMETRIC));
-    ncclDevCommRequirements requirements = {};
-    requirements.lsaBarrierCount = 1;
-    EPX_NCCL_CHECK(ncclDevCommCreate(state_.comm, &requirements, &dev_comm_));
-    EPX_CHECK(dev_comm_.lsaSize == num_ranks_, kInvalidArgument,
-              "the CUDA transport needs every rank in one NVLink domain: " << dev_comm_.lsaSize
-                                                                           << " of " << num_ranks_
-                                                                           << " ranks are");
-    // The kernels index peers by communicator rank through ncclGetLsaPointer, which takes the
-    // LSA rank: with every rank in one LSA team the two agree, checked here once.
-    EPX_CHECK(dev_comm_.lsaRank == rank_, kInternal,
-              "rank " << rank_ << " has LSA rank " << dev_comm_.lsaRank
-                      << "; the CUDA transport expects them equal");
-    peers_ = device_alloc<char*>(num_ranks_);
-    cuda::fetch_peer_pointers(window_, num_ranks_, peers_, nullptr);
+    workspace_ = state_.open_workspace(static_cast<size_t>(layout_.total_bytes()));
+    peers_ = workspace_->device_peers();
     epoch_ = device_alloc<uint64_t>(1);
     sync_ = device_alloc<cuda::OperationSync>(1);
     failed_ = device_alloc<int32_t>(1);
@@ -143,8 +123,8 @@ class CudaEngine final : public Engine {
   ~CudaEngine() override {
     DeviceGuard guard(state_.device);
     cudaDeviceSynchronize();
-    for (void* p : {static_cast<void*>(peers_), static_cast<void*>(epoch_),
-                    static_cast<void*>(sync_), static_cast<void*>(failed_),
+    for (void* p : {static_cast<void*>(epoch_), static_cast<void*>(sync_),
+                    static_cast<void*>(failed_),
                     static_cast<void*>(rank_counts_), static_cast<void*>(expert_counts_),
                     static_cast<void*>(plan_status_), static_cast<void*>(plan_tile_counts_),
                     static_cast<void*>(plan_first_bad_)}) {
@@ -152,9 +132,7 @@ class CudaEngine final : public Engine {
     }
     if (status_) cudaFreeHost(status_);
     if (host_counts_) cudaFreeHost(host_counts_);
-    ncclDevCommDestroy(state_.comm, &dev_comm_);
-    if (window_) ncclCommWindowDeregister(state_.comm, window_);
-    if (workspace_) ncclMemFree(workspace_);
+    workspace_.reset();  // collective (NCCL window, or the local group's rendezvous)
   }
 
   Device device() const override { return Device::cuda(state_.device); }
@@ -473,10 +451,8 @@ class CudaEngine final : public Engine {
   int32_t rank_;
   int32_t num_ranks_;
   int num_blocks_ = 24;
-  void* workspace_ = nullptr;
-  ncclWindow_t window_ = nullptr;
-  ncclDevComm dev_comm_{};
-  char** peers_ = nullptr;
+  std::unique_ptr<PeerWorkspace> workspace_;
+  char* const* peers_ = nullptr;
   uint64_t* epoch_ = nullptr;
   cuda::OperationSync* sync_ = nullptr;
   int32_t* failed_ = nullptr;

@@ -7,7 +7,7 @@
 namespace epx {
 
 namespace detail {
-CudaCommState::~CudaCommState() {
+NcclCommState::~NcclCommState() {
   if (owned && comm) ncclCommDestroy(comm);
 }
 }  // namespace detail
@@ -27,7 +27,7 @@ Comm Comm::nccl(int rank, int num_ranks, const UniqueId& id, int cuda_device) {
   EPX_CUDA_CHECK(cudaSetDevice(cuda_device));
   ncclUniqueId nccl_id;
   std::memcpy(&nccl_id, id.bytes.data(), sizeof(nccl_id));
-  auto state = std::make_shared<detail::CudaCommState>();
+  auto state = std::make_shared<detail::NcclCommState>();
   EPX_NCCL_CHECK(ncclCommInitRank(&state->comm, num_ranks, nccl_id, rank));
   state->owned = true;
   state->device = cuda_device;
@@ -38,7 +38,7 @@ Comm Comm::nccl(int rank, int num_ranks, const UniqueId& id, int cuda_device) {
 
 Comm Comm::nccl(ncclComm* comm, int cuda_device) {
   EPX_CHECK(comm != nullptr, kInvalidArgument, "the NCCL communicator must not be null");
-  auto state = std::make_shared<detail::CudaCommState>();
+  auto state = std::make_shared<detail::NcclCommState>();
   state->comm = comm;
   state->device = cuda_device;
   EPX_NCCL_CHECK(ncclCommUserRank(comm, &state->rank));

@@ -1,19 +1,18 @@
-// CUDA transport communicator: an NCCL communicator (created by epx from a unique id, or the
-// caller's) on one CUDA device per rank.
+// CUDA transport over NCCL: a communicator (created by epx from a unique id, or the caller's)
+// on one CUDA device per rank; workspaces are NCCL symmetric windows (nccl_workspace.cpp).
 #pragma once
 
 #include <nccl.h>
 
-#include "core/comm_state.hpp"
+#include "cuda/peer_workspace.hpp"
 
 namespace epx::detail {
 
-struct CudaCommState final : CommState {
+struct NcclCommState final : CudaCommState {
   ncclComm_t comm = nullptr;
-  int device = 0;
   bool owned = false;  // created by epx (destroyed with the last Comm copy)
-  Transport transport() const override { return Transport::kCuda; }
-  ~CudaCommState() override;
+  std::unique_ptr<PeerWorkspace> open_workspace(size_t bytes) override;
+  ~NcclCommState() override;
 };
 
 }  // namespace epx::detail

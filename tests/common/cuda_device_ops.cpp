@@ -27,12 +27,19 @@ RankContext open_rank(int rank, int num_ranks, const std::string& id_file) {
 DeviceOps cuda_device_ops(int device, void* stream) {
   DeviceOps ops;
   ops.stream = stream;
-  ops.upload = [device](const void* host, size_t bytes) {
+  // Stream-ordered throughout: no call here waits for other streams' work (ranks that share a
+  // device spin in kernels that wait for each other; a cudaFree or a legacy-stream copy would
+  // wait for them).
+  ops.upload = [device, stream](const void* host, size_t bytes) {
     check_cuda(cudaSetDevice(device), "cudaSetDevice");
+    auto s = static_cast<cudaStream_t>(stream);
     void* memory = nullptr;
-    check_cuda(cudaMalloc(&memory, bytes > 0 ? bytes : 16), "cudaMalloc");
-    if (bytes) check_cuda(cudaMemcpy(memory, host, bytes, cudaMemcpyHostToDevice), "upload");
-    return std::shared_ptr<void>(memory, [](void* p) { cudaFree(p); });
+    check_cuda(cudaMallocAsync(&memory, bytes > 0 ? bytes : 16, s), "cudaMallocAsync");
+    if (bytes) {
+      check_cuda(cudaMemcpyAsync(memory, host, bytes, cudaMemcpyHostToDevice, s), "upload");
+    }
+    check_cuda(cudaStreamSynchronize(s), "upload sync");
+    return std::shared_ptr<void>(memory, [s](void* p) { cudaFreeAsync(p, s); });
   };
   ops.download = [stream](void* host, const void* device_memory, size_t bytes) {
     auto s = static_cast<cudaStream_t>(stream);
@@ -42,11 +49,30 @@ DeviceOps cuda_device_ops(int device, void* stream) {
   return ops;
 }
 
+TinyInputs tiny_inputs(const Buffer& buffer, int rank, int64_t bad_expert, int device,
+                       void* stream) {
+  const BufferConfig& c = buffer.config();
+  const int64_t tokens = kTinyTokens;
+  std::vector<uint16_t> x(tokens * c.hidden);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<uint16_t>(0x3f80 + i % 61);
+  std::vector<int64_t> topk(tokens * c.num_topk);
+  for (size_t i = 0; i < topk.size(); ++i) topk[i] = (i * 7 + rank) % c.num_experts;
+  if (bad_expert != 0) topk[1] = bad_expert;
+  const DeviceOps ops = cuda_device_ops(device, stream);
+  TinyInputs in;
+  in.x = ops.upload(x.data(), x.size() * 2);
+  in.topk = ops.upload(topk.data(), topk.size() * 8);
+  in.view.x = TensorView(in.x.get(), DType::kBFloat16, {tokens, c.hidden}, buffer.device());
+  in.view.topk_idx = TensorView(in.topk.get(), DType::kInt64, {tokens, c.num_topk},
+                                buffer.device());
+  return in;
+}
+
 std::shared_ptr<Allocator> poisoned_cuda_allocator() {
-  return std::make_shared<PoisonAllocator>(default_allocator(), [](void* p, size_t bytes) {
-    check_cuda(cudaDeviceSynchronize(), "poison sync");
-    check_cuda(cudaMemset(p, kPoisonByte, bytes), "poison");
-    check_cuda(cudaDeviceSynchronize(), "poison sync");
+  return std::make_shared<PoisonAllocator>(default_allocator(), [](void* p, size_t bytes,
+                                                                   void* stream) {
+    check_cuda(cudaMemsetAsync(p, kPoisonByte, bytes, static_cast<cudaStream_t>(stream)),
+               "poison");
   });
 }
 

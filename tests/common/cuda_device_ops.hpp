@@ -9,6 +9,7 @@
 #include <string>
 
 #include "common/scenario.hpp"
+#include "epx/buffer.hpp"
 #include "epx/comm.hpp"
 
 namespace epx::testing {
@@ -25,6 +26,16 @@ int count_cuda_devices();
 
 // Raises epx::Error(kTransport) naming `what` when a CUDA call failed.
 void check_cuda(cudaError_t status, const char* what);
+
+// A tiny routing dispatch (kTinyTokens tokens) for the error and timeout tests: its inputs on
+// `device`, uploaded on `stream`; topk_idx[0][1] = bad_expert when that is non-zero.
+constexpr int64_t kTinyTokens = 4;
+struct TinyInputs {
+  std::shared_ptr<void> x, topk;
+  DispatchInputs view;
+};
+TinyInputs tiny_inputs(const Buffer& buffer, int rank, int64_t bad_expert, int device,
+                       void* stream);
 
 // What a rank process of a GPU test or benchmark needs: its device (the rank's ordinal), a
 // stream and an NCCL communicator made from the unique id rank 0 writes to `id_file`.

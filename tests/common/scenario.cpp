@@ -208,7 +208,7 @@ DeviceOps host_device_ops() {
 Tensor PoisonAllocator::allocate(DType dtype, const std::vector<int64_t>& shape, Device device,
                                  void* stream) {
   Tensor tensor = inner_->allocate(dtype, shape, device, stream);
-  if (tensor.view.nbytes() > 0) fill_(tensor.view.data, tensor.view.nbytes());
+  if (tensor.view.nbytes() > 0) fill_(tensor.view.data, tensor.view.nbytes(), stream);
   return tensor;
 }
 

@@ -26,15 +26,16 @@ DeviceOps host_device_ops();
 // fp32 values, int32 0x7f7f7f7f), so an element the transport forgot to write cannot pass.
 class PoisonAllocator : public Allocator {
  public:
+  // fill(memory, bytes, stream) poisons a fresh allocation, ordered on the allocation's stream.
   PoisonAllocator(std::shared_ptr<Allocator> inner,
-                  std::function<void(void* device, size_t bytes)> fill)
+                  std::function<void(void* device, size_t bytes, void* stream)> fill)
       : inner_(std::move(inner)), fill_(std::move(fill)) {}
   Tensor allocate(DType dtype, const std::vector<int64_t>& shape, Device device,
                   void* stream) override;
 
  private:
   std::shared_ptr<Allocator> inner_;
-  std::function<void(void*, size_t)> fill_;
+  std::function<void(void*, size_t, void*)> fill_;
 };
 constexpr unsigned char kPoisonByte = 0x7f;
 

@@ -12,7 +12,7 @@ namespace epx::testing {
 
 inline std::shared_ptr<Allocator> poisoned_host_allocator() {
   return std::make_shared<PoisonAllocator>(
-      default_allocator(), [](void* p, size_t n) { std::memset(p, kPoisonByte, n); });
+      default_allocator(), [](void* p, size_t n, void*) { std::memset(p, kPoisonByte, n); });
 }
 
 }  // namespace epx::testing

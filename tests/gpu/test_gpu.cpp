@@ -204,9 +204,6 @@ TEST(GpuGraph, CaptureAndReplay) {
   EXPECT_EQ(failures(outcomes), "");
 }
 
-// Tokens of the tiny dispatch the error tests make; their buffers are sized for at least this.
-constexpr int64_t kTinyTokens = 4;
-
 // The expected error on every rank, then a valid scenario on the same buffer.
 void expect_all_raise(int n, ErrorCode code, const std::string& needle,
                       const std::function<void(Buffer&, int, cudaStream_t)>& bad) {
@@ -232,30 +229,6 @@ void expect_all_raise(int n, ErrorCode code, const std::string& needle,
   EXPECT_EQ(failures(outcomes), "");
 }
 
-// Device tensors for a tiny routing dispatch.
-struct TinyInputs {
-  std::shared_ptr<void> x, topk;
-  DispatchInputs view;
-};
-
-TinyInputs tiny_inputs(const Buffer& buffer, int rank, int64_t bad_expert) {
-  const BufferConfig& c = buffer.config();
-  const int64_t tokens = kTinyTokens;
-  std::vector<uint16_t> x(tokens * c.hidden);
-  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<uint16_t>(0x3f80 + i % 61);
-  std::vector<int64_t> topk(tokens * c.num_topk);
-  for (size_t i = 0; i < topk.size(); ++i) topk[i] = (i * 7 + rank) % c.num_experts;
-  if (bad_expert != 0) topk[1] = bad_expert;
-  const DeviceOps ops = cuda_device_ops(rank, nullptr);
-  TinyInputs in;
-  in.x = ops.upload(x.data(), x.size() * 2);
-  in.topk = ops.upload(topk.data(), topk.size() * 8);
-  in.view.x = TensorView(in.x.get(), DType::kBFloat16, {tokens, c.hidden}, buffer.device());
-  in.view.topk_idx = TensorView(in.topk.get(), DType::kInt64, {tokens, c.num_topk},
-                                buffer.device());
-  return in;
-}
-
 TEST(GpuErrors, InvalidRoutingOnOneRankRaisesEverywhere) {
   REQUIRE_GPUS(1);
   const int n = fixed_ranks();  // the last rank passes the bad value
@@ -263,7 +236,7 @@ TEST(GpuErrors, InvalidRoutingOnOneRankRaisesEverywhere) {
                    "rank " + std::to_string(n - 1) + " passed topk_idx value",
                    [n](Buffer& b, int rank, cudaStream_t stream) {
                      TinyInputs in =
-                         tiny_inputs(b, rank, rank == n - 1 ? b.config().num_experts : 0);
+                         tiny_inputs(b, rank, rank == n - 1 ? b.config().num_experts : 0, rank, stream);
                      b.dispatch(in.view, DispatchOptions{}, stream);
                    });
 }
@@ -271,7 +244,7 @@ TEST(GpuErrors, InvalidRoutingOnOneRankRaisesEverywhere) {
 TEST(GpuErrors, BadInputOnOneRankAbortsThePeer) {
   REQUIRE_GPUS(2);
   expect_all_raise(2, ErrorCode::kInvalidArgument, "", [](Buffer& b, int rank, cudaStream_t stream) {
-    TinyInputs in = tiny_inputs(b, rank, 0);
+    TinyInputs in = tiny_inputs(b, rank, 0, rank, stream);
     if (rank == 0) in.view.x.dtype = DType::kFloat32;
     b.dispatch(in.view, DispatchOptions{}, stream);
   });
@@ -281,7 +254,7 @@ TEST(GpuErrors, WrongDeviceTensor) {
   REQUIRE_GPUS(1);
   expect_all_raise(fixed_ranks(), ErrorCode::kInvalidArgument, "must be on cuda",
                    [](Buffer& b, int rank, cudaStream_t stream) {
-                     TinyInputs in = tiny_inputs(b, rank, 0);
+                     TinyInputs in = tiny_inputs(b, rank, 0, rank, stream);
                      in.view.x.device = Device::cpu();
                      b.dispatch(in.view, DispatchOptions{}, stream);
                    });
@@ -301,7 +274,7 @@ TEST(GpuTimeout, MissingPeerTimesOut) {
       std::this_thread::sleep_for(std::chrono::seconds(6));  // alive, but never arrives
       return "";
     }
-    TinyInputs in = tiny_inputs(buffer, rank, 0);
+    TinyInputs in = tiny_inputs(buffer, rank, 0, rank, ctx.stream);
     const auto start = std::chrono::steady_clock::now();
     try {
       buffer.dispatch(in.view, DispatchOptions{}, ctx.stream);
