@@ -47,18 +47,21 @@ run() {  # run NAME COMMAND...: records PASS/FAIL with the exit code and the tim
 
 run "gpu tests (random, graph, errors)" timeout 420 "$build/tests/test_gpu"
 run "device plan vs host plan" timeout 300 "$build/tests/test_gpu_plan"
+run "thread ranks (R=2,3,4,8 on one GPU)" timeout 300 "$build/tests/test_gpu_threads"
 if command -v compute-sanitizer >/dev/null; then
   run "compute-sanitizer memcheck" timeout 240 compute-sanitizer --tool memcheck --target-processes all --report-api-errors no \
     --error-exitcode 9 "$build/tests/test_gpu" --gtest_filter=GpuSmall.*
   run "compute-sanitizer racecheck" timeout 240 compute-sanitizer --tool racecheck --target-processes all \
     --error-exitcode 9 "$build/tests/test_gpu" --gtest_filter=GpuSmall.*
+  run "compute-sanitizer memcheck, threads" timeout 240 compute-sanitizer --tool memcheck --target-processes all --report-api-errors no \
+    --error-exitcode 9 "$build/tests/test_gpu_threads" --gtest_filter=GpuThreadsSmall.*
 fi
 # First-look timings (every visible GPU one rank): the headline case, then the small one.
 run "bench 4096 x 7168, top-8 of 256, 24 SMs" timeout 150 "$build/tests/bench_gpu"
 run "bench 128 x 7168, top-8 of 256, 24 SMs" timeout 90 "$build/tests/bench_gpu" --tokens 128
 run "demo (default: GPUs when present)" timeout 120 "$build/examples/epx-demo"
 run "demo, host transport" timeout 120 "$build/examples/epx-demo" --transport host
-run "host tests (same build)" bash -c "cd '$build' && ctest -R 'Host|Plan|Reference' -j 8 --output-on-failure | tail -n 3"
+run "host tests (same build)" bash -c "cd '$build' && ctest -R 'Host|Plan|Reference|ThreadGroup' -j 8 --output-on-failure | tail -n 3"
 
 echo "== gpu-check summary $(date -u +%FT%TZ): $gpus x ${gpu_name:-no GPU}, driver ${driver:-?}, NCCL ${nccl_version:-?}"
 printf '%s\n' "${results[@]}"

@@ -1,7 +1,7 @@
 // The communicator a Buffer runs over: which ranks take part and which transport joins them.
 //   - host: one process per rank, POSIX shared memory (works everywhere, no GPU needed);
 //   - cuda: an NCCL communicator whose symmetric windows give NVLink load/store access to peers;
-//   - cuda, local group: ranks that are threads of one process, each on a CUDA device of its
+//   - cuda, thread group: ranks that are threads of one process, each on a CUDA device of its
 //     choice (peer access between devices; several ranks may share one device).
 #pragma once
 
@@ -23,21 +23,27 @@ struct UniqueId {
 };
 
 namespace detail {
-struct CommState;       // transport-specific state, defined in src/
-struct LocalGroupState;
-}
+struct CommState;         // transport-specific state, defined in src/
+struct ThreadGroupState;  // the rendezvous of a ThreadGroup, defined in src/
+}  // namespace detail
 
-// The ranks of a process-local CUDA group (Comm::cuda_local): made once, shared by the rank
-// threads. Every collective setup and teardown (buffer creation and destruction) waits for all
-// ranks at most `timeout_seconds`, then raises kTimeout naming the rank.
-class LocalGroup {
+// The ranks of a CUDA group whose ranks are threads of this process (Comm::cuda_threads).
+// Made once with the number of ranks and handed to every rank thread; copies share one state.
+// Buffers on such ranks are created and destroyed collectively (every rank, in the same order):
+// setup and teardown wait for every rank at most `timeout_seconds`, then raise kTimeout naming
+// the ranks that did not arrive. After such a timeout the group is unusable (later buffer
+// setups and teardowns raise at once); make a new one.
+class ThreadGroup {
  public:
-  explicit LocalGroup(int num_ranks, double timeout_seconds = 100.0);
+  static ThreadGroup create(int num_ranks, double timeout_seconds = 100.0);
   int num_ranks() const;
-  const std::shared_ptr<detail::LocalGroupState>& state() const { return state_; }
+  double timeout_seconds() const;
+  const std::shared_ptr<detail::ThreadGroupState>& state() const { return state_; }
 
  private:
-  std::shared_ptr<detail::LocalGroupState> state_;
+  explicit ThreadGroup(std::shared_ptr<detail::ThreadGroupState> state)
+      : state_(std::move(state)) {}
+  std::shared_ptr<detail::ThreadGroupState> state_;
 };
 
 class Comm {
@@ -51,12 +57,19 @@ class Comm {
   static Comm nccl(int rank, int num_ranks, const UniqueId& id, int cuda_device);
   // Wraps a communicator the caller owns (it must outlive every Buffer built on it).
   static Comm nccl(ncclComm* comm, int cuda_device);
-  // CUDA transport for a rank that is a thread of this process (LocalGroup). Ranks of one
-  // group may share a device (how the GPU tests run several ranks on one GPU); ranks on
-  // different devices need peer access between them. Each rank thread orders its work on a
-  // stream of its own (a non-blocking one: the legacy default stream would wait for the
-  // other ranks' kernels, which wait for this rank).
-  static Comm cuda_local(const LocalGroup& group, int rank, int cuda_device);
+  // CUDA transport for rank `rank` of a ThreadGroup, running on `cuda_device` (set current
+  // for the calling thread). Each rank's workspace is a cudaMalloc on its device; ranks on
+  // different devices reach each other through peer access (the buffer raises where two
+  // devices cannot), ranks may also share a device. Rules for the rank threads, since ranks'
+  // kernels wait for each other on the device:
+  //   - issue work on a stream made with cudaStreamNonBlocking: the legacy default stream (and
+  //     cudaMemset, cudaMemcpy without Async) waits for every blocking stream's kernels;
+  //   - between operations, never wait for the whole device (cudaDeviceSynchronize, cudaFree,
+  //     cudaHostAlloc): that waits for a peer's kernels, which may wait for this rank's next
+  //     operation. Use stream-ordered calls (cudaMallocAsync, cudaFreeAsync, cudaMemcpyAsync)
+  //     and cudaStreamSynchronize;
+  //   - ranks sharing a device must fit on it at once: BufferConfig::num_sms blocks each.
+  static Comm cuda_threads(const ThreadGroup& group, int rank, int cuda_device);
   static bool cuda_available();  // built with CUDA and at least one device visible
 
   int rank() const;

@@ -46,7 +46,7 @@ Comm Comm::nccl(int, int, const UniqueId&, int) {
 Comm Comm::nccl(ncclComm*, int) {
   EPX_FAIL(kInvalidArgument, "epx was built without CUDA: the cuda transport is unavailable");
 }
-Comm Comm::cuda_local(const LocalGroup&, int, int) {
+Comm Comm::cuda_threads(const ThreadGroup&, int, int) {
   EPX_FAIL(kInvalidArgument, "epx was built without CUDA: the cuda transport is unavailable");
 }
 bool Comm::cuda_available() { return false; }

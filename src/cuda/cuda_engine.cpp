@@ -1,5 +1,5 @@
 // The CUDA transport: the protocol of docs/protocol.md over a symmetric workspace (an NCCL
-// window, or a local group's cudaMalloc'd workspaces: cuda/peer_workspace.hpp; NVLink loads
+// window, or a thread group's cudaMalloc'd workspaces: cuda/peer_workspace.hpp; NVLink loads
 // and stores into peers' workspaces), one stream-ordered sequence of kernels per
 // operation. Host synchronisation happens only where the caller asks for it (sync_counts, or
 // Buffer::synchronize), so sync_counts=false operations can be captured in a CUDA graph.
@@ -9,7 +9,7 @@
 #include "core/engine.hpp"
 #include "cuda/cuda_check.hpp"
 #include "cuda/kernels.hpp"
-#include "cuda/peer_workspace.hpp"
+#include "cuda/cuda_comm.hpp"
 #include "plan/routing.hpp"
 
 namespace epx::detail {
@@ -99,8 +99,6 @@ class CudaEngine final : public Engine {
     EPX_CUDA_CHECK(cudaGetDeviceProperties(&properties, state_.device));
     num_blocks_ = context.config.num_sms > 0 ? context.config.num_sms
                                              : std::min(24, properties.multiProcessorCount);
-    workspace_ = state_.open_workspace(static_cast<size_t>(layout_.total_bytes()));
-    peers_ = workspace_->device_peers();
     epoch_ = device_alloc<uint64_t>(1);
     sync_ = device_alloc<cuda::OperationSync>(1);
     failed_ = device_alloc<int32_t>(1);
@@ -118,11 +116,29 @@ class CudaEngine final : public Engine {
     EPX_CUDA_CHECK(cudaMemset(plan_first_bad_, 0xff, sizeof(unsigned long long)));
     EPX_CUDA_CHECK(cudaGetLastError());
     EPX_CUDA_CHECK(cudaDeviceSynchronize());
+    // Last: the workspace is collective, and once every rank is past it a peer may start an
+    // operation whose kernels wait for this rank; from here on nothing may wait for the whole
+    // device (ranks of a thread group may share one).
+    try {
+      workspace_ = state_.open_workspace(static_cast<size_t>(layout_.total_bytes()));
+    } catch (...) {
+      free_own_memory();
+      throw;
+    }
+    peers_ = workspace_->device_peers();
   }
 
+  // Every rank has issued all its work on this buffer before it destroys it, so waiting for the
+  // device here waits only for kernels that need nothing more from this rank.
   ~CudaEngine() override {
     DeviceGuard guard(state_.device);
     cudaDeviceSynchronize();
+    free_own_memory();
+    workspace_.reset();  // collective (NCCL window, or the thread group's rendezvous)
+  }
+
+  // The engine's memory besides the workspace (only this rank uses it).
+  void free_own_memory() {
     for (void* p : {static_cast<void*>(epoch_), static_cast<void*>(sync_),
                     static_cast<void*>(failed_),
                     static_cast<void*>(rank_counts_), static_cast<void*>(expert_counts_),
@@ -132,7 +148,6 @@ class CudaEngine final : public Engine {
     }
     if (status_) cudaFreeHost(status_);
     if (host_counts_) cudaFreeHost(host_counts_);
-    workspace_.reset();  // collective (NCCL window, or the local group's rendezvous)
   }
 
   Device device() const override { return Device::cuda(state_.device); }

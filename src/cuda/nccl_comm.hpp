@@ -4,7 +4,7 @@
 
 #include <nccl.h>
 
-#include "cuda/peer_workspace.hpp"
+#include "cuda/cuda_comm.hpp"
 
 namespace epx::detail {
 

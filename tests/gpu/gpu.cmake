@@ -20,11 +20,11 @@ target_include_directories(test_gpu_plan PRIVATE ${PROJECT_SOURCE_DIR}/src
 target_link_libraries(test_gpu_plan PRIVATE epx epx_test_common GTest::gtest_main)
 gtest_discover_tests(test_gpu_plan DISCOVERY_TIMEOUT 60 PROPERTIES TIMEOUT 600)
 
-# Several ranks as threads sharing one GPU (Comm::cuda_local): the multi-rank protocol on a
-# single-GPU machine.
-add_executable(test_gpu_local ${CMAKE_CURRENT_LIST_DIR}/test_gpu_local.cpp
-                              ${CMAKE_CURRENT_LIST_DIR}/../cpp/multi_process.cpp)
-target_include_directories(test_gpu_local PRIVATE ${PROJECT_SOURCE_DIR}/src
-                                                  ${PROJECT_SOURCE_DIR}/tests)
-target_link_libraries(test_gpu_local PRIVATE epx epx_test_common GTest::gtest_main)
-gtest_discover_tests(test_gpu_local DISCOVERY_TIMEOUT 60 PROPERTIES TIMEOUT 900)
+# Several ranks as threads of one process (Comm::cuda_threads), sharing one GPU (or spread over
+# the visible GPUs): the multi-rank protocol on a single-GPU machine.
+add_executable(test_gpu_threads ${CMAKE_CURRENT_LIST_DIR}/test_gpu_threads.cpp
+                                ${CMAKE_CURRENT_LIST_DIR}/../cpp/multi_process.cpp)
+target_include_directories(test_gpu_threads PRIVATE ${PROJECT_SOURCE_DIR}/src
+                                                    ${PROJECT_SOURCE_DIR}/tests)
+target_link_libraries(test_gpu_threads PRIVATE epx epx_test_common GTest::gtest_main)
+gtest_discover_tests(test_gpu_threads DISCOVERY_TIMEOUT 60 PROPERTIES TIMEOUT 900)
