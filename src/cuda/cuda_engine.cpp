@@ -155,7 +155,7 @@ class CudaEngine final : public Engine {
   void synchronize(void* stream) override {
     DeviceGuard guard(state_.device);
     EPX_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)));
-    raise_device_error();
+    raise_device_error(static_cast<cudaStream_t>(stream));
   }
 
   void abort(const char*, void* stream) override {
@@ -297,13 +297,15 @@ class CudaEngine final : public Engine {
   }
 
   // Raises (and clears) an error a kernel recorded.
-  void raise_device_error() {
+  // Stream-ordered: the flag is cleared before this rank's next kernels, without waiting for
+  // the whole device (ranks of a thread group sharing it may be spinning for this rank).
+  void raise_device_error(cudaStream_t stream) {
     cuda::DeviceStatus status;
     std::memcpy(&status, const_cast<const cuda::DeviceStatus*>(status_), sizeof(status));
     if (status.code == cuda::kDeviceOk) return;
     std::memset(status_, 0, sizeof(*status_));
-    EPX_CUDA_CHECK(cudaMemset(failed_, 0, sizeof(int32_t)));
-    EPX_CUDA_CHECK(cudaDeviceSynchronize());
+    EPX_CUDA_CHECK(cudaMemsetAsync(failed_, 0, sizeof(int32_t), stream));
+    EPX_CUDA_CHECK(cudaStreamSynchronize(stream));
     const char* phase = cuda::phase_name(status.phase);
     switch (status.code) {
       case cuda::kDeviceTimeout:
@@ -387,7 +389,7 @@ class CudaEngine final : public Engine {
     cuda::launch_receive_counts(params, stream);
     EPX_CUDA_CHECK(cudaGetLastError());
     EPX_CUDA_CHECK(cudaStreamSynchronize(stream));
-    raise_device_error();
+    raise_device_error(stream);
     const volatile int64_t* host = host_counts_;
     handle.num_recv_tokens = host[0];
     handle.num_rows = host[1];

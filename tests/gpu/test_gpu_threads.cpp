@@ -83,15 +83,6 @@ std::string run_threads(int num_ranks, Placement placement, double group_timeout
         check_cuda(cudaGetDeviceCount(&num_devices), "cudaGetDeviceCount");
         const int used_devices =
             placement == Placement::kOneGpu ? 1 : std::min(num_devices, num_ranks);
-        for (int device = 0; device < used_devices; ++device) {
-          // A precaution: the default pool otherwise gives memory back at synchronisations, and
-          // unmapping it might wait for the whole device (for the peers' spinning kernels).
-          cudaMemPool_t pool;
-          check_cuda(cudaDeviceGetDefaultMemPool(&pool, device), "cudaDeviceGetDefaultMemPool");
-          uint64_t keep = UINT64_MAX;
-          check_cuda(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep),
-                     "cudaMemPoolSetAttribute");
-        }
         const ThreadGroup group = ThreadGroup::create(num_ranks, group_timeout);
         std::vector<std::string> results(num_ranks);
         std::vector<std::thread> threads;
