@@ -47,13 +47,13 @@ run() {  # run NAME COMMAND...: records PASS/FAIL with the exit code and the tim
 
 run "gpu tests (random, graph, errors)" timeout 420 "$build/tests/test_gpu"
 run "device plan vs host plan" timeout 300 "$build/tests/test_gpu_plan"
-run "thread ranks (R=2,3,4,8 on one GPU)" timeout 300 "$build/tests/test_gpu_threads"
+run "thread ranks (R=2,3,4,8 on one GPU)" timeout 200 "$build/tests/test_gpu_threads"
 if command -v compute-sanitizer >/dev/null; then
   run "compute-sanitizer memcheck" timeout 240 compute-sanitizer --tool memcheck --target-processes all --report-api-errors no \
     --error-exitcode 9 "$build/tests/test_gpu" --gtest_filter=GpuSmall.*
   run "compute-sanitizer racecheck" timeout 240 compute-sanitizer --tool racecheck --target-processes all \
     --error-exitcode 9 "$build/tests/test_gpu" --gtest_filter=GpuSmall.*
-  run "compute-sanitizer memcheck, threads" timeout 240 compute-sanitizer --tool memcheck --target-processes all --report-api-errors no \
+  run "compute-sanitizer memcheck, threads" timeout 60 compute-sanitizer --tool memcheck --target-processes all --report-api-errors no \
     --error-exitcode 9 "$build/tests/test_gpu_threads" --gtest_filter=GpuThreadsSmall.*
 fi
 # First-look timings (every visible GPU one rank): the headline case, then the small one.
