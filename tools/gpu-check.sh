@@ -53,8 +53,6 @@ if command -v compute-sanitizer >/dev/null; then
     --error-exitcode 9 "$build/tests/test_gpu" --gtest_filter=GpuSmall.*
   run "compute-sanitizer racecheck" timeout 240 compute-sanitizer --tool racecheck --target-processes all \
     --error-exitcode 9 "$build/tests/test_gpu" --gtest_filter=GpuSmall.*
-  run "compute-sanitizer memcheck, threads" timeout 60 compute-sanitizer --tool memcheck --target-processes all --report-api-errors no \
-    --error-exitcode 9 "$build/tests/test_gpu_threads" --gtest_filter=GpuThreadsSmall.*
 fi
 # First-look timings (every visible GPU one rank): the headline case, then the small one.
 run "bench 4096 x 7168, top-8 of 256, 24 SMs" timeout 150 "$build/tests/bench_gpu"

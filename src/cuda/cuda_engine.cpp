@@ -114,6 +114,7 @@ class CudaEngine final : public Engine {
         (layout_.num_experts + num_ranks_));
     plan_first_bad_ = device_alloc<unsigned long long>(1);
     EPX_CUDA_CHECK(cudaMemset(plan_first_bad_, 0xff, sizeof(unsigned long long)));
+    cuda::load_kernels();
     EPX_CUDA_CHECK(cudaGetLastError());
     EPX_CUDA_CHECK(cudaDeviceSynchronize());
     // Last: the workspace is collective, and once every rank is past it a peer may start an

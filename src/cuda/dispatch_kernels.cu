@@ -333,6 +333,15 @@ size_t receive_counts_smem_bytes(const plan::WorkspaceLayout& layout) {
          sizeof(int32_t);
 }
 
+void load_dispatch_kernels() {
+  cudaFuncAttributes attributes;
+  for (const void* kernel : {reinterpret_cast<const void*>(send_kernel),
+                             reinterpret_cast<const void*>(receive_counts_kernel),
+                             reinterpret_cast<const void*>(receive_kernel)}) {
+    cudaFuncGetAttributes(&attributes, kernel);
+  }
+}
+
 void launch_send(const SendParams& params, cudaStream_t stream) {
   send_kernel<<<params.num_blocks, kThreads, 0, stream>>>(params);
 }

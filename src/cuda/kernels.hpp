@@ -218,6 +218,17 @@ struct BackwardParams {
 };
 void launch_backward(const BackwardParams& params, cudaStream_t stream);
 
+// Loads every kernel of the transport into the current context. With CUDA's lazy module
+// loading (the default) a kernel's first launch loads it, and loading waits for the whole
+// device: ranks of a thread group sharing a GPU would wait for each other's spinning kernels
+// (seen on the GPU machine: a rank's first dispatch or combine timed out at the entry barrier
+// while its peer's host thread sat in that first launch). The engine calls this before its
+// workspace rendezvous, when no peer kernel can be waiting for this rank yet.
+void load_kernels();
+void load_dispatch_kernels();
+void load_combine_kernels();
+void load_plan_kernels();
+
 // Writes every rank's workspace base pointer (ncclGetLsaPointer) into peers[R].
 void fetch_peer_pointers(void* window, int num_ranks, char** peers, cudaStream_t stream);
 

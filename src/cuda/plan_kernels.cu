@@ -317,6 +317,18 @@ int plan_tiles(int64_t num_tokens, int32_t num_topk) {
   return static_cast<int>(std::max<int64_t>(1, (num_tokens + tile - 1) / tile));
 }
 
+void load_plan_kernels() {
+  cudaFuncAttributes attributes;
+  for (const void* kernel : {reinterpret_cast<const void*>(plan_scan_kernel<int32_t>),
+                             reinterpret_cast<const void*>(plan_scan_kernel<int64_t>),
+                             reinterpret_cast<const void*>(plan_tiles_kernel<int32_t>),
+                             reinterpret_cast<const void*>(plan_tiles_kernel<int64_t>),
+                             reinterpret_cast<const void*>(plan_finish_kernel<int32_t>),
+                             reinterpret_cast<const void*>(plan_finish_kernel<int64_t>)}) {
+    cudaFuncGetAttributes(&attributes, kernel);
+  }
+}
+
 void launch_plan(const PlanParams& params, cudaStream_t stream) {
   if (params.topk_int64) {
     launch<int64_t>(params, stream);

@@ -43,6 +43,15 @@ __global__ void peer_pointer_kernel(ncclWindow_t window, int num_ranks, char** p
 
 }  // namespace
 
+void load_kernels() {
+  load_plan_kernels();
+  load_dispatch_kernels();
+  load_combine_kernels();
+  cudaFuncAttributes attributes;
+  cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(abort_kernel));
+  cudaGetLastError();  // a kernel that fails to load raises at its launch instead
+}
+
 void launch_abort(const Topology& topo, cudaStream_t stream) {
   const int threads = ((topo.layout.num_ranks + 31) / 32) * 32;
   abort_kernel<<<1, threads, 0, stream>>>(topo);
