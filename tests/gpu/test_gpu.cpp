@@ -20,6 +20,8 @@
 
 #include "common/arena_allocator.hpp"
 #include "common/cuda_device_ops.hpp"
+#include "common/gpu_test_support.hpp"
+#include "common/graph_replay.hpp"
 #include "common/random_problem.hpp"
 #include "common/scenario.hpp"
 #include "cpp/multi_process.hpp"
@@ -29,21 +31,7 @@
 namespace epx::testing {
 namespace {
 
-int gpu_count() {
-  static const int count = count_cuda_devices();
-  return count;
-}
-
-uint64_t base_seed() {
-  static const uint64_t seed = [] {
-    const char* env = std::getenv("EPX_TEST_SEED");
-    const uint64_t value = env ? std::strtoull(env, nullptr, 10) : std::random_device{}();
-    std::cout << "[epx-gpu] base seed " << value << " (EPX_TEST_SEED=" << value
-              << " replays this run)" << std::endl;
-    return value;
-  }();
-  return seed;
-}
+uint64_t base_seed() { return ::epx::testing::base_seed("epx-gpu"); }
 
 int env_int(const char* name, int fallback) {
   const char* value = std::getenv(name);
@@ -52,10 +40,7 @@ int env_int(const char* name, int fallback) {
 
 std::string id_file() { return "/tmp/" + unique_name("epx-gpu") + ".id"; }
 
-#define REQUIRE_GPUS(n)                                                                     \
-  if (gpu_count() < (n)) {                                                                  \
-    GTEST_SKIP() << "needs " << (n) << " GPUs, " << gpu_count() << " visible";             \
-  }
+#define REQUIRE_GPUS(n) EPX_REQUIRE_GPUS(n)
 
 class GpuRandom : public ::testing::TestWithParam<int> {};
 
@@ -117,89 +102,18 @@ TEST(GpuSmall, Scenarios) {
   EXPECT_EQ(failures(outcomes), "");
 }
 
-const char* cuda_error(cudaError_t status) { return cudaGetErrorString(status); }
-
-// sync_counts=false dispatch + combine captured once in a CUDA graph, then replayed with new
-// input values written into the captured inputs; every replay matches the reference.
+// sync_counts=false dispatch + combine captured once in a CUDA graph and replayed with new
+// inputs (tests/common/graph_replay.hpp).
 TEST(GpuGraph, CaptureAndReplay) {
   REQUIRE_GPUS(1);
   const int n = fixed_ranks();
   const std::string path = id_file();
   const auto outcomes = run_ranks(n, [&](int rank) -> std::string {
     RankContext ctx = open_rank(rank, n, path);
-    RandomConfig config = draw_config(base_seed() ^ 0x9a9a, n);
-    config.fp8 = false;
-    config.expand = true;
-    config.sync_counts = false;
-    config.with_weights = true;
-    config.with_aux = false;
-    config.with_scalars = false;
-    config.with_bias0 = config.with_bias1 = false;
-    config.reduce_at_source = false;
-    config.topk_int64 = true;
-    const reference::Problem problem = config.problem();
+    const RandomConfig config = graph_config(base_seed() ^ 0x9a9a, n);
     Buffer buffer(ctx.comm, buffer_config_for(config), std::make_shared<ArenaAllocator>(1 << 28));
-    const DeviceOps ops = cuda_device_ops(rank, ctx.stream);
-    auto inputs = draw_dispatch_inputs(config);
-    const int64_t tokens = inputs[rank].num_tokens, hidden = config.hidden, k = config.num_topk;
-    auto x = ops.upload(inputs[rank].x.data(), inputs[rank].x.size());
-    auto topk = ops.upload(inputs[rank].topk_idx.data(), inputs[rank].topk_idx.size() * 8);
-    auto w = ops.upload(inputs[rank].weights.data(), inputs[rank].weights.size() * 4);
-    DispatchInputs din;
-    din.x = TensorView(x.get(), DType::kBFloat16, {tokens, hidden}, buffer.device());
-    din.topk_idx = TensorView(topk.get(), DType::kInt64, {tokens, k}, buffer.device());
-    din.weights = TensorView(w.get(), DType::kFloat32, {tokens, k}, buffer.device());
-    DispatchOptions options;
-    options.expand = true;
-    options.expert_alignment = config.expert_alignment;
-    options.sync_counts = false;
-
-    // Warm-up outside the capture (allocator pools, module load), then capture.
-    (void)buffer.dispatch(din, options, ctx.stream);
-    buffer.synchronize(ctx.stream);
-    cudaGraph_t graph;
-    cudaError_t status = cudaStreamBeginCapture(ctx.stream, cudaStreamCaptureModeThreadLocal);
-    EPX_CHECK(status == cudaSuccess, kTransport, "begin capture: " << cuda_error(status));
-    DispatchResult recv = buffer.dispatch(din, options, ctx.stream);
-    CombineInputs cin;
-    cin.x = recv.x.view;  // combine the dispatched rows themselves, weighted
-    cin.weights = recv.weights.view;
-    CombineResult out = buffer.combine(cin, recv.handle, {}, ctx.stream);
-    status = cudaStreamEndCapture(ctx.stream, &graph);
-    EPX_CHECK(status == cudaSuccess, kTransport, "end capture: " << cuda_error(status));
-    cudaGraphExec_t exec;
-    status = cudaGraphInstantiate(&exec, graph, 0);
-    EPX_CHECK(status == cudaSuccess, kTransport, "instantiate: " << cuda_error(status));
-
-    for (int replay = 0; replay < 3; ++replay) {
-      std::mt19937_64 rng(config.seed + 100 * replay);
-      for (auto& in : inputs) {
-        for (size_t i = 0; i + 1 < in.x.size(); i += 2) {
-          const uint16_t bits = random_bf16(rng);
-          std::memcpy(&in.x[i], &bits, 2);
-        }
-      }
-      cudaMemcpy(x.get(), inputs[rank].x.data(), inputs[rank].x.size(), cudaMemcpyHostToDevice);
-      status = cudaGraphLaunch(exec, ctx.stream);
-      EPX_CHECK(status == cudaSuccess, kTransport, "graph launch: " << cuda_error(status));
-      buffer.synchronize(ctx.stream);
-      const auto want = reference::dispatch(problem, inputs, true, config.expert_alignment, false);
-      std::vector<reference::CombineRankInputs> cin_ref(n);
-      for (int r = 0; r < n; ++r) {
-        cin_ref[r].x.resize(want[r].x.size() / 2);
-        std::memcpy(cin_ref[r].x.data(), want[r].x.data(), want[r].x.size());
-        cin_ref[r].weights = want[r].weights;
-      }
-      const auto want_y = reference::combine(problem, inputs, want, true, cin_ref, false);
-      std::vector<uint16_t> y(tokens * hidden);
-      ops.download(y.data(), out.x.view.data, y.size() * 2);
-      const std::string bad = first_mismatch(y.data(), want_y[rank].x.data(), 2, y.size(),
-                                             "graph replay combine y");
-      if (!bad.empty()) return "replay " + std::to_string(replay) + ": " + bad;
-    }
-    cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(graph);
-    return "";
+    return graph_replay_scenario(buffer, config, rank, ctx.stream,
+                                 cuda_device_ops(rank, ctx.stream));
   }, 300);
   EXPECT_EQ(failures(outcomes), "");
 }
@@ -284,14 +198,8 @@ TEST(GpuTimeout, MissingPeerTimesOut) {
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       const std::string what = error.what();
       std::cout << "[epx-gpu] rank 0 after " << seconds << " s: " << what << std::endl;
-      if (error.code() != ErrorCode::kTimeout) return "wrong code: " + what;
-      if (what.find("phase dispatch/entry") == std::string::npos ||
-          what.find("waiting for rank 1") == std::string::npos) {
-        return "phase or rank missing: " + what;
-      }
-      if (seconds > 20) return "took " + std::to_string(seconds) + " s";
+      return check_missing_peer_error(error, seconds, 1);
     }
-    return "";
   }, 120);
   EXPECT_EQ(failures(outcomes), "");
 }

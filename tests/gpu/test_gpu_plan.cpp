@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/cuda_device_ops.hpp"
+#include "common/gpu_test_support.hpp"
 #include "cpp/multi_process.hpp"
 #include "cuda/kernels.hpp"
 #include "plan/source_plan.hpp"
@@ -136,10 +137,8 @@ std::string check_one(uint64_t seed) {
 }
 
 TEST(GpuPlan, MatchesHostPlan) {
-  if (count_cuda_devices() < 1) GTEST_SKIP() << "needs a GPU";
-  const char* env = std::getenv("EPX_TEST_SEED");
-  const uint64_t base = env ? std::strtoull(env, nullptr, 10) : std::random_device{}();
-  std::cout << "[epx-gpu-plan] base seed " << base << std::endl;
+  EPX_REQUIRE_GPUS(1);
+  const uint64_t base = base_seed("epx-gpu-plan");
   const int count = 300;
   const auto outcomes = run_ranks(1, [&](int) -> std::string {
     check_cuda(cudaSetDevice(0), "cudaSetDevice");

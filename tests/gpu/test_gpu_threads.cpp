@@ -26,6 +26,8 @@
 
 #include "common/arena_allocator.hpp"
 #include "common/cuda_device_ops.hpp"
+#include "common/gpu_test_support.hpp"
+#include "common/graph_replay.hpp"
 #include "common/random_problem.hpp"
 #include "common/scenario.hpp"
 #include "cpp/multi_process.hpp"
@@ -35,26 +37,9 @@
 namespace epx::testing {
 namespace {
 
-int gpu_count() {
-  static const int count = count_cuda_devices();
-  return count;
-}
+uint64_t base_seed() { return ::epx::testing::base_seed("epx-gpu-threads"); }
 
-uint64_t base_seed() {
-  static const uint64_t seed = [] {
-    const char* env = std::getenv("EPX_TEST_SEED");
-    const uint64_t value = env ? std::strtoull(env, nullptr, 10) : std::random_device{}();
-    std::cout << "[epx-gpu-threads] base seed " << value << " (EPX_TEST_SEED=" << value
-              << " replays this run)" << std::endl;
-    return value;
-  }();
-  return seed;
-}
-
-#define REQUIRE_GPUS(n)                                                          \
-  if (gpu_count() < (n)) {                                                       \
-    GTEST_SKIP() << "needs " << (n) << " GPU(s), " << gpu_count() << " visible"; \
-  }
+#define REQUIRE_GPUS(n) EPX_REQUIRE_GPUS(n)
 
 // Where the ranks run: all on device 0, or rank r on device r % (visible devices).
 enum class Placement { kOneGpu, kSpread };
@@ -204,104 +189,20 @@ TEST(GpuThreadsSmall, Scenarios) {
   EXPECT_EQ(failed, "");
 }
 
-const char* cuda_error(cudaError_t status) {
-  return cudaGetErrorString(status);
-}
-
-// As test_gpu's GpuGraph, on every rank thread: sync_counts=false dispatch + combine captured
-// once per rank (thread-local capture mode: the other threads keep issuing work meanwhile),
-// then replayed with new input values written into the captured inputs; every replay matches
-// the reference.
+// The graph scenario (tests/common/graph_replay.hpp) on every rank thread, each capturing its
+// own stream (thread-local capture mode: the other threads keep issuing work meanwhile).
 class ThreadsGraph : public ::testing::TestWithParam<int> {};
 
 TEST_P(ThreadsGraph, CaptureAndReplay) {
   REQUIRE_GPUS(1);
   const int n = GetParam();
-  const uint64_t seed = base_seed() ^ 0x9a9a;
+  const RandomConfig config = graph_config(base_seed() ^ 0x9a9a, n);
   const std::string failed = run_threads(
       n, Placement::kOneGpu, 120,
       [&](const ThreadRank& r) -> std::string {
-        RandomConfig config = draw_config(seed, n);
-        config.fp8 = false;
-        config.expand = true;
-        config.sync_counts = false;
-        config.with_weights = true;
-        config.with_aux = false;
-        config.with_scalars = false;
-        config.with_bias0 = config.with_bias1 = false;
-        config.reduce_at_source = false;
-        config.topk_int64 = true;
-        const reference::Problem problem = config.problem();
         Buffer buffer(r.comm, thread_buffer_config(config, r),
                       std::make_shared<ArenaAllocator>(size_t(1) << 28));
-        const DeviceOps ops = r.ops();
-        auto inputs = draw_dispatch_inputs(config);
-        const int64_t tokens = inputs[r.rank].num_tokens, hidden = config.hidden;
-        const int64_t k = config.num_topk;
-        auto x = ops.upload(inputs[r.rank].x.data(), inputs[r.rank].x.size());
-        auto topk = ops.upload(inputs[r.rank].topk_idx.data(), inputs[r.rank].topk_idx.size() * 8);
-        auto w = ops.upload(inputs[r.rank].weights.data(), inputs[r.rank].weights.size() * 4);
-        DispatchInputs din;
-        din.x = TensorView(x.get(), DType::kBFloat16, {tokens, hidden}, buffer.device());
-        din.topk_idx = TensorView(topk.get(), DType::kInt64, {tokens, k}, buffer.device());
-        din.weights = TensorView(w.get(), DType::kFloat32, {tokens, k}, buffer.device());
-        DispatchOptions options;
-        options.expand = true;
-        options.expert_alignment = config.expert_alignment;
-        options.sync_counts = false;
-
-        // Warm-up outside the capture (collective, like every operation), then the capture, which
-        // runs nothing: the peers' captures need nothing from this rank.
-        (void)buffer.dispatch(din, options, r.stream);
-        buffer.synchronize(r.stream);
-        cudaGraph_t graph;
-        cudaError_t status = cudaStreamBeginCapture(r.stream, cudaStreamCaptureModeThreadLocal);
-        EPX_CHECK(status == cudaSuccess, kTransport, "begin capture: " << cuda_error(status));
-        DispatchResult recv = buffer.dispatch(din, options, r.stream);
-        CombineInputs cin;
-        cin.x = recv.x.view;  // combine the dispatched rows themselves, weighted
-        cin.weights = recv.weights.view;
-        CombineResult out = buffer.combine(cin, recv.handle, {}, r.stream);
-        status = cudaStreamEndCapture(r.stream, &graph);
-        EPX_CHECK(status == cudaSuccess, kTransport, "end capture: " << cuda_error(status));
-        cudaGraphExec_t exec;
-        status = cudaGraphInstantiate(&exec, graph, 0);
-        EPX_CHECK(status == cudaSuccess, kTransport, "instantiate: " << cuda_error(status));
-
-        std::string bad;
-        for (int replay = 0; replay < 3 && bad.empty(); ++replay) {
-          // Every thread draws the same new values for every rank (the reference needs them all).
-          std::mt19937_64 rng(config.seed + 100 * replay);
-          for (auto& in : inputs) {
-            for (size_t i = 0; i + 1 < in.x.size(); i += 2) {
-              const uint16_t bits = random_bf16(rng);
-              std::memcpy(&in.x[i], &bits, 2);
-            }
-          }
-          status = cudaMemcpyAsync(x.get(), inputs[r.rank].x.data(), inputs[r.rank].x.size(),
-                                   cudaMemcpyHostToDevice, r.stream);
-          EPX_CHECK(status == cudaSuccess, kTransport, "new inputs: " << cuda_error(status));
-          status = cudaGraphLaunch(exec, r.stream);
-          EPX_CHECK(status == cudaSuccess, kTransport, "graph launch: " << cuda_error(status));
-          buffer.synchronize(r.stream);
-          const auto want =
-              reference::dispatch(problem, inputs, true, config.expert_alignment, false);
-          std::vector<reference::CombineRankInputs> cin_ref(n);
-          for (int q = 0; q < n; ++q) {
-            cin_ref[q].x.resize(want[q].x.size() / 2);
-            std::memcpy(cin_ref[q].x.data(), want[q].x.data(), want[q].x.size());
-            cin_ref[q].weights = want[q].weights;
-          }
-          const auto want_y = reference::combine(problem, inputs, want, true, cin_ref, false);
-          std::vector<uint16_t> y(tokens * hidden);
-          ops.download(y.data(), out.x.view.data, y.size() * 2);
-          bad = first_mismatch(y.data(), want_y[r.rank].x.data(), 2, y.size(),
-                               "graph replay combine y");
-          if (!bad.empty()) bad = "replay " + std::to_string(replay) + ": " + bad;
-        }
-        cudaGraphExecDestroy(exec);
-        cudaGraphDestroy(graph);
-        return bad;
+        return graph_replay_scenario(buffer, config, r.rank, r.stream, r.ops());
       },
       300);
   EXPECT_EQ(failed, "");
@@ -398,14 +299,8 @@ TEST(ThreadsTimeout, MissingPeerTimesOut) {
           const std::string what = error.what();
           std::cout << "[epx-gpu-threads] rank " << r.rank << " after " << seconds << " s: " << what
                     << std::endl;
-          if (error.code() != ErrorCode::kTimeout) return "wrong code: " + what;
-          if (what.find("phase dispatch/entry") == std::string::npos ||
-              what.find("waiting for rank 1") == std::string::npos) {
-            return "phase or rank missing: " + what;
-          }
-          if (seconds > 20) return "took " + std::to_string(seconds) + " s";
+          return check_missing_peer_error(error, seconds, 1);
         }
-        return "";
       },
       120);
   EXPECT_EQ(failed, "");

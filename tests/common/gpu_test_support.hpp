@@ -1,0 +1,53 @@
+// What every GPU test binary starts with: the visible GPU count (counted in a child, so the
+// test process stays CUDA-free), the run's base seed (printed, EPX_TEST_SEED replays it), and a
+// skip where too few GPUs are visible.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <iostream>
+#include <random>
+#include <string>
+
+#include "common/cuda_device_ops.hpp"
+#include "epx/error.hpp"
+
+namespace epx::testing {
+
+inline int gpu_count() {
+  static const int count = count_cuda_devices();
+  return count;
+}
+
+// `tag` names the suite in the printed line.
+inline uint64_t base_seed(const char* tag) {
+  static const uint64_t seed = [tag] {
+    const char* env = std::getenv("EPX_TEST_SEED");
+    const uint64_t value = env ? std::strtoull(env, nullptr, 10) : std::random_device{}();
+    std::cout << "[" << tag << "] base seed " << value << " (EPX_TEST_SEED=" << value
+              << " replays this run)" << std::endl;
+    return value;
+  }();
+  return seed;
+}
+
+// The error a dispatch raised when rank `missing` never arrived, taken `seconds` after the call:
+// "" when it is kTimeout naming the entry phase and that rank, in bounded time.
+inline std::string check_missing_peer_error(const Error& error, double seconds, int missing) {
+  const std::string what = error.what();
+  if (error.code() != ErrorCode::kTimeout) return "wrong code: " + what;
+  if (what.find("phase dispatch/entry") == std::string::npos ||
+      what.find("waiting for rank " + std::to_string(missing)) == std::string::npos) {
+    return "phase or rank missing: " + what;
+  }
+  if (seconds > 20) return "took " + std::to_string(seconds) + " s";
+  return "";
+}
+
+}  // namespace epx::testing
+
+#define EPX_REQUIRE_GPUS(n)                                                      \
+  if (::epx::testing::gpu_count() < (n)) {                                       \
+    GTEST_SKIP() << "needs " << (n) << " GPU(s), " << ::epx::testing::gpu_count() \
+                 << " visible";                                                  \
+  }
