@@ -68,7 +68,12 @@ class Comm {
   //     cudaHostAlloc): that waits for a peer's kernels, which may wait for this rank's next
   //     operation. Use stream-ordered calls (cudaMallocAsync, cudaFreeAsync, cudaMemcpyAsync)
   //     and cudaStreamSynchronize;
-  //   - ranks sharing a device must fit on it at once: BufferConfig::num_sms blocks each.
+  //   - ranks sharing a device must fit on it at once: BufferConfig::num_sms blocks each;
+  //   - any kernel of your own launched between operations should be loaded beforehand
+  //     (cudaFuncGetAttributes): under CUDA's lazy loading a first launch waits for the whole
+  //     device. epx loads its own kernels when a Buffer is built.
+  // The device's default memory pool is set to keep its memory (release threshold: max), as
+  // giving memory back at a synchronisation may wait for the whole device.
   static Comm cuda_threads(const ThreadGroup& group, int rank, int cuda_device);
   static bool cuda_available();  // built with CUDA and at least one device visible
 
