@@ -315,17 +315,14 @@ int vector_width(int64_t hidden) { return hidden % 8 == 0 ? 8 : 1; }
 }  // namespace
 
 void load_combine_kernels() {
-  cudaFuncAttributes attributes;
-  for (const void* kernel : {reinterpret_cast<const void*>(combine_send_kernel<8, true>),
-                             reinterpret_cast<const void*>(combine_send_kernel<8, false>),
-                             reinterpret_cast<const void*>(combine_send_kernel<1, true>),
-                             reinterpret_cast<const void*>(combine_send_kernel<1, false>),
-                             reinterpret_cast<const void*>(combine_reduce_kernel<8>),
-                             reinterpret_cast<const void*>(combine_reduce_kernel<1>),
-                             reinterpret_cast<const void*>(backward_kernel<8>),
-                             reinterpret_cast<const void*>(backward_kernel<1>)}) {
-    cudaFuncGetAttributes(&attributes, kernel);
-  }
+  load_functions({reinterpret_cast<const void*>(combine_send_kernel<8, true>),
+                  reinterpret_cast<const void*>(combine_send_kernel<8, false>),
+                  reinterpret_cast<const void*>(combine_send_kernel<1, true>),
+                  reinterpret_cast<const void*>(combine_send_kernel<1, false>),
+                  reinterpret_cast<const void*>(combine_reduce_kernel<8>),
+                  reinterpret_cast<const void*>(combine_reduce_kernel<1>),
+                  reinterpret_cast<const void*>(backward_kernel<8>),
+                  reinterpret_cast<const void*>(backward_kernel<1>)});
 }
 
 void launch_combine_send(const CombineSendParams& params, cudaStream_t stream) {

@@ -334,12 +334,9 @@ size_t receive_counts_smem_bytes(const plan::WorkspaceLayout& layout) {
 }
 
 void load_dispatch_kernels() {
-  cudaFuncAttributes attributes;
-  for (const void* kernel : {reinterpret_cast<const void*>(send_kernel),
-                             reinterpret_cast<const void*>(receive_counts_kernel),
-                             reinterpret_cast<const void*>(receive_kernel)}) {
-    cudaFuncGetAttributes(&attributes, kernel);
-  }
+  load_functions({reinterpret_cast<const void*>(send_kernel),
+                  reinterpret_cast<const void*>(receive_counts_kernel),
+                  reinterpret_cast<const void*>(receive_kernel)});
 }
 
 void launch_send(const SendParams& params, cudaStream_t stream) {

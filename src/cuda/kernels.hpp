@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "plan/workspace_layout.hpp"
 
@@ -225,6 +226,7 @@ void launch_backward(const BackwardParams& params, cudaStream_t stream);
 // while its peer's host thread sat in that first launch). The engine calls this before its
 // workspace rendezvous, when no peer kernel can be waiting for this rank yet.
 void load_kernels();
+void load_functions(std::initializer_list<const void*> kernels);  // cudaFuncGetAttributes each
 void load_dispatch_kernels();
 void load_combine_kernels();
 void load_plan_kernels();

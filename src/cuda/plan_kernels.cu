@@ -86,6 +86,19 @@ __device__ void write_status(const PlanParams& p, unsigned long long bad) {
   }
 }
 
+// The tokens of this block's tile: [first_token, first_token + tokens).
+struct PlanTile {
+  int64_t first_token;
+  int tokens;
+};
+
+__device__ __forceinline__ PlanTile plan_tile(const PlanParams& p) {
+  const int tile_tokens = plan_tile_tokens(p.num_topk);
+  const int64_t first_token = int64_t(blockIdx.x) * tile_tokens;
+  const int64_t left = p.num_tokens - first_token;
+  return PlanTile{first_token, static_cast<int>(max(int64_t(0), min(int64_t(tile_tokens), left)))};
+}
+
 template <typename Index>
 __global__ void __launch_bounds__(kThreads) plan_tiles_kernel(PlanParams p, int sort_bits) {
   using Sort = cub::BlockRadixSort<int, kThreads, kItems>;
@@ -100,10 +113,7 @@ __global__ void __launch_bounds__(kThreads) plan_tiles_kernel(PlanParams p, int 
   } temp;
   const int num_topk = p.num_topk, num_experts = p.num_experts, num_ranks = p.num_ranks;
   const int local_experts = num_experts / num_ranks;
-  const int tile_tokens = plan_tile_tokens(num_topk);
-  const int64_t first_token = int64_t(blockIdx.x) * tile_tokens;
-  const int tokens = static_cast<int>(
-      max(int64_t(0), min(int64_t(tile_tokens), p.num_tokens - first_token)));
+  const auto [first_token, tokens] = plan_tile(p);
   const int entries = tokens * num_topk;
   const int64_t first_entry = first_token * num_topk;
   int32_t* counts = p.tile_counts + int64_t(blockIdx.x) * (num_experts + num_ranks);
@@ -245,10 +255,7 @@ __global__ void __launch_bounds__(kThreads) plan_finish_kernel(PlanParams p) {
   extern __shared__ int32_t base[];
   const int num_topk = p.num_topk, num_experts = p.num_experts, num_ranks = p.num_ranks;
   const int targets = num_experts + num_ranks;
-  const int tile_tokens = plan_tile_tokens(num_topk);
-  const int64_t first_token = int64_t(blockIdx.x) * tile_tokens;
-  const int tokens = static_cast<int>(
-      max(int64_t(0), min(int64_t(tile_tokens), p.num_tokens - first_token)));
+  const auto [first_token, tokens] = plan_tile(p);
   for (int i = threadIdx.x; i < targets; i += kThreads) {
     int sum = 0;
 #pragma unroll 8
@@ -318,15 +325,12 @@ int plan_tiles(int64_t num_tokens, int32_t num_topk) {
 }
 
 void load_plan_kernels() {
-  cudaFuncAttributes attributes;
-  for (const void* kernel : {reinterpret_cast<const void*>(plan_scan_kernel<int32_t>),
-                             reinterpret_cast<const void*>(plan_scan_kernel<int64_t>),
-                             reinterpret_cast<const void*>(plan_tiles_kernel<int32_t>),
-                             reinterpret_cast<const void*>(plan_tiles_kernel<int64_t>),
-                             reinterpret_cast<const void*>(plan_finish_kernel<int32_t>),
-                             reinterpret_cast<const void*>(plan_finish_kernel<int64_t>)}) {
-    cudaFuncGetAttributes(&attributes, kernel);
-  }
+  load_functions({reinterpret_cast<const void*>(plan_scan_kernel<int32_t>),
+                  reinterpret_cast<const void*>(plan_scan_kernel<int64_t>),
+                  reinterpret_cast<const void*>(plan_tiles_kernel<int32_t>),
+                  reinterpret_cast<const void*>(plan_tiles_kernel<int64_t>),
+                  reinterpret_cast<const void*>(plan_finish_kernel<int32_t>),
+                  reinterpret_cast<const void*>(plan_finish_kernel<int64_t>)});
 }
 
 void launch_plan(const PlanParams& params, cudaStream_t stream) {

@@ -43,12 +43,16 @@ __global__ void peer_pointer_kernel(ncclWindow_t window, int num_ranks, char** p
 
 }  // namespace
 
+void load_functions(std::initializer_list<const void*> kernels) {
+  cudaFuncAttributes attributes;
+  for (const void* kernel : kernels) cudaFuncGetAttributes(&attributes, kernel);
+}
+
 void load_kernels() {
   load_plan_kernels();
   load_dispatch_kernels();
   load_combine_kernels();
-  cudaFuncAttributes attributes;
-  cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(abort_kernel));
+  load_functions({reinterpret_cast<const void*>(abort_kernel)});
   cudaGetLastError();  // a kernel that fails to load raises at its launch instead
 }
 
