@@ -4,6 +4,8 @@
 #   gpu     tools/gpu-check.sh (GPU tests bit-exact vs the reference, sanitizer, demo on GPUs)
 #   python  the pytest suite, NCCL cases included
 #   bench   the benchmark (bench/bench.py), JSON and plot under $OUT
+#   threads bench_gpu with 2 and 4 ranks as threads sharing GPU 0 (128 and 4096 tokens)
+#   ncu     per-kernel durations of bench_gpu at 128 tokens (ncu, clocks left alone)
 # Logs go to $OUT (the device tool brings them back) and a summary is printed last.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -42,6 +44,22 @@ for step in $steps; do
       PYTHONPATH="$root/python:$EPX_BUILD_DIR/python" timeout 480 "$python" "$root/bench/bench.py" \
         --out "$out" ${EPX_BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
       summary+=("bench: exit ${PIPESTATUS[0]}")
+      ;;
+    threads)
+      for r in 2 4; do
+        for t in 128 4096; do
+          timeout 120 "$EPX_BUILD_DIR/tests/bench_gpu" --thread-ranks $r --tokens $t 2>&1
+        done
+      done | tee "$out/bench-threads.log"
+      summary+=("threads: exit ${PIPESTATUS[0]}")
+      ;;
+    ncu)
+      timeout 300 ncu --clock-control none --target-processes all \
+        --metrics gpu__time_duration.sum "$EPX_BUILD_DIR/tests/bench_gpu" --tokens 128 --iters 2 \
+        > "$out/ncu-128.txt" 2>&1
+      summary+=("ncu: exit $?")
+      grep -E "^  [a-z_:<>(), ]+\(|gpu__time_duration" "$out/ncu-128.txt" | paste - - | \
+        awk '{print $1, $(NF)}' | sort | uniq -c | head -n 40
       ;;
   esac
 done

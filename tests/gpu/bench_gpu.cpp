@@ -1,5 +1,6 @@
 // bench_gpu: first-look timings of the CUDA transport without Python (the full benchmark with
-// the NCCL baseline is bench/bench.py). One process per visible GPU, uniform random top-k
+// the NCCL baseline is bench/bench.py). One process per visible GPU (or, with --thread-ranks,
+// R threads sharing GPU 0), uniform random top-k
 // routing, bf16 rows; every op is timed with CUDA events.
 //
 //   batched  N back-to-back calls between two events (sync_counts=false dispatch, cached
@@ -14,6 +15,7 @@
 // rank sends itself are local copies and not counted.
 //
 // Usage: bench_gpu [--tokens S] [--hidden H] [--experts E] [--topk K] [--sms N] [--iters N]
+//                  [--thread-ranks R]   (R ranks as threads on GPU 0 instead of one per GPU)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -26,6 +28,7 @@
 
 #include "common/arena_allocator.hpp"
 #include "common/cuda_device_ops.hpp"
+#include "common/thread_ranks.hpp"
 #include "cpp/multi_process.hpp"
 #include "epx/buffer.hpp"
 #include "epx/error.hpp"
@@ -41,6 +44,7 @@ struct Options {
   int32_t topk = 8;
   int sms = 24;
   int iters = 20;
+  int thread_ranks = 0;  // > 0: that many ranks as threads sharing GPU 0 (no NCCL)
 };
 
 Options parse(int argc, char** argv) {
@@ -54,6 +58,7 @@ Options parse(int argc, char** argv) {
     else if (key == "--topk") o.topk = static_cast<int32_t>(value);
     else if (key == "--sms") o.sms = static_cast<int>(value);
     else if (key == "--iters") o.iters = static_cast<int>(value);
+    else if (key == "--thread-ranks") o.thread_ranks = static_cast<int>(value);
     else throw std::runtime_error("unknown option " + key);
   }
   return o;
@@ -115,10 +120,8 @@ struct Timer {
   }
 };
 
-std::string run_rank(int rank, int num_ranks, const Options& o, const std::string& id_path) {
-  const testing::RankContext ctx = testing::open_rank(rank, num_ranks, id_path);
-  cudaStream_t stream = ctx.stream;
-  const Comm& comm = ctx.comm;
+std::string run_rank(int rank, int num_ranks, const Options& o, const Comm& comm,
+                     cudaStream_t stream) {
   BufferConfig config;
   config.max_tokens_per_rank = o.tokens;
   config.hidden = o.hidden;
@@ -137,7 +140,7 @@ std::string run_rank(int rank, int num_ranks, const Options& o, const std::strin
   std::mt19937 rng(rank);
   for (auto& v : x_host) v = static_cast<uint16_t>(0x3c00 + rng() % 0x0800);  // ~[2^-7, 2)
   std::vector<std::shared_ptr<void>> xs;
-  const testing::DeviceOps ops = testing::cuda_device_ops(rank, stream);
+  const testing::DeviceOps ops = testing::cuda_device_ops(device.index, stream);
   for (int c = 0; c < copies; ++c) xs.push_back(ops.upload(x_host.data(), x_host.size() * 2));
   const std::vector<int64_t> topk_host = routing_of(rank, o);
   auto topk = ops.upload(topk_host.data(), topk_host.size() * 8);
@@ -285,15 +288,32 @@ int main(int argc, char** argv) {
       std::printf("bench_gpu: skipped (no GPU visible)\n");
       return 0;
     }
-    const int num_ranks = std::min(gpus, 8);
+    const int num_ranks = o.thread_ranks > 0 ? o.thread_ranks : std::min(gpus, 8);
     if (o.experts % num_ranks != 0) {
       std::printf("bench_gpu: %d experts do not split over %d ranks\n", o.experts, num_ranks);
       return 1;
     }
-    const std::string id_path = "/tmp/" + epx::testing::unique_name("epx-bench") + ".id";
-    const auto outcomes = epx::testing::run_ranks(
-        num_ranks, [&](int rank) { return run_rank(rank, num_ranks, o, id_path); }, 300);
-    const std::string failed = epx::testing::failures(outcomes);
+    std::string failed;
+    if (o.thread_ranks > 0) {
+      // Every rank a thread on GPU 0: the multi-rank protocol's costs on one GPU (peer rows go
+      // through this GPU's memory, not NVLink), split the SM budget between the ranks.
+      failed = epx::testing::run_threads(
+          num_ranks, epx::testing::Placement::kOneGpu, 60,
+          [&](const epx::testing::ThreadRank& r) {
+            return run_rank(r.rank, num_ranks, o, r.comm, r.stream);
+          },
+          300);
+    } else {
+      const std::string id_path = "/tmp/" + epx::testing::unique_name("epx-bench") + ".id";
+      const auto outcomes = epx::testing::run_ranks(
+          num_ranks,
+          [&](int rank) {
+            const epx::testing::RankContext ctx = epx::testing::open_rank(rank, num_ranks, id_path);
+            return run_rank(rank, num_ranks, o, ctx.comm, ctx.stream);
+          },
+          300);
+      failed = epx::testing::failures(outcomes);
+    }
     if (!failed.empty()) {
       std::printf("bench_gpu: FAILED\n%s", failed.c_str());
       return 1;
