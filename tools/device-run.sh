@@ -5,6 +5,7 @@
 #   python  the pytest suite, NCCL cases included
 #   bench   the benchmark (bench/bench.py), JSON and plot under $OUT
 #   threads bench_gpu with 2 and 4 ranks as threads sharing GPU 0 (128 and 4096 tokens)
+#   micro   bench/micro/sync_costs.cu: the synchronisation pieces' costs on their own
 #   ncu     per-kernel durations of bench_gpu at 128 tokens (ncu, clocks left alone)
 # Logs go to $OUT (the device tool brings them back) and a summary is printed last.
 set -uo pipefail
@@ -52,6 +53,10 @@ for step in $steps; do
         done
       done | tee "$out/bench-threads.log"
       summary+=("threads: exit ${PIPESTATUS[0]}")
+      ;;
+    micro)
+      timeout 120 "$EPX_BUILD_DIR/tests/sync_costs" 2>&1 | tee "$out/sync-costs.log"
+      summary+=("micro: exit ${PIPESTATUS[0]}")
       ;;
     ncu)
       timeout 300 ncu --clock-control none --target-processes all \

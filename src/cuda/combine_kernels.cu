@@ -200,8 +200,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
       }
     }
   }
-  __threadfence_system();  // as in the dispatch send: own stores visible before the handoff
-  operation_handoff(p.topo, true);
+  operation_handoff(p.topo, true);  // orders the block's stores before its count
 }
 
 template <int Vec>

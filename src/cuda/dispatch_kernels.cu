@@ -73,9 +73,8 @@ __global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
       }
     }
   }
-  // Every writer makes its own stores into the peers visible at system scope before the
-  // handoff counts its block; the last block then publishes the exit barrier with a release.
-  __threadfence_system();
+  // The handoff orders the block's stores into the peers before its count (a block barrier,
+  // then one system fence); the last block then publishes the exit barrier with a release.
   operation_handoff(p.topo, true);
 }
 

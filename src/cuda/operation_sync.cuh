@@ -52,12 +52,14 @@ __device__ __forceinline__ void wait_for_peers(const Topology& topo, uint64_t ep
 
 // Threads [0, R) publish `epoch` into every peer's flag slot of this rank (release at system
 // scope after a system fence, so every earlier store of this thread's block — ordered by the
-// caller's __syncthreads — and of the earlier kernels is visible first).
+// caller's __syncthreads — and of the earlier kernels is visible first). Only the publishing
+// threads fence: the fence is cumulative over what the block barrier ordered before it, as in
+// a cooperative grid barrier; a fence in every thread cost ~N us (bench/NOTES.md change 10).
 __device__ __forceinline__ void publish_to_peers(const Topology& topo, uint64_t epoch) {
   const plan::WorkspaceLayout& layout = topo.layout;
   const int peer = threadIdx.x;
-  __threadfence_system();
   if (peer < layout.num_ranks) {
+    __threadfence_system();
     store_release_system(layout.flags(topo.peers[peer]) + topo.rank, epoch);
   }
 }
@@ -93,7 +95,7 @@ __device__ __forceinline__ void operation_handoff(const Topology& topo, bool pub
   __shared__ int last;
   __syncthreads();  // the block's stores are done
   if (threadIdx.x == 0) {
-    __threadfence_system();
+    __threadfence_system();  // cumulative: covers the block's stores ordered by the barrier
     last = atomicAdd(&topo.sync->blocks_done, 1u) == gridDim.x - 1;
   }
   __syncthreads();

@@ -19,3 +19,7 @@ add_executable(bench_gpu ${CMAKE_CURRENT_LIST_DIR}/bench_gpu.cpp
                          ${CMAKE_CURRENT_LIST_DIR}/../cpp/multi_process.cpp)
 target_include_directories(bench_gpu PRIVATE ${PROJECT_SOURCE_DIR}/src ${PROJECT_SOURCE_DIR}/tests)
 target_link_libraries(bench_gpu PRIVATE epx epx_test_common)
+
+# Costs of the synchronisation pieces on their own (bench/micro/sync_costs.cu; not a test).
+add_executable(sync_costs ${PROJECT_SOURCE_DIR}/bench/micro/sync_costs.cu)
+target_compile_options(sync_costs PRIVATE -gencode=arch=compute_90a,code=sm_90a)
