@@ -6,6 +6,7 @@
 #   bench   the benchmark (bench/bench.py), JSON and plot under $OUT
 #   threads bench_gpu with 2 and 4 ranks as threads sharing GPU 0 (128 and 4096 tokens)
 #   micro   bench/micro/sync_costs.cu: the synchronisation pieces' costs on their own
+#   profile tools/profile-kernels.sh: ncu warp states and per-line stalls at 128 tokens
 #   ncu     per-kernel durations of bench_gpu at 128 tokens (ncu, clocks left alone)
 # Logs go to $OUT (the device tool brings them back) and a summary is printed last.
 set -uo pipefail
@@ -53,6 +54,9 @@ for step in $steps; do
         done
       done | tee "$out/bench-threads.log"
       summary+=("threads: exit ${PIPESTATUS[0]}")
+      ;;
+    profile)
+      bash "$root/tools/profile-kernels.sh" 128 2>&1 | tee "$out/profile.log"
       ;;
     micro)
       timeout 120 "$EPX_BUILD_DIR/tests/sync_costs" 2>&1 | tee "$out/sync-costs.log"

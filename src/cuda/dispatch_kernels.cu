@@ -14,6 +14,8 @@ namespace epx::cuda {
 namespace {
 
 constexpr int kThreads = kBlockThreads;
+// Sources whose header and counts the receive-counts step loads at once (more go in batches).
+constexpr int kMaxHeaderRanks = 8;
 
 
 // One warp per (token, row part): the part goes to every destination in order; the warp of
@@ -106,10 +108,19 @@ __device__ bool block_receive_counts(const ReceiveCountsParams& p, int32_t* smem
   int32_t* tokens_per_expert = expert_source_offsets + local_experts * num_ranks;
   int32_t* expert_offsets = tokens_per_expert + local_experts;
   char* local = p.topo.peers[p.topo.rank];
+  // The R headers are loaded by R threads at once (one memory round trip, not R in a row),
+  // then thread 0 checks them and sums the counts in source order.
+  __shared__ plan::SourceHeader headers[kMaxHeaderRanks];
+  for (int s = threadIdx.x; s < num_ranks; s += kThreads) {
+    const plan::SourceHeader header = *layout.header(local, s);
+    if (s < kMaxHeaderRanks) headers[s] = header;
+  }
+  __syncthreads();
   if (threadIdx.x == 0) {
     ok = 1;
     for (int s = 0; ok && s < num_ranks; ++s) {
-      const plan::SourceHeader header = *layout.header(local, s);
+      const plan::SourceHeader header =
+          s < kMaxHeaderRanks ? headers[s] : *layout.header(local, s);
       int32_t code = kDeviceOk;
       if (header.status != plan::kRoutingOk) {
         code = kDeviceBadRouting;
@@ -124,7 +135,8 @@ __device__ bool block_receive_counts(const ReceiveCountsParams& p, int32_t* smem
     }
     int offset = 0;
     for (int s = 0; s < num_ranks; ++s) {
-      const int count = ok ? layout.header(local, s)->num_tokens : 0;
+      const int count =
+          !ok ? 0 : s < kMaxHeaderRanks ? headers[s].num_tokens : layout.header(local, s)->num_tokens;
       recv_offsets[s] = offset;
       if (to_handle) {
         p.recv_counts[s] = count;
@@ -141,11 +153,23 @@ __device__ bool block_receive_counts(const ReceiveCountsParams& p, int32_t* smem
     const int e = base + threadIdx.x;
     int rows = 0;
     if (e < local_experts) {
-      for (int s = 0; s < num_ranks; ++s) {
-        const int count = ok ? layout.expert_counts(local, s)[e] : 0;
-        if (to_handle) p.source_expert_counts[s * local_experts + e] = count;
-        expert_source_offsets[e * num_ranks + s] = rows;  // relative for now
-        rows += count;
+      // The sources' counts are loaded before any store (the handle's array could alias the
+      // workspace as far as the compiler knows, which would put R round trips in a row).
+      int counts[kMaxHeaderRanks];
+      for (int s0 = 0; s0 < num_ranks; s0 += kMaxHeaderRanks) {
+        const int batch = min(kMaxHeaderRanks, num_ranks - s0);
+#pragma unroll
+        for (int j = 0; j < kMaxHeaderRanks; ++j) {
+          if (j < batch) counts[j] = ok ? layout.expert_counts(local, s0 + j)[e] : 0;
+        }
+#pragma unroll
+        for (int j = 0; j < kMaxHeaderRanks; ++j) {
+          if (j >= batch) break;
+          const int s = s0 + j;
+          if (to_handle) p.source_expert_counts[s * local_experts + e] = counts[j];
+          expert_source_offsets[e * num_ranks + s] = rows;  // relative for now
+          rows += counts[j];
+        }
       }
       tokens_per_expert[e] = rows;
       if (to_handle) p.tokens_per_expert[e] = rows;

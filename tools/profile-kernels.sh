@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Where the small-batch kernels spend their time: Nsight Compute on bench_gpu (one rank, 128
+# tokens by default), one routing dispatch (plan, send, receive) and one compact combine (send,
+# reduce), with warp-state and per-source-line stall sampling; clocks and caches left alone.
+# Writes $OUT/prof-*.ncu-rep and text pages next to them. Usage: profile-kernels.sh [tokens]
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+build=${EPX_BUILD_DIR:-$root/build-gpu}
+out=${OUT:-$build/out}
+tokens=${1:-128}
+mkdir -p "$out"
+sections=(--section SpeedOfLight --section WarpStateStats --section SourceCounters
+          --section LaunchStats --section Occupancy)
+profile() {  # profile NAME NCU-FILTER...
+  local name=$1; shift
+  timeout 240 ncu --clock-control none --cache-control none --target-processes all \
+    --import-source yes "${sections[@]}" "$@" -f -o "$out/prof-$name" \
+    "$build/tests/bench_gpu" --tokens "$tokens" --iters 3 > "$out/prof-$name.run.txt" 2>&1
+  echo "profile $name: exit $?"
+  ncu -i "$out/prof-$name.ncu-rep" --page details > "$out/prof-$name.details.txt" 2>&1
+  ncu -i "$out/prof-$name.ncu-rep" --page source --csv --print-source cuda \
+    > "$out/prof-$name.source-cuda.csv" 2>&1
+  ncu -i "$out/prof-$name.ncu-rep" --page source --csv --print-source sass \
+    > "$out/prof-$name.source-sass.csv" 2>&1
+  ls -la "$out"/prof-$name.*
+}
+# The first dispatch op: 3 warm-up + 3 timed calls of plan, send, receive; skip the first 2.
+profile dispatch --launch-skip 6 --launch-count 3
+profile combine -k regex:combine --launch-skip 4 --launch-count 2
