@@ -24,6 +24,7 @@ profile() {  # profile NAME NCU-FILTER...
     > "$out/prof-$name.source-sass.csv" 2>&1
   ls -la "$out"/prof-$name.*
 }
-# The first dispatch op: 3 warm-up + 3 timed calls of plan, send, receive; skip the first 2.
-profile dispatch --launch-skip 6 --launch-count 3
+# After the buffer's peer-pointer kernel, the first dispatch op: 3 warm-up + 3 timed calls of
+# plan, send, receive; the third call is profiled.
+profile dispatch --launch-skip 7 --launch-count 3
 profile combine -k regex:combine --launch-skip 4 --launch-count 2
