@@ -59,7 +59,8 @@ run "bench 4096 x 7168, top-8 of 256, 24 SMs" timeout 150 "$build/tests/bench_gp
 run "bench 128 x 7168, top-8 of 256, 24 SMs" timeout 90 "$build/tests/bench_gpu" --tokens 128
 run "demo (default: GPUs when present)" timeout 120 "$build/examples/epx-demo"
 run "demo, host transport" timeout 120 "$build/examples/epx-demo" --transport host
-run "host tests (same build)" bash -c "cd '$build' && ctest -R 'Host|Plan|Reference|ThreadGroup' -j 8 --output-on-failure | tail -n 3"
+# The GPU suites (label gpu) ran above, one at a time: several at once would share the GPU.
+run "host tests (same build)" bash -c "set -o pipefail; cd '$build' && ctest -LE gpu -j 8 --output-on-failure | tail -n 3"
 
 echo "== gpu-check summary $(date -u +%FT%TZ): $gpus x ${gpu_name:-no GPU}, driver ${driver:-?}, NCCL ${nccl_version:-?}"
 printf '%s\n' "${results[@]}"

@@ -5,7 +5,7 @@ function(epx_gpu_test name)
                          ${CMAKE_CURRENT_FUNCTION_LIST_DIR}/../cpp/multi_process.cpp)
   target_include_directories(${name} PRIVATE ${PROJECT_SOURCE_DIR}/src ${PROJECT_SOURCE_DIR}/tests)
   target_link_libraries(${name} PRIVATE epx epx_test_common GTest::gtest_main)
-  gtest_discover_tests(${name} DISCOVERY_TIMEOUT 60 PROPERTIES TIMEOUT 900)
+  gtest_discover_tests(${name} DISCOVERY_TIMEOUT 60 PROPERTIES TIMEOUT 900 LABELS gpu)
 endfunction()
 
 epx_gpu_test(test_gpu)          # NCCL ranks, one process per GPU
