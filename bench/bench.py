@@ -75,6 +75,9 @@ BASELINE_OF = {
     "combine_expanded": ("nccl_a2a_back", "nccl_combine_expanded_pipeline"),
     "combine_backward": ("nccl_a2a_fwd", "nccl_combine_backward_pipeline"),
 }
+# epx ops that never wait on the host, also timed as CUDA-graph replays (--graphs)
+GRAPH_OPS = ("dispatch_compact_nosync", "dispatch_expanded_nosync", "dispatch_cached",
+             "combine_compact", "combine_expanded", "combine_backward")
 NCCL_OPS = {
     "nccl_a2a_fwd": ("fwd", "bf16"),
     "nccl_a2a_back": ("back", "bf16"),
@@ -245,6 +248,43 @@ class Runner:
         return {"median": statistics.median(worst), "min": worst[0],
                 "p90": worst[min(len(worst) - 1, int(math.ceil(0.9 * len(worst))) - 1)]}
 
+    def measure_graph(self, fn):
+        """Like measure, for an op that never waits on the host: fn(0) captured once in a CUDA
+        graph (after warm-up calls), each sample one replay. The device time without Python,
+        the binding's host work and the kernel launches (what a CUDA-graph user pays)."""
+        for i in range(self.args.warmup):
+            fn(0)
+        self.sync()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            keep = fn(0)  # outputs stay alive with the graph's memory pool
+        graph.replay()
+        self.sync()
+        samples = []
+        for _ in range(self.args.iters):
+            self.barrier()
+            self._start.record()
+            graph.replay()
+            self._end.record()
+            self._end.synchronize()
+            samples.append(self._start.elapsed_time(self._end) * 1e3)
+        del keep, graph
+        worst = sorted(self.max_over_ranks(samples))
+        return statistics.median(worst)
+
+    def timed_graph(self, name, fn):
+        """measure_graph(fn) in us, or None on every rank (with a note) if any rank failed."""
+        if not self.cuda:
+            return None
+        error, value = None, None
+        try:
+            value = self.measure_graph(fn)
+        except Exception as caught:  # noqa: BLE001 - recorded, the sweep goes on
+            error = describe_error(caught)
+        if self.failed(f"{name} (CUDA graph)", error):
+            return None
+        return value
+
     def timed(self, name, fn):
         """measure(fn), or None on every rank (with a note) if it raised on any rank."""
         error, stats = None, None
@@ -355,6 +395,7 @@ def run_config(ctx, buf, buf8, routing_name, tokens, seed, report):
     w_expanded = torch.rand(m, device=device)
 
     times = {}
+    graph_times = {}  # op -> median us of CUDA-graph replays (ops without host waits)
 
     # -- correctness of the comparison: epx's layouts equal what the NCCL pipeline builds --------
     check = "not run"
@@ -413,6 +454,12 @@ def run_config(ctx, buf, buf8, routing_name, tokens, seed, report):
         times["nccl_a2a_back"] = runner.timed(
             "nccl_a2a_back", lambda i: a2a(back_u8, hs_compact[i % copies_c].view(torch.uint8),
                                            in_s, out_s))
+        if args.graphs:
+            graph_times["nccl_a2a_fwd"] = runner.timed_graph(
+                "nccl_a2a_fwd", lambda i: a2a(recv_u8, sends[0].view(torch.uint8), out_s, in_s))
+            graph_times["nccl_a2a_back"] = runner.timed_graph(
+                "nccl_a2a_back", lambda i: a2a(back_u8, hs_compact[0].view(torch.uint8),
+                                               in_s, out_s))
         if not args.no_fp8:
             sends8 = [torch.empty(send_rows, row_fp8, dtype=torch.uint8, device=device)
                       for _ in range(rotation(send_rows * row_fp8, send_rows * row_fp8, l2))]
@@ -472,6 +519,8 @@ def run_config(ctx, buf, buf8, routing_name, tokens, seed, report):
                                 nbytes(direction, dtype, False, statistics.mean), world)}
         alone = {"fwd": "nccl_a2a_fwd_fp8" if dtype == "fp8" else "nccl_a2a_fwd",
                  "back": "nccl_a2a_back"}[direction]
+        if graph_times.get(name):
+            case["graph_time_us"] = round(graph_times[name], 2)
         if times.get(alone):  # a pipeline against the all-to-all inside it
             case["nccl_time_us"] = round(times[alone]["median"], 2)
             case["nccl_bytes"] = case["bytes"]
@@ -535,6 +584,14 @@ def run_config(ctx, buf, buf8, routing_name, tokens, seed, report):
         if pipeline and times.get(pipeline):
             case["nccl_pipeline_time_us"] = round(times[pipeline]["median"], 2)
             case["vs_nccl_pipeline"] = round(times[pipeline]["median"] / stats["median"], 3)
+        if args.graphs and op in GRAPH_OPS:
+            graph_us = runner.timed_graph(op, fn)
+            if graph_us:
+                case["graph_time_us"] = round(graph_us, 2)
+                nccl_graph = graph_times.get(alone)
+                if nccl_graph:
+                    case["nccl_graph_time_us"] = round(nccl_graph, 2)
+                    case["vs_nccl_graph"] = round(nccl_graph / graph_us, 3)
         if op == "combine_backward":
             unfused = runner.timed("combine_backward_unfused", unfused_backward)
             if unfused:
@@ -739,7 +796,7 @@ def fmt(value, spec):
 
 HEADER = (f"{'op':<32} {'routing':<8} {'tokens':>6} {'time_us':>9} {'GB/s':>7} "
           f"{'nccl_us':>9} {'nccl_GB/s':>9} {'pipe_us':>9} {'vs_nccl':>7} {'vs_pipe':>7} "
-          f"{'vs_link':>7} {'sms':>4} check")
+          f"{'vs_link':>7} {'graph_us':>8} {'nccl_gr':>7} {'sms':>4} check")
 
 
 def table_row(c):
@@ -748,6 +805,7 @@ def table_row(c):
             f"{fmt(c.get('nccl_time_us'), '9.1f')} {fmt(c.get('nccl_gbps'), '9.1f')} "
             f"{fmt(c.get('nccl_pipeline_time_us'), '9.1f')} {fmt(c.get('vs_nccl'), '7.2f')} "
             f"{fmt(c.get('vs_nccl_pipeline'), '7.2f')} {fmt(c.get('vs_link'), '7.2f')} "
+            f"{fmt(c.get('graph_time_us'), '8.1f')} {fmt(c.get('nccl_graph_time_us'), '7.1f')} "
             f"{fmt(c.get('num_sms'), '4d')} {c.get('check', '-')}")
 
 
@@ -858,9 +916,12 @@ def parse_args(argv=None):
                    help="uniform routing, bf16 only, 3 warm-up calls (samples stay --iters)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes on gloo + the epx host transport (no GPU needed)")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="skip the CUDA-graph replay timings (graph_time_us)")
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
     p.add_argument("--plot-only", metavar="JSON", help="redraw the plot of a results JSON")
     args = p.parse_args(argv)
+    args.graphs = not args.no_graphs and not args.smoke
     if args.quick:
         args.routing, args.no_fp8, args.warmup = ["uniform"], True, min(args.warmup, 3)
     if args.smoke:

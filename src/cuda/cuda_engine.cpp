@@ -182,6 +182,8 @@ class CudaEngine final : public Engine {
                             handle.send_slot.ptr<int32_t>(), handle.expert_slot.ptr<int32_t>(),
                             handle.topk_idx.ptr<int32_t>(), rank_counts_, expert_counts_,
                             plan_status_, plan_tile_counts_, plan_first_bad_};
+      plan.publish_entry = true;  // the entry goes out while the plan runs
+      plan.topo = topology();
       cuda::launch_plan(plan, stream);
     }
     cuda::SendParams send{};
@@ -204,6 +206,7 @@ class CudaEngine final : public Engine {
     send.expert_counts = expert_counts_;
     send.entry_phase = cached ? cuda::kPhaseCachedEntry : cuda::kPhaseDispatchEntry;
     send.num_blocks = num_blocks_;
+    send.entry_published = !cached;
     cuda::launch_send(send, stream);
     if (cached) return receive(handle, in, ReceiveMode::kCached, {}, stream);
     const cuda::ReceiveCountsParams counts = counts_params(handle, options, channels);

@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
   const int local_experts = layout.local_experts();
   const int rank = p.topo.rank;
-  if (!operation_entry(p.topo, p.entry_phase)) {
+  if (!operation_entry(p.topo, p.entry_phase, p.entry_published)) {
     operation_handoff(p.topo, true);
     return;
   }

@@ -81,6 +81,10 @@ struct PlanParams {
   int32_t* plan_status;    // [2]: RoutingStatus, bad value
   int32_t* tile_counts;    // scratch [plan_tiles][E + R]
   unsigned long long* first_bad;  // scratch: first invalid entry; ~0 between plans
+  // With publish_entry: block 0 of the first plan kernel publishes the operation's entry
+  // (publish_entry_early); the send kernel is then launched with entry_published.
+  bool publish_entry = false;
+  Topology topo{};
 };
 void launch_plan(const PlanParams& params, cudaStream_t stream);
 // Tokens per plan tile (a tile holds up to 2048 routing entries, at most 256 tokens), and the
@@ -112,6 +116,7 @@ struct SendParams {
   const int32_t* expert_counts;
   int32_t entry_phase;  // the operation's entry barrier is part of this kernel
   int num_blocks;
+  bool entry_published = false;  // the plan published the entry (PlanParams::publish_entry)
 };
 void launch_send(const SendParams& params, cudaStream_t stream);
 

@@ -68,16 +68,32 @@ __device__ __forceinline__ bool no_failure(const Topology& topo) {
   return *static_cast<volatile int32_t*>(topo.failed) == 0;
 }
 
+// The entry published early, by one block of a kernel that runs before the first writing
+// kernel (the routing plan): when an operation's first kernel starts, this rank has stopped
+// reading its staging, so the entry can go out while the plan computes, and the writing kernel
+// usually finds every peer's entry there already. Same rule as operation_entry: nothing is
+// published after a recorded failure. The writing kernel is then told not to publish again.
+__device__ __forceinline__ void publish_entry_early(const Topology& topo) {
+  __shared__ int go;
+  if (threadIdx.x == 0) go = no_failure(topo);
+  __syncthreads();
+  if (!go) return;
+  publish_to_peers(topo, *topo.epoch + 1);
+  if (threadIdx.x == 0) topo.sync->entry_published = 1;
+}
+
 // Entry barrier at the start of the operation's first writing kernel, run by every block;
 // false: the block must skip its work (a failure is recorded) and go on to operation_handoff.
-__device__ __forceinline__ bool operation_entry(const Topology& topo, int32_t phase) {
+// `published`: publish_entry_early already ran for this operation.
+__device__ __forceinline__ bool operation_entry(const Topology& topo, int32_t phase,
+                                                bool published = false) {
   __shared__ int proceed;
   if (threadIdx.x == 0) proceed = no_failure(topo);
   __syncthreads();
   // Every block reads the counter before its handoff; only the last block writes it.
   const uint64_t entry = *topo.epoch + 1;
   const bool go = proceed != 0;
-  if (blockIdx.x == 0 && go) {
+  if (blockIdx.x == 0 && go && !published) {
     publish_to_peers(topo, entry);
     if (threadIdx.x == 0) topo.sync->entry_published = 1;
   }

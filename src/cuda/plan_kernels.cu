@@ -21,6 +21,7 @@
 #include <algorithm>
 
 #include "cuda/kernels.hpp"
+#include "cuda/operation_sync.cuh"
 #include "plan/routing.hpp"
 
 namespace epx::cuda {
@@ -111,6 +112,7 @@ __global__ void __launch_bounds__(kThreads) plan_tiles_kernel(PlanParams p, int 
     typename Scan::TempStorage scan;
     typename PackedScan::TempStorage packed;
   } temp;
+  if (p.publish_entry && blockIdx.x == 0) publish_entry_early(p.topo);
   const int num_topk = p.num_topk, num_experts = p.num_experts, num_ranks = p.num_ranks;
   const int local_experts = num_experts / num_ranks;
   const auto [first_token, tokens] = plan_tile(p);
@@ -206,6 +208,7 @@ __global__ void __launch_bounds__(kScanTokens) plan_scan_kernel(PlanParams p) {
   using Scan = cub::BlockScan<int, kScanTokens>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ unsigned long long first_bad;
+  if (p.publish_entry && blockIdx.x == 0) publish_entry_early(p.topo);
   const int num_ranks = p.num_ranks, num_topk = p.num_topk, num_experts = p.num_experts;
   const int local_experts = num_experts / num_ranks;
   const bool rank_block = blockIdx.x < num_ranks;
