@@ -5,6 +5,7 @@
 #   python  the pytest suite, NCCL cases included
 #   bench   the benchmark (bench/bench.py), JSON and plot under $OUT
 #   threads bench_gpu with 2 and 4 ranks as threads sharing GPU 0 (128 and 4096 tokens)
+#   pyprof  bench/python_overhead.py: host time of one eager call and of its pieces
 #   micro   bench/micro/sync_costs.cu: the synchronisation pieces' costs on their own
 #   profile tools/profile-kernels.sh: ncu warp states and per-line stalls at 128 tokens
 #   ncu     per-kernel durations of bench_gpu at 128 tokens (ncu, clocks left alone)
@@ -57,6 +58,11 @@ for step in $steps; do
       ;;
     profile)
       bash "$root/tools/profile-kernels.sh" 128 2>&1 | tee "$out/profile.log"
+      ;;
+    pyprof)
+      PYTHONPATH="$root/python:$EPX_BUILD_DIR/python" timeout 120 "$python" \
+        "$root/bench/python_overhead.py" 2>&1 | tee "$out/python-overhead.log"
+      summary+=("pyprof: exit ${PIPESTATUS[0]}")
       ;;
     micro)
       timeout 120 "$EPX_BUILD_DIR/tests/sync_costs" 2>&1 | tee "$out/sync-costs.log"

@@ -2,7 +2,8 @@
 # Where the small-batch kernels spend their time: Nsight Compute on bench_gpu (one rank, 128
 # tokens by default), one routing dispatch (plan, send, receive) and one compact combine (send,
 # reduce), with warp-state and per-source-line stall sampling; clocks and caches left alone.
-# Writes $OUT/prof-*.ncu-rep and text pages next to them. Usage: profile-kernels.sh [tokens]
+# Writes $OUT/prof-NAME.{details,stalls,run}.txt (the report stays in the build directory).
+# Usage: profile-kernels.sh [tokens]
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${EPX_BUILD_DIR:-$root/build-gpu}
@@ -18,10 +19,13 @@ profile() {  # profile NAME NCU-FILTER...
     "$build/tests/bench_gpu" --tokens "$tokens" --iters 3 > "$out/prof-$name.run.txt" 2>&1
   echo "profile $name: exit $?"
   ncu -i "$out/prof-$name.ncu-rep" --page details > "$out/prof-$name.details.txt" 2>&1
-  ncu -i "$out/prof-$name.ncu-rep" --page source --csv --print-source cuda \
-    > "$out/prof-$name.source-cuda.csv" 2>&1
   ncu -i "$out/prof-$name.ncu-rep" --page source --csv --print-source sass \
-    > "$out/prof-$name.source-sass.csv" 2>&1
+    > "$build/prof-$name.source-sass.csv" 2>&1
+  python3 "$root/tools/ncu_stalls.py" "$build/prof-$name.source-sass.csv" 16 \
+    > "$out/prof-$name.stalls.txt" 2>&1
+  # The report and the per-instruction table stay on the machine (too many or too large to
+  # bring back); the details page and the stall summary come back.
+  mv "$out/prof-$name.ncu-rep" "$build/"
   ls -la "$out"/prof-$name.*
 }
 # After the buffer's peer-pointer kernel, the first dispatch op: 3 warm-up + 3 timed calls of

@@ -1,0 +1,79 @@
+"""Where the host time of one eager epx call goes (bench/NOTES.md, Python per-call overhead).
+
+One rank on cuda:0 (NCCL group of one), 128 tokens x 7168, top-8 of 256: the host time per
+call of dispatch (sync_counts=False) and compact combine, issued back to back without waiting
+(the GPU keeps up, so this is the host's cost), the same for the pieces a call is made of
+(torch.empty on the device, the current-stream query, epx's input description), then a
+cProfile of the dispatch calls.
+
+    PYTHONPATH=python:build-gpu/python python3 bench/python_overhead.py
+"""
+
+import cProfile
+import os
+import pstats
+import time
+
+os.environ["NCCL_NVLS_ENABLE"] = "0"
+os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
+os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+os.environ.setdefault("MASTER_PORT", "29561")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+
+def per_call_us(fn, calls=2000):
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def main():
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    import epx
+    from epx._tensors import describe, stream_of
+
+    device = torch.device("cuda", 0)
+    tokens, hidden, experts, topk = 128, 7168, 256, 8
+    buf = epx.Buffer(None, max_tokens_per_rank=tokens, hidden=hidden, num_experts=experts,
+                     num_topk=topk)
+    x = torch.randn(tokens, hidden, device=device).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(experts)[:topk] for _ in range(tokens)]).to(device)
+    w = torch.rand(tokens, topk, device=device)
+    first = buf.dispatch(x, idx, w, sync_counts=False)
+
+    rows = [
+        ("dispatch compact, sync_counts=False",
+         lambda: buf.dispatch(x, idx, w, sync_counts=False)),
+        ("combine compact", lambda: buf.combine(first.x, first.handle)),
+        ("torch.empty(1 MB, cuda)", lambda: torch.empty(1 << 20, dtype=torch.uint8,
+                                                         device=device)),
+        ("torch.cuda.current_stream()", lambda: torch.cuda.current_stream(device)),
+        ("epx stream_of(device)", lambda: stream_of(device)),
+        ("epx describe(x)", lambda: describe(x, "x")),
+    ]
+    for name, fn in rows:
+        print(f"{name:<40} {per_call_us(fn):8.1f} us host per call")
+
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(1000):
+        buf.dispatch(x, idx, w, sync_counts=False)
+    profile.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(profile).sort_stats("tottime").print_stats(14)
+    del buf
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
