@@ -113,8 +113,10 @@ Tensor PyAllocator::allocate(DType dtype, const std::vector<int64_t>& shape, Dev
   {
     py::gil_scoped_acquire gil;
     try {
-      py::object storage = allocate_(num_bytes, static_cast<int>(device.kind), device.index,
-                                     reinterpret_cast<uintptr_t>(stream));
+      py::tuple dims(shape.size());
+      for (size_t d = 0; d < shape.size(); ++d) dims[d] = shape[d];
+      py::object storage = allocate_(static_cast<int>(dtype), dims, static_cast<int>(device.kind),
+                                     device.index, reinterpret_cast<uintptr_t>(stream));
       view.data = reinterpret_cast<void*>(storage.attr("data_ptr")().cast<uintptr_t>());
       EPX_CHECK(view.data != nullptr || num_bytes == 0, kOutOfMemory,
                 "the Python allocator returned a tensor without data for " << num_bytes

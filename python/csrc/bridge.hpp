@@ -5,10 +5,12 @@
 // and bridge turns it into a non-owning epx::TensorView (None = "not given").
 //
 // Outputs: every epx output is allocated through PyAllocator, which calls a Python callable
-// `allocate(nbytes, device_kind, device_index, stream) -> torch.Tensor` (1-D uint8) and keeps the
-// returned object alive in the epx::Tensor's owner. Back in Python an output is described as
-//   (base: 1-D uint8 tensor, byte_offset, dtype, shape)
-// and the Python side views `base` with the right dtype and shape, so no copy is made.
+// `allocate(dtype, shape, device_kind, device_index, stream) -> torch.Tensor` (a contiguous
+// tensor of that epx dtype and shape) and keeps the returned object alive in the epx::Tensor's
+// owner. Back in Python an output is described as
+//   (base: the allocated tensor, byte_offset, dtype, shape)
+// and is `base` itself when it is the whole allocation (the common case: no view to make), else
+// a view of `base`'s bytes (several small tensors packed into one allocation), never a copy.
 #pragma once
 
 #include <pybind11/pybind11.h>
