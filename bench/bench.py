@@ -738,7 +738,10 @@ def run_worker(rank, world, args, result_path):
 # ---- output ------------------------------------------------------------------------------------
 
 def git_commit():
-    """(commit, whether tracked files differ from it or None if unknown)."""
+    """(commit, whether tracked files differ from it or None if unknown). $EPX_COMMIT wins: the
+    device machine's copy of the repository can report a stale HEAD (tools/device-run.sh)."""
+    if os.environ.get("EPX_COMMIT"):
+        return os.environ["EPX_COMMIT"], None
     try:
         def git(*words):
             return subprocess.run(["git", "-C", REPO, *words], capture_output=True, text=True,
@@ -748,7 +751,7 @@ def git_commit():
             return commit, bool(git("status", "--porcelain", "--untracked-files=no"))
     except Exception:  # noqa: BLE001
         pass
-    return os.environ.get("EPX_COMMIT") or "unknown", None
+    return "unknown", None
 
 
 def metadata(args, world):

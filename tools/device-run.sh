@@ -20,10 +20,12 @@ steps=${EPX_STEPS:-gpu python bench}
 python=$(command -v python3)
 nccl_root=$("$python" -c "import nvidia.nccl as n; print(list(n.__path__)[0])" 2>/dev/null || true)
 export EPX_BUILD_DIR=${EPX_BUILD_DIR:-$root/build-gpu}
+# The commit under test: pass EPX_COMMIT=$(git rev-parse HEAD) from the machine that sends the
+# tree; the device machine's copy of the repository has reported a stale HEAD.
 export EPX_COMMIT=${EPX_COMMIT:-$(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)}
 summary=()
 
-echo "== build ($(date -u +%FT%TZ)) nccl_root=$nccl_root"
+echo "== build ($(date -u +%FT%TZ)) commit $EPX_COMMIT nccl_root=$nccl_root"
 cmake -S "$root" -B "$EPX_BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=${EPX_BUILD_TYPE:-Release} \
   -DEPX_BUILD_PYTHON=ON -DPython_EXECUTABLE="$python" -DPYTHON_EXECUTABLE="$python" \
   ${nccl_root:+-DEPX_NCCL_ROOT="$nccl_root"} > "$out/build.log" 2>&1 &&

@@ -16,7 +16,8 @@ python=$(command -v python3 || true)
 nccl_root=$("$python" -c "import nvidia.nccl as n; print(list(n.__path__)[0])" 2>/dev/null || true)
 gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | wc -l)
 echo "== epx gpu-check $(date -u +%FT%TZ)"
-echo "commit: $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo "${EPX_COMMIT:-unknown}")"
+# $EPX_COMMIT first: the device machine's copy of the repository can report a stale HEAD.
+echo "commit: ${EPX_COMMIT:-$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader
 nvidia-smi topo -m 2>/dev/null | head -n 4
 echo "nvcc: $(nvcc --version | tail -n 1)"
