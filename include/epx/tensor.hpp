@@ -75,7 +75,8 @@ class Allocator {
                           void* stream) = 0;
 };
 
-// Host memory (new[]) for the CPU, stream-ordered cudaMallocAsync for CUDA devices.
+// Host memory (new[]) for the CPU; for CUDA devices stream-ordered allocations from a memory
+// pool of epx's own that keeps freed memory for reuse (src/cuda/cuda_allocator.cpp).
 std::shared_ptr<Allocator> default_allocator();
 
 }  // namespace epx

@@ -16,9 +16,10 @@ Comm Comm::cuda_threads(const ThreadGroup& group, int rank, int cuda_device) {
             "rank " << rank << ": CUDA device " << cuda_device << " does not exist (" << num_devices
                     << " visible)");
   EPX_CUDA_CHECK(cudaSetDevice(cuda_device));
-  // epx's default allocator draws from the device's default pool, which otherwise gives memory
+  // The device's default pool (cudaMallocAsync, e.g. a caller's inputs) otherwise gives memory
   // back at every synchronisation; unmapping may wait for the whole device, where the other
-  // ranks' kernels wait for this rank. The pool keeps its memory instead.
+  // ranks' kernels wait for this rank. The pool keeps its memory instead. (epx's own default
+  // allocator has a pool of its own that keeps its memory: src/cuda/cuda_allocator.cpp.)
   cudaMemPool_t pool;
   EPX_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, cuda_device));
   uint64_t keep = UINT64_MAX;
