@@ -169,7 +169,8 @@ int main() {
     check(cudaStreamEndCapture(s, &graph), "capture");
     check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
     check(cudaGraphLaunch(exec, s), "graph");
-    const float per_node = elapsed_us(s, 20, [&] { check(cudaGraphLaunch(exec, s), "graph"); }) / 20;
+    const float per_node =
+        elapsed_us(s, 20, [&] { check(cudaGraphLaunch(exec, s), "graph"); }) / 20;
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(graph);
     check(cudaGetLastError(), kNames[v]);

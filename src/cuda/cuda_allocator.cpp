@@ -7,7 +7,7 @@
 // hundreds of MB (bench_gpu: a 128-token expanded dispatch with alignment 128 spent most of its
 // ~0.6 ms mapping its output). This pool keeps what it has (release threshold: unlimited), like
 // PyTorch's caching allocator, without changing the default pool other code in the process
-// uses. A caller that wants memory back passes its own allocator (BufferConfig / Buffer).
+// uses. A caller that wants memory back passes its own allocator to the Buffer.
 #include <cuda_runtime.h>
 
 #include <cstdint>

@@ -108,12 +108,11 @@ __device__ bool block_receive_counts(const ReceiveCountsParams& p, int32_t* smem
   int32_t* tokens_per_expert = expert_source_offsets + local_experts * num_ranks;
   int32_t* expert_offsets = tokens_per_expert + local_experts;
   char* local = p.topo.peers[p.topo.rank];
-  // The R headers are loaded by R threads at once (one memory round trip, not R in a row),
-  // then thread 0 checks them and sums the counts in source order.
+  // The first kMaxHeaderRanks headers are loaded by as many threads at once (one memory round
+  // trip, not R in a row), then thread 0 checks them and sums the counts in source order.
   __shared__ plan::SourceHeader headers[kMaxHeaderRanks];
-  for (int s = threadIdx.x; s < num_ranks; s += kThreads) {
-    const plan::SourceHeader header = *layout.header(local, s);
-    if (s < kMaxHeaderRanks) headers[s] = header;
+  if (threadIdx.x < min(num_ranks, kMaxHeaderRanks)) {
+    headers[threadIdx.x] = *layout.header(local, threadIdx.x);
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -135,8 +134,9 @@ __device__ bool block_receive_counts(const ReceiveCountsParams& p, int32_t* smem
     }
     int offset = 0;
     for (int s = 0; s < num_ranks; ++s) {
-      const int count =
-          !ok ? 0 : s < kMaxHeaderRanks ? headers[s].num_tokens : layout.header(local, s)->num_tokens;
+      const int count = !ok                    ? 0
+                        : s < kMaxHeaderRanks ? headers[s].num_tokens
+                                              : layout.header(local, s)->num_tokens;
       recv_offsets[s] = offset;
       if (to_handle) {
         p.recv_counts[s] = count;

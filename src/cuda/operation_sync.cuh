@@ -54,7 +54,8 @@ __device__ __forceinline__ void wait_for_peers(const Topology& topo, uint64_t ep
 // scope after a system fence, so every earlier store of this thread's block — ordered by the
 // caller's __syncthreads — and of the earlier kernels is visible first). Only the publishing
 // threads fence: the fence is cumulative over what the block barrier ordered before it, as in
-// a cooperative grid barrier; a fence in every thread cost ~N us (bench/NOTES.md change 10).
+// a cooperative grid barrier (a fence in every thread costs ~0.5 us more per kernel:
+// bench/micro/sync_costs.cu, bench/NOTES.md changes 10-11).
 __device__ __forceinline__ void publish_to_peers(const Topology& topo, uint64_t epoch) {
   const plan::WorkspaceLayout& layout = topo.layout;
   const int peer = threadIdx.x;
