@@ -296,11 +296,17 @@ int main(int argc, char** argv) {
     std::string failed;
     if (o.thread_ranks > 0) {
       // Every rank a thread on GPU 0: the multi-rank protocol's costs on one GPU (peer rows go
-      // through this GPU's memory, not NVLink), split the SM budget between the ranks.
+      // through this GPU's memory, not NVLink).
       failed = epx::testing::run_threads(
           num_ranks, epx::testing::Placement::kOneGpu, 60,
           [&](const epx::testing::ThreadRank& r) {
-            return run_rank(r.rank, num_ranks, o, r.comm, r.stream);
+            // Ranks sharing the GPU wait for each other inside kernels: all their blocks must
+            // be resident at once (at most one 512-thread block per SM), so the SM budget splits.
+            cudaDeviceProp properties{};
+            epx::testing::check_cuda(cudaGetDeviceProperties(&properties, r.device), "properties");
+            Options shared = o;
+            shared.sms = std::max(1, std::min(o.sms, properties.multiProcessorCount / num_ranks));
+            return run_rank(r.rank, num_ranks, shared, r.comm, r.stream);
           },
           300);
     } else {
