@@ -3,6 +3,7 @@
 // skip where too few GPUs are visible.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <iostream>
@@ -10,6 +11,7 @@
 #include <string>
 
 #include "common/cuda_device_ops.hpp"
+#include "epx/buffer.hpp"
 #include "epx/error.hpp"
 
 namespace epx::testing {
@@ -31,17 +33,30 @@ inline uint64_t base_seed(const char* tag) {
   return seed;
 }
 
-// The error a dispatch raised when rank `missing` never arrived, taken `seconds` after the call:
-// "" when it is kTimeout naming the entry phase and that rank, in bounded time.
-inline std::string check_missing_peer_error(const Error& error, double seconds, int missing) {
-  const std::string what = error.what();
-  if (error.code() != ErrorCode::kTimeout) return "wrong code: " + what;
-  if (what.find("phase dispatch/entry") == std::string::npos ||
-      what.find("waiting for rank " + std::to_string(missing)) == std::string::npos) {
-    return "phase or rank missing: " + what;
+// Dispatches `in` on a buffer where rank `missing` never arrives and prints what was raised and
+// when (`tag` names the suite): "" when it is kTimeout naming the entry phase and that rank, in
+// bounded time.
+inline std::string dispatch_expecting_missing_peer(Buffer& buffer, const DispatchInputs& in,
+                                                   void* stream, const char* tag, int rank,
+                                                   int missing) {
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    buffer.dispatch(in, DispatchOptions{}, stream);
+    return "no error was raised";
+  } catch (const Error& error) {
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const std::string what = error.what();
+    std::cout << "[" << tag << "] rank " << rank << " after " << seconds << " s: " << what
+              << std::endl;
+    if (error.code() != ErrorCode::kTimeout) return "wrong code: " + what;
+    if (what.find("phase dispatch/entry") == std::string::npos ||
+        what.find("waiting for rank " + std::to_string(missing)) == std::string::npos) {
+      return "phase or rank missing: " + what;
+    }
+    if (seconds > 20) return "took " + std::to_string(seconds) + " s";
+    return "";
   }
-  if (seconds > 20) return "took " + std::to_string(seconds) + " s";
-  return "";
 }
 
 }  // namespace epx::testing

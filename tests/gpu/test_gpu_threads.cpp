@@ -233,18 +233,8 @@ TEST(ThreadsTimeout, MissingPeerTimesOut) {
         Buffer buffer(r.comm, thread_buffer_config(config, r, 2.0));
         if (r.rank == 1) return "";  // alive (it joins the buffer's teardown) but never dispatches
         TinyInputs in = tiny_inputs(buffer, r.rank, 0, r.device, r.stream);
-        const auto start = std::chrono::steady_clock::now();
-        try {
-          buffer.dispatch(in.view, DispatchOptions{}, r.stream);
-          return "no error was raised";
-        } catch (const Error& error) {
-          const double seconds =
-              std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-          const std::string what = error.what();
-          std::cout << "[epx-gpu-threads] rank " << r.rank << " after " << seconds << " s: " << what
-                    << std::endl;
-          return check_missing_peer_error(error, seconds, 1);
-        }
+        return dispatch_expecting_missing_peer(buffer, in.view, r.stream, "epx-gpu-threads",
+                                               r.rank, 1);
       },
       120);
   EXPECT_EQ(failed, "");
