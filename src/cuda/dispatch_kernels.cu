@@ -115,11 +115,13 @@ __device__ bool block_receive_counts(const ReceiveCountsParams& p, int32_t* smem
     headers[threadIdx.x] = *layout.header(local, threadIdx.x);
   }
   __syncthreads();
+  auto header_of = [&](int s) {
+    return s < kMaxHeaderRanks ? headers[s] : *layout.header(local, s);
+  };
   if (threadIdx.x == 0) {
     ok = 1;
     for (int s = 0; ok && s < num_ranks; ++s) {
-      const plan::SourceHeader header =
-          s < kMaxHeaderRanks ? headers[s] : *layout.header(local, s);
+      const plan::SourceHeader header = header_of(s);
       int32_t code = kDeviceOk;
       if (header.status != plan::kRoutingOk) {
         code = kDeviceBadRouting;
@@ -134,9 +136,7 @@ __device__ bool block_receive_counts(const ReceiveCountsParams& p, int32_t* smem
     }
     int offset = 0;
     for (int s = 0; s < num_ranks; ++s) {
-      const int count = !ok                    ? 0
-                        : s < kMaxHeaderRanks ? headers[s].num_tokens
-                                              : layout.header(local, s)->num_tokens;
+      const int count = ok ? header_of(s).num_tokens : 0;
       recv_offsets[s] = offset;
       if (to_handle) {
         p.recv_counts[s] = count;
