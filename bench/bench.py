@@ -226,25 +226,30 @@ class Runner:
         self.note(f"{what} skipped: {detail or 'failed'}")
         return True
 
-    def measure(self, fn):
-        """Per-sample max over ranks -> (median, min, p90) in us; fn(i) runs sample i."""
-        for i in range(self.args.warmup):
-            fn(i)
-        self.sync()
+    def worst_samples(self, run):
+        """--iters samples of run(i), each after a barrier (CUDA events on the GPU, the host
+        clock on the CPU): the slowest rank's time of each sample in us, sorted."""
         samples = []
         for i in range(self.args.iters):
             self.barrier()
             if self.cuda:
                 self._start.record()
-                fn(i)
+                run(i)
                 self._end.record()
                 self._end.synchronize()
                 samples.append(self._start.elapsed_time(self._end) * 1e3)
             else:
                 begin = time.perf_counter()
-                fn(i)
+                run(i)
                 samples.append((time.perf_counter() - begin) * 1e6)
-        worst = sorted(self.max_over_ranks(samples))
+        return sorted(self.max_over_ranks(samples))
+
+    def measure(self, fn):
+        """Per-sample max over ranks -> (median, min, p90) in us; fn(i) runs sample i."""
+        for i in range(self.args.warmup):
+            fn(i)
+        self.sync()
+        worst = self.worst_samples(fn)
         return {"median": statistics.median(worst), "min": worst[0],
                 "p90": worst[min(len(worst) - 1, int(math.ceil(0.9 * len(worst))) - 1)]}
 
@@ -260,36 +265,20 @@ class Runner:
             keep = fn(0)  # outputs stay alive with the graph's memory pool
         graph.replay()
         self.sync()
-        samples = []
-        for _ in range(self.args.iters):
-            self.barrier()
-            self._start.record()
-            graph.replay()
-            self._end.record()
-            self._end.synchronize()
-            samples.append(self._start.elapsed_time(self._end) * 1e3)
+        worst = self.worst_samples(lambda i: graph.replay())
         del keep, graph
-        worst = sorted(self.max_over_ranks(samples))
         return statistics.median(worst)
 
     def timed_graph(self, name, fn):
         """measure_graph(fn) in us, or None on every rank (with a note) if any rank failed."""
-        if not self.cuda:
-            return None
-        error, value = None, None
-        try:
-            value = self.measure_graph(fn)
-        except Exception as caught:  # noqa: BLE001 - recorded, the sweep goes on
-            error = describe_error(caught)
-        if self.failed(f"{name} (CUDA graph)", error):
-            return None
-        return value
+        return self.timed(f"{name} (CUDA graph)", fn, self.measure_graph) if self.cuda else None
 
-    def timed(self, name, fn):
-        """measure(fn), or None on every rank (with a note) if it raised on any rank."""
+    def timed(self, name, fn, measure=None):
+        """measure(fn) (default: self.measure), or None on every rank (with a note) if it raised
+        on any rank."""
         error, stats = None, None
         try:
-            stats = self.measure(fn)
+            stats = (measure or self.measure)(fn)
         except Exception as caught:  # noqa: BLE001 - recorded, the sweep goes on
             error = describe_error(caught)
         if self.failed(name, error):
