@@ -99,7 +99,8 @@ std::string RandomConfig::describe() const {
       << " expand=" << expand << " alignment=" << expert_alignment
       << " zero_padding=" << zero_padding << " sync_counts=" << sync_counts
       << " reduce_at=" << (reduce_at_source ? "source" : "expert")
-      << " topk=" << (topk_int64 ? "int64" : "int32") << " seed=" << seed;
+      << " topk=" << (topk_int64 ? "int64" : "int32") << " saturate=" << saturate
+      << " seed=" << seed;
   return out.str();
 }
 
@@ -142,6 +143,7 @@ RandomConfig draw_config(uint64_t seed, int32_t num_ranks) {
   c.sync_counts = chance(rng, 0.6);
   c.reduce_at_source = chance(rng, 0.5);
   c.topk_int64 = chance(rng, 0.5);
+  c.saturate = chance(rng, 0.05);
   return c;
 }
 
@@ -155,14 +157,17 @@ std::vector<reference::RankInputs> draw_dispatch_inputs(const RandomConfig& conf
   std::vector<reference::RankInputs> inputs(static_cast<size_t>(R));
   for (reference::RankInputs& in : inputs) {
     const int64_t kind = uniform(rng, 0, 9);
-    in.num_tokens = all_full || kind < 2 ? p.max_tokens
-                    : kind < 4           ? 0
-                                         : uniform(rng, 0, p.max_tokens);
+    in.num_tokens = config.saturate || all_full || kind < 2 ? p.max_tokens
+                    : kind < 4                              ? 0
+                                                            : uniform(rng, 0, p.max_tokens);
   }
+  const int64_t saturated_expert = uniform(rng, 0, p.num_experts - 1);
   for (reference::RankInputs& in : inputs) {
     const int64_t S = in.num_tokens;
     for (int64_t t = 0; t < S; ++t) {
-      const std::vector<int64_t> topk = draw_topk(rng, p, skewed, hot_rank);
+      const std::vector<int64_t> topk =
+          config.saturate ? std::vector<int64_t>(static_cast<size_t>(p.num_topk), saturated_expert)
+                          : draw_topk(rng, p, skewed, hot_rank);
       in.topk_idx.insert(in.topk_idx.end(), topk.begin(), topk.end());
     }
     if (p.fp8) {

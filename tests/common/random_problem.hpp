@@ -32,6 +32,9 @@ struct RandomConfig {
   bool sync_counts = true;
   bool reduce_at_source = false;  // meaningful for expanded layouts only
   bool topk_int64 = true;         // which dtype the transport test passes topk_idx as
+  // Every rank sends S_max tokens and every k of every token names one expert: the expanded
+  // layout's worst case (R*S_max*K rows on one rank, duplicates included) is reached exactly.
+  bool saturate = false;
   uint64_t seed = 0;
 
   std::string describe() const;  // one line, every field

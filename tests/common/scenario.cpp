@@ -125,6 +125,12 @@ std::string check_dispatch(const DeviceOps& ops, const RandomConfig& config,
   }
   const int64_t rows = want.num_rows;
   const bool expand = config.expand;
+  // Unsynced outputs are sized before the counts are known; they must still hold every row.
+  if (got.x.size(0) < rows || handle.row_capacity < rows) {
+    where << "outputs have " << got.x.size(0) << " rows (handle capacity " << handle.row_capacity
+          << "), the layout needs " << rows;
+    return where.str();
+  }
   const std::vector<uint8_t>* skip = expand && !config.zero_padding ? &want.is_padding : nullptr;
   std::string bad;
   auto note = [&](std::string message) {

@@ -66,5 +66,31 @@ TEST_P(HostRandom, MatchesReferenceBitForBit) {
 INSTANTIATE_TEST_SUITE_P(Ranks, HostRandom, ::testing::Values(1, 2, 3, 4, 8),
                          [](const auto& info) { return "R" + std::to_string(info.param); });
 
+// The unsynced expanded worst case, reached exactly: every k of every token names one expert and
+// K > E_l, so rows come from duplicates. A bound of min(K, E_l) rows per token overflowed here
+// (found by HostRandom as heap corruption in CI).
+TEST(HostWorstCase, DuplicateExpertsFillTheUnsyncedExpandedCapacity) {
+  for (int num_ranks : {1, 2, 3}) {
+    for (int32_t alignment : {1, 128}) {
+      RandomConfig config = draw_config(base_seed() + uint64_t(num_ranks * 131 + alignment),
+                                        num_ranks);
+      config.num_experts = num_ranks;  // E_l = 1
+      config.num_topk = 5;
+      config.max_tokens = 7;
+      config.expand = true;
+      config.sync_counts = false;
+      config.expert_alignment = alignment;
+      config.saturate = true;
+      const std::string name = unique_name("hw");
+      const auto outcomes = run_ranks(num_ranks, [&](int rank) {
+        Buffer buffer(Comm::host(rank, num_ranks, name), buffer_config_for(config),
+                      poisoned_host_allocator());
+        return run_scenario(buffer, config, rank, host_device_ops());
+      });
+      EXPECT_EQ(failures(outcomes), "") << config.describe();
+    }
+  }
+}
+
 }  // namespace
 }  // namespace epx::testing

@@ -221,7 +221,7 @@ def unsynced_case(ctx, seed, expand, alignment):
     assert handle.tokens_per_expert is None
     worst = ctx.world * SIZES["max_tokens"]
     if expand:
-        worst = worst * min(k, local) + local * (alignment - 1)
+        worst = worst * k + local * (alignment - 1)  # K rows: duplicates count
     assert lazy.x.shape[0] == worst, (lazy.x.shape, worst)
     n, m = synced.handle.num_recv_tokens, synced.handle.num_rows
     _same(handle.device_counts, torch.tensor([n, m], dtype=torch.int64), "device_counts")
