@@ -147,6 +147,18 @@ RandomConfig draw_config(uint64_t seed, int32_t num_ranks) {
   return c;
 }
 
+RandomConfig saturated_config(uint64_t seed, int32_t num_ranks, int32_t expert_alignment) {
+  RandomConfig config = draw_config(seed, num_ranks);
+  config.num_experts = num_ranks;
+  config.num_topk = 5;
+  config.max_tokens = 7;
+  config.expand = true;
+  config.sync_counts = false;
+  config.expert_alignment = expert_alignment;
+  config.saturate = true;
+  return config;
+}
+
 std::vector<reference::RankInputs> draw_dispatch_inputs(const RandomConfig& config) {
   std::mt19937_64 rng = stream_for(config.seed, kDispatch);
   const reference::Problem p = config.problem();

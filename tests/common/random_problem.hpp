@@ -45,6 +45,11 @@ struct RandomConfig {
 // K in [1, 9], E a multiple of R in [R, 64], alignment in {1, 4, 128}, every flag random.
 RandomConfig draw_config(uint64_t seed, int32_t num_ranks);
 
+// The unsynced expanded worst case, reached exactly: E_l = 1 < K = 5, S_max = 7, every k of every
+// token names one expert (so its rows come from duplicates), sync_counts off; the other fields
+// as draw_config(seed) draws them.
+RandomConfig saturated_config(uint64_t seed, int32_t num_ranks, int32_t expert_alignment);
+
 // Every rank's dispatch inputs: uneven token counts (some ranks 0, sometimes all S_max),
 // masked -1 experts, tokens with all top-k on one rank, tokens with no expert at all,
 // occasionally one expert named twice by a token. topk_idx is int64 whatever topk_int64 says.

@@ -72,15 +72,9 @@ INSTANTIATE_TEST_SUITE_P(Ranks, HostRandom, ::testing::Values(1, 2, 3, 4, 8),
 TEST(HostWorstCase, DuplicateExpertsFillTheUnsyncedExpandedCapacity) {
   for (int num_ranks : {1, 2, 3}) {
     for (int32_t alignment : {1, 128}) {
-      RandomConfig config = draw_config(base_seed() + uint64_t(num_ranks * 131 + alignment),
-                                        num_ranks);
-      config.num_experts = num_ranks;  // E_l = 1
-      config.num_topk = 5;
-      config.max_tokens = 7;
-      config.expand = true;
-      config.sync_counts = false;
-      config.expert_alignment = alignment;
-      config.saturate = true;
+      const RandomConfig config =
+          saturated_config(base_seed() + uint64_t(num_ranks * 131 + alignment), num_ranks,
+                           alignment);
       const std::string name = unique_name("hw");
       const auto outcomes = run_ranks(num_ranks, [&](int rank) {
         Buffer buffer(Comm::host(rank, num_ranks, name), buffer_config_for(config),
