@@ -4,6 +4,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -79,36 +80,60 @@ std::vector<RankOutcome> run_ranks(int num_ranks, const std::function<std::strin
     if (pipes[rank] < 0) continue;
     readers.emplace_back([&, rank] { outcomes[rank].message = read_all(pipes[rank]); });
   }
-  const auto deadline = std::chrono::steady_clock::now() +
-                        std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
-  for (int rank : ranks) {
-    if (pids[rank] < 0) continue;
-    int status = 0;
-    for (;;) {
-      const pid_t done = waitpid(pids[rank], &status, WNOHANG);
-      if (done == pids[rank]) {
-        outcomes[rank].finished = WIFEXITED(status);
-        outcomes[rank].exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
-        break;
+  // Wait for all ranks together. Once one fails, its peers are most likely blocked on it until
+  // their own (long) transport timeout: give them kFailureGrace to report an error of their own,
+  // then stop them, so a failing test reports in seconds instead of hanging for a minute.
+  using Clock = std::chrono::steady_clock;
+  constexpr auto kFailureGrace = std::chrono::seconds(10);
+  auto deadline =
+      Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
+  std::vector<std::string> kill_reason(num_ranks);
+  std::string stop_reason =
+      "killed after the test's " + std::to_string(timeout_seconds) + " s limit (hang)";
+  bool failure_seen = false;
+  for (;;) {
+    bool alive = false;
+    for (int rank : ranks) {
+      if (pids[rank] < 0) continue;
+      int status = 0;
+      if (waitpid(pids[rank], &status, WNOHANG) != pids[rank]) {
+        alive = true;
+        continue;
       }
-      if (std::chrono::steady_clock::now() > deadline) {
+      pids[rank] = -1;
+      outcomes[rank].finished = WIFEXITED(status);
+      outcomes[rank].exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
+      if (outcomes[rank].exit_code != 0 && !failure_seen) {
+        failure_seen = true;
+        deadline = std::min(deadline, Clock::now() + kFailureGrace);
+        stop_reason = "killed " + std::to_string(kFailureGrace.count()) + " s after rank " +
+                      std::to_string(rank) +
+                      " failed (probably waiting for it)";
+      }
+    }
+    if (!alive) break;
+    if (Clock::now() > deadline) {
+      for (int rank : ranks) {
+        if (pids[rank] < 0) continue;
+        int status = 0;
         kill(pids[rank], SIGKILL);
         waitpid(pids[rank], &status, 0);
+        pids[rank] = -1;
         outcomes[rank].finished = false;
         outcomes[rank].exit_code = 0;  // not a signal of its own: the test killed it
-        break;
+        kill_reason[rank] = stop_reason;
       }
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      break;
     }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   for (auto& reader : readers) reader.join();
   for (int rank : ranks) {
     if (pipes[rank] >= 0) close(pipes[rank]);
     if (!outcomes[rank].finished && outcomes[rank].message.empty()) {
-      outcomes[rank].message =
-          outcomes[rank].exit_code < 0
-              ? "died of signal " + std::to_string(-outcomes[rank].exit_code)
-              : "killed after the test's " + std::to_string(timeout_seconds) + " s limit (hang)";
+      outcomes[rank].message = outcomes[rank].exit_code < 0
+                                   ? "died of signal " + std::to_string(-outcomes[rank].exit_code)
+                                   : kill_reason[rank];
     }
   }
   return outcomes;

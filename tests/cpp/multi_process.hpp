@@ -1,6 +1,7 @@
 // Runs one function per rank, each in its own forked process, as the host transport expects.
 // A rank reports failure by returning a non-empty message or by throwing; the parent kills
-// every rank still alive after `timeout_seconds`, so a test can never hang.
+// every rank still alive after `timeout_seconds`, or 10 s after the first rank failed (its peers
+// are then usually waiting for it), so a test can never hang.
 #pragma once
 
 #include <functional>
