@@ -21,6 +21,12 @@ inline int gpu_count() {
   return count;
 }
 
+// An integer from the environment (test sizes such as EPX_GPU_CONFIGS), else `fallback`.
+inline int env_int(const char* name, int fallback) {
+  const char* value = std::getenv(name);
+  return value ? std::atoi(value) : fallback;
+}
+
 // `tag` names the suite in the printed line.
 inline uint64_t base_seed(const char* tag) {
   static const uint64_t seed = [tag] {

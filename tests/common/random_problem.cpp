@@ -147,6 +147,14 @@ RandomConfig draw_config(uint64_t seed, int32_t num_ranks) {
   return c;
 }
 
+RandomConfig other_layout_config(const RandomConfig& config) {
+  RandomConfig again = config;
+  again.seed = config.seed ^ 0xa5a5a5a5ull;
+  again.expand = !config.expand;
+  again.sync_counts = !config.sync_counts;
+  return again;
+}
+
 RandomConfig saturated_config(uint64_t seed, int32_t num_ranks, int32_t expert_alignment) {
   RandomConfig config = draw_config(seed, num_ranks);
   config.num_experts = num_ranks;

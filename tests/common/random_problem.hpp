@@ -45,6 +45,10 @@ struct RandomConfig {
 // K in [1, 9], E a multiple of R in [R, 64], alignment in {1, 4, 128}, every flag random.
 RandomConfig draw_config(uint64_t seed, int32_t num_ranks);
 
+// The second scenario the random suites run on the same buffer (buffers are reusable): the same
+// sizes, another seed, the other layout and the other sync_counts choice.
+RandomConfig other_layout_config(const RandomConfig& config);
+
 // The unsynced expanded worst case, reached exactly: E_l = 1 < K = 5, S_max = 7, every k of every
 // token names one expert (so its rows come from duplicates), sync_counts off; the other fields
 // as draw_config(seed) draws them.

@@ -43,11 +43,7 @@ TEST_P(HostRandom, MatchesReferenceBitForBit) {
   for (int i = 0; i < configs_for(num_ranks); ++i) {
     const uint64_t seed = base_seed() * 1000003ull + uint64_t(num_ranks) * 10007ull + i;
     const RandomConfig config = draw_config(seed, num_ranks);
-    // A second scenario on the same buffer, other layout and options: buffers are reusable.
-    RandomConfig again = config;
-    again.seed = seed ^ 0xa5a5a5a5ull;
-    again.expand = !config.expand;
-    again.sync_counts = !config.sync_counts;
+    const RandomConfig again = other_layout_config(config);
     const std::string name = unique_name("hr");
     const auto outcomes = run_ranks(num_ranks, [&](int rank) {
       Buffer buffer(Comm::host(rank, num_ranks, name), buffer_config_for(config),
