@@ -37,12 +37,14 @@ if [ "${EPX_SKIP_BUILD:-0}" != 1 ] || [ ! -x "$build/tests/test_gpu" ]; then
 fi
 
 results=()
+failures=0
 run() {  # run NAME COMMAND...: records PASS/FAIL with the exit code and the time taken
   local name=$1; shift
   local start=$SECONDS
   echo "== $name: $*"
   "$@"
   local status=$?
+  [ $status = 0 ] || failures=$((failures + 1))
   results+=("$(printf '%-34s %s (exit %d, %ds)' "$name" "$([ $status = 0 ] && echo PASS || echo FAIL)" $status $((SECONDS - start)))")
 }
 
@@ -65,3 +67,5 @@ run "host tests (same build)" bash -c "set -o pipefail; cd '$build' && ctest -LE
 
 echo "== gpu-check summary $(date -u +%FT%TZ): $gpus x ${gpu_name:-no GPU}, driver ${driver:-?}, NCCL ${nccl_version:-?}"
 printf '%s\n' "${results[@]}"
+echo "$failures step(s) failed"
+exit $((failures > 0))

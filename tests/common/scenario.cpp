@@ -5,6 +5,7 @@
 #include <random>
 #include <sstream>
 
+#include "epx/error.hpp"
 #include "reference/reference.hpp"
 
 namespace epx::testing {
@@ -218,8 +219,10 @@ Tensor PoisonAllocator::allocate(DType dtype, const std::vector<int64_t>& shape,
   return tensor;
 }
 
-std::string run_scenario(Buffer& buffer, const RandomConfig& config, int rank,
-                         const DeviceOps& ops, PhaseTimes* times) {
+namespace {
+
+std::string run_scenario_steps(Buffer& buffer, const RandomConfig& config, int rank,
+                               const DeviceOps& ops, PhaseTimes* times) {
   const reference::Problem problem = config.problem();
   const Device device = buffer.device();
   const auto describe = [&](const std::string& message) {
@@ -366,6 +369,19 @@ std::string run_scenario(Buffer& buffer, const RandomConfig& config, int rank,
     }
   }
   return "";
+}
+
+}  // namespace
+
+std::string run_scenario(Buffer& buffer, const RandomConfig& config, int rank,
+                         const DeviceOps& ops, PhaseTimes* times) {
+  // An error raised by an operation (a timeout, say) names the configuration too, so that a
+  // failing run can be replayed from its message.
+  try {
+    return run_scenario_steps(buffer, config, rank, ops, times);
+  } catch (const Error& error) {
+    return std::string("threw: ") + error.what() + "\n  config: " + config.describe();
+  }
 }
 
 }  // namespace epx::testing

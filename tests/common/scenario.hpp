@@ -47,7 +47,8 @@ struct PhaseTimes {
 BufferConfig buffer_config_for(const RandomConfig& config, double timeout_seconds = 60);
 
 // Runs the scenario on this rank; returns "" on success, else a message naming the operation,
-// the output, the first mismatching element and the configuration.
+// the output, the first mismatching element (or the error an operation raised) and the
+// configuration.
 std::string run_scenario(Buffer& buffer, const RandomConfig& config, int rank,
                          const DeviceOps& ops, PhaseTimes* times = nullptr);
 
