@@ -69,6 +69,10 @@ class Comm {
   //     operation. Use stream-ordered calls (cudaMallocAsync, cudaFreeAsync, cudaMemcpyAsync)
   //     and cudaStreamSynchronize;
   //   - ranks sharing a device must fit on it at once: BufferConfig::num_sms blocks each;
+  //   - ranks sharing a device need a hardware queue each: set CUDA_DEVICE_MAX_CONNECTIONS=32
+  //     before the process first uses CUDA (the default, 8, lets CUDA put two ranks' streams
+  //     on one queue, where a kernel waits behind a peer's kernel that waits for it; the
+  //     buffer raises when fewer queues than sharing ranks + 1 are configured);
   //   - any kernel of your own launched between operations should be loaded beforehand
   //     (cudaFuncGetAttributes): under CUDA's lazy loading a first launch waits for the whole
   //     device. epx loads its own kernels when a Buffer is built.

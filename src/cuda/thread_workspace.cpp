@@ -6,6 +6,8 @@
 // no rank can have a kernel waiting for another rank's later work. Setup and teardown make
 // such a window with the group's rendezvous: every rank has issued all its earlier work before
 // it arrives, and no rank issues new work on this buffer before the last round is over.
+#include <algorithm>
+#include <cstdlib>
 #include <utility>
 #include <vector>
 
@@ -63,6 +65,7 @@ class ThreadWorkspace final : public PeerWorkspace {
     const std::vector<ThreadGroupState::Entry> entries =
         group_->exchange(rank_, {local_, device_}, kSetup);
     check_peer_access(entries);
+    check_hardware_queues(entries);
     for (const ThreadGroupState::Entry& peer : entries) {
       if (peer.device == device_) continue;
       const cudaError_t status = cudaDeviceEnablePeerAccess(peer.device, 0);
@@ -98,6 +101,27 @@ class ThreadWorkspace final : public PeerWorkspace {
                           << " (CUDA device " << entries[b].device
                           << "): ranks on different devices need peer access between them");
       }
+    }
+  }
+
+  // CUDA feeds a device from CUDA_DEVICE_MAX_CONNECTIONS hardware queues (default 8) and maps
+  // streams onto them in turn; a kernel queued behind another rank's kernel that waits for it
+  // never starts, and both ranks time out. Ranks sharing a device need a queue each, plus the
+  // legacy stream's. Every rank checks every device, so all raise the same error. (Enough
+  // queues are necessary, not sufficient: other streams of the process take queues too.)
+  void check_hardware_queues(const std::vector<ThreadGroupState::Entry>& entries) const {
+    const char* env = std::getenv("CUDA_DEVICE_MAX_CONNECTIONS");
+    const int queues = env ? std::atoi(env) : 8;
+    for (const ThreadGroupState::Entry& entry : entries) {
+      const auto sharing = std::count_if(entries.begin(), entries.end(), [&](const auto& other) {
+        return other.device == entry.device;
+      });
+      EPX_CHECK(sharing == 1 || sharing + 1 <= queues, kInvalidArgument,
+                "rank " << rank_ << ": " << sharing << " ranks of the thread group share CUDA device "
+                        << entry.device << " but CUDA_DEVICE_MAX_CONNECTIONS is " << queues
+                        << (env ? "" : " (CUDA's default)")
+                        << ": their kernels wait for each other and need a hardware queue each; "
+                           "set CUDA_DEVICE_MAX_CONNECTIONS=32 before the process first uses CUDA");
     }
   }
 

@@ -2,6 +2,7 @@
 #include "common/thread_ranks.hpp"
 
 #include <algorithm>
+#include <cstdlib>
 #include <exception>
 #include <thread>
 #include <vector>
@@ -19,6 +20,9 @@ std::string run_threads(int num_ranks, Placement placement, double group_timeout
   const auto outcomes = run_ranks(
       1,
       [&](int) -> std::string {
+        // Before CUDA starts in this child: ranks sharing a device need a hardware queue each
+        // (Comm::cuda_threads); a value set by the caller is kept.
+        setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
         int num_devices = 0;
         check_cuda(cudaGetDeviceCount(&num_devices), "cudaGetDeviceCount");
         const int used_devices =

@@ -45,9 +45,10 @@ uint64_t base_seed() { return ::epx::testing::base_seed("epx-gpu-threads"); }
 
 // The buffer for a thread rank: ranks that share a device spin in kernels that wait for each
 // other, so all their blocks must be resident at once (at most one 512-thread block per SM is
-// assumed): each rank gets its share of the SMs, at most 24.
+// assumed): each rank gets its share of the SMs, at most 24. EPX_GPU_TIMEOUT_S (default 60)
+// shortens the transport's timeout to replay a hang quickly.
 BufferConfig thread_buffer_config(const RandomConfig& config, const ThreadRank& r,
-                                  double timeout_seconds = 60) {
+                                  double timeout_seconds = env_int("EPX_GPU_TIMEOUT_S", 60)) {
   cudaDeviceProp properties{};
   check_cuda(cudaGetDeviceProperties(&properties, r.device), "cudaGetDeviceProperties");
   BufferConfig buffer = buffer_config_for(config, timeout_seconds);
@@ -266,6 +267,39 @@ TEST(ThreadsTimeout, MissingRankAtSetup) {
         return "";
       },
       60);
+  EXPECT_EQ(failed, "");
+}
+
+// Four ranks on one device with CUDA_DEVICE_MAX_CONNECTIONS=4 (set here, before the rank
+// process starts CUDA): two of them could land on one hardware queue and wait for each other
+// until the timeout, so every rank's buffer setup raises kInvalidArgument naming the variable.
+TEST(ThreadsSetup, TooFewHardwareQueuesRaises) {
+  REQUIRE_GPUS(1);
+  const char* before = std::getenv("CUDA_DEVICE_MAX_CONNECTIONS");
+  const std::string saved = before ? before : "";
+  setenv("CUDA_DEVICE_MAX_CONNECTIONS", "4", 1);
+  const std::string failed = run_threads(
+      4, Placement::kOneGpu, 10.0,
+      [](const ThreadRank& r) -> std::string {
+        try {
+          Buffer buffer(r.comm, thread_buffer_config(draw_config(5, 4), r, 2.0));
+          return "no error was raised";
+        } catch (const Error& error) {
+          const std::string what = error.what();
+          if (r.rank == 0) std::cout << "[epx-gpu-threads] " << what << std::endl;
+          if (error.code() != ErrorCode::kInvalidArgument ||
+              what.find("CUDA_DEVICE_MAX_CONNECTIONS is 4") == std::string::npos) {
+            return "unexpected: " + what;
+          }
+        }
+        return "";
+      },
+      60);
+  if (before) {
+    setenv("CUDA_DEVICE_MAX_CONNECTIONS", saved.c_str(), 1);
+  } else {
+    unsetenv("CUDA_DEVICE_MAX_CONNECTIONS");
+  }
   EXPECT_EQ(failed, "");
 }
 
