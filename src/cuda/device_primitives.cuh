@@ -29,9 +29,11 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
 }
 
 // Release at system scope: every write this thread (and, through the preceding fence, the
-// kernels before it on the stream) made is visible to a reader that acquires the flag.
-__device__ __forceinline__ void store_release_system(uint64_t* flag, uint64_t value) {
-  asm volatile("st.release.sys.u64 [%0], %1;" ::"l"(flag), "l"(value) : "memory");
+// kernels before it on the stream) made is visible to a reader that acquires the flag. An
+// atomic max, performed at the memory that holds the flag (this GPU's L2 or the peer's), not
+// a store: epochs only grow, so the flag keeps the newest value whatever the order of arrival.
+__device__ __forceinline__ void publish_max_system(uint64_t* flag, uint64_t value) {
+  asm volatile("red.release.sys.global.max.u64 [%0], %1;" ::"l"(flag), "l"(value) : "memory");
 }
 
 __device__ __forceinline__ uint64_t load_acquire_system(const uint64_t* flag) {

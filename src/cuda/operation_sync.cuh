@@ -33,7 +33,7 @@ __device__ __forceinline__ void wait_for_peers(const Topology& topo, uint64_t ep
   const int peer = threadIdx.x;
   if (peer >= layout.num_ranks) return;
   char* local = topo.peers[topo.rank];
-  const uint64_t* flag = layout.flags(local) + peer;
+  const uint64_t* flag = layout.flag(local, peer);
   const uint64_t start = global_timer_ns();
   uint64_t seen = load_acquire_system(flag);
   while (seen < epoch) {
@@ -45,8 +45,8 @@ __device__ __forceinline__ void wait_for_peers(const Topology& topo, uint64_t ep
     seen = load_acquire_system(flag);
   }
   if (check_abort) {
-    const volatile uint64_t* aborts = layout.abort_epochs(local);
-    if (aborts[peer] == epoch) record_error(topo, kDevicePeerAborted, phase, peer);
+    const volatile uint64_t* aborted = layout.abort_epoch(local, peer);
+    if (*aborted == epoch) record_error(topo, kDevicePeerAborted, phase, peer);
   }
 }
 
@@ -61,7 +61,7 @@ __device__ __forceinline__ void publish_to_peers(const Topology& topo, uint64_t 
   const int peer = threadIdx.x;
   if (peer < layout.num_ranks) {
     __threadfence_system();
-    store_release_system(layout.flags(topo.peers[peer]) + topo.rank, epoch);
+    publish_max_system(layout.flag(topo.peers[peer], topo.rank), epoch);
   }
 }
 

@@ -32,7 +32,7 @@ __global__ void abort_kernel(Topology topo) {
   }
   __syncthreads();
   const int peer = threadIdx.x;
-  if (peer < layout.num_ranks) layout.abort_epochs(topo.peers[peer])[topo.rank] = epoch;
+  if (peer < layout.num_ranks) *layout.abort_epoch(topo.peers[peer], topo.rank) = epoch;
   publish_to_peers(topo, epoch);
 }
 

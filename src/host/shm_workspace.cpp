@@ -175,20 +175,20 @@ void ShmWorkspace::barrier(const char* phase) {
   // Release: every row, metadata and scalar this rank wrote into peers before this point is
   // visible to a peer that acquires the flag.
   for (int p = 0; p < num_ranks_; ++p) {
-    std::atomic_ref<uint64_t>(layout_.flags(peers_[p])[rank_])
+    std::atomic_ref<uint64_t>(*layout_.flag(peers_[p], rank_))
         .store(epoch, std::memory_order_release);
   }
   const auto deadline = deadline_after(timeout_seconds_);
-  uint64_t* flags = layout_.flags(local());
   int aborted_by = -1;
   for (int p = 0; p < num_ranks_; ++p) {
     Backoff backoff;
     for (;;) {
-      const uint64_t seen = std::atomic_ref<uint64_t>(flags[p]).load(std::memory_order_acquire);
+      const uint64_t seen = std::atomic_ref<uint64_t>(*layout_.flag(local(), p)).load(std::memory_order_acquire);
       if (seen >= epoch) {
         // Read after the acquire of the flag, which the aborting peer released after it.
         const uint64_t aborted =
-            std::atomic_ref<uint64_t>(layout_.abort_epochs(local())[p]).load(std::memory_order_relaxed);
+            std::atomic_ref<uint64_t>(*layout_.abort_epoch(local(), p))
+                .load(std::memory_order_relaxed);
         if (aborted == epoch && aborted_by < 0) aborted_by = p;
         break;
       }
@@ -208,9 +208,9 @@ void ShmWorkspace::barrier(const char* phase) {
 void ShmWorkspace::abort(const char* /*operation*/) {
   const uint64_t epoch = ++epoch_;
   for (int p = 0; p < num_ranks_; ++p) {
-    std::atomic_ref<uint64_t>(layout_.abort_epochs(peers_[p])[rank_])
+    std::atomic_ref<uint64_t>(*layout_.abort_epoch(peers_[p], rank_))
         .store(epoch, std::memory_order_relaxed);
-    std::atomic_ref<uint64_t>(layout_.flags(peers_[p])[rank_])
+    std::atomic_ref<uint64_t>(*layout_.flag(peers_[p], rank_))
         .store(epoch, std::memory_order_release);
   }
 }

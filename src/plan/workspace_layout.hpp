@@ -2,9 +2,11 @@
 // transport and the CUDA kernels. All ranks use the same layout, so an offset computed locally
 // addresses the same field in any peer's workspace.
 //
-//   flags          [R] uint64        barrier epochs; peer p writes flags[p] of this rank
+//   flags          [R] uint64        barrier epochs; peer p writes flag p of this rank
 //   abort_epochs   [R] uint64        the epoch at which peer p aborted an operation (it stays,
 //                                    so a peer that is already past it cannot hide it)
+//                                    Each flag and abort epoch has a 128-byte line of its own
+//                                    (kFlagStride): one writer per line, see flag().
 //   headers        [R] SourceHeader  what source s sent to this rank (count, status, channels)
 //   expert_counts  [R][E_l] int32    rows source s sends to each local expert of this rank
 //   slot_meta      [R][S_max]        per dispatched token: source token index and, per k, the
@@ -50,6 +52,7 @@ struct WorkspaceLayout {
 
   static constexpr int64_t kRegionAlignment = 256;
   static constexpr int64_t kScaleBlock = 128;  // fp8: one fp32 scale per 128 elements
+  static constexpr int64_t kFlagStride = 128;  // one cache line per flag
 
   EPX_HD int32_t local_experts() const { return num_experts / num_ranks; }
   // Row staging always fits a bf16 row: an fp8 row (H bytes) is smaller, and gradients are bf16.
@@ -63,7 +66,7 @@ struct WorkspaceLayout {
 
   EPX_HD int64_t flags_offset() const { return 0; }
   EPX_HD int64_t headers_offset() const {
-    return align_up(flags_offset() + 16 * int64_t(num_ranks), kRegionAlignment);
+    return align_up(flags_offset() + 2 * kFlagStride * num_ranks, kRegionAlignment);
   }
   EPX_HD int64_t expert_counts_offset() const {
     return align_up(headers_offset() + int64_t(sizeof(SourceHeader)) * num_ranks,
@@ -92,10 +95,17 @@ struct WorkspaceLayout {
   }
 
   // Typed addresses inside one rank's workspace starting at `base`.
-  EPX_HD uint64_t* flags(char* base) const {
-    return reinterpret_cast<uint64_t*>(base + flags_offset());
+  // The flag peer `peer` publishes its barrier epochs into. Packed eight to a line, flags of
+  // ranks sharing one GPU went back to older values after their writers had read the new ones
+  // back (tests/gpu/logs/2026-11-29-h200x1-thread-ranks-hang.log): some write carried stale
+  // copies of its neighbours. With a line per flag, nothing one writer stores can reach another
+  // writer's flag.
+  EPX_HD uint64_t* flag(char* base, int peer) const {
+    return reinterpret_cast<uint64_t*>(base + flags_offset() + peer * kFlagStride);
   }
-  EPX_HD uint64_t* abort_epochs(char* base) const { return flags(base) + num_ranks; }
+  EPX_HD uint64_t* abort_epoch(char* base, int peer) const {
+    return flag(base, num_ranks + peer);
+  }
   EPX_HD SourceHeader* header(char* base, int source) const {
     return reinterpret_cast<SourceHeader*>(base + headers_offset()) + source;
   }

@@ -1,6 +1,7 @@
 // The routing plan and the workspace layout on hand-worked cases.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "plan/routing.hpp"
@@ -62,6 +63,19 @@ TEST(Plan, WorkspaceRegionsAreOrderedAndAligned) {
     EXPECT_EQ(offsets[i] % WorkspaceLayout::kRegionAlignment, 0) << i;
     if (i) EXPECT_GT(offsets[i], offsets[i - 1]) << i;
   }
+  // Every flag and abort epoch on a 128-byte line of its own, all before the headers.
+  std::vector<char> workspace(static_cast<size_t>(layout.headers_offset()));
+  char* base = workspace.data();
+  std::vector<int64_t> lines;
+  for (int p = 0; p < layout.num_ranks; ++p) {
+    for (const uint64_t* word : {layout.flag(base, p), layout.abort_epoch(base, p)}) {
+      const int64_t offset = reinterpret_cast<const char*>(word) - base;
+      EXPECT_LE(offset + 8, layout.headers_offset());
+      lines.push_back(offset / 128);
+    }
+  }
+  std::sort(lines.begin(), lines.end());
+  EXPECT_EQ(std::adjacent_find(lines.begin(), lines.end()), lines.end());
   // Row staging holds max(R, K) * S_max rows: both combine indexings fit.
   EXPECT_EQ(layout.staging_rows(), 9 * 17);
   EXPECT_LT(layout.source_combine_row_index(16, 8), layout.staging_rows());
