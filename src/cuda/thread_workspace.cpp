@@ -117,8 +117,9 @@ class ThreadWorkspace final : public PeerWorkspace {
         return other.device == entry.device;
       });
       EPX_CHECK(sharing == 1 || sharing + 1 <= queues, kInvalidArgument,
-                "rank " << rank_ << ": " << sharing << " ranks of the thread group share CUDA device "
-                        << entry.device << " but CUDA_DEVICE_MAX_CONNECTIONS is " << queues
+                "rank " << rank_ << ": " << sharing
+                        << " ranks of the thread group share CUDA device " << entry.device
+                        << " but CUDA_DEVICE_MAX_CONNECTIONS is " << queues
                         << (env ? "" : " (CUDA's default)")
                         << ": their kernels wait for each other and need a hardware queue each; "
                            "set CUDA_DEVICE_MAX_CONNECTIONS=32 before the process first uses CUDA");

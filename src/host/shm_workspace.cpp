@@ -183,7 +183,8 @@ void ShmWorkspace::barrier(const char* phase) {
   for (int p = 0; p < num_ranks_; ++p) {
     Backoff backoff;
     for (;;) {
-      const uint64_t seen = std::atomic_ref<uint64_t>(*layout_.flag(local(), p)).load(std::memory_order_acquire);
+      const uint64_t seen =
+          std::atomic_ref<uint64_t>(*layout_.flag(local(), p)).load(std::memory_order_acquire);
       if (seen >= epoch) {
         // Read after the acquire of the flag, which the aborting peer released after it.
         const uint64_t aborted =
