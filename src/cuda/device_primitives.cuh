@@ -75,8 +75,8 @@ __device__ __forceinline__ void warp_copy(void* dst, const void* src, int64_t by
 }
 
 // Row parts: the row-moving loops hand out (row, part) pairs to warps. With at least as many
-// rows as warps a part is the whole row (a warp streams it with warp_copy, four loads in
-// flight per lane); with fewer, each row splits into enough parts (of >= 512 bytes, a multiple
+// rows as warps a part is the whole row (a warp streams it with warp_copy, kCopyLoads loads
+// in flight per lane); with fewer, each row splits into enough parts (of >= 512 bytes, a multiple
 // of 16) to keep every warp busy: 128 rows of 14 KB over 384 warps are 3 parts each.
 struct RowParts {
   int64_t count;  // parts per row
