@@ -5,6 +5,10 @@
 #   python  the pytest suite, NCCL cases included
 #   bench   the benchmark (bench/bench.py), JSON and plot under $OUT
 #   threads bench_gpu with 2 and 4 ranks as threads sharing GPU 0 (128 and 4096 tokens)
+#   stress  the thread-rank suite at R = 8 repeated EPX_STRESS_RUNS times (default 40, 5 s
+#           timeout), then memcheck with padding after every allocation (a stray write into a
+#           neighbouring allocation is invisible to plain memcheck) on the EPX_STRESS_SEEDS
+#           replays, each "base_seed:configs"
 #   pyprof  bench/python_overhead.py: host time of one eager call and of its pieces
 #   micro   bench/micro/sync_costs.cu: the synchronisation pieces' costs on their own
 #   profile tools/profile-kernels.sh: ncu warp states and per-line stalls at 128 tokens
@@ -57,6 +61,23 @@ for step in $steps; do
         done
       done | tee "$out/bench-threads.log"
       summary+=("threads: exit ${PIPESTATUS[0]}")
+      ;;
+    stress)
+      runs=${EPX_STRESS_RUNS:-40}
+      for i in $(seq 1 "$runs"); do
+        EPX_GPU_TIMEOUT_S=5 timeout 60 "$EPX_BUILD_DIR/tests/test_gpu_threads" \
+          --gtest_filter='*R8OneGpu*' > "$out/stress-run.log" 2>&1 ||
+          { echo "-- run $i failed:"; grep -E "base seed|timed out|config:|FAILED" "$out/stress-run.log" | head -n 20; }
+      done 2>&1 | tee "$out/stress.log"
+      echo "stress: $(grep -c -- '-- run' "$out/stress.log") of $runs R=8 runs failed" | tee -a "$out/stress.log"
+      for replay in ${EPX_STRESS_SEEDS:-}; do
+        EPX_GPU_TIMEOUT_S=10 EPX_TEST_SEED=${replay%%:*} EPX_GPU_CONFIGS=${replay##*:} timeout 240 \
+          compute-sanitizer --tool memcheck --padding 4096 --error-exitcode 9 \
+          "$EPX_BUILD_DIR/tests/test_gpu_threads" --gtest_filter='*R8OneGpu*' 2>&1 | tail -n 25
+        echo "memcheck replay $replay: exit ${PIPESTATUS[0]}"
+      done 2>&1 | tee -a "$out/stress.log"
+      summary+=("$(grep -E '^stress:' "$out/stress.log")" "$(grep -E '^memcheck replay' "$out/stress.log" | paste -sd ';')")
+      rm -f "$out/stress-run.log"
       ;;
     profile)
       bash "$root/tools/profile-kernels.sh" 128 2>&1 | tee "$out/profile.log"
