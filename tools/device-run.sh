@@ -8,7 +8,7 @@
 #   stress  the thread-rank suite at R = 8 repeated EPX_STRESS_RUNS times (default 40, 5 s
 #           timeout), then memcheck with padding after every allocation (a stray write into a
 #           neighbouring allocation is invisible to plain memcheck) on the EPX_STRESS_SEEDS
-#           replays, each "base_seed:configs"
+#           replays, each "base_seed:configs", and on 4 fresh configurations of every R
 #   pyprof  bench/python_overhead.py: host time of one eager call and of its pieces
 #   micro   bench/micro/sync_costs.cu: the synchronisation pieces' costs on their own
 #   profile tools/profile-kernels.sh: ncu warp states and per-line stalls at 128 tokens
@@ -70,11 +70,15 @@ for step in $steps; do
           { echo "-- run $i failed:"; grep -E "base seed|timed out|config:|FAILED" "$out/stress-run.log" | head -n 20; }
       done 2>&1 | tee "$out/stress.log"
       echo "stress: $(grep -c -- '-- run' "$out/stress.log") of $runs R=8 runs failed" | tee -a "$out/stress.log"
-      for replay in ${EPX_STRESS_SEEDS:-}; do
-        EPX_GPU_TIMEOUT_S=10 EPX_TEST_SEED=${replay%%:*} EPX_GPU_CONFIGS=${replay##*:} timeout 240 \
-          compute-sanitizer --tool memcheck --padding 4096 --error-exitcode 9 \
-          "$EPX_BUILD_DIR/tests/test_gpu_threads" --gtest_filter='*R8OneGpu*' 2>&1 | tail -n 25
-        echo "memcheck replay $replay: exit ${PIPESTATUS[0]}"
+      # Under the sanitizer the ranks issue each operation together (EPX_TEST_ALIGN_RANKS).
+      for replay in ${EPX_STRESS_SEEDS:-} any:4; do
+        filter='*R8OneGpu*'; seed=${replay%%:*}
+        [ "$seed" = any ] && { filter='*OneGpu*'; seed=; }
+        EPX_TEST_ALIGN_RANKS=${EPX_TEST_ALIGN_RANKS:-1} EPX_GPU_TIMEOUT_S=20 \
+          EPX_GPU_CONFIGS=${replay##*:} timeout 150 env ${seed:+EPX_TEST_SEED=$seed} \
+          compute-sanitizer --tool memcheck --padding 4096 --target-processes all --error-exitcode 9 \
+          "$EPX_BUILD_DIR/tests/test_gpu_threads" --gtest_filter="$filter" 2>&1 | tail -n 25
+        echo "memcheck replay $replay ($filter): exit ${PIPESTATUS[0]}"
       done 2>&1 | tee -a "$out/stress.log"
       summary+=("$(grep -E '^stress:' "$out/stress.log")" "$(grep -E '^memcheck replay' "$out/stress.log" | paste -sd ';')")
       rm -f "$out/stress-run.log"

@@ -239,6 +239,7 @@ std::string run_scenario_steps(Buffer& buffer, const RandomConfig& config, int r
   options.expert_alignment = config.expert_alignment;
   options.zero_padding = config.zero_padding;
   options.sync_counts = config.sync_counts;
+  if (ops.before_operation) ops.before_operation();
   auto start = Clock::now();
   DispatchResult got = buffer.dispatch(mine.inputs(true), options, ops.stream);
   buffer.synchronize(ops.stream);
@@ -266,6 +267,7 @@ std::string run_scenario_steps(Buffer& buffer, const RandomConfig& config, int r
   const auto want_replay = reference::dispatch(problem, replay, config.expand,
                                                config.expert_alignment, config.zero_padding);
   RankTensors replay_mine = upload_inputs(ops, config, replay[rank], device);
+  if (ops.before_operation) ops.before_operation();
   start = Clock::now();
   DispatchResult got_replay = buffer.dispatch(replay_mine.inputs(false), handle, ops.stream);
   buffer.synchronize(ops.stream);
@@ -310,6 +312,7 @@ std::string run_scenario_steps(Buffer& buffer, const RandomConfig& config, int r
   }
   CombineOptions combine_options;
   combine_options.reduce_at = config.reduce_at_source ? ReduceAt::kSource : ReduceAt::kExpert;
+  if (ops.before_operation) ops.before_operation();
   start = Clock::now();
   CombineResult combined = buffer.combine(combine_in, handle, combine_options, ops.stream);
   buffer.synchronize(ops.stream);
@@ -346,6 +349,7 @@ std::string run_scenario_steps(Buffer& buffer, const RandomConfig& config, int r
   DeviceData gy = upload(ops, grad_y[rank], DType::kBFloat16, {tokens, hidden}, device);
   DeviceData bw = upload(ops, pad_rows(weights[rank], 1, capacity, rng), DType::kFloat32,
                          {capacity}, device);
+  if (ops.before_operation) ops.before_operation();
   start = Clock::now();
   CombineBackwardResult backward =
       buffer.combine_backward(gy.view, handle, cx.view, bw.view, ops.stream);

@@ -18,6 +18,9 @@ struct DeviceOps {
   std::function<std::shared_ptr<void>(const void* host, size_t bytes)> upload;
   std::function<void(void* host, const void* device, size_t bytes)> download;
   void* stream = nullptr;
+  // Optional, called before each buffer operation: thread ranks line up there when asked to
+  // (thread_ranks.hpp, EPX_TEST_ALIGN_RANKS).
+  std::function<void()> before_operation;
 };
 
 DeviceOps host_device_ops();

@@ -4,12 +4,19 @@
 #include <algorithm>
 #include <cstdlib>
 #include <exception>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "cpp/multi_process.hpp"
 
 namespace epx::testing {
+
+DeviceOps ThreadRank::ops() const {
+  DeviceOps ops = cuda_device_ops(device, stream);
+  if (align) ops.before_operation = [barrier = align] { barrier->arrive_and_wait(); };
+  return ops;
+}
 
 // Runs fn on `num_ranks` threads of one forked child (a ThreadGroup with `group_timeout`);
 // "" when every rank returned "", else one line per failing rank. The child is killed after
@@ -28,6 +35,9 @@ std::string run_threads(int num_ranks, Placement placement, double group_timeout
         const int used_devices =
             placement == Placement::kOneGpu ? 1 : std::min(num_devices, num_ranks);
         const ThreadGroup group = ThreadGroup::create(num_ranks, group_timeout);
+        const char* align_env = std::getenv("EPX_TEST_ALIGN_RANKS");
+        std::barrier<> align(num_ranks);
+        std::barrier<>* aligned = align_env && std::string(align_env) == "1" ? &align : nullptr;
         std::vector<std::string> results(num_ranks);
         std::vector<std::thread> threads;
         for (int rank = 0; rank < num_ranks; ++rank) {
@@ -39,11 +49,13 @@ std::string run_threads(int num_ranks, Placement placement, double group_timeout
               cudaStream_t stream;
               check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
               results[rank] = fn(ThreadRank{rank, num_ranks, device, sharing, stream,
-                                            Comm::cuda_threads(group, rank, device)});
+                                            Comm::cuda_threads(group, rank, device), aligned});
               // The stream is left alive: outputs still owned by the caller free on it.
             } catch (const std::exception& error) {
               results[rank] = std::string("threw: ") + error.what();
             }
+            // A rank that stopped early (a failure) no longer holds the others at the barrier.
+            if (aligned) aligned->arrive_and_drop();
           });
         }
         for (auto& thread : threads) thread.join();

@@ -6,6 +6,7 @@
 
 #include <cuda_runtime.h>
 
+#include <barrier>
 #include <functional>
 #include <string>
 
@@ -25,7 +26,11 @@ struct ThreadRank {
   int ranks_on_device;  // ranks sharing this rank's device (their blocks must all fit)
   cudaStream_t stream;
   Comm comm;
-  DeviceOps ops() const { return cuda_device_ops(device, stream); }
+  // Set when EPX_TEST_ALIGN_RANKS=1: ops().before_operation waits for every rank. Under
+  // compute-sanitizer a rank's CUDA calls can wait for a peer's kernel that spins for this rank
+  // (the tool serialises them), so ranks must issue each operation together there.
+  std::barrier<>* align = nullptr;
+  DeviceOps ops() const;
 };
 
 // Runs fn on `num_ranks` threads of one forked child (a ThreadGroup with `group_timeout`);
