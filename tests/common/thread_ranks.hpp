@@ -26,9 +26,11 @@ struct ThreadRank {
   int ranks_on_device;  // ranks sharing this rank's device (their blocks must all fit)
   cudaStream_t stream;
   Comm comm;
-  // Set when EPX_TEST_ALIGN_RANKS=1: ops().before_operation waits for every rank. Under
-  // compute-sanitizer a rank's CUDA calls can wait for a peer's kernel that spins for this rank
-  // (the tool serialises them), so ranks must issue each operation together there.
+  // Set when EPX_TEST_ALIGN_RANKS=1: ops().before_operation waits for every rank. For runs
+  // under compute-sanitizer: there, eight ranks that reach an operation at different times
+  // (each checks the last one on the host first) time out in it every time, lined up they pass
+  // (tests/gpu/logs/2026-11-29-h200x1-stress-cc2470e.log); presumably the tool holds a rank's
+  // CUDA calls while a peer's kernel spins waiting for that rank.
   std::barrier<>* align = nullptr;
   DeviceOps ops() const;
 };
