@@ -22,7 +22,7 @@ out=${OUT:-$root/build-gpu/out}
 mkdir -p "$out"
 steps=${EPX_STEPS:-gpu python bench}
 python=$(command -v python3)
-nccl_root=$("$python" -c "import nvidia.nccl as n; print(list(n.__path__)[0])" 2>/dev/null || true)
+nccl_root=$(bash "$root/tools/nccl-root.sh" "$python")
 export EPX_BUILD_DIR=${EPX_BUILD_DIR:-$root/build-gpu}
 # The commit under test: pass EPX_COMMIT=$(git rev-parse HEAD) from the machine that sends the
 # tree; the device machine's copy of the repository has reported a stale HEAD.

@@ -13,7 +13,7 @@ mkdir -p "$(dirname "$log")" "$build"
 exec > >(tee "$log") 2>&1
 
 python=$(command -v python3 || true)
-nccl_root=$("$python" -c "import nvidia.nccl as n; print(list(n.__path__)[0])" 2>/dev/null || true)
+nccl_root=$(bash "$root/tools/nccl-root.sh" "$python")
 gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | wc -l)
 echo "== epx gpu-check $(date -u +%FT%TZ)"
 # $EPX_COMMIT first: the device machine's copy of the repository can report a stale HEAD.

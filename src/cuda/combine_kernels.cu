@@ -15,47 +15,11 @@ constexpr int kThreads = kBlockThreads;
 constexpr int kBatch = 4;  // chunks whose loads are in flight together (backward)
 
 
-// Vec elements of a bf16 row as fp32, and back.
 template <int Vec>
-struct Chunk {
-  float v[Vec];
-  __device__ __forceinline__ void zero() {
-#pragma unroll
-    for (int i = 0; i < Vec; ++i) v[i] = 0.0f;
-  }
-  __device__ __forceinline__ void load(const uint16_t* p) {
-    if constexpr (Vec == 8) {
-      const Float8 f = load_bf16x8(p);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = f.v[i];
-    } else {
-#pragma unroll
-      for (int i = 0; i < Vec; ++i) v[i] = plan::bf16_bits_to_float(p[i]);
-    }
-  }
-  __device__ __forceinline__ void store(uint16_t* p) const {
-    if constexpr (Vec == 8) {
-      Float8 f;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) f.v[i] = v[i];
-      store_bf16x8(p, f);
-    } else {
-#pragma unroll
-      for (int i = 0; i < Vec; ++i) p[i] = plan::float_to_bf16_bits(v[i]);
-    }
-  }
-  __device__ __forceinline__ void add(const Chunk& x) {
-#pragma unroll
-    for (int i = 0; i < Vec; ++i) v[i] = plan::accumulate(v[i], x.v[i]);
-  }
-  __device__ __forceinline__ void fma(float w, const Chunk& x) {
-#pragma unroll
-    for (int i = 0; i < Vec; ++i) v[i] = plan::accumulate_weighted(v[i], w, x.v[i]);
-  }
-};
+struct Chunk;
 
-// The same Vec bf16 values still packed (half the registers of a Chunk while a load is in
-// flight); unpacked when summed.
+// Vec bf16 values of a row still packed (half the registers of a Chunk while a load is in
+// flight), one 16-byte access when Vec == 8.
 template <int Vec>
 struct PackedChunk {
   uint16_t bits[Vec];
@@ -67,13 +31,54 @@ struct PackedChunk {
       for (int i = 0; i < Vec; ++i) bits[i] = p[i];
     }
   }
-  __device__ __forceinline__ Chunk<Vec> unpack() const {
-    Chunk<Vec> out;
+  __device__ __forceinline__ void store(uint16_t* p) const {
+    if constexpr (Vec == 8) {
+      *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(bits);
+    } else {
 #pragma unroll
-    for (int i = 0; i < Vec; ++i) out.v[i] = plan::bf16_bits_to_float(bits[i]);
-    return out;
+      for (int i = 0; i < Vec; ++i) p[i] = bits[i];
+    }
+  }
+  __device__ __forceinline__ Chunk<Vec> unpack() const;
+};
+
+// The same Vec elements as fp32, the form they are summed in; stored back with one RNE
+// rounding to bf16 per element.
+template <int Vec>
+struct Chunk {
+  float v[Vec];
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < Vec; ++i) v[i] = 0.0f;
+  }
+  __device__ __forceinline__ void load(const uint16_t* p) {
+    PackedChunk<Vec> packed;
+    packed.load(p);
+    *this = packed.unpack();
+  }
+  __device__ __forceinline__ void store(uint16_t* p) const {
+    PackedChunk<Vec> packed;
+#pragma unroll
+    for (int i = 0; i < Vec; ++i) packed.bits[i] = plan::float_to_bf16_bits(v[i]);
+    packed.store(p);
+  }
+  __device__ __forceinline__ void add(const Chunk& x) {
+#pragma unroll
+    for (int i = 0; i < Vec; ++i) v[i] = plan::accumulate(v[i], x.v[i]);
+  }
+  __device__ __forceinline__ void fma(float w, const Chunk& x) {
+#pragma unroll
+    for (int i = 0; i < Vec; ++i) v[i] = plan::accumulate_weighted(v[i], w, x.v[i]);
   }
 };
+
+template <int Vec>
+__device__ __forceinline__ Chunk<Vec> PackedChunk<Vec>::unpack() const {
+  Chunk<Vec> out;
+#pragma unroll
+  for (int i = 0; i < Vec; ++i) out.v[i] = plan::bf16_bits_to_float(bits[i]);
+  return out;
+}
 
 // Row sums, the inner loop of both reductions. A lane covers kReduceSpan positions of the row
 // (h0 + u * kWarpSize * Vec, u < kReduceSpan, those < end) and loads kReduceTerms terms at all
