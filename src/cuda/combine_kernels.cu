@@ -15,35 +15,7 @@ constexpr int kThreads = kBlockThreads;
 constexpr int kBatch = 4;  // chunks whose loads are in flight together (backward)
 
 
-template <int Vec>
-struct Chunk;
-
-// Vec bf16 values of a row still packed (half the registers of a Chunk while a load is in
-// flight), one 16-byte access when Vec == 8.
-template <int Vec>
-struct PackedChunk {
-  uint16_t bits[Vec];
-  __device__ __forceinline__ void load(const uint16_t* p) {
-    if constexpr (Vec == 8) {
-      *reinterpret_cast<uint4*>(bits) = *reinterpret_cast<const uint4*>(p);
-    } else {
-#pragma unroll
-      for (int i = 0; i < Vec; ++i) bits[i] = p[i];
-    }
-  }
-  __device__ __forceinline__ void store(uint16_t* p) const {
-    if constexpr (Vec == 8) {
-      *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(bits);
-    } else {
-#pragma unroll
-      for (int i = 0; i < Vec; ++i) p[i] = bits[i];
-    }
-  }
-  __device__ __forceinline__ Chunk<Vec> unpack() const;
-};
-
-// The same Vec elements as fp32, the form they are summed in; stored back with one RNE
-// rounding to bf16 per element.
+// Vec elements of a bf16 row as fp32, and back.
 template <int Vec>
 struct Chunk {
   float v[Vec];
@@ -52,15 +24,25 @@ struct Chunk {
     for (int i = 0; i < Vec; ++i) v[i] = 0.0f;
   }
   __device__ __forceinline__ void load(const uint16_t* p) {
-    PackedChunk<Vec> packed;
-    packed.load(p);
-    *this = packed.unpack();
+    if constexpr (Vec == 8) {
+      const Float8 f = load_bf16x8(p);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = f.v[i];
+    } else {
+#pragma unroll
+      for (int i = 0; i < Vec; ++i) v[i] = plan::bf16_bits_to_float(p[i]);
+    }
   }
   __device__ __forceinline__ void store(uint16_t* p) const {
-    PackedChunk<Vec> packed;
+    if constexpr (Vec == 8) {
+      Float8 f;
 #pragma unroll
-    for (int i = 0; i < Vec; ++i) packed.bits[i] = plan::float_to_bf16_bits(v[i]);
-    packed.store(p);
+      for (int i = 0; i < 8; ++i) f.v[i] = v[i];
+      store_bf16x8(p, f);
+    } else {
+#pragma unroll
+      for (int i = 0; i < Vec; ++i) p[i] = plan::float_to_bf16_bits(v[i]);
+    }
   }
   __device__ __forceinline__ void add(const Chunk& x) {
 #pragma unroll
@@ -72,13 +54,28 @@ struct Chunk {
   }
 };
 
+// The same Vec bf16 values still packed (half the registers of a Chunk while a load is in
+// flight); unpacked when summed. Chunk::load keeps its own unpack (load_bf16x8, on 32-bit
+// words): routing it through this uint16 array instead made combine_backward 53% slower at
+// 4096 tokens (1222 -> 1869 us, bench_gpu, da808f9; bench/NOTES.md change 16).
 template <int Vec>
-__device__ __forceinline__ Chunk<Vec> PackedChunk<Vec>::unpack() const {
-  Chunk<Vec> out;
+struct PackedChunk {
+  uint16_t bits[Vec];
+  __device__ __forceinline__ void load(const uint16_t* p) {
+    if constexpr (Vec == 8) {
+      *reinterpret_cast<uint4*>(bits) = *reinterpret_cast<const uint4*>(p);
+    } else {
 #pragma unroll
-  for (int i = 0; i < Vec; ++i) out.v[i] = plan::bf16_bits_to_float(bits[i]);
-  return out;
-}
+      for (int i = 0; i < Vec; ++i) bits[i] = p[i];
+    }
+  }
+  __device__ __forceinline__ Chunk<Vec> unpack() const {
+    Chunk<Vec> out;
+#pragma unroll
+    for (int i = 0; i < Vec; ++i) out.v[i] = plan::bf16_bits_to_float(bits[i]);
+    return out;
+  }
+};
 
 // Row sums, the inner loop of both reductions. A lane covers kReduceSpan positions of the row
 // (h0 + u * kWarpSize * Vec, u < kReduceSpan, those < end) and loads kReduceTerms terms at all
