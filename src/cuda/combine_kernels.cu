@@ -15,7 +15,36 @@ constexpr int kThreads = kBlockThreads;
 constexpr int kBatch = 4;  // chunks whose loads are in flight together (backward)
 
 
-// Vec elements of a bf16 row as fp32, and back.
+template <int Vec>
+struct Chunk;
+
+// Vec bf16 values of a row still packed, two to a 32-bit word (half the registers of a Chunk
+// while a load is in flight; one 16-byte access when Vec == 8). Unpacking is a shift or a mask
+// per element: a uint16 array here cost a 16-bit conversion per element, which made
+// combine_backward 53% slower at 4096 tokens (bench/NOTES.md change 16).
+template <int Vec>
+struct PackedChunk {
+  static_assert(Vec == 1 || Vec == 8, "rows go in 8-element chunks, or one element per lane");
+  uint32_t words[(Vec + 1) / 2];  // element 2i in the low half of word i, 2i + 1 in the high
+  __device__ __forceinline__ void load(const uint16_t* p) {
+    if constexpr (Vec == 8) {
+      *reinterpret_cast<uint4*>(words) = *reinterpret_cast<const uint4*>(p);
+    } else {
+      words[0] = p[0];
+    }
+  }
+  __device__ __forceinline__ void store(uint16_t* p) const {
+    if constexpr (Vec == 8) {
+      *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(words);
+    } else {
+      p[0] = static_cast<uint16_t>(words[0]);
+    }
+  }
+  __device__ __forceinline__ Chunk<Vec> unpack() const;
+};
+
+// The same Vec elements as fp32, the form they are summed in; stored with one RNE rounding to
+// bf16 per element.
 template <int Vec>
 struct Chunk {
   float v[Vec];
@@ -24,25 +53,18 @@ struct Chunk {
     for (int i = 0; i < Vec; ++i) v[i] = 0.0f;
   }
   __device__ __forceinline__ void load(const uint16_t* p) {
-    if constexpr (Vec == 8) {
-      const Float8 f = load_bf16x8(p);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = f.v[i];
-    } else {
-#pragma unroll
-      for (int i = 0; i < Vec; ++i) v[i] = plan::bf16_bits_to_float(p[i]);
-    }
+    PackedChunk<Vec> packed;
+    packed.load(p);
+    *this = packed.unpack();
   }
   __device__ __forceinline__ void store(uint16_t* p) const {
-    if constexpr (Vec == 8) {
-      Float8 f;
+    PackedChunk<Vec> packed;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) f.v[i] = v[i];
-      store_bf16x8(p, f);
-    } else {
-#pragma unroll
-      for (int i = 0; i < Vec; ++i) p[i] = plan::float_to_bf16_bits(v[i]);
+    for (int i = 0; i < (Vec + 1) / 2; ++i) {
+      const uint32_t high = 2 * i + 1 < Vec ? plan::float_to_bf16_bits(v[2 * i + 1]) : 0;
+      packed.words[i] = uint32_t(plan::float_to_bf16_bits(v[2 * i])) | high << 16;
     }
+    packed.store(p);
   }
   __device__ __forceinline__ void add(const Chunk& x) {
 #pragma unroll
@@ -54,28 +76,16 @@ struct Chunk {
   }
 };
 
-// The same Vec bf16 values still packed (half the registers of a Chunk while a load is in
-// flight); unpacked when summed. Chunk::load keeps its own unpack (load_bf16x8, on 32-bit
-// words): routing it through this uint16 array instead made combine_backward 53% slower at
-// 4096 tokens (1222 -> 1869 us, bench_gpu, da808f9; bench/NOTES.md change 16).
 template <int Vec>
-struct PackedChunk {
-  uint16_t bits[Vec];
-  __device__ __forceinline__ void load(const uint16_t* p) {
-    if constexpr (Vec == 8) {
-      *reinterpret_cast<uint4*>(bits) = *reinterpret_cast<const uint4*>(p);
-    } else {
+__device__ __forceinline__ Chunk<Vec> PackedChunk<Vec>::unpack() const {
+  Chunk<Vec> out;
 #pragma unroll
-      for (int i = 0; i < Vec; ++i) bits[i] = p[i];
-    }
+  for (int i = 0; i < Vec; ++i) {
+    const uint32_t word = words[i / 2];
+    out.v[i] = __uint_as_float(i % 2 == 0 ? word << 16 : word & 0xffff0000u);
   }
-  __device__ __forceinline__ Chunk<Vec> unpack() const {
-    Chunk<Vec> out;
-#pragma unroll
-    for (int i = 0; i < Vec; ++i) out.v[i] = plan::bf16_bits_to_float(bits[i]);
-    return out;
-  }
-};
+  return out;
+}
 
 // Row sums, the inner loop of both reductions. A lane covers kReduceSpan positions of the row
 // (h0 + u * kWarpSize * Vec, u < kReduceSpan, those < end) and loads kReduceTerms terms at all

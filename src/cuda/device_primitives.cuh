@@ -1,5 +1,5 @@
 // Device-side building blocks of the CUDA transport: system-scope release/acquire on flags,
-// the global timer, 16-byte row copies by a warp, bf16x8 <-> fp32x8 conversion.
+// the global timer, 16-byte row copies by a warp, warp sums.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -107,33 +107,6 @@ __device__ __forceinline__ void warp_zero(void* dst, int64_t bytes, int lane) {
     uint16_t* d = static_cast<uint16_t*>(dst);
     for (int64_t i = lane; i < bytes / 2; i += kWarpSize) d[i] = 0;
   }
-}
-
-// Eight bf16 values as fp32 (one 16-byte vector), and back with round-to-nearest-even.
-struct Float8 {
-  float v[8];
-};
-
-__device__ __forceinline__ Float8 load_bf16x8(const uint16_t* p) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-  Float8 out;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    out.v[2 * i] = __uint_as_float(words[i] << 16);
-    out.v[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
-  }
-  return out;
-}
-
-__device__ __forceinline__ void store_bf16x8(uint16_t* p, const Float8& values) {
-  uint32_t words[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    words[i] = uint32_t(plan::float_to_bf16_bits(values.v[2 * i])) |
-               (uint32_t(plan::float_to_bf16_bits(values.v[2 * i + 1])) << 16);
-  }
-  *reinterpret_cast<uint4*>(p) = make_uint4(words[0], words[1], words[2], words[3]);
 }
 
 __device__ __forceinline__ float warp_sum(float value) {
