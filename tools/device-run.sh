@@ -4,7 +4,8 @@
 #   gpu     tools/gpu-check.sh (GPU tests bit-exact vs the reference, sanitizer, demo on GPUs)
 #   python  the pytest suite, NCCL cases included
 #   bench   the benchmark (bench/bench.py), JSON and plot under $OUT
-#   threads bench_gpu with 2 and 4 ranks as threads sharing GPU 0 (128 and 4096 tokens)
+#   threads bench_gpu with 2 and 4 ranks (EPX_THREAD_RANKS) as threads sharing GPU 0 (128 and
+#           4096 tokens)
 #   stress  the thread-rank suite at R = 8 repeated EPX_STRESS_RUNS times (default 40, 5 s
 #           timeout), then memcheck with padding after every allocation (a stray write into a
 #           neighbouring allocation is invisible to plain memcheck) on the EPX_STRESS_SEEDS
@@ -55,7 +56,7 @@ for step in $steps; do
       summary+=("bench: exit ${PIPESTATUS[0]}")
       ;;
     threads)
-      for r in 2 4; do
+      for r in ${EPX_THREAD_RANKS:-2 4}; do
         for t in 128 4096; do
           timeout 120 "$EPX_BUILD_DIR/tests/bench_gpu" --thread-ranks $r --tokens $t 2>&1
         done
