@@ -28,7 +28,8 @@ struct ThreadRank {
   Comm comm;
   // Set when EPX_TEST_ALIGN_RANKS=1: ops().before_operation waits for every rank. For runs
   // under compute-sanitizer: there, eight ranks that reach an operation at different times
-  // (each checks the last one on the host first) time out in it every time, lined up they pass
+  // (each first checks the previous one against the reference on the host) time out in it
+  // every time; lined up they pass
   // (tests/gpu/logs/2026-11-29-h200x1-stress-cc2470e.log); presumably the tool holds a rank's
   // CUDA calls while a peer's kernel spins waiting for that rank.
   std::barrier<>* align = nullptr;
