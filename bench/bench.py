@@ -622,14 +622,8 @@ def make_buffer(epx, args, fp8):
 
 
 def configured_sms(buf):
-    """The buffer's SM (block) budget if epx exposes it, else None."""
-    for get in (lambda: buf.num_sms, lambda: buf._c.config.num_sms):
-        try:
-            value = int(get())
-            return value if value > 0 else None
-        except Exception:  # noqa: BLE001
-            continue
-    return None
+    """The SMs (blocks per kernel) the buffer's kernels use; None on the host transport."""
+    return int(buf.num_sms) or None
 
 
 def run_worker(rank, world, args, result_path):
@@ -678,7 +672,7 @@ def run_worker(rank, world, args, result_path):
                 buf8 = None
     num_sms = configured_sms(buf) if buf is not None else None
     if buf is not None and num_sms is None:
-        runner.note("num_sms: epx.Buffer does not expose its SM budget (library default)")
+        runner.note("num_sms: none (host transport, no kernels)")
 
     cases = []
 

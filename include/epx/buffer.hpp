@@ -102,6 +102,9 @@ class Buffer {
   int rank() const { return comm_.rank(); }
   int num_ranks() const { return comm_.num_ranks(); }
   Device device() const;
+  // The SMs (thread blocks per kernel) the CUDA transport uses: BufferConfig::num_sms, or the
+  // library default (min(24, the device's SMs)) when that is 0. 0 on the host transport.
+  int num_sms() const;
   uint64_t id() const { return id_; }
 
  private:

@@ -276,6 +276,7 @@ void bind_buffer(py::module_& m) {
       .def_property_readonly("rank", &Buffer::rank)
       .def_property_readonly("num_ranks", &Buffer::num_ranks)
       .def_property_readonly("id", &Buffer::id)
+      .def_property_readonly("num_sms", &Buffer::num_sms)
       .def_property_readonly("transport", [](const Buffer& b) { return b.comm().transport(); })
       .def_property_readonly("device", [](const Buffer& buffer) {
         const Device device = buffer.device();

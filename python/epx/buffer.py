@@ -197,6 +197,8 @@ class Buffer:
     num_topk = property(lambda self: self._c.config.num_topk)
     local_experts = property(lambda self: self._c.config.num_experts // self._c.num_ranks)
     fp8_dispatch = property(lambda self: self._c.config.fp8_dispatch)
+    num_sms = property(lambda self: self._c.num_sms,
+                       doc="SMs (blocks per kernel) the CUDA transport uses; 0 on the host")
 
     def __repr__(self):
         config = self._c.config

@@ -46,6 +46,7 @@ Buffer::Buffer(Comm comm, const BufferConfig& config, std::shared_ptr<Allocator>
 Buffer::~Buffer() = default;
 
 Device Buffer::device() const { return engine_->device(); }
+int Buffer::num_sms() const { return engine_->num_sms(); }
 
 DispatchResult Buffer::dispatch(const DispatchInputs& inputs, const DispatchOptions& options,
                                 void* stream) {

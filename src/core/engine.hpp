@@ -13,6 +13,8 @@ class Engine {
  public:
   virtual ~Engine() = default;
   virtual Device device() const = 0;
+  // Blocks each kernel of this engine uses (BufferConfig::num_sms resolved); 0: no kernels.
+  virtual int num_sms() const { return 0; }
   // `cached` is null for a routing dispatch, else the handle to replay.
   virtual DispatchResult dispatch(const DispatchInputs& inputs, const DispatchOptions& options,
                                   const Handle* cached, void* stream) = 0;

@@ -152,6 +152,7 @@ class CudaEngine final : public Engine {
   }
 
   Device device() const override { return Device::cuda(state_.device); }
+  int num_sms() const override { return num_blocks_; }
 
   void synchronize(void* stream) override {
     DeviceGuard guard(state_.device);

@@ -165,6 +165,28 @@ TEST(GpuErrors, WrongDeviceTensor) {
                    });
 }
 
+// Buffer::num_sms(): the blocks per kernel, BufferConfig::num_sms or else min(24, the SMs).
+TEST(GpuBuffer, NumSmsIsTheBlockBudget) {
+  REQUIRE_GPUS(1);
+  const std::string path = id_file();
+  const auto outcomes = run_ranks(1, [&](int rank) -> std::string {
+    RankContext ctx = open_rank(rank, 1, path);
+    cudaDeviceProp properties{};
+    check_cuda(cudaGetDeviceProperties(&properties, rank), "cudaGetDeviceProperties");
+    BufferConfig config = buffer_config_for(draw_config(7, 1));
+    const int by_default = Buffer(ctx.comm, config).num_sms();
+    config.num_sms = 5;
+    const int chosen = Buffer(ctx.comm, config).num_sms();
+    if (by_default != std::min(24, properties.multiProcessorCount) || chosen != 5) {
+      return "num_sms() " + std::to_string(by_default) + " by default (" +
+             std::to_string(properties.multiProcessorCount) + " SMs), " +
+             std::to_string(chosen) + " for 5";
+    }
+    return "";
+  }, 120);
+  EXPECT_EQ(failures(outcomes), "");
+}
+
 // Rank 1 never calls dispatch: rank 0's kernel gives up after the timeout and the host raises
 // kTimeout naming the phase and the missing rank, instead of hanging.
 TEST(GpuTimeout, MissingPeerTimesOut) {

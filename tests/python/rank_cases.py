@@ -439,6 +439,19 @@ def autograd_edges_case(ctx, seed):
     return int(padding.sum())
 
 
+def sm_budget_case(ctx, seed):
+    """Buffer.num_sms: the blocks per kernel of the CUDA transport (num_sms, else the library
+    default min(24, SMs)); 0 on the host transport, which runs no kernels."""
+    sizes = dict(max_tokens_per_rank=4, hidden=SIZES["hidden"], num_experts=ctx.world, num_topk=1)
+    by_default, chosen = ctx.buffer(**sizes).num_sms, ctx.buffer(num_sms=5, **sizes).num_sms
+    if ctx.backend == "nccl":
+        sms = torch.cuda.get_device_properties(ctx.device).multi_processor_count
+        assert (by_default, chosen) == (min(24, sms), 5), (by_default, chosen, sms)
+    else:
+        assert (by_default, chosen) == (0, 0), (by_default, chosen)
+    return by_default
+
+
 def timeout_case(ctx, seed):
     """A peer that never arrives: the waiting rank raises epx.EpxError(TIMEOUT) naming the
     phase after the buffer's timeout, instead of hanging."""

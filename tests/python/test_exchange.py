@@ -79,3 +79,9 @@ def test_invalid_input_on_one_rank_does_not_strand_peers(run_ranks):
     codes = run_ranks(2, "gloo", rank_cases.one_rank_invalid_case, seed=71)
     assert codes[0] == "INVALID_ARGUMENT"
     assert codes[1] is not None and codes[1] != "TIMEOUT", codes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_buffer_reports_its_sm_budget(run_ranks, backend):
+    budgets = run_ranks(2, backend, rank_cases.sm_budget_case, seed=72)
+    assert budgets[0] == budgets[1]
