@@ -26,11 +26,12 @@ __global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
   const int local_experts = layout.local_experts();
   const int rank = p.topo.rank;
+  // The plan (an earlier kernel) is complete: its status is loaded while the entry waits.
+  const bool routing_ok = !p.plan_status || p.plan_status[0] == plan::kRoutingOk;
   if (!operation_entry(p.topo, p.entry_phase, p.entry_published)) {
     operation_handoff(p.topo, true);
     return;
   }
-  const bool routing_ok = !p.plan_status || p.plan_status[0] == plan::kRoutingOk;
   if (p.write_headers && blockIdx.x == 0) {
     for (int r = threadIdx.x; r < num_ranks; r += blockDim.x) {
       *layout.header(p.topo.peers[r], rank) =

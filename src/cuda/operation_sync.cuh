@@ -26,12 +26,13 @@
 namespace epx::cuda {
 
 // Threads [0, R) of the block wait for peer `threadIdx.x` to publish `epoch` into this rank's
-// flags, bounded by the timeout; an abort mark of that epoch is an error too.
-__device__ __forceinline__ void wait_for_peers(const Topology& topo, uint64_t epoch,
+// flags, bounded by the timeout; an abort mark of that epoch is an error too. False: this
+// thread recorded a failure (other threads return true).
+__device__ __forceinline__ bool wait_for_peers(const Topology& topo, uint64_t epoch,
                                                int32_t phase, bool check_abort) {
   const plan::WorkspaceLayout& layout = topo.layout;
   const int peer = threadIdx.x;
-  if (peer >= layout.num_ranks) return;
+  if (peer >= layout.num_ranks) return true;
   char* local = topo.peers[topo.rank];
   const uint64_t* flag = layout.flag(local, peer);
   const uint64_t start = global_timer_ns();
@@ -39,16 +40,26 @@ __device__ __forceinline__ void wait_for_peers(const Topology& topo, uint64_t ep
   while (seen < epoch) {
     if (global_timer_ns() - start > topo.timeout_ns) {
       record_error(topo, kDeviceTimeout, phase, peer, 0, epoch, seen);
-      return;
+      return false;
     }
     __nanosleep(32);
     seen = load_acquire_system(flag);
   }
   if (check_abort) {
     const volatile uint64_t* aborted = layout.abort_epoch(local, peer);
-    if (*aborted == epoch) record_error(topo, kDevicePeerAborted, phase, peer);
+    if (*aborted == epoch) {
+      record_error(topo, kDevicePeerAborted, phase, peer);
+      return false;
+    }
   }
+  return true;
 }
+
+// Whether every thread's wait_for_peers of this block returned true; a block barrier.
+// Failures recorded by other blocks need not stop this one: its own waits saw every peer
+// arrive (and none abort), so its stores are expected (and re-reading the failure flag would
+// add a memory round trip to every kernel's start, bench/NOTES.md change 17).
+__device__ __forceinline__ bool block_all(bool ok) { return __syncthreads_and(ok) != 0; }
 
 // Threads [0, R) publish `epoch` into every peer's flag slot of this rank (release at system
 // scope after a system fence, so every earlier store of this thread's block — ordered by the
@@ -89,20 +100,17 @@ __device__ __forceinline__ void publish_entry_early(const Topology& topo) {
 __device__ __forceinline__ bool operation_entry(const Topology& topo, int32_t phase,
                                                 bool published = false) {
   __shared__ int proceed;
+  // Every block reads the counter before its handoff; only the last block writes it. Loaded
+  // together with the failure flag, before the barrier.
+  const uint64_t entry = *topo.epoch + 1;
   if (threadIdx.x == 0) proceed = no_failure(topo);
   __syncthreads();
-  // Every block reads the counter before its handoff; only the last block writes it.
-  const uint64_t entry = *topo.epoch + 1;
   const bool go = proceed != 0;
   if (blockIdx.x == 0 && go && !published) {
     publish_to_peers(topo, entry);
     if (threadIdx.x == 0) topo.sync->entry_published = 1;
   }
-  if (go) wait_for_peers(topo, entry, phase, true);
-  __syncthreads();
-  if (threadIdx.x == 0) proceed = go && no_failure(topo);
-  __syncthreads();
-  return proceed != 0;
+  return block_all(!go || wait_for_peers(topo, entry, phase, true)) && go;
 }
 
 // End of the operation's first writing kernel, run by every block (after operation_entry,
@@ -135,13 +143,11 @@ __device__ __forceinline__ void operation_handoff(const Topology& topo, bool pub
 // Exit barrier at the start of the kernel after the handoff, run by every block; false: skip.
 __device__ __forceinline__ bool operation_exit_wait(const Topology& topo, int32_t phase) {
   __shared__ int proceed;
+  const uint64_t exit = *topo.epoch;
   if (threadIdx.x == 0) proceed = no_failure(topo);
   __syncthreads();
-  if (proceed) wait_for_peers(topo, *topo.epoch, phase, false);
-  __syncthreads();
-  if (threadIdx.x == 0) proceed = proceed && no_failure(topo);
-  __syncthreads();
-  return proceed != 0;
+  const bool go = proceed != 0;
+  return block_all(!go || wait_for_peers(topo, exit, phase, false)) && go;
 }
 
 }  // namespace epx::cuda
