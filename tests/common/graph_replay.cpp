@@ -5,18 +5,11 @@
 #include <cstring>
 #include <random>
 
+#include "common/cuda_device_ops.hpp"
 #include "common/random_problem.hpp"
-#include "epx/error.hpp"
 #include "reference/reference.hpp"
 
 namespace epx::testing {
-namespace {
-
-void check(cudaError_t status, const char* what) {
-  EPX_CHECK(status == cudaSuccess, kTransport, what << ": " << cudaGetErrorString(status));
-}
-
-}  // namespace
 
 RandomConfig graph_config(uint64_t seed, int num_ranks) {
   RandomConfig config = draw_config(seed, num_ranks);
@@ -56,15 +49,15 @@ std::string graph_replay_scenario(Buffer& buffer, const RandomConfig& config, in
   (void)buffer.dispatch(din, options, stream);
   buffer.synchronize(stream);
   cudaGraph_t graph;
-  check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "begin capture");
+  check_cuda(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "begin capture");
   DispatchResult recv = buffer.dispatch(din, options, stream);
   CombineInputs cin;
   cin.x = recv.x.view;  // combine the dispatched rows themselves, weighted
   cin.weights = recv.weights.view;
   CombineResult out = buffer.combine(cin, recv.handle, {}, stream);
-  check(cudaStreamEndCapture(stream, &graph), "end capture");
+  check_cuda(cudaStreamEndCapture(stream, &graph), "end capture");
   cudaGraphExec_t exec;
-  check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+  check_cuda(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
 
   std::string bad;
   for (int replay = 0; replay < 3 && bad.empty(); ++replay) {
@@ -76,10 +69,10 @@ std::string graph_replay_scenario(Buffer& buffer, const RandomConfig& config, in
         std::memcpy(&in.x[i], &bits, 2);
       }
     }
-    check(cudaMemcpyAsync(x.get(), inputs[rank].x.data(), inputs[rank].x.size(),
+    check_cuda(cudaMemcpyAsync(x.get(), inputs[rank].x.data(), inputs[rank].x.size(),
                           cudaMemcpyHostToDevice, stream),
           "new inputs");
-    check(cudaGraphLaunch(exec, stream), "graph launch");
+    check_cuda(cudaGraphLaunch(exec, stream), "graph launch");
     buffer.synchronize(stream);
     const auto want = reference::dispatch(problem, inputs, true, config.expert_alignment, false);
     std::vector<reference::CombineRankInputs> cin_ref(num_ranks);
