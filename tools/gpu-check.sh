@@ -53,12 +53,13 @@ run "device plan vs host plan" timeout 300 "$build/tests/test_gpu_plan"
 run "thread ranks (R=2,3,4,8 on one GPU)" timeout 200 "$build/tests/test_gpu_threads"
 if command -v compute-sanitizer >/dev/null; then
   # --padding: a stray write into a neighbouring allocation is an error too.
-  run "compute-sanitizer memcheck" timeout 240 compute-sanitizer --tool memcheck --target-processes all --report-api-errors no \
-    --padding 4096 --error-exitcode 9 "$build/tests/test_gpu" --gtest_filter=GpuSmall.*
+  memcheck=(compute-sanitizer --tool memcheck --target-processes all --report-api-errors no
+            --padding 4096 --error-exitcode 9)
+  run "compute-sanitizer memcheck" timeout 240 "${memcheck[@]}" "$build/tests/test_gpu" \
+    --gtest_filter=GpuSmall.*
   # Thread ranks R = 2, 3, 4, 8 on one GPU, lined up before each operation (thread_ranks.hpp).
   run "memcheck, thread ranks (4 configs)" timeout 240 env EPX_TEST_ALIGN_RANKS=1 EPX_GPU_CONFIGS=4 \
-    compute-sanitizer --tool memcheck --target-processes all --report-api-errors no --padding 4096 \
-    --error-exitcode 9 "$build/tests/test_gpu_threads" --gtest_filter='*OneGpu*'
+    "${memcheck[@]}" "$build/tests/test_gpu_threads" --gtest_filter='*OneGpu*'
   run "compute-sanitizer racecheck" timeout 240 compute-sanitizer --tool racecheck --target-processes all \
     --error-exitcode 9 "$build/tests/test_gpu" --gtest_filter=GpuSmall.*
 fi
