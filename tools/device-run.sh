@@ -11,7 +11,8 @@
 #           neighbouring allocation is invisible to plain memcheck) on the EPX_STRESS_SEEDS
 #           replays, each "base_seed:configs", and on 4 fresh configurations of every R
 #   pyprof  bench/python_overhead.py: host time of one eager call and of its pieces
-#   micro   bench/micro/sync_costs.cu: the synchronisation pieces' costs on their own
+#   micro   bench/micro/sync_costs.cu: the synchronisation pieces' costs on their own, and
+#           bench/micro/copy_paths.cu: register against bulk copies of 14 KB rows
 #   profile tools/profile-kernels.sh: ncu warp states and per-line stalls at 128 tokens
 #   ncu     per-kernel durations of bench_gpu at 128 tokens (ncu, clocks left alone)
 # Logs go to $OUT (the device tool brings them back) and a summary is printed last.
@@ -94,7 +95,9 @@ for step in $steps; do
       ;;
     micro)
       timeout 120 "$EPX_BUILD_DIR/tests/sync_costs" 2>&1 | tee "$out/sync-costs.log"
-      summary+=("micro: exit ${PIPESTATUS[0]}")
+      summary+=("micro sync_costs: exit ${PIPESTATUS[0]}")
+      timeout 120 "$EPX_BUILD_DIR/tests/copy_paths" 2>&1 | tee "$out/copy-paths.log"
+      summary+=("micro copy_paths: exit ${PIPESTATUS[0]}")
       ;;
     ncu)
       timeout 300 ncu --clock-control none --target-processes all \

@@ -23,3 +23,7 @@ target_link_libraries(bench_gpu PRIVATE epx epx_test_common)
 # Costs of the synchronisation pieces on their own (bench/micro/sync_costs.cu; not a test).
 add_executable(sync_costs ${PROJECT_SOURCE_DIR}/bench/micro/sync_costs.cu)
 target_compile_options(sync_costs PRIVATE -gencode=arch=compute_90a,code=sm_90a)
+
+# Register copies against bulk (cp.async.bulk) copies of 14 KB rows (bench/micro/copy_paths.cu).
+add_executable(copy_paths ${PROJECT_SOURCE_DIR}/bench/micro/copy_paths.cu)
+target_compile_options(copy_paths PRIVATE -gencode=arch=compute_90a,code=sm_90a)
