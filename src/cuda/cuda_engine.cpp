@@ -208,6 +208,9 @@ class CudaEngine final : public Engine {
     send.entry_phase = cached ? cuda::kPhaseCachedEntry : cuda::kPhaseDispatchEntry;
     send.num_blocks = num_blocks_;
     send.entry_published = !cached;
+    // The rows this rank routes to itself stay in x: the receive reads them there (one copy of
+    // them instead of two; bench/NOTES.md change 18). Its vector loads need x 16-byte aligned.
+    send.stage_own_rows = !own_rows_in_place(in.x);
     cuda::launch_send(send, stream);
     if (cached) return receive(handle, in, ReceiveMode::kCached, {}, stream);
     const cuda::ReceiveCountsParams counts = counts_params(handle, options, channels);
@@ -292,6 +295,10 @@ class CudaEngine final : public Engine {
   }
 
  private:
+  static bool own_rows_in_place(const TensorView& x) {
+    return reinterpret_cast<uintptr_t>(x.data) % 16 == 0;
+  }
+
   Topology topology() const {
     const auto timeout_ns = static_cast<uint64_t>(context_.config.timeout_seconds * 1e9);
     return Topology{layout_, peers_, rank_, failed_, status_device_, epoch_, sync_, timeout_ns};
@@ -460,7 +467,8 @@ class CudaEngine final : public Engine {
                                handle.tokens_per_expert.ptr<int32_t>(),
                                handle.expert_offsets.ptr<int32_t>(),
                                handle.zero_padding,
-                               num_blocks_};
+                               num_blocks_,
+                               own_rows_in_place(in.x) ? in.x.ptr<const char>() : nullptr};
     cuda::launch_receive(params, stream);
     EPX_CUDA_CHECK(cudaGetLastError());
     result.handle = handle;

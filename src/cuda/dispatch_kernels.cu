@@ -18,9 +18,9 @@ constexpr int kThreads = kBlockThreads;
 constexpr int kMaxHeaderRanks = 8;
 
 
-// One warp per (token, row part): the part goes to every destination in order; the warp of
-// part 0 also writes the scales and (lanes k < K) the per-k metadata. Block 0 writes the
-// headers and expert counts of a routing dispatch.
+// One warp per (token, row part): the part goes to every destination in order (this rank's own
+// staging only with stage_own_rows); the warp of part 0 also writes the scales and (lanes
+// k < K) the per-k metadata. Block 0 writes the headers and expert counts of a routing dispatch.
 __global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
@@ -53,8 +53,10 @@ __global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
       const int32_t slot = p.send_slot[t * num_ranks + r];
       if (slot < 0) continue;
       char* dst = p.topo.peers[r];
-      warp_copy_part(layout.row(dst, layout.dispatch_row_index(rank, slot)),
-                     p.x + t * p.row_bytes, p.row_bytes, parts, part, lane);
+      if (p.stage_own_rows || r != rank) {
+        warp_copy_part(layout.row(dst, layout.dispatch_row_index(rank, slot)),
+                       p.x + t * p.row_bytes, p.row_bytes, parts, part, lane);
+      }
       if (part != 0) continue;  // the row's first part carries its scales and metadata
       if (p.scales) {
         float* scales = layout.row_scales(dst, rank, slot);
@@ -269,7 +271,10 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
     const int s = plan::source_of_received(counts.recv_offsets, num_ranks, n);
     const int64_t slot = n - counts.recv_offsets[s];
     const plan::SlotMeta meta{layout.slot_meta(local, s, slot), num_topk};
-    const char* row = layout.row(local, layout.dispatch_row_index(s, slot));
+    // A row this rank sent to itself is read from its input when it was not staged.
+    const char* row = p.own_x && s == p.topo.rank
+                          ? p.own_x + int64_t(*meta.token()) * p.row_bytes
+                          : layout.row(local, layout.dispatch_row_index(s, slot));
     const float* scales = p.scales_out ? layout.row_scales(local, s, slot) : nullptr;
     // Expanded row of (n, k), or -1; from the metadata in a routing dispatch (the handle's
     // entry is written by the warp of part 0, possibly after this warp reads it).

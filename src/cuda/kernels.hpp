@@ -117,6 +117,9 @@ struct SendParams {
   int32_t entry_phase;  // the operation's entry barrier is part of this kernel
   int num_blocks;
   bool entry_published = false;  // the plan published the entry (PlanParams::publish_entry)
+  // False: the rows this rank sends to itself are not copied into its own staging (their
+  // scales and metadata are); the receive reads them from `x` (ReceiveParams::own_x).
+  bool stage_own_rows = true;
 };
 void launch_send(const SendParams& params, cudaStream_t stream);
 
@@ -170,6 +173,9 @@ struct ReceiveParams {
   const int32_t* expert_offsets;
   bool zero_padding;
   int num_blocks;
+  // The dispatch's input rows of this rank (row t at own_x + t * row_bytes) when the send kernel
+  // left them unstaged (SendParams::stage_own_rows = false); null: every row is staged.
+  const char* own_x = nullptr;
 };
 void launch_receive(const ReceiveParams& params, cudaStream_t stream);
 

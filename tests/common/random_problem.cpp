@@ -100,7 +100,7 @@ std::string RandomConfig::describe() const {
       << " zero_padding=" << zero_padding << " sync_counts=" << sync_counts
       << " reduce_at=" << (reduce_at_source ? "source" : "expert")
       << " topk=" << (topk_int64 ? "int64" : "int32") << " saturate=" << saturate
-      << " seed=" << seed;
+      << " x_unaligned=" << x_unaligned << " seed=" << seed;
   return out.str();
 }
 
@@ -144,6 +144,7 @@ RandomConfig draw_config(uint64_t seed, int32_t num_ranks) {
   c.reduce_at_source = chance(rng, 0.5);
   c.topk_int64 = chance(rng, 0.5);
   c.saturate = chance(rng, 0.05);
+  c.x_unaligned = chance(rng, 0.25);  // drawn last: the fields above keep their draws
   return c;
 }
 

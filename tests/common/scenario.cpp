@@ -83,11 +83,19 @@ RankTensors upload_inputs(const DeviceOps& ops, const RandomConfig& config,
   const reference::Problem problem = config.problem();
   const int64_t tokens = in.num_tokens;
   RankTensors t;
-  if (problem.fp8) {
-    t.x = upload(ops, in.x, DType::kFloat8E4M3, {tokens, problem.hidden}, device);
-    t.x_scales = upload(ops, in.x_scales, DType::kFloat32, {tokens, problem.hidden / 128}, device);
+  const DType x_dtype = problem.fp8 ? DType::kFloat8E4M3 : DType::kBFloat16;
+  if (config.x_unaligned) {
+    // One element in front: the view starts 1 or 2 bytes past the allocation's start.
+    const size_t skip = element_size(x_dtype);
+    std::vector<uint8_t> shifted(skip, 0xee);
+    shifted.insert(shifted.end(), in.x.begin(), in.x.end());
+    t.x = upload(ops, shifted, x_dtype, {tokens, problem.hidden}, device);
+    t.x.view.data = static_cast<char*>(t.x.view.data) + skip;
   } else {
-    t.x = upload(ops, in.x, DType::kBFloat16, {tokens, problem.hidden}, device);
+    t.x = upload(ops, in.x, x_dtype, {tokens, problem.hidden}, device);
+  }
+  if (problem.fp8) {
+    t.x_scales = upload(ops, in.x_scales, DType::kFloat32, {tokens, problem.hidden / 128}, device);
   }
   if (config.topk_int64) {
     t.topk_idx = upload(ops, in.topk_idx, DType::kInt64, {tokens, problem.num_topk}, device);
