@@ -80,16 +80,18 @@ __device__ __forceinline__ bool no_failure(const Topology& topo) {
   return *static_cast<volatile int32_t*>(topo.failed) == 0;
 }
 
+// No failure recorded, as thread 0 reads it, for the whole block (one block barrier).
+__device__ __forceinline__ bool block_sees_no_failure(const Topology& topo) {
+  return __syncthreads_or(threadIdx.x == 0 && !no_failure(topo)) == 0;
+}
+
 // The entry published early, by one block of a kernel that runs before the first writing
 // kernel (the routing plan): when an operation's first kernel starts, this rank has stopped
 // reading its staging, so the entry can go out while the plan computes, and the writing kernel
 // usually finds every peer's entry there already. Same rule as operation_entry: nothing is
 // published after a recorded failure. The writing kernel is then told not to publish again.
 __device__ __forceinline__ void publish_entry_early(const Topology& topo) {
-  __shared__ int go;
-  if (threadIdx.x == 0) go = no_failure(topo);
-  __syncthreads();
-  if (!go) return;
+  if (!block_sees_no_failure(topo)) return;
   publish_to_peers(topo, *topo.epoch + 1);
   if (threadIdx.x == 0) topo.sync->entry_published = 1;
 }
@@ -99,13 +101,10 @@ __device__ __forceinline__ void publish_entry_early(const Topology& topo) {
 // `published`: publish_entry_early already ran for this operation.
 __device__ __forceinline__ bool operation_entry(const Topology& topo, int32_t phase,
                                                 bool published = false) {
-  __shared__ int proceed;
   // Every block reads the counter before its handoff; only the last block writes it. Loaded
   // together with the failure flag, before the barrier.
   const uint64_t entry = *topo.epoch + 1;
-  if (threadIdx.x == 0) proceed = no_failure(topo);
-  __syncthreads();
-  const bool go = proceed != 0;
+  const bool go = block_sees_no_failure(topo);
   if (blockIdx.x == 0 && go && !published) {
     publish_to_peers(topo, entry);
     if (threadIdx.x == 0) topo.sync->entry_published = 1;
@@ -142,11 +141,8 @@ __device__ __forceinline__ void operation_handoff(const Topology& topo, bool pub
 
 // Exit barrier at the start of the kernel after the handoff, run by every block; false: skip.
 __device__ __forceinline__ bool operation_exit_wait(const Topology& topo, int32_t phase) {
-  __shared__ int proceed;
   const uint64_t exit = *topo.epoch;
-  if (threadIdx.x == 0) proceed = no_failure(topo);
-  __syncthreads();
-  const bool go = proceed != 0;
+  const bool go = block_sees_no_failure(topo);
   return block_all(!go || wait_for_peers(topo, exit, phase, false)) && go;
 }
 
