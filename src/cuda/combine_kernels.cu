@@ -276,8 +276,11 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardParams p) {
   for (int64_t n = global_warp(); n < num_recv; n += total_warps()) {
     const int s = plan::source_of_received(p.recv_offsets, num_ranks, n);
     const int64_t slot = n - p.recv_offsets[s];
-    const auto* grad = reinterpret_cast<const uint16_t*>(
-        layout.row(local, layout.dispatch_row_index(s, slot)));
+    const auto* grad =
+        p.own_grad_y && s == p.topo.rank
+            ? p.own_grad_y + int64_t(p.src_token[n] - s * layout.max_tokens) * hidden
+            : reinterpret_cast<const uint16_t*>(
+                  layout.row(local, layout.dispatch_row_index(s, slot)));
     const int32_t* rows = p.expanded_rows + n * num_topk;
     // One (token, k) at a time keeps registers bounded for any K; grad_y stays in L1/L2.
     for (int k = 0; k < num_topk; ++k) {

@@ -43,7 +43,8 @@ __device__ __forceinline__ uint64_t load_acquire_system(const uint64_t* flag) {
 }
 
 // A warp copies `bytes` from src to dst: 16-byte vectors when both are 16-byte aligned and
-// bytes % 16 == 0 (every row the kernels move, for H % 8 == 0), else 2-byte elements.
+// bytes % 16 == 0 (every row the kernels move, for H % 8 == 0), else 2-byte elements, else
+// bytes (an fp8 input that starts at an odd address).
 // A lane issues kCopyLoads loads before their stores (a 14 KB row is four passes, the last one
 // partial), so enough bytes are in flight to cover memory latency with 24 SMs.
 constexpr int kCopyLoads = 8;
@@ -67,10 +68,16 @@ __device__ __forceinline__ void warp_copy(void* dst, const void* src, int64_t by
         if (i + j * kWarpSize < n) d[i + j * kWarpSize] = v[j];
       }
     }
-  } else {
+  } else if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) |
+                static_cast<uintptr_t>(bytes)) &
+               1) == 0) {
     const uint16_t* s = static_cast<const uint16_t*>(src);
     uint16_t* d = static_cast<uint16_t*>(dst);
     for (int64_t i = lane; i < bytes / 2; i += kWarpSize) d[i] = s[i];
+  } else {
+    const uint8_t* s = static_cast<const uint8_t*>(src);
+    uint8_t* d = static_cast<uint8_t*>(dst);
+    for (int64_t i = lane; i < bytes; i += kWarpSize) d[i] = s[i];
   }
 }
 

@@ -227,6 +227,10 @@ struct BackwardParams {
   uint16_t* grad_x;
   float* grad_weights;
   int num_blocks;
+  // This rank's grad_y when the send kernel left its rows to itself unstaged (as
+  // ReceiveParams::own_x); src_token locates them.
+  const uint16_t* own_grad_y = nullptr;
+  const int32_t* src_token = nullptr;
 };
 void launch_backward(const BackwardParams& params, cudaStream_t stream);
 

@@ -32,6 +32,20 @@ DeviceData upload(const DeviceOps& ops, const std::vector<T>& host, DType dtype,
   return data;
 }
 
+// As upload, but with `unaligned` the view starts one element (of `dtype`) past the start of
+// its allocation, as a view into a larger tensor would: not 16-byte aligned.
+template <typename T>
+DeviceData upload_maybe_unaligned(const DeviceOps& ops, const std::vector<T>& host, DType dtype,
+                                  std::vector<int64_t> shape, Device device, bool unaligned) {
+  if (!unaligned) return upload(ops, host, dtype, std::move(shape), device);
+  const size_t skip = element_size(dtype) / sizeof(T);
+  std::vector<T> shifted(skip, T{});
+  shifted.insert(shifted.end(), host.begin(), host.end());
+  DeviceData data = upload(ops, shifted, dtype, std::move(shape), device);
+  data.view.data = static_cast<T*>(data.view.data) + skip;
+  return data;
+}
+
 template <typename T>
 std::vector<T> download(const DeviceOps& ops, const Tensor& tensor, int64_t count) {
   std::vector<T> host(static_cast<size_t>(count));
@@ -83,17 +97,8 @@ RankTensors upload_inputs(const DeviceOps& ops, const RandomConfig& config,
   const reference::Problem problem = config.problem();
   const int64_t tokens = in.num_tokens;
   RankTensors t;
-  const DType x_dtype = problem.fp8 ? DType::kFloat8E4M3 : DType::kBFloat16;
-  if (config.x_unaligned) {
-    // One element in front: the view starts 1 or 2 bytes past the allocation's start.
-    const size_t skip = element_size(x_dtype);
-    std::vector<uint8_t> shifted(skip, 0xee);
-    shifted.insert(shifted.end(), in.x.begin(), in.x.end());
-    t.x = upload(ops, shifted, x_dtype, {tokens, problem.hidden}, device);
-    t.x.view.data = static_cast<char*>(t.x.view.data) + skip;
-  } else {
-    t.x = upload(ops, in.x, x_dtype, {tokens, problem.hidden}, device);
-  }
+  t.x = upload_maybe_unaligned(ops, in.x, problem.fp8 ? DType::kFloat8E4M3 : DType::kBFloat16,
+                               {tokens, problem.hidden}, device, config.x_unaligned);
   if (problem.fp8) {
     t.x_scales = upload(ops, in.x_scales, DType::kFloat32, {tokens, problem.hidden / 128}, device);
   }
@@ -354,7 +359,8 @@ std::string run_scenario_steps(Buffer& buffer, const RandomConfig& config, int r
   const auto grad_y = draw_grad_y(config, inputs);
   const auto want_backward =
       reference::combine_backward(problem, inputs, want, grad_y, expert_x, weights);
-  DeviceData gy = upload(ops, grad_y[rank], DType::kBFloat16, {tokens, hidden}, device);
+  DeviceData gy = upload_maybe_unaligned(ops, grad_y[rank], DType::kBFloat16, {tokens, hidden},
+                                        device, config.x_unaligned);
   DeviceData bw = upload(ops, pad_rows(weights[rank], 1, capacity, rng), DType::kFloat32,
                          {capacity}, device);
   if (ops.before_operation) ops.before_operation();
