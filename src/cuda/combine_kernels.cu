@@ -189,9 +189,11 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
         }
       }
     } else if (!p.expand) {
-      warp_copy_part(layout.row(dst, layout.expert_combine_row_index(rank, token)),
-                     reinterpret_cast<const char*>(p.x + n * hidden), hidden * 2, parts, part,
-                     lane);
+      if (p.stage_own_rows || source != rank) {
+        warp_copy_part(layout.row(dst, layout.expert_combine_row_index(rank, token)),
+                       reinterpret_cast<const char*>(p.x + n * hidden), hidden * 2, parts, part,
+                       lane);
+      }
     } else {
       for (int k = 0; k < num_topk; ++k) {
         const int32_t row = rows[k];
@@ -227,6 +229,8 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
   // The staged rows of token t, in the order they are summed: one per expert rank (reduce at
   // expert) or one per k (reduce at source); -1 where none.
   const int terms = p.at_source ? num_topk : num_ranks;
+  const int rank = p.topo.rank;
+  const int64_t own_first = p.own_x ? p.recv_offsets[rank] : 0;  // this rank's first row in x
   for (int64_t item = global_warp(); item < p.num_tokens * parts.count; item += total_warps()) {
     const int64_t t = item / parts.count, part = item % parts.count;
     const int64_t end = min(hidden, (part + 1) * parts.bytes / 2);
@@ -239,6 +243,9 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
         if (!present) return nullptr;
         weighted = p.at_source && p.weighted;
         if (weighted) w = layout.row_weights(local)[t * num_topk + i];
+        if (p.own_x && i == rank) {  // unstaged: this rank's own expert output row
+          return p.own_x + (own_first + p.send_slot[t * num_ranks + rank]) * hidden;
+        }
         const int64_t staged = p.at_source ? layout.source_combine_row_index(t, i)
                                            : layout.expert_combine_row_index(i, t);
         return reinterpret_cast<const uint16_t*>(layout.row(local, staged));

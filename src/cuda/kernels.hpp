@@ -192,6 +192,9 @@ struct CombineSendParams {
   const float* weights;
   const float* scalars;
   int num_blocks;
+  // Compact: false leaves the rows of tokens from this rank unstaged; the reduce reads them
+  // from x (CombineReduceParams::own_x), as dispatch does (SendParams::stage_own_rows).
+  bool stage_own_rows = true;
 };
 // With the combine's entry barrier and the handoff of its exit barrier.
 void launch_combine_send(const CombineSendParams& params, cudaStream_t stream);
@@ -210,6 +213,10 @@ struct CombineReduceParams {
   uint16_t* y;
   float* scalars_out;  // or null
   int num_blocks;
+  // Compact combine input x of this rank when its own rows were left unstaged (reduce at
+  // expert only); its row for token t is recv_offsets[rank] + send_slot[t][rank].
+  const uint16_t* own_x = nullptr;
+  const int32_t* recv_offsets = nullptr;
 };
 void launch_combine_reduce(const CombineReduceParams& params, cudaStream_t stream);
 

@@ -35,9 +35,9 @@ struct RandomConfig {
   // Every rank sends S_max tokens and every k of every token names one expert: the expanded
   // layout's worst case (R*S_max*K rows on one rank, duplicates included) is reached exactly.
   bool saturate = false;
-  // The dispatch input x and combine_backward's grad_y start one element past a 16-byte
-  // boundary (views into larger tensors): the CUDA transport then stages a rank's rows to
-  // itself instead of reading them in place with vector loads.
+  // The inputs x of dispatch and combine and combine_backward's grad_y start one element past
+  // a 16-byte boundary (views into larger tensors): the CUDA transport then stages a rank's
+  // rows to itself instead of reading them in place with vector loads.
   bool x_unaligned = false;
   uint64_t seed = 0;
 

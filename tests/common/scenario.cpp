@@ -298,8 +298,9 @@ std::string run_scenario_steps(Buffer& buffer, const RandomConfig& config, int r
   const int64_t k = problem.num_topk;
   const int64_t hidden = problem.hidden;
   const int64_t tokens = inputs[rank].num_tokens;
-  DeviceData cx = upload(ops, pad_rows(cin.x, hidden, capacity, rng), DType::kBFloat16,
-                         {capacity, hidden}, device);
+  DeviceData cx = upload_maybe_unaligned(ops, pad_rows(cin.x, hidden, capacity, rng),
+                                        DType::kBFloat16, {capacity, hidden}, device,
+                                        config.x_unaligned);
   CombineInputs combine_in;
   combine_in.x = cx.view;
   DeviceData cw, cs, b0, b1;
