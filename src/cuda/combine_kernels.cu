@@ -331,7 +331,16 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardParams p) {
                             p.grad_weights, nullptr, true});
 }
 
-int vector_width(int64_t hidden) { return hidden % 8 == 0 ? 8 : 1; }
+// 16-byte chunks need H % 8 == 0 and 16-byte aligned rows in every tensor the kernel reads or
+// writes in chunks: staging and epx's outputs are, a caller's tensor may be a view at any
+// element offset (one that is not takes the one-element path).
+int vector_width(int64_t hidden, std::initializer_list<const void*> tensors) {
+  if (hidden % 8 != 0) return 1;
+  for (const void* tensor : tensors) {
+    if (reinterpret_cast<uintptr_t>(tensor) % 16 != 0) return 1;
+  }
+  return 8;
+}
 
 }  // namespace
 
@@ -349,7 +358,7 @@ void load_combine_kernels() {
 void launch_combine_send(const CombineSendParams& params, cudaStream_t stream) {
   const bool reduce = params.expand && !params.at_source;
   const int blocks = params.num_blocks;
-  if (vector_width(params.topo.layout.hidden) == 8) {
+  if (vector_width(params.topo.layout.hidden, {params.x}) == 8) {
     if (reduce) {
       combine_send_kernel<8, true><<<blocks, kThreads, 0, stream>>>(params);
     } else {
@@ -363,7 +372,8 @@ void launch_combine_send(const CombineSendParams& params, cudaStream_t stream) {
 }
 
 void launch_combine_reduce(const CombineReduceParams& params, cudaStream_t stream) {
-  if (vector_width(params.topo.layout.hidden) == 8) {
+  if (vector_width(params.topo.layout.hidden,
+                   {params.bias0, params.bias1, params.y, params.own_x}) == 8) {
     combine_reduce_kernel<8><<<params.num_blocks, kThreads, 0, stream>>>(params);
   } else {
     combine_reduce_kernel<1><<<params.num_blocks, kThreads, 0, stream>>>(params);
@@ -371,7 +381,8 @@ void launch_combine_reduce(const CombineReduceParams& params, cudaStream_t strea
 }
 
 void launch_backward(const BackwardParams& params, cudaStream_t stream) {
-  if (vector_width(params.topo.layout.hidden) == 8) {
+  if (vector_width(params.topo.layout.hidden, {params.x, params.grad_x, params.own_grad_y}) ==
+      8) {
     backward_kernel<8><<<params.num_blocks, kThreads, 0, stream>>>(params);
   } else {
     backward_kernel<1><<<params.num_blocks, kThreads, 0, stream>>>(params);

@@ -321,7 +321,8 @@ std::string run_scenario_steps(Buffer& buffer, const RandomConfig& config, int r
     combine_in.bias0 = b0.view;
   }
   if (config.with_bias1) {
-    b1 = upload(ops, cin.bias1, DType::kBFloat16, {tokens, hidden}, device);
+    b1 = upload_maybe_unaligned(ops, cin.bias1, DType::kBFloat16, {tokens, hidden}, device,
+                                config.x_unaligned);
     combine_in.bias1 = b1.view;
   }
   CombineOptions combine_options;
