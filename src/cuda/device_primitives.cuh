@@ -42,6 +42,11 @@ __device__ __forceinline__ uint64_t load_acquire_system(const uint64_t* flag) {
   return value;
 }
 
+// Asks the line holding `p` into L2 (no register waits for it).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 // A warp copies `bytes` from src to dst: 16-byte vectors when both are 16-byte aligned and
 // bytes % 16 == 0 (every row the kernels move, for H % 8 == 0), else 2-byte elements, else
 // bytes (an fp8 input that starts at an odd address).
