@@ -111,19 +111,6 @@ template <int Vec, typename Term>
 __device__ __forceinline__ void sum_terms(RowSpan<Vec>& acc, int num_terms, Term term) {
 #pragma unroll
   for (int u = 0; u < kReduceSpan; ++u) acc.v[u].zero();
-  // The terms after the first pair are asked into L2 before any is loaded: a prefetch holds no
-  // register, so every term is in flight at once and the later pairs' loads below wait for
-  // L2 instead of HBM (bench/NOTES.md change 21).
-  for (int i = kReduceTerms; i < num_terms; ++i) {
-    float w;
-    bool weighted;
-    const uint16_t* row = term(i, w, weighted);
-    if (!row) continue;
-#pragma unroll
-    for (int u = 0; u < kReduceSpan; ++u) {
-      if (acc.has(u)) prefetch_l2(row + acc.at(u));
-    }
-  }
   for (int i0 = 0; i0 < num_terms; i0 += kReduceTerms) {
     PackedChunk<Vec> x[kReduceTerms][kReduceSpan];
     const uint16_t* rows[kReduceTerms];
@@ -307,7 +294,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardParams p) {
       const int32_t row = rows[k];
       if (row < 0) continue;
       if (k + 1 < num_topk && rows[k + 1] >= 0) {
-        // The next x row is asked into L2 (a line per lane) while this one is processed.
+        // The next x row is asked into L2 (a line per lane) while this one is processed:
+        // 4% faster at 4096 tokens (bench/NOTES.md change 21).
         const char* next = reinterpret_cast<const char*>(p.x + int64_t(rows[k + 1]) * hidden);
         for (int64_t b = int64_t(lane) * 128; b < hidden * 2; b += kWarpSize * 128) {
           prefetch_l2(next + b);
