@@ -2,6 +2,7 @@
 // chunks per lane when H % 8 == 0, one element per lane otherwise (the Vec template), with the
 // exact numerics of plan/numerics.hpp: fma for weighted terms, plain adds otherwise, one RNE
 // rounding to bf16.
+#include "cuda/chained_launch.hpp"
 #include "cuda/device_primitives.cuh"
 #include "cuda/kernels.hpp"
 #include "cuda/operation_sync.cuh"
@@ -147,6 +148,7 @@ __device__ __forceinline__ void sum_terms(RowSpan<Vec>& acc, int num_terms, Term
 // to itself (together they spilled).
 template <int Vec, bool Reduce>
 __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParams p) {
+  chain_start();
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_topk = layout.num_topk;
   const int64_t hidden = layout.hidden;
@@ -219,6 +221,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
 
 template <int Vec>
 __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceParams p) {
+  chain_start();
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
   const int64_t hidden = layout.hidden;
@@ -273,6 +276,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
 
 template <int Vec>
 __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardParams p) {
+  chain_start();
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
   const int64_t hidden = layout.hidden;
@@ -365,36 +369,24 @@ void load_combine_kernels() {
 
 void launch_combine_send(const CombineSendParams& params, cudaStream_t stream) {
   const bool reduce = params.expand && !params.at_source;
-  const int blocks = params.num_blocks;
-  if (vector_width(params.topo.layout.hidden, {params.x}) == 8) {
-    if (reduce) {
-      combine_send_kernel<8, true><<<blocks, kThreads, 0, stream>>>(params);
-    } else {
-      combine_send_kernel<8, false><<<blocks, kThreads, 0, stream>>>(params);
-    }
-  } else if (reduce) {
-    combine_send_kernel<1, true><<<blocks, kThreads, 0, stream>>>(params);
-  } else {
-    combine_send_kernel<1, false><<<blocks, kThreads, 0, stream>>>(params);
-  }
+  const bool vec8 = vector_width(params.topo.layout.hidden, {params.x}) == 8;
+  auto kernel = vec8 ? (reduce ? combine_send_kernel<8, true> : combine_send_kernel<8, false>)
+                     : (reduce ? combine_send_kernel<1, true> : combine_send_kernel<1, false>);
+  launch_chained(kernel, params.num_blocks, kThreads, 0, stream, params.topo.chained, params);
 }
 
 void launch_combine_reduce(const CombineReduceParams& params, cudaStream_t stream) {
-  if (vector_width(params.topo.layout.hidden,
-                   {params.bias0, params.bias1, params.y, params.own_x}) == 8) {
-    combine_reduce_kernel<8><<<params.num_blocks, kThreads, 0, stream>>>(params);
-  } else {
-    combine_reduce_kernel<1><<<params.num_blocks, kThreads, 0, stream>>>(params);
-  }
+  const bool vec8 = vector_width(params.topo.layout.hidden,
+                                 {params.bias0, params.bias1, params.y, params.own_x}) == 8;
+  launch_chained(vec8 ? combine_reduce_kernel<8> : combine_reduce_kernel<1>, params.num_blocks,
+                 kThreads, 0, stream, params.topo.chained, params);
 }
 
 void launch_backward(const BackwardParams& params, cudaStream_t stream) {
-  if (vector_width(params.topo.layout.hidden, {params.x, params.grad_x, params.own_grad_y}) ==
-      8) {
-    backward_kernel<8><<<params.num_blocks, kThreads, 0, stream>>>(params);
-  } else {
-    backward_kernel<1><<<params.num_blocks, kThreads, 0, stream>>>(params);
-  }
+  const bool vec8 =
+      vector_width(params.topo.layout.hidden, {params.x, params.grad_x, params.own_grad_y}) == 8;
+  launch_chained(vec8 ? backward_kernel<8> : backward_kernel<1>, params.num_blocks, kThreads, 0,
+                 stream, params.topo.chained, params);
 }
 
 }  // namespace epx::cuda

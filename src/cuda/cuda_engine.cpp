@@ -309,7 +309,9 @@ class CudaEngine final : public Engine {
 
   Topology topology() const {
     const auto timeout_ns = static_cast<uint64_t>(context_.config.timeout_seconds * 1e9);
-    return Topology{layout_, peers_, rank_, failed_, status_device_, epoch_, sync_, timeout_ns};
+    Topology topo{layout_, peers_, rank_, failed_, status_device_, epoch_, sync_, timeout_ns};
+    topo.chained = !workspace_->shares_device();  // cuda/chained_launch.hpp
+    return topo;
   }
 
   Tensor allocate(DType dtype, std::vector<int64_t> shape, cudaStream_t stream) {

@@ -4,6 +4,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "cuda/device_errors.cuh"
+#include "cuda/chained_launch.hpp"
 #include "cuda/device_primitives.cuh"
 #include "cuda/kernels.hpp"
 #include "cuda/operation_sync.cuh"
@@ -22,6 +23,7 @@ constexpr int kMaxHeaderRanks = 8;
 // staging only with stage_own_rows); the warp of part 0 also writes the scales and (lanes
 // k < K) the per-k metadata. Block 0 writes the headers and expert counts of a routing dispatch.
 __global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
+  chain_start();
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
   const int local_experts = layout.local_experts();
@@ -224,6 +226,7 @@ __device__ bool block_receive_counts(const ReceiveCountsParams& p, int32_t* smem
 
 // sync_counts: the exit barrier, then the counts into the handle and the host-mapped copy.
 __global__ void __launch_bounds__(kThreads) receive_counts_kernel(ReceiveCountsParams p) {
+  chain_start();
   extern __shared__ int32_t counts_smem[];
   if (!operation_exit_wait(p.topo, kPhaseDispatchExit)) return;
   BlockCounts counts;
@@ -235,6 +238,7 @@ __global__ void __launch_bounds__(kThreads) receive_counts_kernel(ReceiveCountsP
 // the warp of part 0 also fills the handle's per-token entries (routing dispatch) and the
 // scalar outputs. Then the expanded padding rows.
 __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
+  chain_start();
   extern __shared__ int32_t counts_smem[];
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
@@ -369,17 +373,18 @@ void load_dispatch_kernels() {
 }
 
 void launch_send(const SendParams& params, cudaStream_t stream) {
-  send_kernel<<<params.num_blocks, kThreads, 0, stream>>>(params);
+  launch_chained(send_kernel, params.num_blocks, kThreads, 0, stream, params.topo.chained, params);
 }
 
 void launch_receive_counts(const ReceiveCountsParams& params, cudaStream_t stream) {
-  receive_counts_kernel<<<1, kThreads, receive_counts_smem_bytes(params.topo.layout), stream>>>(
-      params);
+  launch_chained(receive_counts_kernel, 1, kThreads, receive_counts_smem_bytes(params.topo.layout),
+                 stream, params.topo.chained, params);
 }
 
 void launch_receive(const ReceiveParams& params, cudaStream_t stream) {
   const size_t smem = params.compute_counts ? receive_counts_smem_bytes(params.topo.layout) : 0;
-  receive_kernel<<<params.num_blocks, kThreads, smem, stream>>>(params);
+  launch_chained(receive_kernel, params.num_blocks, kThreads, smem, stream, params.topo.chained,
+                 params);
 }
 
 }  // namespace epx::cuda

@@ -60,6 +60,7 @@ struct Topology {
   uint64_t* epoch;        // device: barriers passed (graph replays stay in step)
   OperationSync* sync;    // device
   uint64_t timeout_ns;    // bound of every wait for a peer
+  bool chained = false;   // kernels are launched chained (cuda/chained_launch.hpp)
 };
 
 // This rank rejected its input to an operation: its entry barrier with the abort mark, so the

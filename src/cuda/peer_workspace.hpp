@@ -12,10 +12,13 @@ class PeerWorkspace {
   virtual ~PeerWorkspace() = default;
   char* local() const { return local_; }
   char* const* device_peers() const { return peers_; }  // [R] in device memory
+  // Another rank of the group runs on this rank's device (a thread group on one GPU).
+  bool shares_device() const { return shares_device_; }
 
  protected:
   char* local_ = nullptr;
   char** peers_ = nullptr;
+  bool shares_device_ = false;
 };
 
 }  // namespace epx::detail

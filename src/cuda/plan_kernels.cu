@@ -20,6 +20,7 @@
 
 #include <algorithm>
 
+#include "cuda/chained_launch.hpp"
 #include "cuda/kernels.hpp"
 #include "cuda/operation_sync.cuh"
 #include "plan/routing.hpp"
@@ -102,6 +103,7 @@ __device__ __forceinline__ PlanTile plan_tile(const PlanParams& p) {
 
 template <typename Index>
 __global__ void __launch_bounds__(kThreads) plan_tiles_kernel(PlanParams p, int sort_bits) {
+  chain_start();
   using Sort = cub::BlockRadixSort<int, kThreads, kItems>;
   using Heads = cub::BlockDiscontinuity<int, kThreads>;
   using Scan = cub::BlockScan<int, kThreads>;
@@ -205,6 +207,7 @@ constexpr int kScanTokens = 512;
 
 template <typename Index>
 __global__ void __launch_bounds__(kScanTokens) plan_scan_kernel(PlanParams p) {
+  chain_start();
   using Scan = cub::BlockScan<int, kScanTokens>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ unsigned long long first_bad;
@@ -255,6 +258,7 @@ __global__ void __launch_bounds__(kScanTokens) plan_scan_kernel(PlanParams p) {
 // Dynamic shared memory: the tile's base per expert and per rank, (E + R) ints.
 template <typename Index>
 __global__ void __launch_bounds__(kThreads) plan_finish_kernel(PlanParams p) {
+  chain_start();
   extern __shared__ int32_t base[];
   const int num_topk = p.num_topk, num_experts = p.num_experts, num_ranks = p.num_ranks;
   const int targets = num_experts + num_ranks;
@@ -309,15 +313,17 @@ __global__ void __launch_bounds__(kThreads) plan_finish_kernel(PlanParams p) {
 template <typename Index>
 void launch(const PlanParams& p, cudaStream_t stream) {
   if (p.num_tokens <= kScanTokens) {
-    plan_scan_kernel<Index><<<p.num_ranks + p.num_experts, kScanTokens, 0, stream>>>(p);
+    launch_chained(plan_scan_kernel<Index>, p.num_ranks + p.num_experts, kScanTokens, 0, stream,
+                   p.topo.chained, p);
     return;
   }
   int sort_bits = kEntryBits;
   while ((1 << (sort_bits - kEntryBits)) <= p.num_experts) ++sort_bits;
   const int tiles = plan_tiles(p.num_tokens, p.num_topk);
-  plan_tiles_kernel<Index><<<tiles, kThreads, 0, stream>>>(p, sort_bits);
+  launch_chained(plan_tiles_kernel<Index>, tiles, kThreads, 0, stream, p.topo.chained, p,
+                 sort_bits);
   const size_t smem = sizeof(int32_t) * (p.num_experts + p.num_ranks);
-  plan_finish_kernel<Index><<<tiles, kThreads, smem, stream>>>(p);
+  launch_chained(plan_finish_kernel<Index>, tiles, kThreads, smem, stream, p.topo.chained, p);
 }
 
 }  // namespace

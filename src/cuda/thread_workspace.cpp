@@ -66,6 +66,9 @@ class ThreadWorkspace final : public PeerWorkspace {
         group_->exchange(rank_, {local_, device_}, kSetup);
     check_peer_access(entries);
     check_hardware_queues(entries);
+    shares_device_ = std::count_if(entries.begin(), entries.end(), [&](const auto& peer) {
+                       return peer.device == device_;
+                     }) > 1;
     for (const ThreadGroupState::Entry& peer : entries) {
       if (peer.device == device_) continue;
       const cudaError_t status = cudaDeviceEnablePeerAccess(peer.device, 0);
