@@ -10,6 +10,8 @@
 
 #include <cuda_runtime.h>
 
+#include <utility>
+
 namespace epx::cuda {
 
 // Device side: every kernel launched through launch_chained starts with these two. A kernel

@@ -209,7 +209,7 @@ class CudaEngine final : public Engine {
     send.num_blocks = num_blocks_;
     send.entry_published = !cached;
     // The rows this rank routes to itself stay in x: the receive reads them there (one copy of
-    // them instead of two; bench/NOTES.md change 18). Its vector loads need x 16-byte aligned.
+    // them instead of two; bench/NOTES.md change 19). Its vector loads need x 16-byte aligned.
     send.stage_own_rows = !own_rows_in_place(in.x);
     cuda::launch_send(send, stream);
     if (cached) return receive(handle, in, ReceiveMode::kCached, {}, stream);
