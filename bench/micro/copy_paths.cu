@@ -20,16 +20,14 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "micro_common.cuh"
+
 namespace {
 
-constexpr int kBlocks = 24, kThreads = 512, kWarps = kThreads / 32, kRowBytes = 14336;
+using micro::check;
+using micro::elapsed_us;
 
-void check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    std::fprintf(stderr, "copy_paths: %s: %s\n", what, cudaGetErrorString(status));
-    std::exit(1);
-  }
-}
+constexpr int kBlocks = 24, kThreads = 512, kWarps = kThreads / 32, kRowBytes = 14336;
 
 struct Args {
   const char* src;
@@ -164,31 +162,17 @@ __global__ void __launch_bounds__(kThreads) bulk_kernel(Args a) {
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
+// Five warm-up calls, then the mean of `repeats`.
 template <typename Body>
 float mean_us(cudaStream_t s, int repeats, const Body& body) {
   for (int i = 0; i < 5; ++i) body();
-  cudaEvent_t start, stop;
-  check(cudaEventCreate(&start), "event");
-  check(cudaEventCreate(&stop), "event");
-  check(cudaEventRecord(start, s), "record");
-  for (int i = 0; i < repeats; ++i) body();
-  check(cudaEventRecord(stop, s), "record");
-  check(cudaEventSynchronize(stop), "sync");
-  float ms = 0;
-  check(cudaEventElapsedTime(&ms, start, stop), "elapsed");
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  return 1000.0f * ms / repeats;
+  return elapsed_us(s, repeats, body);
 }
 
 }  // namespace
 
 int main() {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("copy_paths: skipped (no GPU visible)\n");
-    return 0;
-  }
+  if (!micro::gpu_visible("copy_paths")) return 0;
   cudaStream_t s;
   check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
   constexpr int kMaxRows = 4096, kMaxFanout = 8;

@@ -24,16 +24,14 @@
 #include <cstdlib>
 #include <vector>
 
+#include "micro_common.cuh"
+
 namespace {
 
-constexpr int kBlocks = 24, kThreads = 512, kRows = 128, kRowBytes = 14336;
+using micro::check;
+using micro::elapsed_us;
 
-void check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    std::fprintf(stderr, "sync_costs: %s: %s\n", what, cudaGetErrorString(status));
-    std::exit(1);
-  }
-}
+constexpr int kBlocks = 24, kThreads = 512, kRows = 128, kRowBytes = 14336;
 
 struct Args {
   const int4* src;
@@ -117,30 +115,10 @@ void launch(Args a, cudaStream_t s) {
 const Launch kLaunches[] = {launch<0>, launch<1>, launch<2>, launch<3>, launch<4>,
                             launch<5>, launch<6>, launch<7>, launch<8>, launch<9>};
 
-template <typename Body>
-float elapsed_us(cudaStream_t s, int repeats, const Body& body) {
-  cudaEvent_t start, stop;
-  check(cudaEventCreate(&start), "event");
-  check(cudaEventCreate(&stop), "event");
-  check(cudaEventRecord(start, s), "record");
-  for (int i = 0; i < repeats; ++i) body();
-  check(cudaEventRecord(stop, s), "record");
-  check(cudaEventSynchronize(stop), "sync");
-  float ms = 0;
-  check(cudaEventElapsedTime(&ms, start, stop), "elapsed");
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  return 1000.0f * ms / repeats;
-}
-
 }  // namespace
 
 int main() {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("sync_costs: skipped (no GPU visible)\n");
-    return 0;
-  }
+  if (!micro::gpu_visible("sync_costs")) return 0;
   cudaStream_t s;
   check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
   Args a{};
