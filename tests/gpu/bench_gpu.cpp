@@ -203,6 +203,11 @@ std::string run_rank(int rank, int num_ranks, const Options& o, const Comm& comm
   rows.push_back({"combine expanded, weighted", measure(true, [&] {
                     (void)buffer.combine(combine_wide, wide.handle, {}, stream);
                   }), true});
+  CombineOptions at_source;
+  at_source.reduce_at = ReduceAt::kSource;
+  rows.push_back({"combine expanded, weighted, at source", measure(true, [&] {
+                    (void)buffer.combine(combine_wide, wide.handle, at_source, stream);
+                  }), true});
   auto grad_y = ops.upload(x_host.data(), x_host.size() * 2);
   const TensorView grad_view(grad_y.get(), DType::kBFloat16, {o.tokens, o.hidden}, device);
   rows.push_back({"combine_backward", measure(true, [&] {
