@@ -200,9 +200,11 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
       for (int k = 0; k < num_topk; ++k) {
         const int32_t row = rows[k];
         if (row < 0) continue;
-        warp_copy_part(layout.row(dst, layout.source_combine_row_index(token, k)),
-                       reinterpret_cast<const char*>(p.x + int64_t(row) * hidden), hidden * 2,
-                       parts, part, lane);
+        if (p.stage_own_rows || source != rank) {
+          warp_copy_part(layout.row(dst, layout.source_combine_row_index(token, k)),
+                         reinterpret_cast<const char*>(p.x + int64_t(row) * hidden), hidden * 2,
+                         parts, part, lane);
+        }
         if (part == 0 && lane == 0 && p.weights) {
           layout.row_weights(dst)[token * num_topk + k] = p.weights[row];
         }
@@ -246,8 +248,13 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
         if (!present) return nullptr;
         weighted = p.at_source && p.weighted;
         if (weighted) w = layout.row_weights(local)[t * num_topk + i];
-        if (p.own_x && i == rank) {  // unstaged: this rank's own expert output row
-          return p.own_x + (own_first + p.send_slot[t * num_ranks + rank]) * hidden;
+        if (p.own_x) {  // this rank's own expert outputs are read where they are
+          const int32_t own_slot = p.send_slot[t * num_ranks + rank];
+          if (!p.at_source && i == rank) return p.own_x + (own_first + own_slot) * hidden;
+          if (p.at_source && own_slot >= 0) {
+            const int32_t row = p.expanded_rows[(own_first + own_slot) * num_topk + i];
+            if (row >= 0) return p.own_x + int64_t(row) * hidden;
+          }
         }
         const int64_t staged = p.at_source ? layout.source_combine_row_index(t, i)
                                            : layout.expert_combine_row_index(i, t);

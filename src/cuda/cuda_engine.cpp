@@ -226,8 +226,9 @@ class CudaEngine final : public Engine {
     DeviceGuard guard(state_.device);
     auto stream = static_cast<cudaStream_t>(stream_ptr);
     const bool at_source = handle.expand && reduce_at == ReduceAt::kSource;
-    // Compact: the rows of tokens from this rank stay in x for the reduce (as in dispatch).
-    const bool own_rows_compact = !handle.expand && own_rows_in_place(in.x);
+    // Compact or reduced at the source: the rows of tokens from this rank stay in x for the
+    // reduce (as in dispatch). Reduced at the expert, the staged row is a sum: it stays staged.
+    const bool own_rows = (!handle.expand || at_source) && own_rows_in_place(in.x);
     cuda::CombineSendParams send{topology(),
                                  handle.expand,
                                  at_source,
@@ -239,7 +240,7 @@ class CudaEngine final : public Engine {
                                  in.weights.ptr<float>(),
                                  in.scalars.ptr<float>(),
                                  num_blocks_,
-                                 !own_rows_compact};
+                                 !own_rows};
     cuda::launch_combine_send(send, stream);
     CombineResult result;
     result.x = allocate(DType::kBFloat16, {handle.num_tokens, layout_.hidden}, stream);
@@ -257,8 +258,9 @@ class CudaEngine final : public Engine {
                                      result.x.ptr<uint16_t>(),
                                      result.scalars.ptr<float>(),
                                      num_blocks_,
-                                     own_rows_compact ? in.x.ptr<uint16_t>() : nullptr,
-                                     handle.recv_offsets.ptr<int32_t>()};
+                                     own_rows ? in.x.ptr<uint16_t>() : nullptr,
+                                     handle.recv_offsets.ptr<int32_t>(),
+                                     handle.expanded_rows.ptr<int32_t>()};
     cuda::launch_combine_reduce(reduce, stream);
     EPX_CUDA_CHECK(cudaGetLastError());
     return result;

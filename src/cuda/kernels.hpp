@@ -193,8 +193,9 @@ struct CombineSendParams {
   const float* weights;
   const float* scalars;
   int num_blocks;
-  // Compact: false leaves the rows of tokens from this rank unstaged; the reduce reads them
-  // from x (CombineReduceParams::own_x), as dispatch does (SendParams::stage_own_rows).
+  // Compact, or expanded reduced at the source: false leaves the rows of tokens from this rank
+  // unstaged (their weights and scalars are staged); the reduce reads them from x
+  // (CombineReduceParams::own_x), as dispatch does (SendParams::stage_own_rows).
   bool stage_own_rows = true;
 };
 // With the combine's entry barrier and the handoff of its exit barrier.
@@ -214,10 +215,12 @@ struct CombineReduceParams {
   uint16_t* y;
   float* scalars_out;  // or null
   int num_blocks;
-  // Compact combine input x of this rank when its own rows were left unstaged (reduce at
-  // expert only); its row for token t is recv_offsets[rank] + send_slot[t][rank].
+  // The combine input x of this rank when its own rows were left unstaged: token t was this
+  // rank's received token n = recv_offsets[rank] + send_slot[t][rank], its row n in the compact
+  // layout, its rows expanded_rows[n][k] (>= 0) at the source.
   const uint16_t* own_x = nullptr;
   const int32_t* recv_offsets = nullptr;
+  const int32_t* expanded_rows = nullptr;
 };
 void launch_combine_reduce(const CombineReduceParams& params, cudaStream_t stream);
 
