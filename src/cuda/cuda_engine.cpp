@@ -281,7 +281,8 @@ class CudaEngine final : public Engine {
     send.topk32 = handle.topk_idx.ptr<int32_t>();
     send.entry_phase = cuda::kPhaseBackwardEntry;
     send.num_blocks = num_blocks_;
-    send.stage_own_rows = !own_rows_in_place(grad_y);  // as in dispatch
+    const bool own_rows = own_rows_in_place(grad_y);  // as in dispatch
+    send.stage_own_rows = !own_rows;
     cuda::launch_send(send, stream);
     CombineBackwardResult result;
     result.grad_x = allocate(DType::kBFloat16, {handle.row_capacity, layout_.hidden}, stream);
@@ -297,7 +298,7 @@ class CudaEngine final : public Engine {
                                   result.grad_x.ptr<uint16_t>(),
                                   result.grad_weights.ptr<float>(),
                                   num_blocks_,
-                                  own_rows_in_place(grad_y) ? grad_y.ptr<uint16_t>() : nullptr,
+                                  own_rows ? grad_y.ptr<uint16_t>() : nullptr,
                                   handle.src_token.ptr<int32_t>()};
     cuda::launch_backward(backward, stream);
     EPX_CUDA_CHECK(cudaGetLastError());

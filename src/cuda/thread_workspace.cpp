@@ -66,9 +66,7 @@ class ThreadWorkspace final : public PeerWorkspace {
         group_->exchange(rank_, {local_, device_}, kSetup);
     check_peer_access(entries);
     check_hardware_queues(entries);
-    shares_device_ = std::count_if(entries.begin(), entries.end(), [&](const auto& peer) {
-                       return peer.device == device_;
-                     }) > 1;
+    shares_device_ = ranks_on(entries, device_) > 1;
     for (const ThreadGroupState::Entry& peer : entries) {
       if (peer.device == device_) continue;
       const cudaError_t status = cudaDeviceEnablePeerAccess(peer.device, 0);
@@ -107,6 +105,13 @@ class ThreadWorkspace final : public PeerWorkspace {
     }
   }
 
+  // The ranks of the group on CUDA device `device`.
+  static std::ptrdiff_t ranks_on(const std::vector<ThreadGroupState::Entry>& entries,
+                                 int device) {
+    return std::count_if(entries.begin(), entries.end(),
+                         [&](const auto& entry) { return entry.device == device; });
+  }
+
   // CUDA feeds a device from CUDA_DEVICE_MAX_CONNECTIONS hardware queues (default 8) and maps
   // streams onto them in turn; a kernel queued behind another rank's kernel that waits for it
   // never starts, and both ranks time out. Ranks sharing a device need a queue each, plus the
@@ -116,9 +121,7 @@ class ThreadWorkspace final : public PeerWorkspace {
     const char* env = std::getenv("CUDA_DEVICE_MAX_CONNECTIONS");
     const int queues = env ? std::atoi(env) : 8;
     for (const ThreadGroupState::Entry& entry : entries) {
-      const auto sharing = std::count_if(entries.begin(), entries.end(), [&](const auto& other) {
-        return other.device == entry.device;
-      });
+      const auto sharing = ranks_on(entries, entry.device);
       EPX_CHECK(sharing == 1 || sharing + 1 <= queues, kInvalidArgument,
                 "rank " << rank_ << ": " << sharing
                         << " ranks of the thread group share CUDA device " << entry.device
