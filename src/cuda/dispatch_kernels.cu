@@ -3,8 +3,13 @@
 // barrier), the receive-side counts, and the receive epilogue (which waits for the exit).
 #include <cub/block/block_scan.cuh>
 
-#include "cuda/device_errors.cuh"
+#include <algorithm>
+#include <climits>
+#include <type_traits>
+
+#include "cuda/block_plan.cuh"
 #include "cuda/chained_launch.hpp"
+#include "cuda/device_errors.cuh"
 #include "cuda/device_primitives.cuh"
 #include "cuda/kernels.hpp"
 #include "cuda/operation_sync.cuh"
@@ -19,21 +24,15 @@ constexpr int kThreads = kBlockThreads;
 constexpr int kMaxHeaderRanks = 8;
 
 
-// One warp per (token, row part): the part goes to every destination in order (this rank's own
-// staging only with stage_own_rows); the warp of part 0 also writes the scales and (lanes
-// k < K) the per-k metadata. Block 0 writes the headers and expert counts of a routing dispatch.
-__global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
-  chain_start();
+// The send's stores, between its entry barrier and its handoff. One warp per (token, row part):
+// the part goes to every destination in order (this rank's own staging only with
+// stage_own_rows); the warp of part 0 also writes the scales and (lanes k < K) the per-k
+// metadata. Block 0 writes the headers and expert counts of a routing dispatch.
+__device__ void send_rows(const SendParams& p, bool routing_ok) {
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
   const int local_experts = layout.local_experts();
   const int rank = p.topo.rank;
-  // The plan (an earlier kernel) is complete: its status is loaded while the entry waits.
-  const bool routing_ok = !p.plan_status || p.plan_status[0] == plan::kRoutingOk;
-  if (!operation_entry(p.topo, p.entry_phase, p.entry_published)) {
-    operation_handoff(p.topo, true);
-    return;
-  }
   if (p.write_headers && blockIdx.x == 0) {
     for (int r = threadIdx.x; r < num_ranks; r += blockDim.x) {
       *layout.header(p.topo.peers[r], rank) =
@@ -80,6 +79,18 @@ __global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
       }
     }
   }
+}
+
+// The plan (an earlier kernel, or this one's blocks) is complete: its status is loaded while the
+// entry waits.
+__device__ __forceinline__ bool routing_ok(const SendParams& p) {
+  return !p.plan_status || p.plan_status[0] == plan::kRoutingOk;
+}
+
+__global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
+  chain_start();
+  const bool ok = routing_ok(p);
+  if (operation_entry(p.topo, p.entry_phase, p.entry_published)) send_rows(p, ok);
   // The handoff orders the block's stores into the peers before its count (a block barrier,
   // then one system fence); the last block then publishes the exit barrier with a release.
   operation_handoff(p.topo, true);
@@ -233,22 +244,22 @@ __global__ void __launch_bounds__(kThreads) receive_counts_kernel(ReceiveCountsP
   block_receive_counts(p, counts_smem, true, counts);
 }
 
-// One warp per (received token n, row part): locate its (source, slot) and copy the part of
-// the staged row into its compact row or all of its expanded rows (read once, stored to each);
-// the warp of part 0 also fills the handle's per-token entries (routing dispatch) and the
-// scalar outputs. Then the expanded padding rows.
-__global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
-  chain_start();
-  extern __shared__ int32_t counts_smem[];
+// A receive skipped after a failure: a routing dispatch's handle says it received nothing.
+__device__ __forceinline__ void receive_skipped(const ReceiveParams& p) {
+  if (p.compute_counts && blockIdx.x == 0 && threadIdx.x == 0) {
+    p.counts.device_counts[0] = 0;
+    p.counts.device_counts[1] = 0;
+  }
+}
+
+// The receive epilogue after the exit barrier (`counts_smem`: receive_counts_smem_bytes when
+// compute_counts). One warp per (received token n, row part): locate its (source, slot) and
+// copy the part of the staged row into its compact row or all of its expanded rows (read once,
+// stored to each); the warp of part 0 also fills the handle's per-token entries (routing
+// dispatch) and the scalar outputs. Then the expanded padding rows.
+__device__ void receive_rows(const ReceiveParams& p, int32_t* counts_smem) {
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
-  if (p.wait_exit ? !operation_exit_wait(p.topo, p.exit_phase) : !no_failure(p.topo)) {
-    if (p.compute_counts && blockIdx.x == 0 && threadIdx.x == 0) {
-      p.counts.device_counts[0] = 0;
-      p.counts.device_counts[1] = 0;
-    }
-    return;
-  }
   BlockCounts counts{p.recv_offsets, p.expert_source_offsets, p.tokens_per_expert,
                      p.expert_offsets, 0};
   if (p.compute_counts) {
@@ -358,6 +369,66 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
   }
 }
 
+__global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
+  chain_start();
+  extern __shared__ int32_t counts_smem[];
+  if (p.wait_exit ? !operation_exit_wait(p.topo, p.exit_phase) : !no_failure(p.topo)) {
+    receive_skipped(p);
+    return;
+  }
+  receive_rows(p, counts_smem);
+}
+
+// Send and receive in one kernel (launch_send_receive): entry, sends, handoff, then the exit
+// wait and the receive epilogue in the same blocks, which must all be resident (the engine
+// checks the occupancy). With Index = int32_t or int64_t (the routing's index type) every block
+// first plans the small batch itself (cuda/block_plan.cuh) and block 0 stores the plan into the
+// handle; with void the plan kernels ran before (or the dispatch is cached).
+template <typename Index>
+__global__ void __launch_bounds__(kThreads)
+    send_receive_kernel(SendParams send, ReceiveParams receive, PlanParams plan_params) {
+  chain_start();
+  extern __shared__ int32_t smem[];
+  const uint64_t exit = operation_exit_epoch(send.topo);
+  if constexpr (!std::is_void_v<Index>) {
+    // This rank stopped reading its staging when the operation began: the entry goes out
+    // before the plan. The plan in shared memory is dead after the sends (the handoff's block
+    // barrier), where the receive counts take the same memory.
+    if (blockIdx.x == 0) publish_entry_early(send.topo);
+    const BlockPlan plan = carve_block_plan(smem, plan_params.num_tokens, plan_params.num_topk,
+                                            plan_params.num_ranks, plan_params.num_experts);
+    plan_in_block<Index>(plan_params, plan);
+    if (blockIdx.x == 0) store_block_plan(plan_params, plan);
+    send.send_slot = plan.send_slot;
+    send.expert_slot = plan.expert_slot;
+    send.topk32 = plan.topk32;
+    send.plan_status = plan.status;
+    send.rank_counts = plan.rank_counts;
+    send.expert_counts = plan.expert_counts;
+  }
+  const bool ok = routing_ok(send);
+  if (operation_entry(send.topo, send.entry_phase, send.entry_published)) send_rows(send, ok);
+  operation_handoff(send.topo, true);
+  if (!operation_exit_wait_in_kernel(receive.topo, exit, receive.exit_phase)) {
+    receive_skipped(receive);
+    return;
+  }
+  receive_rows(receive, smem);
+}
+
+// Dynamic shared memory of send_receive_kernel: the receive counts, or the block plan.
+size_t send_receive_smem_bytes(const ReceiveParams& receive, const PlanParams* plan) {
+  size_t bytes = receive.compute_counts ? receive_counts_smem_bytes(receive.topo.layout) : 0;
+  if (plan) {
+    bytes = std::max(bytes, block_plan_smem_bytes(plan->num_tokens, plan->num_topk,
+                                                  plan->num_ranks, plan->num_experts));
+  }
+  return bytes;
+}
+
+void (*const kSendReceiveKernels[])(SendParams, ReceiveParams, PlanParams) = {
+    send_receive_kernel<void>, send_receive_kernel<int32_t>, send_receive_kernel<int64_t>};
+
 }  // namespace
 
 size_t receive_counts_smem_bytes(const plan::WorkspaceLayout& layout) {
@@ -370,6 +441,21 @@ void load_dispatch_kernels() {
   load_functions({reinterpret_cast<const void*>(send_kernel),
                   reinterpret_cast<const void*>(receive_counts_kernel),
                   reinterpret_cast<const void*>(receive_kernel)});
+  for (const auto kernel : kSendReceiveKernels) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(std::max(kBlockPlanMaxSmemBytes, size_t(48 * 1024))));
+  }
+}
+
+int send_receive_blocks_per_sm() {
+  int fewest = INT32_MAX;
+  for (const auto kernel : kSendReceiveKernels) {
+    int blocks = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads,
+                                                  kBlockPlanMaxSmemBytes);
+    fewest = std::min(fewest, blocks);
+  }
+  return fewest;
 }
 
 void launch_send(const SendParams& params, cudaStream_t stream) {
@@ -379,6 +465,14 @@ void launch_send(const SendParams& params, cudaStream_t stream) {
 void launch_receive_counts(const ReceiveCountsParams& params, cudaStream_t stream) {
   launch_chained(receive_counts_kernel, 1, kThreads, receive_counts_smem_bytes(params.topo.layout),
                  stream, params.topo.chained, params);
+}
+
+void launch_send_receive(const SendParams& send, const ReceiveParams& receive,
+                         const PlanParams* plan, cudaStream_t stream) {
+  const int variant = !plan ? 0 : plan->topk_int64 ? 2 : 1;
+  launch_chained(kSendReceiveKernels[variant], send.num_blocks, kThreads,
+                 send_receive_smem_bytes(receive, plan), stream, send.topo.chained, send,
+                 receive, plan ? *plan : PlanParams{});
 }
 
 void launch_receive(const ReceiveParams& params, cudaStream_t stream) {
