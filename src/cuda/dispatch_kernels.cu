@@ -28,7 +28,7 @@ constexpr int kMaxHeaderRanks = 8;
 // the part goes to every destination in order (this rank's own staging only with
 // stage_own_rows); the warp of part 0 also writes the scales and (lanes k < K) the per-k
 // metadata. Block 0 writes the headers and expert counts of a routing dispatch.
-__device__ void send_rows(const SendParams& p, bool routing_ok) {
+__device__ __noinline__ void send_rows(const SendParams& p, bool routing_ok) {
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
   const int local_experts = layout.local_experts();
@@ -87,7 +87,7 @@ __device__ __forceinline__ bool routing_ok(const SendParams& p) {
   return !p.plan_status || p.plan_status[0] == plan::kRoutingOk;
 }
 
-__global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
+__global__ void __launch_bounds__(kThreads) send_kernel(const __grid_constant__ SendParams p) {
   chain_start();
   const bool ok = routing_ok(p);
   if (operation_entry(p.topo, p.entry_phase, p.entry_published)) send_rows(p, ok);
@@ -111,7 +111,7 @@ struct BlockCounts {
   int64_t num_recv;
 };
 
-__device__ bool block_receive_counts(const ReceiveCountsParams& p, int32_t* smem, bool to_handle,
+__device__ __forceinline__ bool block_receive_counts(const ReceiveCountsParams& p, int32_t* smem, bool to_handle,
                                      BlockCounts& out) {
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
@@ -257,7 +257,7 @@ __device__ __forceinline__ void receive_skipped(const ReceiveParams& p) {
 // copy the part of the staged row into its compact row or all of its expanded rows (read once,
 // stored to each); the warp of part 0 also fills the handle's per-token entries (routing
 // dispatch) and the scalar outputs. Then the expanded padding rows.
-__device__ void receive_rows(const ReceiveParams& p, int32_t* counts_smem) {
+__device__ __noinline__ void receive_rows(const ReceiveParams& p, int32_t* counts_smem) {
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
   BlockCounts counts{p.recv_offsets, p.expert_source_offsets, p.tokens_per_expert,
@@ -369,7 +369,7 @@ __device__ void receive_rows(const ReceiveParams& p, int32_t* counts_smem) {
   }
 }
 
-__global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
+__global__ void __launch_bounds__(kThreads) receive_kernel(const __grid_constant__ ReceiveParams p) {
   chain_start();
   extern __shared__ int32_t counts_smem[];
   if (p.wait_exit ? !operation_exit_wait(p.topo, p.exit_phase) : !no_failure(p.topo)) {
@@ -386,10 +386,15 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
 // handle; with void the plan kernels ran before (or the dispatch is cached).
 template <typename Index>
 __global__ void __launch_bounds__(kThreads)
-    send_receive_kernel(SendParams send, ReceiveParams receive, PlanParams plan_params) {
+    send_receive_kernel(const __grid_constant__ SendParams send,
+                        const __grid_constant__ ReceiveParams receive,
+                        const __grid_constant__ PlanParams plan_params) {
   chain_start();
   extern __shared__ int32_t smem[];
-  const uint64_t exit = operation_exit_epoch(send.topo);
+  // The exit epoch, read before any block's handoff can advance the counter.
+  __shared__ uint64_t exit;
+  if (threadIdx.x == 0) exit = operation_exit_epoch(send.topo);
+  const SendParams* sending = &send;
   if constexpr (!std::is_void_v<Index>) {
     // This rank stopped reading its staging when the operation began: the entry goes out
     // before the plan. The plan in shared memory is dead after the sends (the handoff's block
@@ -399,15 +404,22 @@ __global__ void __launch_bounds__(kThreads)
                                             plan_params.num_ranks, plan_params.num_experts);
     plan_in_block<Index>(plan_params, plan);
     if (blockIdx.x == 0) store_block_plan(plan_params, plan);
-    send.send_slot = plan.send_slot;
-    send.expert_slot = plan.expert_slot;
-    send.topk32 = plan.topk32;
-    send.plan_status = plan.status;
-    send.rank_counts = plan.rank_counts;
-    send.expert_counts = plan.expert_counts;
+    // The send reads its slots, counts and status from the block's plan.
+    __shared__ SendParams planned;
+    if (threadIdx.x == 0) {
+      planned = send;
+      planned.send_slot = plan.send_slot;
+      planned.expert_slot = plan.expert_slot;
+      planned.topk32 = plan.topk32;
+      planned.plan_status = plan.status;
+      planned.rank_counts = plan.rank_counts;
+      planned.expert_counts = plan.expert_counts;
+    }
+    __syncthreads();
+    sending = &planned;
   }
-  const bool ok = routing_ok(send);
-  if (operation_entry(send.topo, send.entry_phase, send.entry_published)) send_rows(send, ok);
+  const bool ok = routing_ok(*sending);
+  if (operation_entry(send.topo, send.entry_phase, send.entry_published)) send_rows(*sending, ok);
   operation_handoff(send.topo, true);
   if (!operation_exit_wait_in_kernel(receive.topo, exit, receive.exit_phase)) {
     receive_skipped(receive);
