@@ -405,18 +405,20 @@ __global__ void __launch_bounds__(kThreads)
     plan_in_block<Index>(plan_params, plan);
     if (blockIdx.x == 0) store_block_plan(plan_params, plan);
     // The send reads its slots, counts and status from the block's plan.
-    __shared__ SendParams planned;
+    // (Raw bytes: a __shared__ SendParams would need its default initialisers run.)
+    __shared__ alignas(SendParams) unsigned char planned_bytes[sizeof(SendParams)];
+    auto* planned = reinterpret_cast<SendParams*>(planned_bytes);
     if (threadIdx.x == 0) {
-      planned = send;
-      planned.send_slot = plan.send_slot;
-      planned.expert_slot = plan.expert_slot;
-      planned.topk32 = plan.topk32;
-      planned.plan_status = plan.status;
-      planned.rank_counts = plan.rank_counts;
-      planned.expert_counts = plan.expert_counts;
+      memcpy(planned_bytes, &send, sizeof(SendParams));
+      planned->send_slot = plan.send_slot;
+      planned->expert_slot = plan.expert_slot;
+      planned->topk32 = plan.topk32;
+      planned->plan_status = plan.status;
+      planned->rank_counts = plan.rank_counts;
+      planned->expert_counts = plan.expert_counts;
     }
     __syncthreads();
-    sending = &planned;
+    sending = planned;
   }
   const bool ok = routing_ok(*sending);
   if (operation_entry(send.topo, send.entry_phase, send.entry_published)) send_rows(*sending, ok);
