@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <climits>
 #include <type_traits>
+#include <vector>
 
 #include "cuda/block_plan.cuh"
 #include "cuda/chained_launch.hpp"
@@ -14,6 +15,8 @@
 #include "cuda/kernels.hpp"
 #include "cuda/operation_sync.cuh"
 #include "cuda/padding.cuh"
+#define EPX_PHASE_CLOCK_STORAGE
+#include "cuda/phase_clock.cuh"
 #include "plan/routing.hpp"
 
 namespace epx::cuda {
@@ -28,7 +31,7 @@ constexpr int kMaxHeaderRanks = 8;
 // the part goes to every destination in order (this rank's own staging only with
 // stage_own_rows); the warp of part 0 also writes the scales and (lanes k < K) the per-k
 // metadata. Block 0 writes the headers and expert counts of a routing dispatch.
-__device__ __noinline__ void send_rows(const SendParams& p, bool routing_ok) {
+__device__ __forceinline__ void send_rows(const SendParams& p, bool routing_ok) {
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
   const int local_experts = layout.local_experts();
@@ -87,13 +90,25 @@ __device__ __forceinline__ bool routing_ok(const SendParams& p) {
   return !p.plan_status || p.plan_status[0] == plan::kRoutingOk;
 }
 
-__global__ void __launch_bounds__(kThreads) send_kernel(const __grid_constant__ SendParams p) {
-  chain_start();
+// Entry, the block's stores, handoff: a send kernel's work, also the first half of the fused
+// kernel.
+__device__ __forceinline__ void send_phases(const SendParams& p) {
   const bool ok = routing_ok(p);
-  if (operation_entry(p.topo, p.entry_phase, p.entry_published)) send_rows(p, ok);
+  if (operation_entry(p.topo, p.entry_phase, p.entry_published)) {
+    mark_phase(kMarkEntered);
+    send_rows(p, ok);
+    mark_phase(kMarkSent);
+  }
   // The handoff orders the block's stores into the peers before its count (a block barrier,
   // then one system fence); the last block then publishes the exit barrier with a release.
   operation_handoff(p.topo, true);
+  mark_phase(kMarkHandedOff);
+}
+
+__global__ void __launch_bounds__(kThreads) send_kernel(const __grid_constant__ SendParams p) {
+  chain_start();
+  mark_phase(kMarkSendStart);
+  send_phases(p);
 }
 
 // Receive-side counts: headers -> checks -> offsets, computed by one block into its shared
@@ -257,7 +272,7 @@ __device__ __forceinline__ void receive_skipped(const ReceiveParams& p) {
 // copy the part of the staged row into its compact row or all of its expanded rows (read once,
 // stored to each); the warp of part 0 also fills the handle's per-token entries (routing
 // dispatch) and the scalar outputs. Then the expanded padding rows.
-__device__ __noinline__ void receive_rows(const ReceiveParams& p, int32_t* counts_smem) {
+__device__ __forceinline__ void receive_rows(const ReceiveParams& p, int32_t* counts_smem) {
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
   BlockCounts counts{p.recv_offsets, p.expert_source_offsets, p.tokens_per_expert,
@@ -276,6 +291,7 @@ __device__ __noinline__ void receive_rows(const ReceiveParams& p, int32_t* count
   } else {
     counts.num_recv = p.device_counts[0];
   }
+  mark_phase(kMarkCounted);
   char* local = p.topo.peers[p.topo.rank];
   const int lane = lane_id();
   const int64_t num_recv = counts.num_recv;
@@ -372,11 +388,14 @@ __device__ __noinline__ void receive_rows(const ReceiveParams& p, int32_t* count
 __global__ void __launch_bounds__(kThreads) receive_kernel(const __grid_constant__ ReceiveParams p) {
   chain_start();
   extern __shared__ int32_t counts_smem[];
+  mark_phase(kMarkReceiveStart);
   if (p.wait_exit ? !operation_exit_wait(p.topo, p.exit_phase) : !no_failure(p.topo)) {
     receive_skipped(p);
     return;
   }
+  mark_phase(kMarkExited);
   receive_rows(p, counts_smem);
+  mark_phase(kMarkReceived);
 }
 
 // Send and receive in one kernel (launch_send_receive): entry, sends, handoff, then the exit
@@ -390,6 +409,7 @@ __global__ void __launch_bounds__(kThreads)
                         const __grid_constant__ ReceiveParams receive,
                         const __grid_constant__ PlanParams plan_params) {
   chain_start();
+  mark_phase(kMarkSendStart);
   extern __shared__ int32_t smem[];
   // The exit epoch, read before any block's handoff can advance the counter.
   __shared__ uint64_t exit;
@@ -420,14 +440,15 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     sending = planned;
   }
-  const bool ok = routing_ok(*sending);
-  if (operation_entry(send.topo, send.entry_phase, send.entry_published)) send_rows(*sending, ok);
-  operation_handoff(send.topo, true);
+  mark_phase(kMarkPlanned);
+  send_phases(*sending);
   if (!operation_exit_wait_in_kernel(receive.topo, exit, receive.exit_phase)) {
     receive_skipped(receive);
     return;
   }
+  mark_phase(kMarkExited);
   receive_rows(receive, smem);
+  mark_phase(kMarkReceived);
 }
 
 // Dynamic shared memory of send_receive_kernel: the receive counts, or the block plan.
@@ -450,6 +471,30 @@ size_t receive_counts_smem_bytes(const plan::WorkspaceLayout& layout) {
   return static_cast<size_t>(ranks + 1 + local_experts * ranks + 2 * local_experts + 1) *
          sizeof(int32_t);
 }
+
+const char* phase_mark_name(int mark) {
+  static const char* const names[kMarkCount] = {
+      "send start", "planned", "entered", "sent", "handed off",
+      "receive start", "exited", "counted", "received"};
+  return mark >= 0 && mark < kMarkCount ? names[mark] : "unknown";
+}
+
+#ifdef EPX_PHASE_CLOCK
+bool reset_phase_clock() {
+  const std::vector<uint64_t> zeros(kClockBlocks * kMarkCount, 0);
+  return cudaMemcpyToSymbol(phase_clock_stamps, zeros.data(), zeros.size() * sizeof(uint64_t)) ==
+         cudaSuccess;
+}
+
+bool read_phase_clock(std::vector<uint64_t>& stamps) {
+  stamps.assign(kClockBlocks * kMarkCount, 0);
+  return cudaMemcpyFromSymbol(stamps.data(), phase_clock_stamps,
+                              stamps.size() * sizeof(uint64_t)) == cudaSuccess;
+}
+#else
+bool reset_phase_clock() { return false; }
+bool read_phase_clock(std::vector<uint64_t>&) { return false; }
+#endif
 
 void load_dispatch_kernels() {
   load_functions({reinterpret_cast<const void*>(send_kernel),
