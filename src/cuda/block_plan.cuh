@@ -16,6 +16,7 @@
 
 #include "cuda/device_primitives.cuh"
 #include "cuda/kernels.hpp"
+#include "cuda/phase_clock.cuh"
 #include "plan/routing.hpp"
 
 namespace epx::cuda {
@@ -94,6 +95,7 @@ __device__ void plan_in_block(const PlanParams& p, const BlockPlan& plan) {
     if (e < -1 || e >= num_experts) atomicMin(&first_bad, static_cast<unsigned long long>(i));
   }
   __syncthreads();
+  mark_phase(kMarkPlanLoaded);
 
   // Expert slots within each warp's chunk of entries (chunk: whole 32-entry steps).
   const int chunk = (entries + kWarps * kWarpSize - 1) / (kWarps * kWarpSize) * kWarpSize;
@@ -127,6 +129,7 @@ __device__ void plan_in_block(const PlanParams& p, const BlockPlan& plan) {
     if (lane == 0) counts[num_experts + r] = __popc(goes);
   }
   __syncthreads();
+  mark_phase(kMarkPlanSlotted);
 
   // Per target, an exclusive scan over the warps: each warp's base, and the total.
   for (int j = threadIdx.x; j < targets; j += blockDim.x) {
@@ -143,6 +146,7 @@ __device__ void plan_in_block(const PlanParams& p, const BlockPlan& plan) {
     }
   }
   __syncthreads();
+  mark_phase(kMarkPlanScanned);
   for (int i = threadIdx.x; i < entries; i += blockDim.x) {
     const int32_t e = plan.topk32[i];
     if (e >= 0 && e < num_experts) plan.expert_slot[i] += plan.warp_counts[i / chunk * targets + e];

@@ -1,6 +1,8 @@
 // Dispatch on the device: the send into every destination's staging (also used by cached
 // dispatch and combine_backward; it holds the operation's entry barrier and hands off its exit
 // barrier), the receive-side counts, and the receive epilogue (which waits for the exit).
+// This unit holds the phase clock's stamps (cuda/phase_clock.cuh; before any include of it).
+#define EPX_PHASE_CLOCK_STORAGE
 #include <cub/block/block_scan.cuh>
 
 #include <algorithm>
@@ -15,7 +17,6 @@
 #include "cuda/kernels.hpp"
 #include "cuda/operation_sync.cuh"
 #include "cuda/padding.cuh"
-#define EPX_PHASE_CLOCK_STORAGE
 #include "cuda/phase_clock.cuh"
 #include "plan/routing.hpp"
 
@@ -474,7 +475,7 @@ size_t receive_counts_smem_bytes(const plan::WorkspaceLayout& layout) {
 
 const char* phase_mark_name(int mark) {
   static const char* const names[kMarkCount] = {
-      "send start", "planned", "entered", "sent", "handed off",
+      "send start", "plan loaded", "plan slotted", "plan scanned", "planned", "entered", "sent", "handed off",
       "receive start", "exited", "counted", "received"};
   return mark >= 0 && mark < kMarkCount ? names[mark] : "unknown";
 }
