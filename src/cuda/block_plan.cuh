@@ -1,6 +1,6 @@
 // The source routing plan of a small batch computed by one block in its shared memory: exactly
 // plan::plan_source (src/plan/source_plan.cpp), without the plan kernels and without a kernel
-// boundary. Every block of the fused dispatch kernel (cuda/dispatch_kernels.cu) plans the whole
+// boundary. Every block of a dispatch's send kernel (cuda/dispatch_kernels.cu) plans the whole
 // batch itself, so no block waits for another to know its slots.
 //
 //   expert slots  warp w ranks a contiguous chunk of the (t, k) entries: __match_any_sync finds
@@ -73,11 +73,24 @@ __device__ __forceinline__ BlockPlan carve_block_plan(int32_t* smem, int64_t tok
   return plan;
 }
 
+// The lanes of the warp whose `key` (below 2^bits) equals this lane's: one ballot per bit
+// (__match_any_sync measured ~0.7 us per 32-entry step in the block plan, bench/NOTES.md
+// change 24).
+__device__ __forceinline__ uint32_t lanes_with_same_key(uint32_t key, int bits) {
+  uint32_t same = 0xffffffffu;
+  for (int b = 0; b < bits; ++b) {
+    const bool one = key >> b & 1u;
+    const uint32_t ones = __ballot_sync(0xffffffffu, one);
+    same &= one ? ones : ~ones;
+  }
+  return same;
+}
+
 // The whole block computes the plan of p's routing into `plan` (shared memory). Needs
 // blockDim.x == kBlockThreads, p.num_tokens <= kBlockThreads and p.num_ranks <= 32
 // (block_plan_fits). Ends with a block barrier.
 template <typename Index>
-__device__ void plan_in_block(const PlanParams& p, const BlockPlan& plan) {
+__device__ __forceinline__ void plan_in_block(const PlanParams& p, const BlockPlan& plan) {
   constexpr int kWarps = kBlockThreads / kWarpSize;
   const int num_topk = p.num_topk, num_experts = p.num_experts, num_ranks = p.num_ranks;
   const int local_experts = num_experts / num_ranks;
@@ -89,10 +102,24 @@ __device__ void plan_in_block(const PlanParams& p, const BlockPlan& plan) {
   if (threadIdx.x == 0) first_bad = ~0ull;
   for (int i = threadIdx.x; i < kWarps * targets; i += blockDim.x) plan.warp_counts[i] = 0;
   __syncthreads();
-  for (int i = threadIdx.x; i < entries; i += blockDim.x) {
-    const int32_t e = load_index<Index>(p.topk_idx, i);
-    plan.topk32[i] = e;
-    if (e < -1 || e >= num_experts) atomicMin(&first_bad, static_cast<unsigned long long>(i));
+  // Four loads in flight per thread before their stores (one round trip per four entries).
+  constexpr int kLoads = 4;
+  for (int i0 = threadIdx.x; i0 < entries; i0 += kLoads * blockDim.x) {
+    int32_t e[kLoads];
+#pragma unroll
+    for (int j = 0; j < kLoads; ++j) {
+      const int i = i0 + j * blockDim.x;
+      e[j] = i < entries ? load_index<Index>(p.topk_idx, i) : 0;
+    }
+#pragma unroll
+    for (int j = 0; j < kLoads; ++j) {
+      const int i = i0 + j * blockDim.x;
+      if (i >= entries) break;
+      plan.topk32[i] = e[j];
+      if (e[j] < -1 || e[j] >= num_experts) {
+        atomicMin(&first_bad, static_cast<unsigned long long>(i));
+      }
+    }
   }
   __syncthreads();
   mark_phase(kMarkPlanLoaded);
@@ -101,11 +128,12 @@ __device__ void plan_in_block(const PlanParams& p, const BlockPlan& plan) {
   const int chunk = (entries + kWarps * kWarpSize - 1) / (kWarps * kWarpSize) * kWarpSize;
   int32_t* counts = plan.warp_counts + warp * targets;  // this warp's experts, then ranks
   const int end = min(entries, (warp + 1) * chunk);
+  const int key_bits = 32 - __clz(num_experts);  // keys 0..E, E for every invalid entry
   for (int base = warp * chunk; base < end; base += kWarpSize) {
     const int i = base + lane;
     const int32_t e = i < end ? plan.topk32[i] : -1;
     const bool valid = e >= 0 && e < num_experts;
-    const uint32_t same = __match_any_sync(0xffffffffu, valid ? e : -1);
+    const uint32_t same = lanes_with_same_key(valid ? e : num_experts, key_bits);
     if (valid) {
       plan.expert_slot[i] = counts[e] + __popc(same & lanes_below);
     } else if (i < end) {

@@ -128,15 +128,10 @@ class CudaEngine final : public Engine {
       throw;
     }
     peers_ = workspace_->device_peers();
-    // Send and receive fuse when every rank on this device can have all its blocks resident
-    // at once (a fused block waits for its grid's last block); EPX_FUSE_DISPATCH=0 turns it off
-    // (to compare the two in one benchmark run).
-    const char* fuse = std::getenv("EPX_FUSE_DISPATCH");
-    const int sharing = workspace_->shares_device() ? num_ranks_ : 1;
-    fuse_send_receive_ = !(fuse && std::strcmp(fuse, "0") == 0) &&
-                         int64_t(cuda::send_receive_blocks_per_sm()) *
-                                 properties.multiProcessorCount >=
-                             int64_t(num_blocks_) * sharing;
+    // A small batch is planned inside the send kernel (cuda/block_plan.cuh);
+    // EPX_SEND_PLANS=0 keeps the plan kernels (to compare the two in one benchmark run).
+    const char* send_plans = std::getenv("EPX_SEND_PLANS");
+    send_plans_ = !(send_plans && std::strcmp(send_plans, "0") == 0);
   }
 
   // Every rank has issued all its work on this buffer before it destroys it, so waiting for the
@@ -183,10 +178,7 @@ class CudaEngine final : public Engine {
     const int32_t num_topk = layout_.num_topk;
     const int32_t channels = (in.weights.defined() ? plan::kChannelWeights : 0) |
                              (in.aux.defined() ? plan::kChannelAux : 0);
-    // Without sync_counts nothing separates the send from the receive: one kernel does both,
-    // and plans a small batch itself (docs/protocol.md "one kernel per operation").
-    const bool fused = fuse_send_receive_ && (cached || !options.sync_counts);
-    bool plan_in_kernel = false;
+    bool plan_in_send = false;
     Handle handle;
     cuda::PlanParams plan{};
     if (cached) {
@@ -200,9 +192,10 @@ class CudaEngine final : public Engine {
                               plan_status_, plan_tile_counts_, plan_first_bad_};
       plan.publish_entry = true;  // the entry goes out while the plan runs
       plan.topo = topology();
-      plan_in_kernel =
-          fused && cuda::block_plan_fits(num_tokens, num_topk, num_ranks_, layout_.num_experts);
-      if (!plan_in_kernel) cuda::launch_plan(plan, stream);
+      // A small batch: every block of the send kernel plans it (bench/NOTES.md change 24).
+      plan_in_send = send_plans_ && cuda::block_plan_fits(num_tokens, num_topk, num_ranks_,
+                                                          layout_.num_experts);
+      if (!plan_in_send) cuda::launch_plan(plan, stream);
     }
     cuda::SendParams send{};
     send.topo = topology();
@@ -228,26 +221,14 @@ class CudaEngine final : public Engine {
     // The rows this rank routes to itself stay in x: the receive reads them there (one copy of
     // them instead of two; bench/NOTES.md change 19). Its vector loads need x 16-byte aligned.
     send.stage_own_rows = !own_rows_in_place(in.x);
-    const cuda::ReceiveCountsParams counts =
-        cached ? cuda::ReceiveCountsParams{} : counts_params(handle, options, channels);
-    const ReceiveMode mode = cached                  ? ReceiveMode::kCached
-                             : !options.sync_counts ? ReceiveMode::kCountsInKernel
-                                                    : ReceiveMode::kCountsSynced;
-    if (fused) {
-      DispatchResult result;
-      const cuda::ReceiveParams receive = receive_outputs(handle, in, mode, counts, result, stream);
-      cuda::launch_send_receive(send, receive, plan_in_kernel ? &plan : nullptr, stream);
-      EPX_CUDA_CHECK(cudaGetLastError());
-      result.handle = handle;
-      return result;
+    cuda::launch_send(send, plan_in_send ? &plan : nullptr, stream);
+    if (cached) return receive(handle, in, ReceiveMode::kCached, {}, stream);
+    const cuda::ReceiveCountsParams counts = counts_params(handle, options, channels);
+    if (!options.sync_counts) {
+      return receive(handle, in, ReceiveMode::kCountsInKernel, counts, stream);
     }
-    cuda::launch_send(send, stream);
-    if (mode == ReceiveMode::kCountsSynced) sync_receive_counts(handle, counts, stream);
-    DispatchResult result;
-    cuda::launch_receive(receive_outputs(handle, in, mode, counts, result, stream), stream);
-    EPX_CUDA_CHECK(cudaGetLastError());
-    result.handle = handle;
-    return result;
+    sync_receive_counts(handle, counts, stream);
+    return receive(handle, in, ReceiveMode::kCountsSynced, counts, stream);
   }
 
   CombineResult combine(const CombineInputs& in, const Handle& handle, ReduceAt reduce_at,
@@ -312,7 +293,7 @@ class CudaEngine final : public Engine {
     send.num_blocks = num_blocks_;
     const bool own_rows = own_rows_in_place(grad_y);  // as in dispatch
     send.stage_own_rows = !own_rows;
-    cuda::launch_send(send, stream);
+    cuda::launch_send(send, nullptr, stream);
     CombineBackwardResult result;
     result.grad_x = allocate(DType::kBFloat16, {handle.row_capacity, layout_.hidden}, stream);
     result.grad_weights = allocate(DType::kFloat32, {handle.row_capacity}, stream);
@@ -468,14 +449,13 @@ class CudaEngine final : public Engine {
     kCached,          // cached: the kernel waits; offsets from the handle
   };
 
-  // The receive's outputs, allocated into `result`, and the receive kernel's parameters.
-  cuda::ReceiveParams receive_outputs(const Handle& handle, const DispatchInputs& in,
-                                      ReceiveMode mode, const cuda::ReceiveCountsParams& counts,
-                                      DispatchResult& result, cudaStream_t stream) {
+  DispatchResult receive(const Handle& handle, const DispatchInputs& in, ReceiveMode mode,
+                         const cuda::ReceiveCountsParams& counts, cudaStream_t stream) {
     const int32_t num_topk = layout_.num_topk;
     const int64_t row_bytes = in.x.size(1) * static_cast<int64_t>(element_size(in.x.dtype));
     const int64_t scales_per_row = in.x_scales.defined() ? in.x_scales.size(1) : 0;
     const int64_t capacity = handle.expand ? handle.row_capacity : handle.recv_token_capacity;
+    DispatchResult result;
     result.x = allocate(in.x.dtype, {capacity, layout_.hidden}, stream);
     if (scales_per_row > 0) {
       result.x_scales = allocate(DType::kFloat32, {capacity, scales_per_row}, stream);
@@ -485,7 +465,7 @@ class CudaEngine final : public Engine {
     if (in.weights.defined()) result.weights = allocate(DType::kFloat32, scalar_shape, stream);
     if (in.aux.defined()) result.aux = allocate(DType::kFloat32, scalar_shape, stream);
     if (!handle.expand) result.topk_idx = allocate(DType::kInt32, {capacity, num_topk}, stream);
-    return cuda::ReceiveParams{topology(),
+    cuda::ReceiveParams params{topology(),
                                mode == ReceiveMode::kCached ? cuda::kPhaseCachedExit
                                                             : cuda::kPhaseDispatchExit,
                                mode != ReceiveMode::kCountsSynced,
@@ -512,6 +492,10 @@ class CudaEngine final : public Engine {
                                handle.zero_padding,
                                num_blocks_,
                                own_rows_in_place(in.x) ? in.x.ptr<const char>() : nullptr};
+    cuda::launch_receive(params, stream);
+    EPX_CUDA_CHECK(cudaGetLastError());
+    result.handle = handle;
+    return result;
   }
 
   EngineContext context_;
@@ -520,7 +504,7 @@ class CudaEngine final : public Engine {
   int32_t rank_;
   int32_t num_ranks_;
   int num_blocks_ = 24;
-  bool fuse_send_receive_ = false;  // launch_send_receive instead of send, then receive
+  bool send_plans_ = true;  // small batches planned in the send kernel (EPX_SEND_PLANS)
   std::unique_ptr<PeerWorkspace> workspace_;
   char* const* peers_ = nullptr;
   uint64_t* epoch_ = nullptr;

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -91,8 +92,7 @@ __device__ __forceinline__ bool routing_ok(const SendParams& p) {
   return !p.plan_status || p.plan_status[0] == plan::kRoutingOk;
 }
 
-// Entry, the block's stores, handoff: a send kernel's work, also the first half of the fused
-// kernel.
+// Entry, the block's stores, handoff.
 __device__ __forceinline__ void send_phases(const SendParams& p) {
   const bool ok = routing_ok(p);
   if (operation_entry(p.topo, p.entry_phase, p.entry_published)) {
@@ -106,10 +106,43 @@ __device__ __forceinline__ void send_phases(const SendParams& p) {
   mark_phase(kMarkHandedOff);
 }
 
-__global__ void __launch_bounds__(kThreads) send_kernel(const __grid_constant__ SendParams p) {
+// With Index = int32_t or int64_t (the routing's index type) every block first plans the small
+// batch of `plan_params` itself (cuda/block_plan.cuh) and block 0 stores the plan into the
+// handle: the plan kernels and their kernel boundary go (bench/NOTES.md change 24). With void
+// the plan kernels ran before, or the send has no routing (cached dispatch, combine_backward).
+template <typename Index>
+__global__ void __launch_bounds__(kThreads)
+    send_kernel(const __grid_constant__ SendParams p,
+                const __grid_constant__ PlanParams plan_params) {
   chain_start();
   mark_phase(kMarkSendStart);
-  send_phases(p);
+  if constexpr (std::is_void_v<Index>) {
+    send_phases(p);
+  } else {
+    // This rank stopped reading its staging when the operation began: the entry goes out
+    // before the plan.
+    if (blockIdx.x == 0) publish_entry_early(p.topo);
+    extern __shared__ int32_t smem[];
+    const BlockPlan plan = carve_block_plan(smem, plan_params.num_tokens, plan_params.num_topk,
+                                            plan_params.num_ranks, plan_params.num_experts);
+    plan_in_block<Index>(plan_params, plan);
+    if (blockIdx.x == 0) store_block_plan(plan_params, plan);
+    // The send reads its slots, counts and status from the block's plan. (Raw bytes: a
+    // __shared__ SendParams would need its default initialisers run.)
+    __shared__ alignas(SendParams) unsigned char planned_bytes[sizeof(SendParams)];
+    if (threadIdx.x == 0) {
+      SendParams* planned = new (planned_bytes) SendParams(p);
+      planned->send_slot = plan.send_slot;
+      planned->expert_slot = plan.expert_slot;
+      planned->topk32 = plan.topk32;
+      planned->plan_status = plan.status;
+      planned->rank_counts = plan.rank_counts;
+      planned->expert_counts = plan.expert_counts;
+    }
+    __syncthreads();
+    mark_phase(kMarkPlanned);
+    send_phases(*reinterpret_cast<const SendParams*>(planned_bytes));
+  }
 }
 
 // Receive-side counts: headers -> checks -> offsets, computed by one block into its shared
@@ -399,71 +432,8 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(const __grid_constant
   mark_phase(kMarkReceived);
 }
 
-// Send and receive in one kernel (launch_send_receive): entry, sends, handoff, then the exit
-// wait and the receive epilogue in the same blocks, which must all be resident (the engine
-// checks the occupancy). With Index = int32_t or int64_t (the routing's index type) every block
-// first plans the small batch itself (cuda/block_plan.cuh) and block 0 stores the plan into the
-// handle; with void the plan kernels ran before (or the dispatch is cached).
-template <typename Index>
-__global__ void __launch_bounds__(kThreads)
-    send_receive_kernel(const __grid_constant__ SendParams send,
-                        const __grid_constant__ ReceiveParams receive,
-                        const __grid_constant__ PlanParams plan_params) {
-  chain_start();
-  mark_phase(kMarkSendStart);
-  extern __shared__ int32_t smem[];
-  // The exit epoch, read before any block's handoff can advance the counter.
-  __shared__ uint64_t exit;
-  if (threadIdx.x == 0) exit = operation_exit_epoch(send.topo);
-  const SendParams* sending = &send;
-  if constexpr (!std::is_void_v<Index>) {
-    // This rank stopped reading its staging when the operation began: the entry goes out
-    // before the plan. The plan in shared memory is dead after the sends (the handoff's block
-    // barrier), where the receive counts take the same memory.
-    if (blockIdx.x == 0) publish_entry_early(send.topo);
-    const BlockPlan plan = carve_block_plan(smem, plan_params.num_tokens, plan_params.num_topk,
-                                            plan_params.num_ranks, plan_params.num_experts);
-    plan_in_block<Index>(plan_params, plan);
-    if (blockIdx.x == 0) store_block_plan(plan_params, plan);
-    // The send reads its slots, counts and status from the block's plan.
-    // (Raw bytes: a __shared__ SendParams would need its default initialisers run.)
-    __shared__ alignas(SendParams) unsigned char planned_bytes[sizeof(SendParams)];
-    auto* planned = reinterpret_cast<SendParams*>(planned_bytes);
-    if (threadIdx.x == 0) {
-      memcpy(planned_bytes, &send, sizeof(SendParams));
-      planned->send_slot = plan.send_slot;
-      planned->expert_slot = plan.expert_slot;
-      planned->topk32 = plan.topk32;
-      planned->plan_status = plan.status;
-      planned->rank_counts = plan.rank_counts;
-      planned->expert_counts = plan.expert_counts;
-    }
-    __syncthreads();
-    sending = planned;
-  }
-  mark_phase(kMarkPlanned);
-  send_phases(*sending);
-  if (!operation_exit_wait_in_kernel(receive.topo, exit, receive.exit_phase)) {
-    receive_skipped(receive);
-    return;
-  }
-  mark_phase(kMarkExited);
-  receive_rows(receive, smem);
-  mark_phase(kMarkReceived);
-}
-
-// Dynamic shared memory of send_receive_kernel: the receive counts, or the block plan.
-size_t send_receive_smem_bytes(const ReceiveParams& receive, const PlanParams* plan) {
-  size_t bytes = receive.compute_counts ? receive_counts_smem_bytes(receive.topo.layout) : 0;
-  if (plan) {
-    bytes = std::max(bytes, block_plan_smem_bytes(plan->num_tokens, plan->num_topk,
-                                                  plan->num_ranks, plan->num_experts));
-  }
-  return bytes;
-}
-
-void (*const kSendReceiveKernels[])(SendParams, ReceiveParams, PlanParams) = {
-    send_receive_kernel<void>, send_receive_kernel<int32_t>, send_receive_kernel<int64_t>};
+void (*const kSendKernels[])(SendParams, PlanParams) = {send_kernel<void>, send_kernel<int32_t>,
+                                                          send_kernel<int64_t>};
 
 }  // namespace
 
@@ -498,41 +468,27 @@ bool read_phase_clock(std::vector<uint64_t>&) { return false; }
 #endif
 
 void load_dispatch_kernels() {
-  load_functions({reinterpret_cast<const void*>(send_kernel),
+  load_functions({reinterpret_cast<const void*>(kSendKernels[0]),
                   reinterpret_cast<const void*>(receive_counts_kernel),
                   reinterpret_cast<const void*>(receive_kernel)});
-  for (const auto kernel : kSendReceiveKernels) {
+  for (const auto kernel : {kSendKernels[1], kSendKernels[2]}) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(std::max(kBlockPlanMaxSmemBytes, size_t(48 * 1024))));
+                         static_cast<int>(kBlockPlanMaxSmemBytes));
   }
 }
 
-int send_receive_blocks_per_sm() {
-  int fewest = INT32_MAX;
-  for (const auto kernel : kSendReceiveKernels) {
-    int blocks = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads,
-                                                  kBlockPlanMaxSmemBytes);
-    fewest = std::min(fewest, blocks);
-  }
-  return fewest;
-}
-
-void launch_send(const SendParams& params, cudaStream_t stream) {
-  launch_chained(send_kernel, params.num_blocks, kThreads, 0, stream, params.topo.chained, params);
+void launch_send(const SendParams& params, const PlanParams* plan, cudaStream_t stream) {
+  const int variant = !plan ? 0 : plan->topk_int64 ? 2 : 1;
+  const size_t smem = plan ? block_plan_smem_bytes(plan->num_tokens, plan->num_topk,
+                                                   plan->num_ranks, plan->num_experts)
+                           : 0;
+  launch_chained(kSendKernels[variant], params.num_blocks, kThreads, smem, stream,
+                 params.topo.chained, params, plan ? *plan : PlanParams{});
 }
 
 void launch_receive_counts(const ReceiveCountsParams& params, cudaStream_t stream) {
   launch_chained(receive_counts_kernel, 1, kThreads, receive_counts_smem_bytes(params.topo.layout),
                  stream, params.topo.chained, params);
-}
-
-void launch_send_receive(const SendParams& send, const ReceiveParams& receive,
-                         const PlanParams* plan, cudaStream_t stream) {
-  const int variant = !plan ? 0 : plan->topk_int64 ? 2 : 1;
-  launch_chained(kSendReceiveKernels[variant], send.num_blocks, kThreads,
-                 send_receive_smem_bytes(receive, plan), stream, send.topo.chained, send,
-                 receive, plan ? *plan : PlanParams{});
 }
 
 void launch_receive(const ReceiveParams& params, cudaStream_t stream) {

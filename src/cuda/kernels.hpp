@@ -96,9 +96,9 @@ __host__ __device__ inline int plan_tile_tokens(int32_t num_topk) {
 int plan_tiles(int64_t num_tokens, int32_t num_topk);
 
 // A batch of at most 512 tokens (one per thread of a block) for at most 32 ranks, whose plan
-// fits kBlockPlanMaxSmemBytes of shared memory, is planned by every block of the fused dispatch
-// kernel itself (cuda/block_plan.cuh; launch_send_receive). launch_block_plan runs that plan
-// alone in one block and stores it into p's arrays (for the tests).
+// fits kBlockPlanMaxSmemBytes of shared memory, is planned by every block of the send kernel
+// itself (cuda/block_plan.cuh; launch_send with a plan). launch_block_plan runs that plan alone
+// in one block and stores it into p's arrays (for the tests).
 constexpr size_t kBlockPlanMaxSmemBytes = 96 * 1024;
 bool block_plan_fits(int64_t num_tokens, int32_t num_topk, int32_t num_ranks,
                      int32_t num_experts);
@@ -133,7 +133,10 @@ struct SendParams {
   // scales and metadata are); the receive reads them from `x` (ReceiveParams::own_x).
   bool stage_own_rows = true;
 };
-void launch_send(const SendParams& params, cudaStream_t stream);
+// With `plan` (a routing dispatch of a batch that block_plan_fits; the plan kernels are not
+// launched) every block first plans the batch itself and block 0 stores the plan into plan's
+// arrays; params.entry_published must then be set (block 0 publishes the entry first).
+void launch_send(const SendParams& params, const PlanParams* plan, cudaStream_t stream);
 
 // Receive-side counts of a routing dispatch: reads headers, checks them, computes offsets.
 // launch_receive_counts waits for the exit barrier and writes them for the host (sync_counts);
@@ -190,17 +193,6 @@ struct ReceiveParams {
   const char* own_x = nullptr;
 };
 void launch_receive(const ReceiveParams& params, cudaStream_t stream);
-
-// Send and receive of one dispatch in one kernel (docs/protocol.md "one kernel per
-// operation"): the send's entry, stores and handoff, then in the same blocks the exit wait and
-// the receive epilogue (`receive.wait_exit` is implied). With `plan` (a routing dispatch of a
-// batch that block_plan_fits, the plan kernels not launched) every block first plans the batch
-// itself and block 0 stores the plan into plan's arrays; `send` then needs entry_published.
-// Every block must be resident at once: at most send_receive_blocks_per_sm() per SM, for every
-// rank that shares the device.
-void launch_send_receive(const SendParams& send, const ReceiveParams& receive,
-                         const PlanParams* plan, cudaStream_t stream);
-int send_receive_blocks_per_sm();
 
 // Expert side of combine: reduce (or forward) each received token's rows to its source.
 struct CombineSendParams {

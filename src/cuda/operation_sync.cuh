@@ -25,17 +25,11 @@
 
 namespace epx::cuda {
 
-__device__ __forceinline__ bool no_failure(const Topology& topo) {
-  return *static_cast<volatile int32_t*>(topo.failed) == 0;
-}
-
 // Threads [0, R) of the block wait for peer `threadIdx.x` to publish `epoch` into this rank's
 // flags, bounded by the timeout; an abort mark of that epoch is an error too. False: this
-// thread recorded a failure, or (`watch_failure`) saw one recorded while it waited (other
-// threads return true).
+// thread recorded a failure (other threads return true).
 __device__ __forceinline__ bool wait_for_peers(const Topology& topo, uint64_t epoch,
-                                               int32_t phase, bool check_abort,
-                                               bool watch_failure = false) {
+                                               int32_t phase, bool check_abort) {
   const plan::WorkspaceLayout& layout = topo.layout;
   const int peer = threadIdx.x;
   if (peer >= layout.num_ranks) return true;
@@ -48,7 +42,6 @@ __device__ __forceinline__ bool wait_for_peers(const Topology& topo, uint64_t ep
       record_error(topo, kDeviceTimeout, phase, peer, 0, epoch, seen);
       return false;
     }
-    if (watch_failure && !no_failure(topo)) return false;
     __nanosleep(32);
     seen = load_acquire_system(flag);
   }
@@ -81,6 +74,10 @@ __device__ __forceinline__ void publish_to_peers(const Topology& topo, uint64_t 
     __threadfence_system();
     publish_max_system(layout.flag(topo.peers[peer], topo.rank), epoch);
   }
+}
+
+__device__ __forceinline__ bool no_failure(const Topology& topo) {
+  return *static_cast<volatile int32_t*>(topo.failed) == 0;
 }
 
 // No failure recorded, as thread 0 reads it, for the whole block (one block barrier).
@@ -140,22 +137,6 @@ __device__ __forceinline__ void operation_handoff(const Topology& topo, bool pub
   }
   __syncthreads();
   if (publish) publish_to_peers(topo, entry + 1);
-}
-
-// The exit epoch of the operation whose first writing kernel is running: read by a kernel that
-// both sends and receives before its handoff, as the counter advances in the handoff.
-__device__ __forceinline__ uint64_t operation_exit_epoch(const Topology& topo) {
-  return *topo.epoch + 2;
-}
-
-// Exit barrier in the kernel that ran the handoff itself (send and receive fused), every block;
-// false: skip. Its blocks must all be resident: a block waits here for the flag the grid's last
-// block publishes. That block publishes nothing after a failure, so the wait also ends when a
-// failure is recorded while it polls.
-__device__ __forceinline__ bool operation_exit_wait_in_kernel(const Topology& topo, uint64_t exit,
-                                                              int32_t phase) {
-  const bool go = block_sees_no_failure(topo);
-  return block_all(!go || wait_for_peers(topo, exit, phase, false, true)) && go;
 }
 
 // Exit barrier at the start of the kernel after the handoff, run by every block; false: skip.

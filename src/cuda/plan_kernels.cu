@@ -290,7 +290,7 @@ __global__ void __launch_bounds__(kThreads) plan_finish_kernel(PlanParams p) {
 }
 
 // One block plans the whole routing in shared memory (cuda/block_plan.cuh) and stores it: the
-// fused dispatch kernel's plan on its own, for the tests that compare it with plan_source.
+// send kernel's plan on its own, for the tests that compare it with plan_source.
 template <typename Index>
 __global__ void __launch_bounds__(kBlockThreads) block_plan_kernel(PlanParams p) {
   extern __shared__ int32_t smem[];

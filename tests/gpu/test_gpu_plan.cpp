@@ -3,7 +3,7 @@
 // K from 1 to 64, 1 to 16 ranks (the plan is per source, so more ranks than GPUs is fine),
 // -1 experts, repeated experts within a token, int32 and int64 indices, and invalid indices
 // (status and the first bad value); batches of up to 512 tokens also through the plan one block
-// computes in the fused dispatch kernel. Runs in a forked child, as the other GPU suites do.
+// computes in the dispatch's send kernel. Runs in a forked child, as the other GPU suites do.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -100,7 +100,7 @@ std::string check_one(uint64_t seed) {
       int64_t(cuda::plan_tiles(tokens, topk)) * (experts + ranks), -5));
   p.first_bad = to_device(std::vector<unsigned long long>(1, ~0ull));
   // Twice on the same scratch: the plan must leave it ready for the next one. Then, for a batch
-  // small enough, the plan the fused dispatch kernel computes in each block, on outputs
+  // small enough, the plan the send kernel computes in each block, on outputs
   // overwritten with garbage first.
   std::string failure;
   const bool block_plan = cuda::block_plan_fits(tokens, topk, ranks, experts);
