@@ -51,9 +51,6 @@ run() {  # run NAME COMMAND...: records PASS/FAIL with the exit code and the tim
 run "gpu tests (random, graph, errors)" timeout 420 "$build/tests/test_gpu"
 run "device plan vs host plan" timeout 300 "$build/tests/test_gpu_plan"
 run "thread ranks (R=2,3,4,8 on one GPU)" timeout 200 "$build/tests/test_gpu_threads"
-# Batches of up to 512 tokens are planned inside the send kernel; the plan kernels they skip
-# are checked on them too.
-run "gpu tests, plan kernels throughout" timeout 420 env EPX_SEND_PLANS=0 "$build/tests/test_gpu"
 if command -v compute-sanitizer >/dev/null; then
   # --padding: a stray write into a neighbouring allocation is an error too.
   memcheck=(compute-sanitizer --tool memcheck --target-processes all --report-api-errors no
@@ -69,7 +66,6 @@ fi
 # First-look timings (every visible GPU one rank): the headline case, then the small one.
 run "bench 4096 x 7168, top-8 of 256, 24 SMs" timeout 150 "$build/tests/bench_gpu"
 run "bench 128 x 7168, top-8 of 256, 24 SMs" timeout 90 "$build/tests/bench_gpu" --tokens 128
-run "bench 128, plan kernels" timeout 90 env EPX_SEND_PLANS=0 "$build/tests/bench_gpu" --tokens 128
 run "demo (default: GPUs when present)" timeout 120 "$build/examples/epx-demo"
 run "demo, host transport" timeout 120 "$build/examples/epx-demo" --transport host
 # The GPU suites (label gpu) ran above, one at a time: several at once would share the GPU.

@@ -3,7 +3,6 @@
 // and stores into peers' workspaces), one stream-ordered sequence of kernels per
 // operation. Host synchronisation happens only where the caller asks for it (sync_counts, or
 // Buffer::synchronize), so sync_counts=false operations can be captured in a CUDA graph.
-#include <cstdlib>
 #include <cstring>
 #include <sstream>
 
@@ -128,10 +127,6 @@ class CudaEngine final : public Engine {
       throw;
     }
     peers_ = workspace_->device_peers();
-    // A small batch is planned inside the send kernel (cuda/block_plan.cuh);
-    // EPX_SEND_PLANS=0 keeps the plan kernels (to compare the two in one benchmark run).
-    const char* send_plans = std::getenv("EPX_SEND_PLANS");
-    send_plans_ = !(send_plans && std::strcmp(send_plans, "0") == 0);
   }
 
   // Every rank has issued all its work on this buffer before it destroys it, so waiting for the
@@ -178,24 +173,19 @@ class CudaEngine final : public Engine {
     const int32_t num_topk = layout_.num_topk;
     const int32_t channels = (in.weights.defined() ? plan::kChannelWeights : 0) |
                              (in.aux.defined() ? plan::kChannelAux : 0);
-    bool plan_in_send = false;
     Handle handle;
-    cuda::PlanParams plan{};
     if (cached) {
       handle = *cached;
     } else {
       handle = new_routing_handle(options, num_tokens, stream);
-      plan = cuda::PlanParams{in.topk_idx.data, in.topk_idx.dtype == DType::kInt64, num_tokens,
-                              num_topk, layout_.num_experts, num_ranks_,
-                              handle.send_slot.ptr<int32_t>(), handle.expert_slot.ptr<int32_t>(),
-                              handle.topk_idx.ptr<int32_t>(), rank_counts_, expert_counts_,
-                              plan_status_, plan_tile_counts_, plan_first_bad_};
+      cuda::PlanParams plan{in.topk_idx.data, in.topk_idx.dtype == DType::kInt64, num_tokens,
+                            num_topk, layout_.num_experts, num_ranks_,
+                            handle.send_slot.ptr<int32_t>(), handle.expert_slot.ptr<int32_t>(),
+                            handle.topk_idx.ptr<int32_t>(), rank_counts_, expert_counts_,
+                            plan_status_, plan_tile_counts_, plan_first_bad_};
       plan.publish_entry = true;  // the entry goes out while the plan runs
       plan.topo = topology();
-      // A small batch: every block of the send kernel plans it (bench/NOTES.md change 24).
-      plan_in_send = send_plans_ && cuda::block_plan_fits(num_tokens, num_topk, num_ranks_,
-                                                          layout_.num_experts);
-      if (!plan_in_send) cuda::launch_plan(plan, stream);
+      cuda::launch_plan(plan, stream);
     }
     cuda::SendParams send{};
     send.topo = topology();
@@ -221,7 +211,7 @@ class CudaEngine final : public Engine {
     // The rows this rank routes to itself stay in x: the receive reads them there (one copy of
     // them instead of two; bench/NOTES.md change 19). Its vector loads need x 16-byte aligned.
     send.stage_own_rows = !own_rows_in_place(in.x);
-    cuda::launch_send(send, plan_in_send ? &plan : nullptr, stream);
+    cuda::launch_send(send, stream);
     if (cached) return receive(handle, in, ReceiveMode::kCached, {}, stream);
     const cuda::ReceiveCountsParams counts = counts_params(handle, options, channels);
     if (!options.sync_counts) {
@@ -293,7 +283,7 @@ class CudaEngine final : public Engine {
     send.num_blocks = num_blocks_;
     const bool own_rows = own_rows_in_place(grad_y);  // as in dispatch
     send.stage_own_rows = !own_rows;
-    cuda::launch_send(send, nullptr, stream);
+    cuda::launch_send(send, stream);
     CombineBackwardResult result;
     result.grad_x = allocate(DType::kBFloat16, {handle.row_capacity, layout_.hidden}, stream);
     result.grad_weights = allocate(DType::kFloat32, {handle.row_capacity}, stream);
@@ -504,7 +494,6 @@ class CudaEngine final : public Engine {
   int32_t rank_;
   int32_t num_ranks_;
   int num_blocks_ = 24;
-  bool send_plans_ = true;  // small batches planned in the send kernel (EPX_SEND_PLANS)
   std::unique_ptr<PeerWorkspace> workspace_;
   char* const* peers_ = nullptr;
   uint64_t* epoch_ = nullptr;

@@ -5,15 +5,11 @@
 #define EPX_PHASE_CLOCK_STORAGE
 #include <cub/block/block_scan.cuh>
 
-#include <algorithm>
-#include <climits>
-#include <new>
-#include <type_traits>
+#include <cstdint>
 #include <vector>
 
-#include "cuda/block_plan.cuh"
-#include "cuda/chained_launch.hpp"
 #include "cuda/device_errors.cuh"
+#include "cuda/chained_launch.hpp"
 #include "cuda/device_primitives.cuh"
 #include "cuda/kernels.hpp"
 #include "cuda/operation_sync.cuh"
@@ -29,15 +25,23 @@ constexpr int kThreads = kBlockThreads;
 constexpr int kMaxHeaderRanks = 8;
 
 
-// The send's stores, between its entry barrier and its handoff. One warp per (token, row part):
-// the part goes to every destination in order (this rank's own staging only with
-// stage_own_rows); the warp of part 0 also writes the scales and (lanes k < K) the per-k
-// metadata. Block 0 writes the headers and expert counts of a routing dispatch.
-__device__ __forceinline__ void send_rows(const SendParams& p, bool routing_ok) {
+// One warp per (token, row part): the part goes to every destination in order (this rank's own
+// staging only with stage_own_rows); the warp of part 0 also writes the scales and (lanes
+// k < K) the per-k metadata. Block 0 writes the headers and expert counts of a routing dispatch.
+__global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
+  chain_start();
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
   const int local_experts = layout.local_experts();
   const int rank = p.topo.rank;
+  // The plan (an earlier kernel) is complete: its status is loaded while the entry waits.
+  const bool routing_ok = !p.plan_status || p.plan_status[0] == plan::kRoutingOk;
+  mark_phase(kMarkSendStart);
+  if (!operation_entry(p.topo, p.entry_phase, p.entry_published)) {
+    operation_handoff(p.topo, true);
+    return;
+  }
+  mark_phase(kMarkEntered);
   if (p.write_headers && blockIdx.x == 0) {
     for (int r = threadIdx.x; r < num_ranks; r += blockDim.x) {
       *layout.header(p.topo.peers[r], rank) =
@@ -84,65 +88,11 @@ __device__ __forceinline__ void send_rows(const SendParams& p, bool routing_ok) 
       }
     }
   }
-}
-
-// The plan (an earlier kernel, or this one's blocks) is complete: its status is loaded while the
-// entry waits.
-__device__ __forceinline__ bool routing_ok(const SendParams& p) {
-  return !p.plan_status || p.plan_status[0] == plan::kRoutingOk;
-}
-
-// Entry, the block's stores, handoff.
-__device__ __forceinline__ void send_phases(const SendParams& p) {
-  const bool ok = routing_ok(p);
-  if (operation_entry(p.topo, p.entry_phase, p.entry_published)) {
-    mark_phase(kMarkEntered);
-    send_rows(p, ok);
-    mark_phase(kMarkSent);
-  }
+  mark_phase(kMarkSent);
   // The handoff orders the block's stores into the peers before its count (a block barrier,
   // then one system fence); the last block then publishes the exit barrier with a release.
   operation_handoff(p.topo, true);
   mark_phase(kMarkHandedOff);
-}
-
-// With Index = int32_t or int64_t (the routing's index type) every block first plans the small
-// batch of `plan_params` itself (cuda/block_plan.cuh) and block 0 stores the plan into the
-// handle: the plan kernels and their kernel boundary go (bench/NOTES.md change 24). With void
-// the plan kernels ran before, or the send has no routing (cached dispatch, combine_backward).
-template <typename Index>
-__global__ void __launch_bounds__(kThreads)
-    send_kernel(const __grid_constant__ SendParams p,
-                const __grid_constant__ PlanParams plan_params) {
-  chain_start();
-  mark_phase(kMarkSendStart);
-  if constexpr (std::is_void_v<Index>) {
-    send_phases(p);
-  } else {
-    // This rank stopped reading its staging when the operation began: the entry goes out
-    // before the plan.
-    if (blockIdx.x == 0) publish_entry_early(p.topo);
-    extern __shared__ int32_t smem[];
-    const BlockPlan plan = carve_block_plan(smem, plan_params.num_tokens, plan_params.num_topk,
-                                            plan_params.num_ranks, plan_params.num_experts);
-    plan_in_block<Index>(plan_params, plan);
-    if (blockIdx.x == 0) store_block_plan(plan_params, plan);
-    // The send reads its slots, counts and status from the block's plan. (Raw bytes: a
-    // __shared__ SendParams would need its default initialisers run.)
-    __shared__ alignas(SendParams) unsigned char planned_bytes[sizeof(SendParams)];
-    if (threadIdx.x == 0) {
-      SendParams* planned = new (planned_bytes) SendParams(p);
-      planned->send_slot = plan.send_slot;
-      planned->expert_slot = plan.expert_slot;
-      planned->topk32 = plan.topk32;
-      planned->plan_status = plan.status;
-      planned->rank_counts = plan.rank_counts;
-      planned->expert_counts = plan.expert_counts;
-    }
-    __syncthreads();
-    mark_phase(kMarkPlanned);
-    send_phases(*reinterpret_cast<const SendParams*>(planned_bytes));
-  }
 }
 
 // Receive-side counts: headers -> checks -> offsets, computed by one block into its shared
@@ -160,7 +110,7 @@ struct BlockCounts {
   int64_t num_recv;
 };
 
-__device__ __forceinline__ bool block_receive_counts(const ReceiveCountsParams& p, int32_t* smem, bool to_handle,
+__device__ bool block_receive_counts(const ReceiveCountsParams& p, int32_t* smem, bool to_handle,
                                      BlockCounts& out) {
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
@@ -293,22 +243,24 @@ __global__ void __launch_bounds__(kThreads) receive_counts_kernel(ReceiveCountsP
   block_receive_counts(p, counts_smem, true, counts);
 }
 
-// A receive skipped after a failure: a routing dispatch's handle says it received nothing.
-__device__ __forceinline__ void receive_skipped(const ReceiveParams& p) {
-  if (p.compute_counts && blockIdx.x == 0 && threadIdx.x == 0) {
-    p.counts.device_counts[0] = 0;
-    p.counts.device_counts[1] = 0;
-  }
-}
-
-// The receive epilogue after the exit barrier (`counts_smem`: receive_counts_smem_bytes when
-// compute_counts). One warp per (received token n, row part): locate its (source, slot) and
-// copy the part of the staged row into its compact row or all of its expanded rows (read once,
-// stored to each); the warp of part 0 also fills the handle's per-token entries (routing
-// dispatch) and the scalar outputs. Then the expanded padding rows.
-__device__ __forceinline__ void receive_rows(const ReceiveParams& p, int32_t* counts_smem) {
+// One warp per (received token n, row part): locate its (source, slot) and copy the part of
+// the staged row into its compact row or all of its expanded rows (read once, stored to each);
+// the warp of part 0 also fills the handle's per-token entries (routing dispatch) and the
+// scalar outputs. Then the expanded padding rows.
+__global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
+  chain_start();
+  extern __shared__ int32_t counts_smem[];
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
+  mark_phase(kMarkReceiveStart);
+  if (p.wait_exit ? !operation_exit_wait(p.topo, p.exit_phase) : !no_failure(p.topo)) {
+    if (p.compute_counts && blockIdx.x == 0 && threadIdx.x == 0) {
+      p.counts.device_counts[0] = 0;
+      p.counts.device_counts[1] = 0;
+    }
+    return;
+  }
+  mark_phase(kMarkExited);
   BlockCounts counts{p.recv_offsets, p.expert_source_offsets, p.tokens_per_expert,
                      p.expert_offsets, 0};
   if (p.compute_counts) {
@@ -417,23 +369,8 @@ __device__ __forceinline__ void receive_rows(const ReceiveParams& p, int32_t* co
                               layout.local_experts(), p.x_out, p.row_bytes, p.scales_out,
                               p.scales_per_row, p.weights_out, p.aux_out, p.zero_padding});
   }
-}
-
-__global__ void __launch_bounds__(kThreads) receive_kernel(const __grid_constant__ ReceiveParams p) {
-  chain_start();
-  extern __shared__ int32_t counts_smem[];
-  mark_phase(kMarkReceiveStart);
-  if (p.wait_exit ? !operation_exit_wait(p.topo, p.exit_phase) : !no_failure(p.topo)) {
-    receive_skipped(p);
-    return;
-  }
-  mark_phase(kMarkExited);
-  receive_rows(p, counts_smem);
   mark_phase(kMarkReceived);
 }
-
-void (*const kSendKernels[])(SendParams, PlanParams) = {send_kernel<void>, send_kernel<int32_t>,
-                                                          send_kernel<int64_t>};
 
 }  // namespace
 
@@ -444,9 +381,9 @@ size_t receive_counts_smem_bytes(const plan::WorkspaceLayout& layout) {
 }
 
 const char* phase_mark_name(int mark) {
-  static const char* const names[kMarkCount] = {
-      "send start", "plan loaded", "plan slotted", "plan scanned", "planned", "entered", "sent", "handed off",
-      "receive start", "exited", "counted", "received"};
+  static const char* const names[kMarkCount] = {"send start", "entered",       "sent",
+                                                "handed off", "receive start", "exited",
+                                                "counted",    "received"};
   return mark >= 0 && mark < kMarkCount ? names[mark] : "unknown";
 }
 
@@ -468,22 +405,13 @@ bool read_phase_clock(std::vector<uint64_t>&) { return false; }
 #endif
 
 void load_dispatch_kernels() {
-  load_functions({reinterpret_cast<const void*>(kSendKernels[0]),
+  load_functions({reinterpret_cast<const void*>(send_kernel),
                   reinterpret_cast<const void*>(receive_counts_kernel),
                   reinterpret_cast<const void*>(receive_kernel)});
-  for (const auto kernel : {kSendKernels[1], kSendKernels[2]}) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(kBlockPlanMaxSmemBytes));
-  }
 }
 
-void launch_send(const SendParams& params, const PlanParams* plan, cudaStream_t stream) {
-  const int variant = !plan ? 0 : plan->topk_int64 ? 2 : 1;
-  const size_t smem = plan ? block_plan_smem_bytes(plan->num_tokens, plan->num_topk,
-                                                   plan->num_ranks, plan->num_experts)
-                           : 0;
-  launch_chained(kSendKernels[variant], params.num_blocks, kThreads, smem, stream,
-                 params.topo.chained, params, plan ? *plan : PlanParams{});
+void launch_send(const SendParams& params, cudaStream_t stream) {
+  launch_chained(send_kernel, params.num_blocks, kThreads, 0, stream, params.topo.chained, params);
 }
 
 void launch_receive_counts(const ReceiveCountsParams& params, cudaStream_t stream) {

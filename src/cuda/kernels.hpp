@@ -95,17 +95,6 @@ __host__ __device__ inline int plan_tile_tokens(int32_t num_topk) {
 }
 int plan_tiles(int64_t num_tokens, int32_t num_topk);
 
-// A batch of at most 512 tokens (one per thread of a block) for at most 32 ranks, whose plan
-// fits kBlockPlanMaxSmemBytes of shared memory, is planned by every block of the send kernel
-// itself (cuda/block_plan.cuh; launch_send with a plan). launch_block_plan runs that plan alone
-// in one block and stores it into p's arrays (for the tests).
-constexpr size_t kBlockPlanMaxSmemBytes = 96 * 1024;
-bool block_plan_fits(int64_t num_tokens, int32_t num_topk, int32_t num_ranks,
-                     int32_t num_experts);
-size_t block_plan_smem_bytes(int64_t num_tokens, int32_t num_topk, int32_t num_ranks,
-                             int32_t num_experts);
-void launch_block_plan(const PlanParams& params, cudaStream_t stream);
-
 // Source side of dispatch, cached dispatch and combine_backward: rows (+ scales, + metadata)
 // into every destination's staging, and (routing dispatch) the headers and expert counts.
 struct SendParams {
@@ -133,10 +122,7 @@ struct SendParams {
   // scales and metadata are); the receive reads them from `x` (ReceiveParams::own_x).
   bool stage_own_rows = true;
 };
-// With `plan` (a routing dispatch of a batch that block_plan_fits; the plan kernels are not
-// launched) every block first plans the batch itself and block 0 stores the plan into plan's
-// arrays; params.entry_published must then be set (block 0 publishes the entry first).
-void launch_send(const SendParams& params, const PlanParams* plan, cudaStream_t stream);
+void launch_send(const SendParams& params, cudaStream_t stream);
 
 // Receive-side counts of a routing dispatch: reads headers, checks them, computes offsets.
 // launch_receive_counts waits for the exit barrier and writes them for the host (sync_counts);

@@ -12,10 +12,6 @@ namespace epx::cuda {
 
 enum PhaseMark : int {
   kMarkSendStart,     // send kernel past its wait for the kernel before it
-  kMarkPlanLoaded,    // send kernel's block plan: routing loaded into shared memory
-  kMarkPlanSlotted,   // block plan: slots within each warp
-  kMarkPlanScanned,   // block plan: bases over the warps
-  kMarkPlanned,       // block plan done (stored by block 0)
   kMarkEntered,       // entry barrier passed
   kMarkSent,          // the block's stores into the peers done
   kMarkHandedOff,     // past the handoff (the last block: exit published)

@@ -20,7 +20,6 @@
 
 #include <algorithm>
 
-#include "cuda/block_plan.cuh"
 #include "cuda/chained_launch.hpp"
 #include "cuda/kernels.hpp"
 #include "cuda/operation_sync.cuh"
@@ -37,6 +36,12 @@ constexpr int kRankField = 9;                     // bits of one packed per-rank
 constexpr int kRanksPerScan = 64 / kRankField;    // 7 counters in a 64-bit scan
 static_assert(kTileEntries == 2048 && kTileEntries <= (1 << kEntryBits));
 
+template <typename Index>
+__device__ __forceinline__ int32_t load_index(const void* topk, int64_t i) {
+  const int64_t value = static_cast<const Index*>(topk)[i];
+  return value < -1 ? -2 : value > INT32_MAX ? INT32_MAX : static_cast<int32_t>(value);
+}
+
 struct Maximum {
   __device__ __forceinline__ int operator()(int a, int b) const { return a > b ? a : b; }
 };
@@ -46,6 +51,8 @@ struct DifferentExpert {
     return (a >> kEntryBits) != (b >> kEntryBits);
   }
 };
+
+__device__ void write_status(const PlanParams& p, unsigned long long bad);
 
 // The last tile's block: totals (base + the last tile's counts) and the routing status, then
 // the scratch reset for the next plan (graph replays included).
@@ -62,8 +69,22 @@ __device__ void write_totals_and_status(const PlanParams& p, const int32_t* base
     }
   }
   if (threadIdx.x == 0) {
-    routing_status(p, atomicOr(p.first_bad, 0ull), p.plan_status);  // the atomics' value, not L1's
+    write_status(p, atomicOr(p.first_bad, 0ull));  // the atomics' value, not L1's
     *p.first_bad = ~0ull;  // ready for the next plan (graph replays included)
+  }
+}
+
+// The routing status from the first invalid entry (~0: none). One thread.
+__device__ void write_status(const PlanParams& p, unsigned long long bad) {
+  p.plan_status[0] = bad == ~0ull ? plan::kRoutingOk : plan::kRoutingBadExpert;
+  if (bad != ~0ull) {
+    const int64_t value = p.topk_int64 ? static_cast<const int64_t*>(p.topk_idx)[bad]
+                                       : static_cast<const int32_t*>(p.topk_idx)[bad];
+    p.plan_status[1] = value < INT32_MIN   ? INT32_MIN
+                       : value > INT32_MAX ? INT32_MAX
+                                           : static_cast<int32_t>(value);
+  } else {
+    p.plan_status[1] = 0;
   }
 }
 
@@ -230,7 +251,7 @@ __global__ void __launch_bounds__(kScanTokens) plan_scan_kernel(PlanParams p) {
     } else {
       p.expert_counts[target] = total;
     }
-    if (blockIdx.x == 0) routing_status(p, first_bad, p.plan_status);  // block 0 saw every entry
+    if (blockIdx.x == 0) write_status(p, first_bad);  // block 0 saw every entry
   }
 }
 
@@ -289,17 +310,6 @@ __global__ void __launch_bounds__(kThreads) plan_finish_kernel(PlanParams p) {
   write_totals_and_status(p, base, p.tile_counts + int64_t(blockIdx.x) * targets);
 }
 
-// One block plans the whole routing in shared memory (cuda/block_plan.cuh) and stores it: the
-// send kernel's plan on its own, for the tests that compare it with plan_source.
-template <typename Index>
-__global__ void __launch_bounds__(kBlockThreads) block_plan_kernel(PlanParams p) {
-  extern __shared__ int32_t smem[];
-  const BlockPlan plan = carve_block_plan(smem, p.num_tokens, p.num_topk, p.num_ranks,
-                                          p.num_experts);
-  plan_in_block<Index>(p, plan);
-  store_block_plan(p, plan);
-}
-
 template <typename Index>
 void launch(const PlanParams& p, cudaStream_t stream) {
   if (p.num_tokens <= kScanTokens) {
@@ -321,28 +331,6 @@ void launch(const PlanParams& p, cudaStream_t stream) {
 int plan_tiles(int64_t num_tokens, int32_t num_topk) {
   const int64_t tile = plan_tile_tokens(num_topk);
   return static_cast<int>(std::max<int64_t>(1, (num_tokens + tile - 1) / tile));
-}
-
-bool block_plan_fits(int64_t num_tokens, int32_t num_topk, int32_t num_ranks,
-                     int32_t num_experts) {
-  return num_tokens <= kBlockThreads && num_ranks <= 32 &&
-         block_plan_smem_bytes(num_tokens, num_topk, num_ranks, num_experts) <=
-             kBlockPlanMaxSmemBytes;
-}
-
-size_t block_plan_smem_bytes(int64_t num_tokens, int32_t num_topk, int32_t num_ranks,
-                             int32_t num_experts) {
-  return static_cast<size_t>(block_plan_ints(num_tokens, num_topk, num_ranks, num_experts)) *
-         sizeof(int32_t);
-}
-
-void launch_block_plan(const PlanParams& params, cudaStream_t stream) {
-  const size_t smem = block_plan_smem_bytes(params.num_tokens, params.num_topk,
-                                            params.num_ranks, params.num_experts);
-  const auto kernel = params.topk_int64 ? block_plan_kernel<int64_t> : block_plan_kernel<int32_t>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                       static_cast<int>(kBlockPlanMaxSmemBytes));
-  kernel<<<1, kBlockThreads, smem, stream>>>(params);
 }
 
 void load_plan_kernels() {
