@@ -15,6 +15,8 @@
 #           bench/micro/copy_paths.cu: register against bulk copies of 14 KB rows
 #   profile tools/profile-kernels.sh: ncu warp states and per-line stalls at 128 tokens
 #   ncu     per-kernel durations of bench_gpu at 128 tokens (ncu, clocks left alone)
+#   phase   bench_gpu built with -DEPX_PHASE_CLOCK=ON (build-clk): the phase timeline of one
+#           dispatch at 128, 512 and 4096 tokens (src/cuda/phase_clock.hpp)
 # Logs go to $OUT (the device tool brings them back) and a summary is printed last.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -98,6 +100,15 @@ for step in $steps; do
       summary+=("micro sync_costs: exit ${PIPESTATUS[0]}")
       timeout 120 "$EPX_BUILD_DIR/tests/copy_paths" 2>&1 | tee "$out/copy-paths.log"
       summary+=("micro copy_paths: exit ${PIPESTATUS[0]}")
+      ;;
+    phase)
+      cmake -S "$root" -B "$root/build-clk" -G Ninja -DCMAKE_BUILD_TYPE=Release -DEPX_PHASE_CLOCK=ON \
+        ${nccl_root:+-DEPX_NCCL_ROOT="$nccl_root"} > "$out/phase-build.log" 2>&1 &&
+        cmake --build "$root/build-clk" -j "$(nproc)" --target bench_gpu >> "$out/phase-build.log" 2>&1
+      for t in 128 512 4096; do
+        timeout 100 "$root/build-clk/tests/bench_gpu" --tokens $t 2>&1
+      done | tee "$out/phase-clock.txt" | grep -E "phase clock|blocks|sync_counts=false"
+      summary+=("phase: exit ${PIPESTATUS[0]}")
       ;;
     ncu)
       timeout 300 ncu --clock-control none --target-processes all \
