@@ -11,8 +11,9 @@
 #           neighbouring allocation is invisible to plain memcheck) on the EPX_STRESS_SEEDS
 #           replays, each "base_seed:configs", and on 4 fresh configurations of every R
 #   pyprof  bench/python_overhead.py: host time of one eager call and of its pieces
-#   micro   bench/micro/sync_costs.cu: the synchronisation pieces' costs on their own, and
-#           bench/micro/copy_paths.cu: register against bulk copies of 14 KB rows
+#   micro   bench/micro/sync_costs.cu: the synchronisation pieces' costs on their own,
+#           bench/micro/copy_paths.cu: register against bulk copies of 14 KB rows, and
+#           bench/micro/row_sums.cu: the expert-side sum by register loads and cp.async stages
 #   profile tools/profile-kernels.sh: ncu warp states and per-line stalls at 128 tokens
 #   ncu     per-kernel durations of bench_gpu at 128 tokens (ncu, clocks left alone)
 #   phase   bench_gpu built with -DEPX_PHASE_CLOCK=ON (build-clk): the phase timeline of one
@@ -100,6 +101,8 @@ for step in $steps; do
       summary+=("micro sync_costs: exit ${PIPESTATUS[0]}")
       timeout 120 "$EPX_BUILD_DIR/tests/copy_paths" 2>&1 | tee "$out/copy-paths.log"
       summary+=("micro copy_paths: exit ${PIPESTATUS[0]}")
+      timeout 120 "$EPX_BUILD_DIR/tests/row_sums" 2>&1 | tee "$out/row-sums.log"
+      summary+=("micro row_sums: exit ${PIPESTATUS[0]}")
       ;;
     phase)
       cmake -S "$root" -B "$root/build-clk" -G Ninja -DCMAKE_BUILD_TYPE=Release -DEPX_PHASE_CLOCK=ON \

@@ -27,3 +27,7 @@ target_compile_options(sync_costs PRIVATE -gencode=arch=compute_90a,code=sm_90a)
 # Register copies against bulk (cp.async.bulk) copies of 14 KB rows (bench/micro/copy_paths.cu).
 add_executable(copy_paths ${PROJECT_SOURCE_DIR}/bench/micro/copy_paths.cu)
 target_compile_options(copy_paths PRIVATE -gencode=arch=compute_90a,code=sm_90a)
+# The expert-side sum of 8 rows per token by register loads and by cp.async stages
+# (bench/micro/row_sums.cu).
+add_executable(row_sums ${PROJECT_SOURCE_DIR}/bench/micro/row_sums.cu)
+target_compile_options(row_sums PRIVATE -gencode=arch=compute_90a,code=sm_90a)
