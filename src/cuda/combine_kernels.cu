@@ -90,11 +90,13 @@ __device__ __forceinline__ Chunk<Vec> PackedChunk<Vec>::unpack() const {
 
 // Row sums, the inner loop of both reductions. A lane covers kReduceSpan positions of the row
 // (h0 + u * kWarpSize * Vec, u < kReduceSpan, those < end) and loads kReduceTerms terms at all
-// of them before summing: up to 8 loads in flight per lane instead of one, which is what
-// bounds these loops (memory latency, not bandwidth). Every element still sums its terms in
-// term order, then the caller adds biases: the numerics of plan/numerics.hpp are unchanged.
-constexpr int kReduceSpan = 4;
-constexpr int kReduceTerms = 2;
+// of them before summing: with top-8 every term of a position is in flight at once (16 loads
+// per lane), one memory round trip per position instead of four. bench/micro/row_sums.cu
+// measured the expert-side sum at 4096 tokens 471 us with 2 terms x 4 positions and 253 us
+// with 8 x 2 (bench/NOTES.md change 25). Every element still sums its terms in term order,
+// then the caller adds biases: the numerics of plan/numerics.hpp are unchanged.
+constexpr int kReduceSpan = 2;
+constexpr int kReduceTerms = 8;
 
 template <int Vec>
 struct RowSpan {
@@ -106,35 +108,36 @@ struct RowSpan {
   __device__ __forceinline__ int64_t at(int u) const { return h0 + int64_t(u) * kWarpSize * Vec; }
 };
 
-// term(i, w, weighted) returns term i's row, or null when the term is absent; it sets
-// `weighted` (and `w`) when the term is fma'd with a weight rather than added.
-template <int Vec, typename Term>
-__device__ __forceinline__ void sum_terms(RowSpan<Vec>& acc, int num_terms, Term term) {
+// row(i) returns term i's row, or null when the term is absent; with `weighted` every term is
+// fma'd with weight(i), otherwise added. The weights are read once the rows' loads are issued,
+// so they hold no registers while the loads are in flight (with them the expert-side sum
+// spilled).
+template <int Vec, typename Row, typename Weight>
+__device__ __forceinline__ void sum_terms(RowSpan<Vec>& acc, int num_terms, bool weighted,
+                                          Row row, Weight weight) {
 #pragma unroll
   for (int u = 0; u < kReduceSpan; ++u) acc.v[u].zero();
   for (int i0 = 0; i0 < num_terms; i0 += kReduceTerms) {
     PackedChunk<Vec> x[kReduceTerms][kReduceSpan];
-    const uint16_t* rows[kReduceTerms];
-    float weight[kReduceTerms];
-    bool weighted[kReduceTerms];
+    bool present[kReduceTerms];
 #pragma unroll
     for (int j = 0; j < kReduceTerms; ++j) {
-      weight[j] = 0.0f;
-      weighted[j] = false;
-      rows[j] = i0 + j < num_terms ? term(i0 + j, weight[j], weighted[j]) : nullptr;
+      const uint16_t* r = i0 + j < num_terms ? row(i0 + j) : nullptr;
+      present[j] = r != nullptr;
 #pragma unroll
       for (int u = 0; u < kReduceSpan; ++u) {
-        if (rows[j] && acc.has(u)) x[j][u].load(rows[j] + acc.at(u));
+        if (r && acc.has(u)) x[j][u].load(r + acc.at(u));
       }
     }
 #pragma unroll
     for (int j = 0; j < kReduceTerms; ++j) {
-      if (!rows[j]) continue;
+      if (!present[j]) continue;
+      const float w = weighted ? weight(i0 + j) : 0.0f;
 #pragma unroll
       for (int u = 0; u < kReduceSpan; ++u) {
         if (!acc.has(u)) continue;
-        if (weighted[j]) {
-          acc.v[u].fma(weight[j], x[j][u].unpack());
+        if (weighted) {
+          acc.v[u].fma(w, x[j][u].unpack());
         } else {
           acc.v[u].add(x[j][u].unpack());
         }
@@ -178,13 +181,12 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
            h0 += kReduceSpan * kWarpSize * Vec) {
         RowSpan<Vec> acc{{}, h0, end};
         // The token's expanded rows in k order, weighted when weights are given.
-        sum_terms(acc, num_topk, [&](int k, float& w, bool& weighted) -> const uint16_t* {
-          const int32_t row = rows[k];
-          if (row < 0) return nullptr;
-          weighted = p.weights != nullptr;
-          if (weighted) w = p.weights[row];
-          return p.x + int64_t(row) * hidden;
-        });
+        sum_terms(
+            acc, num_topk, p.weights != nullptr,
+            [&](int k) -> const uint16_t* {
+              return rows[k] < 0 ? nullptr : p.x + int64_t(rows[k]) * hidden;
+            },
+            [&](int k) { return p.weights[rows[k]]; });
 #pragma unroll
         for (int u = 0; u < kReduceSpan; ++u) {
           if (acc.has(u)) acc.v[u].store(out + acc.at(u));
@@ -242,12 +244,11 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
     for (int64_t h0 = part * parts.bytes / 2 + int64_t(lane) * Vec; h0 < end;
          h0 += kReduceSpan * kWarpSize * Vec) {
       RowSpan<Vec> acc{{}, h0, end};
-      sum_terms(acc, terms, [&](int i, float& w, bool& weighted) -> const uint16_t* {
+      const bool weighted = p.at_source && p.weighted;
+      auto row = [&](int i) -> const uint16_t* {
         const bool present = p.at_source ? p.topk32[t * num_topk + i] >= 0
                                          : p.send_slot[t * num_ranks + i] >= 0;
         if (!present) return nullptr;
-        weighted = p.at_source && p.weighted;
-        if (weighted) w = layout.row_weights(local)[t * num_topk + i];
         if (p.own_x) {  // this rank's own expert outputs are read where they are
           const int32_t own_slot = p.send_slot[t * num_ranks + rank];
           if (!p.at_source && i == rank) return p.own_x + (own_first + own_slot) * hidden;
@@ -259,7 +260,9 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
         const int64_t staged = p.at_source ? layout.source_combine_row_index(t, i)
                                            : layout.expert_combine_row_index(i, t);
         return reinterpret_cast<const uint16_t*>(layout.row(local, staged));
-      });
+      };
+      sum_terms(acc, terms, weighted, row,
+                [&](int i) { return layout.row_weights(local)[t * num_topk + i]; });
 #pragma unroll
       for (int u = 0; u < kReduceSpan; ++u) {
         if (!acc.has(u)) continue;
