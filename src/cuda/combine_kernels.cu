@@ -90,13 +90,11 @@ __device__ __forceinline__ Chunk<Vec> PackedChunk<Vec>::unpack() const {
 
 // Row sums, the inner loop of both reductions. A lane covers kReduceSpan positions of the row
 // (h0 + u * kWarpSize * Vec, u < kReduceSpan, those < end) and loads kReduceTerms terms at all
-// of them before summing: with top-8 every term of a position is in flight at once (16 loads
-// per lane), one memory round trip per position instead of four. bench/micro/row_sums.cu
-// measured the expert-side sum at 4096 tokens 471 us with 2 terms x 4 positions and 253 us
-// with 8 x 2 (bench/NOTES.md change 25). Every element still sums its terms in term order,
-// then the caller adds biases: the numerics of plan/numerics.hpp are unchanged.
-constexpr int kReduceSpan = 2;
-constexpr int kReduceTerms = 8;
+// of them before summing: up to 8 loads in flight per lane instead of one, which is what
+// bounds these loops (memory latency, not bandwidth). Every element still sums its terms in
+// term order, then the caller adds biases: the numerics of plan/numerics.hpp are unchanged.
+constexpr int kReduceSpan = 4;
+constexpr int kReduceTerms = 2;
 
 template <int Vec>
 struct RowSpan {
@@ -108,41 +106,89 @@ struct RowSpan {
   __device__ __forceinline__ int64_t at(int u) const { return h0 + int64_t(u) * kWarpSize * Vec; }
 };
 
-// row(i) returns term i's row, or null when the term is absent; with `weighted` every term is
-// fma'd with weight(i), otherwise added. The weights are read once the rows' loads are issued,
-// so they hold no registers while the loads are in flight (with them the expert-side sum
-// spilled).
-template <int Vec, typename Row, typename Weight>
-__device__ __forceinline__ void sum_terms(RowSpan<Vec>& acc, int num_terms, bool weighted,
-                                          Row row, Weight weight) {
+// term(i, w, weighted) returns term i's row, or null when the term is absent; it sets
+// `weighted` (and `w`) when the term is fma'd with a weight rather than added.
+template <int Vec, typename Term>
+__device__ __forceinline__ void sum_terms(RowSpan<Vec>& acc, int num_terms, Term term) {
 #pragma unroll
   for (int u = 0; u < kReduceSpan; ++u) acc.v[u].zero();
   for (int i0 = 0; i0 < num_terms; i0 += kReduceTerms) {
     PackedChunk<Vec> x[kReduceTerms][kReduceSpan];
-    bool present[kReduceTerms];
+    const uint16_t* rows[kReduceTerms];
+    float weight[kReduceTerms];
+    bool weighted[kReduceTerms];
 #pragma unroll
     for (int j = 0; j < kReduceTerms; ++j) {
-      const uint16_t* r = i0 + j < num_terms ? row(i0 + j) : nullptr;
-      present[j] = r != nullptr;
+      weight[j] = 0.0f;
+      weighted[j] = false;
+      rows[j] = i0 + j < num_terms ? term(i0 + j, weight[j], weighted[j]) : nullptr;
 #pragma unroll
       for (int u = 0; u < kReduceSpan; ++u) {
-        if (r && acc.has(u)) x[j][u].load(r + acc.at(u));
+        if (rows[j] && acc.has(u)) x[j][u].load(rows[j] + acc.at(u));
       }
     }
 #pragma unroll
     for (int j = 0; j < kReduceTerms; ++j) {
-      if (!present[j]) continue;
-      const float w = weighted ? weight(i0 + j) : 0.0f;
+      if (!rows[j]) continue;
 #pragma unroll
       for (int u = 0; u < kReduceSpan; ++u) {
         if (!acc.has(u)) continue;
-        if (weighted) {
-          acc.v[u].fma(w, x[j][u].unpack());
+        if (weighted[j]) {
+          acc.v[u].fma(weight[j], x[j][u].unpack());
         } else {
           acc.v[u].add(x[j][u].unpack());
         }
       }
     }
+  }
+}
+
+// The terms of one row sum, resolved once per (row, part) instead of at every position: lane i
+// resolves term i (its row and weight, behind one to three dependent index loads) into the
+// warp's slot of shared memory, and the position loop reads them there (bench/NOTES.md change
+// 25). Up to kCachedTerms terms; with more, every position resolves them again.
+constexpr int kCachedTerms = 8;
+struct CachedTerms {
+  const uint16_t* row[kCachedTerms];
+  float weight[kCachedTerms];
+  bool weighted[kCachedTerms];
+};
+
+// Fills `cache` from term(i, w, weighted) (the warp, all lanes); false when there are too many.
+template <typename Term>
+__device__ __forceinline__ bool cache_terms(CachedTerms& cache, int num_terms, int lane,
+                                            Term term) {
+  if (num_terms > kCachedTerms) return false;
+  __syncwarp();  // the previous row's reads of the cache are done
+  if (lane < num_terms) {
+    float w = 0.0f;
+    bool weighted = false;
+    cache.row[lane] = term(lane, w, weighted);
+    cache.weight[lane] = w;
+    cache.weighted[lane] = weighted;
+  }
+  __syncwarp();
+  return true;
+}
+
+// The warp's cache in shared memory (one per warp of the block).
+__device__ __forceinline__ CachedTerms& warp_term_cache() {
+  __shared__ CachedTerms caches[kThreads / kWarpSize];
+  return caches[warp_in_block()];
+}
+
+// sum_terms over the cached terms when `cached`, else over term() itself.
+template <int Vec, typename Term>
+__device__ __forceinline__ void sum_row_terms(RowSpan<Vec>& acc, int num_terms, bool cached,
+                                              const CachedTerms& cache, Term term) {
+  if (cached) {
+    sum_terms(acc, num_terms, [&](int i, float& w, bool& weighted) -> const uint16_t* {
+      w = cache.weight[i];
+      weighted = cache.weighted[i];
+      return cache.row[i];
+    });
+  } else {
+    sum_terms(acc, num_terms, term);
   }
 }
 
@@ -177,16 +223,20 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
       auto* out = reinterpret_cast<uint16_t*>(
           layout.row(dst, layout.expert_combine_row_index(rank, token)));
       const int64_t end = min(hidden, (part + 1) * parts.bytes / 2);
+      // The token's expanded rows in k order, weighted when weights are given.
+      auto term = [&](int k, float& w, bool& weighted) -> const uint16_t* {
+        const int32_t row = rows[k];
+        if (row < 0) return nullptr;
+        weighted = p.weights != nullptr;
+        if (weighted) w = p.weights[row];
+        return p.x + int64_t(row) * hidden;
+      };
+      CachedTerms& cache = warp_term_cache();
+      const bool cached = cache_terms(cache, num_topk, lane, term);
       for (int64_t h0 = part * parts.bytes / 2 + int64_t(lane) * Vec; h0 < end;
            h0 += kReduceSpan * kWarpSize * Vec) {
         RowSpan<Vec> acc{{}, h0, end};
-        // The token's expanded rows in k order, weighted when weights are given.
-        sum_terms(
-            acc, num_topk, p.weights != nullptr,
-            [&](int k) -> const uint16_t* {
-              return rows[k] < 0 ? nullptr : p.x + int64_t(rows[k]) * hidden;
-            },
-            [&](int k) { return p.weights[rows[k]]; });
+        sum_row_terms(acc, num_topk, cached, cache, term);
 #pragma unroll
         for (int u = 0; u < kReduceSpan; ++u) {
           if (acc.has(u)) acc.v[u].store(out + acc.at(u));
@@ -241,28 +291,30 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
   for (int64_t item = global_warp(); item < p.num_tokens * parts.count; item += total_warps()) {
     const int64_t t = item / parts.count, part = item % parts.count;
     const int64_t end = min(hidden, (part + 1) * parts.bytes / 2);
+    auto term = [&](int i, float& w, bool& weighted) -> const uint16_t* {
+      const bool present = p.at_source ? p.topk32[t * num_topk + i] >= 0
+                                       : p.send_slot[t * num_ranks + i] >= 0;
+      if (!present) return nullptr;
+      weighted = p.at_source && p.weighted;
+      if (weighted) w = layout.row_weights(local)[t * num_topk + i];
+      if (p.own_x) {  // this rank's own expert outputs are read where they are
+        const int32_t own_slot = p.send_slot[t * num_ranks + rank];
+        if (!p.at_source && i == rank) return p.own_x + (own_first + own_slot) * hidden;
+        if (p.at_source && own_slot >= 0) {
+          const int32_t row = p.expanded_rows[(own_first + own_slot) * num_topk + i];
+          if (row >= 0) return p.own_x + int64_t(row) * hidden;
+        }
+      }
+      const int64_t staged = p.at_source ? layout.source_combine_row_index(t, i)
+                                         : layout.expert_combine_row_index(i, t);
+      return reinterpret_cast<const uint16_t*>(layout.row(local, staged));
+    };
+    CachedTerms& cache = warp_term_cache();
+    const bool cached = cache_terms(cache, terms, lane, term);
     for (int64_t h0 = part * parts.bytes / 2 + int64_t(lane) * Vec; h0 < end;
          h0 += kReduceSpan * kWarpSize * Vec) {
       RowSpan<Vec> acc{{}, h0, end};
-      const bool weighted = p.at_source && p.weighted;
-      auto row = [&](int i) -> const uint16_t* {
-        const bool present = p.at_source ? p.topk32[t * num_topk + i] >= 0
-                                         : p.send_slot[t * num_ranks + i] >= 0;
-        if (!present) return nullptr;
-        if (p.own_x) {  // this rank's own expert outputs are read where they are
-          const int32_t own_slot = p.send_slot[t * num_ranks + rank];
-          if (!p.at_source && i == rank) return p.own_x + (own_first + own_slot) * hidden;
-          if (p.at_source && own_slot >= 0) {
-            const int32_t row = p.expanded_rows[(own_first + own_slot) * num_topk + i];
-            if (row >= 0) return p.own_x + int64_t(row) * hidden;
-          }
-        }
-        const int64_t staged = p.at_source ? layout.source_combine_row_index(t, i)
-                                           : layout.expert_combine_row_index(i, t);
-        return reinterpret_cast<const uint16_t*>(layout.row(local, staged));
-      };
-      sum_terms(acc, terms, weighted, row,
-                [&](int i) { return layout.row_weights(local)[t * num_topk + i]; });
+      sum_row_terms(acc, terms, cached, cache, term);
 #pragma unroll
       for (int u = 0; u < kReduceSpan; ++u) {
         if (!acc.has(u)) continue;
