@@ -322,6 +322,14 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
       }
       continue;
     }
+    // The K output rows resolved once, lane k holding row k (each is one to three dependent
+    // loads); the loops below take them by shuffle (bench/NOTES.md change 26). K > 32: per k.
+    const bool rows_in_lanes = num_topk <= kWarpSize;
+    const int32_t lane_row =
+        rows_in_lanes && lane < num_topk ? static_cast<int32_t>(expanded_row(lane)) : -1;
+    auto out_row_of = [&](int k) -> int64_t {
+      return rows_in_lanes ? __shfl_sync(0xffffffffu, lane_row, k) : expanded_row(k);
+    };
     if (p.row_bytes % 16 == 0) {
       // The part of the staged row is read once (four 16-byte vectors in flight per lane) and
       // stored into each of its expanded rows.
@@ -334,7 +342,7 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
           if (i0 + j * kWarpSize < end) v[j] = src[i0 + j * kWarpSize];
         }
         for (int k = 0; k < num_topk; ++k) {
-          const int64_t out_row = expanded_row(k);
+          const int64_t out_row = out_row_of(k);
           if (out_row < 0) continue;
           int4* dst = reinterpret_cast<int4*>(p.x_out + out_row * p.row_bytes);
 #pragma unroll
@@ -345,7 +353,7 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
       }
     } else {
       for (int k = 0; k < num_topk; ++k) {
-        const int64_t out_row = expanded_row(k);
+        const int64_t out_row = out_row_of(k);
         if (out_row >= 0) {
           warp_copy_part(p.x_out + out_row * p.row_bytes, row, p.row_bytes, parts, part, lane);
         }
@@ -353,7 +361,7 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
     }
     if (!first_part) continue;
     for (int k = 0; k < num_topk; ++k) {
-      const int64_t out_row = expanded_row(k);
+      const int64_t out_row = out_row_of(k);
       if (out_row < 0) continue;
       for (int64_t i = lane; scales && i < p.scales_per_row; i += kWarpSize) {
         p.scales_out[out_row * p.scales_per_row + i] = scales[i];
