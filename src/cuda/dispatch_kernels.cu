@@ -335,7 +335,9 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
       // stored into each of its expanded rows.
       const int4* src = reinterpret_cast<const int4*>(row);
       const int64_t end = min(p.row_bytes, (part + 1) * parts.bytes) / 16;
-      for (int64_t i0 = part * parts.bytes / 16 + lane; i0 < end; i0 += 4 * kWarpSize) {
+      // Warp-uniform trip count (the shuffles in out_row_of need every lane).
+      for (int64_t base = part * parts.bytes / 16; base < end; base += 4 * kWarpSize) {
+        const int64_t i0 = base + lane;
         int4 v[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
