@@ -322,29 +322,19 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
       }
       continue;
     }
-    // The K output rows resolved once, lane k holding row k (each is one to three dependent
-    // loads); the loops below take them by shuffle (bench/NOTES.md change 26). K > 32: per k.
-    const bool rows_in_lanes = num_topk <= kWarpSize;
-    const int32_t lane_row =
-        rows_in_lanes && lane < num_topk ? static_cast<int32_t>(expanded_row(lane)) : -1;
-    auto out_row_of = [&](int k) -> int64_t {
-      return rows_in_lanes ? __shfl_sync(0xffffffffu, lane_row, k) : expanded_row(k);
-    };
     if (p.row_bytes % 16 == 0) {
       // The part of the staged row is read once (four 16-byte vectors in flight per lane) and
       // stored into each of its expanded rows.
       const int4* src = reinterpret_cast<const int4*>(row);
       const int64_t end = min(p.row_bytes, (part + 1) * parts.bytes) / 16;
-      // Warp-uniform trip count (the shuffles in out_row_of need every lane).
-      for (int64_t base = part * parts.bytes / 16; base < end; base += 4 * kWarpSize) {
-        const int64_t i0 = base + lane;
+      for (int64_t i0 = part * parts.bytes / 16 + lane; i0 < end; i0 += 4 * kWarpSize) {
         int4 v[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           if (i0 + j * kWarpSize < end) v[j] = src[i0 + j * kWarpSize];
         }
         for (int k = 0; k < num_topk; ++k) {
-          const int64_t out_row = out_row_of(k);
+          const int64_t out_row = expanded_row(k);
           if (out_row < 0) continue;
           int4* dst = reinterpret_cast<int4*>(p.x_out + out_row * p.row_bytes);
 #pragma unroll
@@ -355,7 +345,7 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
       }
     } else {
       for (int k = 0; k < num_topk; ++k) {
-        const int64_t out_row = out_row_of(k);
+        const int64_t out_row = expanded_row(k);
         if (out_row >= 0) {
           warp_copy_part(p.x_out + out_row * p.row_bytes, row, p.row_bytes, parts, part, lane);
         }
@@ -363,7 +353,7 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
     }
     if (!first_part) continue;
     for (int k = 0; k < num_topk; ++k) {
-      const int64_t out_row = out_row_of(k);
+      const int64_t out_row = expanded_row(k);
       if (out_row < 0) continue;
       for (int64_t i = lane; scales && i < p.scales_per_row; i += kWarpSize) {
         p.scales_out[out_row * p.scales_per_row + i] = scales[i];
