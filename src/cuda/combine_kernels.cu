@@ -88,48 +88,17 @@ __device__ __forceinline__ Chunk<Vec> PackedChunk<Vec>::unpack() const {
   return out;
 }
 
-// Row sums, the inner loop of both reductions: for each element, its terms in term order
-// (fma with the term's weight, or a plain add), then the caller adds biases; the numerics of
-// plan/numerics.hpp.
-//
-// The terms of a row are resolved once per (row, part), not at every position: lane i resolves
-// term i (its row and weight, behind one to three dependent index loads) into the warp's slot
-// of shared memory, and the position loop reads them there (bench/NOTES.md change 25). With
-// more than kCachedTerms terms they are resolved kCachedTerms at a time, at every position.
-constexpr int kCachedTerms = 8;
-struct CachedTerms {
-  const uint16_t* row[kCachedTerms];  // null: the term is absent
-  float weight[kCachedTerms];
-  bool weighted[kCachedTerms];  // fma'd with its weight, else added
-};
+// Row sums, the inner loop of both reductions. A lane covers kReduceSpan positions of the row
+// (h0 + u * kWarpSize * Vec, u < kReduceSpan, those < end) and loads kReduceTerms terms at all
+// of them before summing: up to 8 loads in flight per lane instead of one, which is what
+// bounds these loops (memory latency, not bandwidth). Every element still sums its terms in
+// term order, then the caller adds biases: the numerics of plan/numerics.hpp are unchanged.
+constexpr int kReduceSpan = 4;
+constexpr int kReduceTerms = 2;
 
-// The warp's cache in shared memory (one per warp of the block).
-__device__ __forceinline__ CachedTerms& warp_term_cache() {
-  __shared__ CachedTerms caches[kThreads / kWarpSize];
-  return caches[warp_in_block()];
-}
-
-// Terms [first, first + count) into the cache (count <= kCachedTerms) from term(i, w, weighted),
-// which returns term i's row (null: absent) and sets its weight. The whole warp calls it.
-template <typename Term>
-__device__ __forceinline__ void cache_terms(CachedTerms& cache, int first, int count, int lane,
-                                            Term term) {
-  __syncwarp();  // the previous reads of the cache are done
-  if (lane < count) {
-    float w = 0.0f;
-    bool weighted = false;
-    cache.row[lane] = term(first + lane, w, weighted);
-    cache.weight[lane] = w;
-    cache.weighted[lane] = weighted;
-  }
-  __syncwarp();
-}
-
-// A lane's Span positions of a row: h0 + u * kWarpSize * Vec (those below end).
-template <int Vec, int Span>
+template <int Vec>
 struct RowSpan {
-  static constexpr int span = Span;
-  Chunk<Vec> v[Span];
+  Chunk<Vec> v[kReduceSpan];
   int64_t h0, end;
   __device__ __forceinline__ bool has(int u) const {
     return h0 + int64_t(u) * kWarpSize * Vec < end;
@@ -137,69 +106,89 @@ struct RowSpan {
   __device__ __forceinline__ int64_t at(int u) const { return h0 + int64_t(u) * kWarpSize * Vec; }
 };
 
-// The sum of terms [0, num_terms) at the lane's positions, Terms terms' loads at all Span
-// positions in flight before any is summed (latency, not bandwidth, bounds these loops). Rows
-// come from the cache (filled by the caller unless `recache`: then here, kCachedTerms at a time).
-template <int Vec, int Span, int Terms, typename Term>
-__device__ __forceinline__ void sum_terms(RowSpan<Vec, Span>& acc, int num_terms,
-                                          CachedTerms& cache, bool recache, int lane, Term term) {
+// term(i, w, weighted) returns term i's row, or null when the term is absent; it sets
+// `weighted` (and `w`) when the term is fma'd with a weight rather than added.
+template <int Vec, typename Term>
+__device__ __forceinline__ void sum_terms(RowSpan<Vec>& acc, int num_terms, Term term) {
 #pragma unroll
-  for (int u = 0; u < Span; ++u) acc.v[u].zero();
-  for (int c0 = 0; c0 < num_terms; c0 += kCachedTerms) {
-    const int count = min(kCachedTerms, num_terms - c0);
-    if (recache) cache_terms(cache, c0, count, lane, term);
-    for (int j0 = 0; j0 < count; j0 += Terms) {
-      PackedChunk<Vec> x[Terms][Span];
+  for (int u = 0; u < kReduceSpan; ++u) acc.v[u].zero();
+  for (int i0 = 0; i0 < num_terms; i0 += kReduceTerms) {
+    PackedChunk<Vec> x[kReduceTerms][kReduceSpan];
+    const uint16_t* rows[kReduceTerms];
+    float weight[kReduceTerms];
+    bool weighted[kReduceTerms];
 #pragma unroll
-      for (int j = 0; j < Terms; ++j) {
-        const uint16_t* row = j0 + j < count ? cache.row[j0 + j] : nullptr;
+    for (int j = 0; j < kReduceTerms; ++j) {
+      weight[j] = 0.0f;
+      weighted[j] = false;
+      rows[j] = i0 + j < num_terms ? term(i0 + j, weight[j], weighted[j]) : nullptr;
 #pragma unroll
-        for (int u = 0; u < Span; ++u) {
-          if (row && acc.has(u)) x[j][u].load(row + acc.at(u));
-        }
+      for (int u = 0; u < kReduceSpan; ++u) {
+        if (rows[j] && acc.has(u)) x[j][u].load(rows[j] + acc.at(u));
       }
+    }
 #pragma unroll
-      for (int j = 0; j < Terms; ++j) {
-        // The cache is read again rather than kept in registers from the loads above.
-        if (j0 + j >= count || !cache.row[j0 + j]) continue;
-        const bool weighted = cache.weighted[j0 + j];
-        const float w = cache.weight[j0 + j];
+    for (int j = 0; j < kReduceTerms; ++j) {
+      if (!rows[j]) continue;
 #pragma unroll
-        for (int u = 0; u < Span; ++u) {
-          if (!acc.has(u)) continue;
-          if (weighted) {
-            acc.v[u].fma(w, x[j][u].unpack());
-          } else {
-            acc.v[u].add(x[j][u].unpack());
-          }
+      for (int u = 0; u < kReduceSpan; ++u) {
+        if (!acc.has(u)) continue;
+        if (weighted[j]) {
+          acc.v[u].fma(weight[j], x[j][u].unpack());
+        } else {
+          acc.v[u].add(x[j][u].unpack());
         }
       }
     }
   }
 }
 
-// How many positions (span) and terms (terms) a lane has in flight at once: up to two terms (a
-// compact combine's one or two ranks) 4 x 2, more 2 x 8: 8-16 loads per lane either way
-// (bench/micro/row_sums.cu: the 8 terms of a top-8 sum in one round, 253 us against 471 in
-// four). A kernel instantiates one shape: both in one kernel spilled.
-template <bool Wide>
-struct SumShape {
-  static constexpr int span = Wide ? 2 : 4;
-  static constexpr int terms = Wide ? 8 : 2;
+// The terms of one row sum, resolved once per (row, part) instead of at every position: lane i
+// resolves term i (its row and weight, behind one to three dependent index loads) into the
+// warp's slot of shared memory, and the position loop reads them there (bench/NOTES.md change
+// 25). Up to kCachedTerms terms; with more, every position resolves them again.
+constexpr int kCachedTerms = 8;
+struct CachedTerms {
+  const uint16_t* row[kCachedTerms];
+  float weight[kCachedTerms];
+  bool weighted[kCachedTerms];
 };
 
-// One row part's sums, elements [begin, end): finish(acc) stores each position's sums. The
-// loop runs the same trip count in every lane (cache_terms is a warp-wide step).
-template <int Vec, typename Shape, typename Term, typename Finish>
-__device__ __forceinline__ void sum_row_part(int64_t begin, int64_t end, int num_terms, int lane,
-                                             Term term, Finish finish) {
-  CachedTerms& cache = warp_term_cache();
-  const bool recache = num_terms > kCachedTerms;
-  if (!recache) cache_terms(cache, 0, num_terms, lane, term);
-  for (int64_t base = begin; base < end; base += Shape::span * kWarpSize * Vec) {
-    RowSpan<Vec, Shape::span> acc{{}, base + lane * Vec, end};
-    sum_terms<Vec, Shape::span, Shape::terms>(acc, num_terms, cache, recache, lane, term);
-    finish(acc);
+// Fills `cache` from term(i, w, weighted) (the warp, all lanes); false when there are too many.
+template <typename Term>
+__device__ __forceinline__ bool cache_terms(CachedTerms& cache, int num_terms, int lane,
+                                            Term term) {
+  if (num_terms > kCachedTerms) return false;
+  __syncwarp();  // the previous row's reads of the cache are done
+  if (lane < num_terms) {
+    float w = 0.0f;
+    bool weighted = false;
+    cache.row[lane] = term(lane, w, weighted);
+    cache.weight[lane] = w;
+    cache.weighted[lane] = weighted;
+  }
+  __syncwarp();
+  return true;
+}
+
+// The warp's cache in shared memory (one per warp of the block).
+__device__ __forceinline__ CachedTerms& warp_term_cache() {
+  __shared__ CachedTerms caches[kThreads / kWarpSize];
+  return caches[warp_in_block()];
+}
+
+// sum_terms over the cached terms when `cached`, else over term() itself.
+template <int Vec, typename Term>
+__device__ __forceinline__ void sum_row_terms(RowSpan<Vec>& acc, int num_terms, bool cached,
+                                              const CachedTerms& cache, Term term) {
+  if (cached) {
+    sum_terms(acc, num_terms, [&](int i, float& w, bool& weighted) -> const uint16_t* {
+      w = cache.weight[i];
+      weighted = cache.weighted[i];
+      return cache.row[i];
+    });
+  } else {
+    sum_terms(acc, num_terms, term);
   }
 }
 
@@ -242,14 +231,17 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
         if (weighted) w = p.weights[row];
         return p.x + int64_t(row) * hidden;
       };
-      // A top-k sum: the wide shape (k <= 2 would be faster narrow; not worth a kernel).
-      sum_row_part<Vec, SumShape<true>>(part * parts.bytes / 2, end, num_topk, lane, term,
-                                        [&](auto& acc) {
+      CachedTerms& cache = warp_term_cache();
+      const bool cached = cache_terms(cache, num_topk, lane, term);
+      for (int64_t h0 = part * parts.bytes / 2 + int64_t(lane) * Vec; h0 < end;
+           h0 += kReduceSpan * kWarpSize * Vec) {
+        RowSpan<Vec> acc{{}, h0, end};
+        sum_row_terms(acc, num_topk, cached, cache, term);
 #pragma unroll
-        for (int u = 0; u < acc.span; ++u) {
+        for (int u = 0; u < kReduceSpan; ++u) {
           if (acc.has(u)) acc.v[u].store(out + acc.at(u));
         }
-      });
+      }
     } else if (!p.expand) {
       if (p.stage_own_rows || source != rank) {
         warp_copy_part(layout.row(dst, layout.expert_combine_row_index(rank, token)),
@@ -281,8 +273,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
   operation_handoff(p.topo, true);  // orders the block's stores before its count
 }
 
-// Wide: more than two terms per token (SumShape).
-template <int Vec, bool Wide>
+template <int Vec>
 __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceParams p) {
   chain_start();
   const plan::WorkspaceLayout& layout = p.topo.layout;
@@ -318,10 +309,14 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
                                          : layout.expert_combine_row_index(i, t);
       return reinterpret_cast<const uint16_t*>(layout.row(local, staged));
     };
-    sum_row_part<Vec, SumShape<Wide>>(part * parts.bytes / 2, end, terms, lane, term,
-                                      [&](auto& acc) {
+    CachedTerms& cache = warp_term_cache();
+    const bool cached = cache_terms(cache, terms, lane, term);
+    for (int64_t h0 = part * parts.bytes / 2 + int64_t(lane) * Vec; h0 < end;
+         h0 += kReduceSpan * kWarpSize * Vec) {
+      RowSpan<Vec> acc{{}, h0, end};
+      sum_row_terms(acc, terms, cached, cache, term);
 #pragma unroll
-      for (int u = 0; u < acc.span; ++u) {
+      for (int u = 0; u < kReduceSpan; ++u) {
         if (!acc.has(u)) continue;
         for (const uint16_t* bias : {p.bias0, p.bias1}) {
           if (!bias) continue;
@@ -331,7 +326,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
         }
         acc.v[u].store(p.y + t * hidden + acc.at(u));
       }
-    });
+    }
     if (part == 0 && p.scalars_out) {
       for (int k = lane; k < num_topk; k += kWarpSize) {
         const int64_t i = t * num_topk + k;
@@ -428,10 +423,8 @@ void load_combine_kernels() {
                   reinterpret_cast<const void*>(combine_send_kernel<8, false>),
                   reinterpret_cast<const void*>(combine_send_kernel<1, true>),
                   reinterpret_cast<const void*>(combine_send_kernel<1, false>),
-                  reinterpret_cast<const void*>(combine_reduce_kernel<8, true>),
-                  reinterpret_cast<const void*>(combine_reduce_kernel<8, false>),
-                  reinterpret_cast<const void*>(combine_reduce_kernel<1, true>),
-                  reinterpret_cast<const void*>(combine_reduce_kernel<1, false>),
+                  reinterpret_cast<const void*>(combine_reduce_kernel<8>),
+                  reinterpret_cast<const void*>(combine_reduce_kernel<1>),
                   reinterpret_cast<const void*>(backward_kernel<8>),
                   reinterpret_cast<const void*>(backward_kernel<1>)});
 }
@@ -447,11 +440,8 @@ void launch_combine_send(const CombineSendParams& params, cudaStream_t stream) {
 void launch_combine_reduce(const CombineReduceParams& params, cudaStream_t stream) {
   const bool vec8 = vector_width(params.topo.layout.hidden,
                                  {params.bias0, params.bias1, params.y, params.own_x}) == 8;
-  const plan::WorkspaceLayout& layout = params.topo.layout;
-  const bool wide = (params.at_source ? layout.num_topk : layout.num_ranks) > 2;
-  auto kernel = vec8 ? (wide ? combine_reduce_kernel<8, true> : combine_reduce_kernel<8, false>)
-                     : (wide ? combine_reduce_kernel<1, true> : combine_reduce_kernel<1, false>);
-  launch_chained(kernel, params.num_blocks, kThreads, 0, stream, params.topo.chained, params);
+  launch_chained(vec8 ? combine_reduce_kernel<8> : combine_reduce_kernel<1>, params.num_blocks,
+                 kThreads, 0, stream, params.topo.chained, params);
 }
 
 void launch_backward(const BackwardParams& params, cudaStream_t stream) {
