@@ -55,10 +55,10 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 constexpr int kCopyLoads = 8;
 
 __device__ __forceinline__ void warp_copy(void* dst, const void* src, int64_t bytes, int lane) {
-  const bool vector = ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) |
-                        static_cast<uintptr_t>(bytes)) &
-                       15) == 0;
-  if (vector) {
+  // The low bits of both addresses and the length together: their alignment picks the width.
+  const uintptr_t bits = reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) |
+                         static_cast<uintptr_t>(bytes);
+  if ((bits & 15) == 0) {
     const int4* s = static_cast<const int4*>(src);
     int4* d = static_cast<int4*>(dst);
     const int64_t n = bytes / 16;
@@ -73,9 +73,7 @@ __device__ __forceinline__ void warp_copy(void* dst, const void* src, int64_t by
         if (i + j * kWarpSize < n) d[i + j * kWarpSize] = v[j];
       }
     }
-  } else if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) |
-                static_cast<uintptr_t>(bytes)) &
-               1) == 0) {
+  } else if ((bits & 1) == 0) {
     const uint16_t* s = static_cast<const uint16_t*>(src);
     uint16_t* d = static_cast<uint16_t*>(dst);
     for (int64_t i = lane; i < bytes / 2; i += kWarpSize) d[i] = s[i];
