@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "micro_common.cuh"
+#include "plan/numerics.hpp"
 
 namespace {
 
@@ -34,8 +35,8 @@ using micro::elapsed_us;
 
 constexpr int kBlocks = 24, kThreads = 512, kWarps = kThreads / 32;
 constexpr int kHidden = 7168, kTopk = 8, kTokens = 4096;
-constexpr int kSpan = 4;                        // 16-byte positions per lane per stage
-constexpr int kStageBytes = 32 * 16 * kSpan;    // 2 KB: one term's slice of 32 * 4 * 8 elements
+constexpr int kSpan = 4;                            // 16-byte positions per lane per stage
+constexpr int kStageBytes = 32 * 16 * kSpan;        // 2 KB: one term's slice of 32 * 4 * 8 elements
 constexpr int kSlices = kHidden * 2 / kStageBytes;  // 7 slices per row
 static_assert(kHidden * 2 % kStageBytes == 0);
 
@@ -46,20 +47,15 @@ struct Args {
   uint16_t* y;          // [kTokens, kHidden]
 };
 
-__device__ __forceinline__ float lo(uint32_t v) { return __uint_as_float(v << 16); }
-__device__ __forceinline__ float hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
-
-__device__ __forceinline__ uint16_t to_bf16(float f) {  // round to nearest even (finite inputs)
-  const uint32_t u = __float_as_uint(f);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
+// The kernels' numerics (plan/numerics.hpp) on 8 packed bf16 values.
 __device__ __forceinline__ void accumulate(float (&acc)[8], float w, const uint4& v) {
   const uint32_t words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    acc[2 * i] = __fmaf_rn(w, lo(words[i]), acc[2 * i]);
-    acc[2 * i + 1] = __fmaf_rn(w, hi(words[i]), acc[2 * i + 1]);
+    const auto low = static_cast<uint16_t>(words[i]), high = static_cast<uint16_t>(words[i] >> 16);
+    acc[2 * i] = epx::plan::accumulate_weighted(acc[2 * i], w, epx::plan::bf16_bits_to_float(low));
+    acc[2 * i + 1] =
+        epx::plan::accumulate_weighted(acc[2 * i + 1], w, epx::plan::bf16_bits_to_float(high));
   }
 }
 
@@ -68,7 +64,8 @@ __device__ __forceinline__ void store_bf16(uint16_t* out, const float (&acc)[8])
   uint32_t* words = &v.x;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    words[i] = uint32_t(to_bf16(acc[2 * i])) | uint32_t(to_bf16(acc[2 * i + 1])) << 16;
+    words[i] = uint32_t(epx::plan::float_to_bf16_bits(acc[2 * i])) |
+               uint32_t(epx::plan::float_to_bf16_bits(acc[2 * i + 1])) << 16;
   }
   *reinterpret_cast<uint4*>(out) = v;
 }
@@ -95,7 +92,8 @@ __global__ void __launch_bounds__(kThreads) regs_kernel(Args a) {
 #pragma unroll
           for (int u = 0; u < Span; ++u) {
             if (h0 + u * 256 < kHidden) {
-              v[j][u] = *reinterpret_cast<const uint4*>(a.x + int64_t(row) * kHidden + h0 + u * 256);
+              v[j][u] =
+                  *reinterpret_cast<const uint4*>(a.x + int64_t(row) * kHidden + h0 + u * 256);
             }
           }
         }
@@ -119,7 +117,9 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
 template <int Pending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(Pending) : "memory");
@@ -140,7 +140,8 @@ __global__ void __launch_bounds__(kThreads) async_kernel(Args a) {
         uint4* buffer = mine + (i % Stages) * 32 * kSpan;
 #pragma unroll
         for (int u = 0; u < kSpan; ++u) {
-          cp_async16(buffer + u * 32 + lane, a.x + int64_t(row) * kHidden + element(slice, u, lane));
+          cp_async16(buffer + u * 32 + lane,
+                     a.x + int64_t(row) * kHidden + element(slice, u, lane));
         }
       }
       cp_async_commit();  // an empty group past the end keeps the count uniform
@@ -233,9 +234,8 @@ int main() {
   async(async_kernel<3>, 3, "async3");
   async(async_kernel<4>, 4, "async4");
   async(async_kernel<6>, 6, "async6");
-  float copy_us = elapsed_us(s, 20, [&] {
-    cudaMemcpyAsync(reference, y, want.size() * 2, cudaMemcpyDeviceToDevice, s);
-  });
+  float copy_us = elapsed_us(
+      s, 20, [&] { cudaMemcpyAsync(reference, y, want.size() * 2, cudaMemcpyDeviceToDevice, s); });
   std::printf("%-10s %10.2f %9.1f  (copy engine, 59 MB read + written, for scale)\n", "memcpy",
               copy_us, 2.0 * want.size() * 2 / (copy_us * 1e3));
   return 0;

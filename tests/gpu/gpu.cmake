@@ -31,3 +31,4 @@ target_compile_options(copy_paths PRIVATE -gencode=arch=compute_90a,code=sm_90a)
 # (bench/micro/row_sums.cu).
 add_executable(row_sums ${PROJECT_SOURCE_DIR}/bench/micro/row_sums.cu)
 target_compile_options(row_sums PRIVATE -gencode=arch=compute_90a,code=sm_90a)
+target_include_directories(row_sums PRIVATE ${PROJECT_SOURCE_DIR}/src)  # plan/numerics.hpp
