@@ -50,11 +50,20 @@ def main():
     idx = torch.stack([torch.randperm(experts)[:topk] for _ in range(tokens)]).to(device)
     w = torch.rand(tokens, topk, device=device)
     first = buf.dispatch(x, idx, w, sync_counts=False)
+    # The same calls below the Python layer: what the extension and the engine cost, the
+    # allocator callbacks into torch included.
+    stream = stream_of(device)
+    dx, didx, dw = describe(x, "x"), describe(idx, "topk_idx"), describe(w, "weights")
+    dy = describe(first.x, "x")
 
     rows = [
         ("dispatch compact, sync_counts=False",
          lambda: buf.dispatch(x, idx, w, sync_counts=False)),
+        ("  its C++ call alone (inputs described)",
+         lambda: buf._c.dispatch(dx, None, didx, dw, None, False, 1, False, False, stream)),
         ("combine compact", lambda: buf.combine(first.x, first.handle)),
+        ("  its C++ call alone (inputs described)",
+         lambda: buf._c.combine(dy, None, None, None, None, first.handle._c, False, stream)),
         ("torch.empty(1 MB, cuda)", lambda: torch.empty(1 << 20, dtype=torch.uint8,
                                                          device=device)),
         ("torch.cuda.current_stream()", lambda: torch.cuda.current_stream(device)),

@@ -15,6 +15,8 @@
 #           bench/micro/copy_paths.cu: register against bulk copies of 14 KB rows, and
 #           bench/micro/row_sums.cu: the expert-side sum by register loads and cp.async stages
 #   profile tools/profile-kernels.sh: ncu warp states and per-line stalls at 128 tokens
+#   sums    tools/profile-kernels.sh sums: the same for the expert-side sum against the
+#           row_sums micro, and the SASS of both (cuobjdump) into $OUT
 #   ncu     per-kernel durations of bench_gpu at 128 tokens (ncu, clocks left alone)
 #   phase   bench_gpu built with -DEPX_PHASE_CLOCK=ON (build-clk): the phase timeline of one
 #           dispatch at 128, 512 and 4096 tokens (src/cuda/phase_clock.hpp)
@@ -90,6 +92,13 @@ for step in $steps; do
       ;;
     profile)
       bash "$root/tools/profile-kernels.sh" 128 2>&1 | tee "$out/profile.log"
+      ;;
+    sums)
+      bash "$root/tools/profile-kernels.sh" sums 2>&1 | tee "$out/profile-sums.log"
+      cuobjdump -sass "$EPX_BUILD_DIR/tests/row_sums" > "$out/sass-row-sums.txt" 2>&1
+      cuobjdump -sass "$(find "$EPX_BUILD_DIR" -name 'combine_kernels.cu.o' | head -n 1)" \
+        > "$out/sass-combine-kernels.txt" 2>&1
+      summary+=("sums: $(wc -l < "$out/sass-row-sums.txt") + $(wc -l < "$out/sass-combine-kernels.txt") SASS lines")
       ;;
     pyprof)
       PYTHONPATH="$root/python:$EPX_BUILD_DIR/python" timeout 120 "$python" \

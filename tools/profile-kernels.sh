@@ -4,6 +4,9 @@
 # reduce), with warp-state and per-source-line stall sampling; clocks and caches left alone.
 # Writes $OUT/prof-NAME.{details,stalls,run}.txt (the report stays in the build directory).
 # Usage: profile-kernels.sh [tokens]
+#        profile-kernels.sh sums   the expert-side sum: combine_send_kernel<8, true> of bench_gpu
+#                                  at 4096 tokens against bench/micro/row_sums.cu's register
+#                                  kernels of the shapes 2x4 and 8x2 (bench/NOTES.md "Next")
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${EPX_BUILD_DIR:-$root/build-gpu}
@@ -12,11 +15,12 @@ tokens=${1:-128}
 mkdir -p "$out"
 sections=(--section SpeedOfLight --section WarpStateStats --section SourceCounters
           --section LaunchStats --section Occupancy)
-profile() {  # profile NAME NCU-FILTER...
+program=("$build/tests/bench_gpu" --tokens "$tokens" --iters 3)
+profile() {  # profile NAME NCU-FILTER...  (of "${program[@]}")
   local name=$1; shift
   timeout 240 ncu --clock-control none --cache-control none --target-processes all \
     --import-source yes "${sections[@]}" "$@" -f -o "$out/prof-$name" \
-    "$build/tests/bench_gpu" --tokens "$tokens" --iters 3 > "$out/prof-$name.run.txt" 2>&1
+    "${program[@]}" > "$out/prof-$name.run.txt" 2>&1
   echo "profile $name: exit $?"
   ncu -i "$out/prof-$name.ncu-rep" --page details > "$out/prof-$name.details.txt" 2>&1
   ncu -i "$out/prof-$name.ncu-rep" --page source --csv --print-source sass \
@@ -28,6 +32,18 @@ profile() {  # profile NAME NCU-FILTER...
   mv "$out/prof-$name.ncu-rep" "$build/"
   ls -la "$out"/prof-$name.*
 }
+if [ "$tokens" = sums ]; then
+  sections+=(--section MemoryWorkloadAnalysis)
+  program=("$build/tests/bench_gpu" --tokens 4096 --iters 3)
+  profile sum-kernel --kernel-name-base demangled -k 'regex:combine_send_kernel<8, true>' \
+    --launch-skip 2 --launch-count 1
+  program=("$build/tests/row_sums")
+  profile sum-micro-2x4 --kernel-name-base demangled -k 'regex:regs_kernel<2, 4>' \
+    --launch-skip 2 --launch-count 1
+  profile sum-micro-8x2 --kernel-name-base demangled -k 'regex:regs_kernel<8, 2>' \
+    --launch-skip 2 --launch-count 1
+  exit 0
+fi
 # After the buffer's peer-pointer kernel, the first dispatch op: 3 warm-up + 3 timed calls of
 # plan, send, receive; the third call is profiled.
 profile dispatch --launch-skip 7 --launch-count 3
