@@ -35,12 +35,12 @@ profile() {  # profile NAME NCU-FILTER...  (of "${program[@]}")
 if [ "$tokens" = sums ]; then
   sections+=(--section MemoryWorkloadAnalysis)
   program=("$build/tests/bench_gpu" --tokens 4096 --iters 3)
-  profile sum-kernel --kernel-name-base demangled -k 'regex:combine_send_kernel<8, true>' \
+  profile sum-kernel --kernel-name-base demangled -k 'regex:combine_send_kernel<.int.8, .bool.1>' \
     --launch-skip 2 --launch-count 1
   program=("$build/tests/row_sums")
-  profile sum-micro-2x4 --kernel-name-base demangled -k 'regex:regs_kernel<2, 4>' \
+  profile sum-micro-2x4 --kernel-name-base demangled -k 'regex:regs_kernel<.int.2, .int.4>' \
     --launch-skip 2 --launch-count 1
-  profile sum-micro-8x2 --kernel-name-base demangled -k 'regex:regs_kernel<8, 2>' \
+  profile sum-micro-8x2 --kernel-name-base demangled -k 'regex:regs_kernel<.int.8, .int.2>' \
     --launch-skip 2 --launch-count 1
   exit 0
 fi
