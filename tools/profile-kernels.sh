@@ -37,6 +37,8 @@ if [ "$tokens" = sums ]; then
   program=("$build/tests/bench_gpu" --tokens 4096 --iters 3)
   profile sum-kernel --kernel-name-base demangled -k 'regex:combine_send_kernel<.int.8, .bool.1>' \
     --launch-skip 2 --launch-count 1
+  profile sum-reduce --kernel-name-base demangled -k 'regex:combine_reduce_kernel<.int.8>' \
+    --launch-skip 2 --launch-count 1
   program=("$build/tests/row_sums")
   profile sum-micro-2x4 --kernel-name-base demangled -k 'regex:regs_kernel<.int.2, .int.4>' \
     --launch-skip 2 --launch-count 1
