@@ -13,10 +13,6 @@ namespace epx::cuda {
 namespace {
 
 constexpr int kThreads = kBlockThreads;
-// The kernels that sum rows (the expert-side reduce and the source-side reduce) run 12 warps
-// per block: their 16 loads in flight per lane need ~160 registers, which 16 warps cannot
-// have (bench/NOTES.md change 27).
-constexpr int kSumThreads = 384;
 constexpr int kBatch = 4;  // chunks whose loads are in flight together (backward)
 
 
@@ -92,133 +88,107 @@ __device__ __forceinline__ Chunk<Vec> PackedChunk<Vec>::unpack() const {
   return out;
 }
 
-// Row sums, the inner loop of both reductions: y[h] = the sum over a row's present terms, in
-// term order and starting from +0, of w * x_term[h] with one fma each. An unweighted term has
-// w = 1: fma(1, x, acc) rounds once, exactly as acc + x does (plan::accumulate), so both kinds
-// share one loop and the numerics of plan/numerics.hpp are unchanged.
-//
-// What bounds these loops is memory latency, not bandwidth (bench/NOTES.md changes 25, 27): a
-// lane keeps kSlots 16-byte loads in flight whatever the number of terms, and the warp
-// resolves the row's terms (behind one to three dependent index loads) once per row part, into
-// registers.
-constexpr int kGroupTerms = 8;  // present terms of a row on the fast path
-constexpr int kSlots = 16;      // chunks a lane loads before it sums
+// Row sums, the inner loop of both reductions. A lane covers kReduceSpan positions of the row
+// (h0 + u * kWarpSize * Vec, u < kReduceSpan, those < end) and loads kReduceTerms terms at all
+// of them before summing: up to 8 loads in flight per lane instead of one, which is what
+// bounds these loops (memory latency, not bandwidth). Every element still sums its terms in
+// term order, then the caller adds biases: the numerics of plan/numerics.hpp are unchanged.
+constexpr int kReduceSpan = 4;
+constexpr int kReduceTerms = 2;
 
-// The fast path's view of one row part, in every lane's registers. A pass over the part loads
-// kSlots chunks per lane: slot i is term i % T at the lane's position i / T of the pass, T the
-// row's number of present terms rounded up to a power of two, so one term goes 16 positions at
-// a time and eight terms 2 positions at a time, always 16 loads in flight.
-struct SlotTerms {
-  const uint16_t* row[kGroupTerms];  // [k]: the term of slots k, k + 8 (k % T in term order)
-  float weight[kGroupTerms];
-  uint32_t present;                  // bit i: slot i has a term (k % T < the row's count)
-  int log_t;                         // log2(T)
+template <int Vec>
+struct RowSpan {
+  Chunk<Vec> v[kReduceSpan];
+  int64_t h0, end;
+  __device__ __forceinline__ bool has(int u) const {
+    return h0 + int64_t(u) * kWarpSize * Vec < end;
+  }
+  __device__ __forceinline__ int64_t at(int u) const { return h0 + int64_t(u) * kWarpSize * Vec; }
 };
 
-// Broadcasts the present terms (lane i holds term i's row, null when absent, and its weight)
-// to every lane, arranged in slots. At most kGroupTerms present terms.
-__device__ __forceinline__ SlotTerms take_slot_terms(const uint16_t* row, float weight) {
-  uint32_t mask = __ballot_sync(kFullMask, row != nullptr);
-  const int count = __popc(mask);
-  SlotTerms terms;
-  terms.log_t = count <= 1 ? 0 : count <= 2 ? 1 : count <= 4 ? 2 : 3;
-  const int last = (1 << terms.log_t) - 1;
-  const uint16_t* rows[kGroupTerms];
-  float weights[kGroupTerms];
+// term(i, w, weighted) returns term i's row, or null when the term is absent; it sets
+// `weighted` (and `w`) when the term is fma'd with a weight rather than added.
+template <int Vec, typename Term>
+__device__ __forceinline__ void sum_terms(RowSpan<Vec>& acc, int num_terms, Term term) {
 #pragma unroll
-  for (int j = 0; j < kGroupTerms; ++j) {  // the j-th present term, from its lane
-    const int from = max(__ffs(mask) - 1, 0);
-    rows[j] = reinterpret_cast<const uint16_t*>(
-        __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(row), from));
-    weights[j] = __shfl_sync(kFullMask, weight, from);
-    mask &= mask - 1;
-  }
-  terms.present = 0;
+  for (int u = 0; u < kReduceSpan; ++u) acc.v[u].zero();
+  for (int i0 = 0; i0 < num_terms; i0 += kReduceTerms) {
+    PackedChunk<Vec> x[kReduceTerms][kReduceSpan];
+    const uint16_t* rows[kReduceTerms];
+    float weight[kReduceTerms];
+    bool weighted[kReduceTerms];
 #pragma unroll
-  for (int k = 0; k < kGroupTerms; ++k) {
-    // rows[k & last], with constant indices (a computed one would put the arrays in local
-    // memory).
-    const int j = terms.log_t == 0 ? 0 : terms.log_t == 1 ? k & 1 : terms.log_t == 2 ? k & 3 : k;
+    for (int j = 0; j < kReduceTerms; ++j) {
+      weight[j] = 0.0f;
+      weighted[j] = false;
+      rows[j] = i0 + j < num_terms ? term(i0 + j, weight[j], weighted[j]) : nullptr;
 #pragma unroll
-    for (int m = 0; m <= k; ++m) {
-      if (m == j) {
-        terms.row[k] = rows[m];
-        terms.weight[k] = weights[m];
+      for (int u = 0; u < kReduceSpan; ++u) {
+        if (rows[j] && acc.has(u)) x[j][u].load(rows[j] + acc.at(u));
       }
     }
-    if (j < count) terms.present |= 0x101u << k;
-  }
-  return terms;
-}
-
-// The row part [begin, end) over a row's slot terms: a pass issues every slot's load, then sums
-// the slots in order, a position's sum starting at its first term and handed to finish(acc, h)
-// (the lane's elements [h, h + Vec)) after its last.
-template <int Vec, typename Finish>
-__device__ __forceinline__ void sum_slots(const SlotTerms& terms, int64_t begin, int64_t row_end,
-                                          int lane, Finish finish) {
-  const int end = static_cast<int>(row_end);  // elements of one row: 32 bits
-  const int last = (1 << terms.log_t) - 1;
-  for (int h0 = static_cast<int>(begin) + lane * Vec; h0 < end;
-       h0 += (kSlots >> terms.log_t) * kWarpSize * Vec) {
-    auto position = [&](int i) { return h0 + (i >> terms.log_t) * kWarpSize * Vec; };
-    PackedChunk<Vec> x[kSlots];
 #pragma unroll
-    for (int i = 0; i < kSlots; ++i) {
-      if ((terms.present >> i & 1) && position(i) < end) {
-        const uint16_t* row = terms.row[i % kGroupTerms];
-        __builtin_assume(__isGlobal(row));  // it crossed a shuffle: a global load, not generic
-        x[i].load(row + position(i));
+    for (int j = 0; j < kReduceTerms; ++j) {
+      if (!rows[j]) continue;
+#pragma unroll
+      for (int u = 0; u < kReduceSpan; ++u) {
+        if (!acc.has(u)) continue;
+        if (weighted[j]) {
+          acc.v[u].fma(weight[j], x[j][u].unpack());
+        } else {
+          acc.v[u].add(x[j][u].unpack());
+        }
       }
-    }
-    Chunk<Vec> acc;
-#pragma unroll
-    for (int i = 0; i < kSlots; ++i) {
-      if ((i & last) == 0) acc.zero();
-      if (terms.present >> i & 1) acc.fma(terms.weight[i % kGroupTerms], x[i].unpack());
-      if ((i & last) == last && position(i) < end) finish(acc, position(i));
     }
   }
 }
 
-// The sum of a row part over terms [0, num_terms): resolve(i, w) gives term i's row (null when
-// the term is absent) and sets its weight w (1 for an unweighted term); it runs in lane i.
-// A row of more than kGroupTerms present terms (or of more terms than lanes) goes one term
-// at a time, each position's sum held in registers.
-template <int Vec, typename Resolve, typename Finish>
-__device__ __forceinline__ void sum_row(int num_terms, int64_t begin, int64_t end, int lane,
-                                        Resolve resolve, Finish finish) {
-  if (num_terms <= kWarpSize) {
-    float weight = 0.0f;
-    const uint16_t* row = lane < num_terms ? resolve(lane, weight) : nullptr;
-    if (__popc(__ballot_sync(kFullMask, row != nullptr)) <= kGroupTerms) {
-      sum_slots<Vec>(take_slot_terms(row, weight), begin, end, lane, finish);
-      return;
-    }
+// The terms of one row sum, resolved once per (row, part) instead of at every position: lane i
+// resolves term i (its row and weight, behind one to three dependent index loads) into the
+// warp's slot of shared memory, and the position loop reads them there (bench/NOTES.md change
+// 25). Up to kCachedTerms terms; with more, every position resolves them again.
+constexpr int kCachedTerms = 8;
+struct CachedTerms {
+  const uint16_t* row[kCachedTerms];
+  float weight[kCachedTerms];
+  bool weighted[kCachedTerms];
+};
+
+// Fills `cache` from term(i, w, weighted) (the warp, all lanes); false when there are too many.
+template <typename Term>
+__device__ __forceinline__ bool cache_terms(CachedTerms& cache, int num_terms, int lane,
+                                            Term term) {
+  if (num_terms > kCachedTerms) return false;
+  __syncwarp();  // the previous row's reads of the cache are done
+  if (lane < num_terms) {
+    float w = 0.0f;
+    bool weighted = false;
+    cache.row[lane] = term(lane, w, weighted);
+    cache.weight[lane] = w;
+    cache.weighted[lane] = weighted;
   }
-  constexpr int kPositions = 4;
-  for (int64_t h0 = begin + int64_t(lane) * Vec; h0 < end; h0 += kPositions * kWarpSize * Vec) {
-    Chunk<Vec> acc[kPositions];
-#pragma unroll
-    for (int u = 0; u < kPositions; ++u) acc[u].zero();
-    for (int i = 0; i < num_terms; ++i) {
-      float w = 0.0f;
-      const uint16_t* row = resolve(i, w);
-      if (!row) continue;
-#pragma unroll
-      for (int u = 0; u < kPositions; ++u) {
-        const int64_t h = h0 + int64_t(u) * kWarpSize * Vec;
-        if (h >= end) break;
-        Chunk<Vec> x;
-        x.load(row + h);
-        acc[u].fma(w, x);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kPositions; ++u) {
-      const int64_t h = h0 + int64_t(u) * kWarpSize * Vec;
-      if (h < end) finish(acc[u], h);
-    }
+  __syncwarp();
+  return true;
+}
+
+// The warp's cache in shared memory (one per warp of the block).
+__device__ __forceinline__ CachedTerms& warp_term_cache() {
+  __shared__ CachedTerms caches[kThreads / kWarpSize];
+  return caches[warp_in_block()];
+}
+
+// sum_terms over the cached terms when `cached`, else over term() itself.
+template <int Vec, typename Term>
+__device__ __forceinline__ void sum_row_terms(RowSpan<Vec>& acc, int num_terms, bool cached,
+                                              const CachedTerms& cache, Term term) {
+  if (cached) {
+    sum_terms(acc, num_terms, [&](int i, float& w, bool& weighted) -> const uint16_t* {
+      w = cache.weight[i];
+      weighted = cache.weighted[i];
+      return cache.row[i];
+    });
+  } else {
+    sum_terms(acc, num_terms, term);
   }
 }
 
@@ -226,8 +196,7 @@ __device__ __forceinline__ void sum_row(int num_terms, int64_t begin, int64_t en
 // copied (compact, or reduce at source). Separate instantiations keep each path's registers
 // to itself (together they spilled).
 template <int Vec, bool Reduce>
-__global__ void __launch_bounds__(Reduce ? kSumThreads : kThreads, 1)
-    combine_send_kernel(CombineSendParams p) {
+__global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParams p) {
   chain_start();
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_topk = layout.num_topk;
@@ -255,14 +224,24 @@ __global__ void __launch_bounds__(Reduce ? kSumThreads : kThreads, 1)
           layout.row(dst, layout.expert_combine_row_index(rank, token)));
       const int64_t end = min(hidden, (part + 1) * parts.bytes / 2);
       // The token's expanded rows in k order, weighted when weights are given.
-      auto term = [&](int k, float& w) -> const uint16_t* {
+      auto term = [&](int k, float& w, bool& weighted) -> const uint16_t* {
         const int32_t row = rows[k];
         if (row < 0) return nullptr;
-        w = p.weights ? p.weights[row] : 1.0f;
+        weighted = p.weights != nullptr;
+        if (weighted) w = p.weights[row];
         return p.x + int64_t(row) * hidden;
       };
-      sum_row<Vec>(num_topk, part * parts.bytes / 2, end, lane, term,
-                   [&](const Chunk<Vec>& acc, int64_t h) { acc.store(out + h); });
+      CachedTerms& cache = warp_term_cache();
+      const bool cached = cache_terms(cache, num_topk, lane, term);
+      for (int64_t h0 = part * parts.bytes / 2 + int64_t(lane) * Vec; h0 < end;
+           h0 += kReduceSpan * kWarpSize * Vec) {
+        RowSpan<Vec> acc{{}, h0, end};
+        sum_row_terms(acc, num_topk, cached, cache, term);
+#pragma unroll
+        for (int u = 0; u < kReduceSpan; ++u) {
+          if (acc.has(u)) acc.v[u].store(out + acc.at(u));
+        }
+      }
     } else if (!p.expand) {
       if (p.stage_own_rows || source != rank) {
         warp_copy_part(layout.row(dst, layout.expert_combine_row_index(rank, token)),
@@ -295,7 +274,7 @@ __global__ void __launch_bounds__(Reduce ? kSumThreads : kThreads, 1)
 }
 
 template <int Vec>
-__global__ void __launch_bounds__(kSumThreads, 1) combine_reduce_kernel(CombineReduceParams p) {
+__global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceParams p) {
   chain_start();
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
@@ -312,11 +291,12 @@ __global__ void __launch_bounds__(kSumThreads, 1) combine_reduce_kernel(CombineR
   for (int64_t item = global_warp(); item < p.num_tokens * parts.count; item += total_warps()) {
     const int64_t t = item / parts.count, part = item % parts.count;
     const int64_t end = min(hidden, (part + 1) * parts.bytes / 2);
-    auto term = [&](int i, float& w) -> const uint16_t* {
+    auto term = [&](int i, float& w, bool& weighted) -> const uint16_t* {
       const bool present = p.at_source ? p.topk32[t * num_topk + i] >= 0
                                        : p.send_slot[t * num_ranks + i] >= 0;
       if (!present) return nullptr;
-      w = p.at_source && p.weighted ? layout.row_weights(local)[t * num_topk + i] : 1.0f;
+      weighted = p.at_source && p.weighted;
+      if (weighted) w = layout.row_weights(local)[t * num_topk + i];
       if (p.own_x) {  // this rank's own expert outputs are read where they are
         const int32_t own_slot = p.send_slot[t * num_ranks + rank];
         if (!p.at_source && i == rank) return p.own_x + (own_first + own_slot) * hidden;
@@ -329,17 +309,24 @@ __global__ void __launch_bounds__(kSumThreads, 1) combine_reduce_kernel(CombineR
                                          : layout.expert_combine_row_index(i, t);
       return reinterpret_cast<const uint16_t*>(layout.row(local, staged));
     };
-    // The biases are added after the terms, in fp32, before the one rounding.
-    auto finish = [&](Chunk<Vec> acc, int64_t h) {
-      for (const uint16_t* bias : {p.bias0, p.bias1}) {
-        if (!bias) continue;
-        Chunk<Vec> b;
-        b.load(bias + t * hidden + h);
-        acc.add(b);
+    CachedTerms& cache = warp_term_cache();
+    const bool cached = cache_terms(cache, terms, lane, term);
+    for (int64_t h0 = part * parts.bytes / 2 + int64_t(lane) * Vec; h0 < end;
+         h0 += kReduceSpan * kWarpSize * Vec) {
+      RowSpan<Vec> acc{{}, h0, end};
+      sum_row_terms(acc, terms, cached, cache, term);
+#pragma unroll
+      for (int u = 0; u < kReduceSpan; ++u) {
+        if (!acc.has(u)) continue;
+        for (const uint16_t* bias : {p.bias0, p.bias1}) {
+          if (!bias) continue;
+          Chunk<Vec> b;
+          b.load(bias + t * hidden + acc.at(u));
+          acc.v[u].add(b);
+        }
+        acc.v[u].store(p.y + t * hidden + acc.at(u));
       }
-      acc.store(p.y + t * hidden + h);
-    };
-    sum_row<Vec>(terms, part * parts.bytes / 2, end, lane, term, finish);
+    }
     if (part == 0 && p.scalars_out) {
       for (int k = lane; k < num_topk; k += kWarpSize) {
         const int64_t i = t * num_topk + k;
@@ -447,15 +434,14 @@ void launch_combine_send(const CombineSendParams& params, cudaStream_t stream) {
   const bool vec8 = vector_width(params.topo.layout.hidden, {params.x}) == 8;
   auto kernel = vec8 ? (reduce ? combine_send_kernel<8, true> : combine_send_kernel<8, false>)
                      : (reduce ? combine_send_kernel<1, true> : combine_send_kernel<1, false>);
-  launch_chained(kernel, params.num_blocks, reduce ? kSumThreads : kThreads, 0, stream,
-                 params.topo.chained, params);
+  launch_chained(kernel, params.num_blocks, kThreads, 0, stream, params.topo.chained, params);
 }
 
 void launch_combine_reduce(const CombineReduceParams& params, cudaStream_t stream) {
   const bool vec8 = vector_width(params.topo.layout.hidden,
                                  {params.bias0, params.bias1, params.y, params.own_x}) == 8;
   launch_chained(vec8 ? combine_reduce_kernel<8> : combine_reduce_kernel<1>, params.num_blocks,
-                 kSumThreads, 0, stream, params.topo.chained, params);
+                 kThreads, 0, stream, params.topo.chained, params);
 }
 
 void launch_backward(const BackwardParams& params, cudaStream_t stream) {

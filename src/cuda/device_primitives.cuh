@@ -11,7 +11,6 @@
 namespace epx::cuda {
 
 constexpr int kWarpSize = 32;
-constexpr unsigned kFullMask = 0xffffffffu;  // every lane of the warp, for the *_sync intrinsics
 constexpr int kBlockThreads = 512;  // the warp-per-row kernels' block size
 
 __device__ __forceinline__ int lane_id() { return threadIdx.x % kWarpSize; }
@@ -123,7 +122,7 @@ __device__ __forceinline__ void warp_zero(void* dst, int64_t bytes, int lane) {
 __device__ __forceinline__ float warp_sum(float value) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
-    value += __shfl_xor_sync(kFullMask, value, offset);
+    value += __shfl_xor_sync(0xffffffffu, value, offset);
   }
   return value;
 }
