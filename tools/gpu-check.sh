@@ -50,6 +50,7 @@ run() {  # run NAME COMMAND...: records PASS/FAIL with the exit code and the tim
 
 run "gpu tests (random, graph, errors)" timeout 420 "$build/tests/test_gpu"
 run "device plan vs host plan" timeout 300 "$build/tests/test_gpu_plan"
+run "device bf16 rounding, every fp32" timeout 120 "$build/tests/test_gpu_numerics"
 run "thread ranks (R=2,3,4,8 on one GPU)" timeout 200 "$build/tests/test_gpu_threads"
 if command -v compute-sanitizer >/dev/null; then
   # --padding: a stray write into a neighbouring allocation is an error too.

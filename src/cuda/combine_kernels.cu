@@ -2,6 +2,7 @@
 // chunks per lane when H % 8 == 0, one element per lane otherwise (the Vec template), with the
 // exact numerics of plan/numerics.hpp: fma for weighted terms, plain adds otherwise, one RNE
 // rounding to bf16.
+#include "cuda/bf16_rounding.cuh"
 #include "cuda/chained_launch.hpp"
 #include "cuda/device_primitives.cuh"
 #include "cuda/kernels.hpp"
@@ -45,7 +46,7 @@ struct PackedChunk {
 };
 
 // The same Vec elements as fp32, the form they are summed in; stored with one RNE rounding to
-// bf16 per element.
+// bf16 per element (two at a time, cuda/bf16_rounding.cuh).
 template <int Vec>
 struct Chunk {
   float v[Vec];
@@ -62,8 +63,8 @@ struct Chunk {
     PackedChunk<Vec> packed;
 #pragma unroll
     for (int i = 0; i < (Vec + 1) / 2; ++i) {
-      const uint32_t high = 2 * i + 1 < Vec ? plan::float_to_bf16_bits(v[2 * i + 1]) : 0;
-      packed.words[i] = uint32_t(plan::float_to_bf16_bits(v[2 * i])) | high << 16;
+      packed.words[i] = 2 * i + 1 < Vec ? bf16x2_bits(v[2 * i], v[2 * i + 1])
+                                        : plan::float_to_bf16_bits(v[2 * i]);
     }
     packed.store(p);
   }

@@ -13,6 +13,12 @@ epx_gpu_test(test_gpu_plan)     # the device routing plan against the host plan 
 # Several ranks as threads of one process (Comm::cuda_threads), sharing one GPU (or spread over
 # the visible GPUs): the multi-rank protocol on a single-GPU machine.
 epx_gpu_test(test_gpu_threads)
+# Device-side numerics against plan/numerics.hpp, exhaustively (a CUDA source of its own).
+add_executable(test_gpu_numerics ${CMAKE_CURRENT_LIST_DIR}/test_gpu_numerics.cu)
+target_compile_options(test_gpu_numerics PRIVATE -gencode=arch=compute_90a,code=sm_90a)
+target_include_directories(test_gpu_numerics PRIVATE ${PROJECT_SOURCE_DIR}/src)
+target_link_libraries(test_gpu_numerics PRIVATE GTest::gtest_main)
+gtest_discover_tests(test_gpu_numerics DISCOVERY_TIMEOUT 60 PROPERTIES TIMEOUT 300 LABELS gpu)
 
 # First-look timings of the CUDA transport (not a test; tools/gpu-check.sh runs it).
 add_executable(bench_gpu ${CMAKE_CURRENT_LIST_DIR}/bench_gpu.cpp
