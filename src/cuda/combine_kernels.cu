@@ -61,10 +61,10 @@ struct Chunk {
   }
   __device__ __forceinline__ void store(uint16_t* p) const {
     PackedChunk<Vec> packed;
-#pragma unroll
-    for (int i = 0; i < (Vec + 1) / 2; ++i) {
-      packed.words[i] = 2 * i + 1 < Vec ? bf16x2_bits(v[2 * i], v[2 * i + 1])
-                                        : plan::float_to_bf16_bits(v[2 * i]);
+    if constexpr (Vec == 8) {
+      round_to_bf16<4>(v, packed.words);
+    } else {
+      packed.words[0] = plan::float_to_bf16_bits(v[0]);
     }
     packed.store(p);
   }
@@ -107,8 +107,10 @@ struct RowSpan {
   __device__ __forceinline__ int64_t at(int u) const { return h0 + int64_t(u) * kWarpSize * Vec; }
 };
 
-// term(i, w, weighted) returns term i's row, or null when the term is absent; it sets
-// `weighted` (and `w`) when the term is fma'd with a weight rather than added.
+// term(i, w) returns term i's row, or null when the term is absent, and sets its weight w. An
+// unweighted term has w = 1: fma(1, x, acc) rounds once, exactly as acc + x does
+// (plan::accumulate), so both kinds take the same instructions, without a branch per term
+// (bench/NOTES.md change 29).
 template <int Vec, typename Term>
 __device__ __forceinline__ void sum_terms(RowSpan<Vec>& acc, int num_terms, Term term) {
 #pragma unroll
@@ -117,15 +119,18 @@ __device__ __forceinline__ void sum_terms(RowSpan<Vec>& acc, int num_terms, Term
     PackedChunk<Vec> x[kReduceTerms][kReduceSpan];
     const uint16_t* rows[kReduceTerms];
     float weight[kReduceTerms];
-    bool weighted[kReduceTerms];
 #pragma unroll
     for (int j = 0; j < kReduceTerms; ++j) {
       weight[j] = 0.0f;
-      weighted[j] = false;
-      rows[j] = i0 + j < num_terms ? term(i0 + j, weight[j], weighted[j]) : nullptr;
+      rows[j] = i0 + j < num_terms ? term(i0 + j, weight[j]) : nullptr;
 #pragma unroll
       for (int u = 0; u < kReduceSpan; ++u) {
-        if (rows[j] && acc.has(u)) x[j][u].load(rows[j] + acc.at(u));
+        if (rows[j] && acc.has(u)) {
+          // Rows are in global memory; read back from the term cache the compiler cannot
+          // tell, and would issue generic loads.
+          __builtin_assume(__isGlobal(rows[j]));
+          x[j][u].load(rows[j] + acc.at(u));
+        }
       }
     }
 #pragma unroll
@@ -133,12 +138,7 @@ __device__ __forceinline__ void sum_terms(RowSpan<Vec>& acc, int num_terms, Term
       if (!rows[j]) continue;
 #pragma unroll
       for (int u = 0; u < kReduceSpan; ++u) {
-        if (!acc.has(u)) continue;
-        if (weighted[j]) {
-          acc.v[u].fma(weight[j], x[j][u].unpack());
-        } else {
-          acc.v[u].add(x[j][u].unpack());
-        }
+        if (acc.has(u)) acc.v[u].fma(weight[j], x[j][u].unpack());
       }
     }
   }
@@ -152,10 +152,9 @@ constexpr int kCachedTerms = 8;
 struct CachedTerms {
   const uint16_t* row[kCachedTerms];
   float weight[kCachedTerms];
-  bool weighted[kCachedTerms];
 };
 
-// Fills `cache` from term(i, w, weighted) (the warp, all lanes); false when there are too many.
+// Fills `cache` from term(i, w) (the warp, all lanes); false when there are too many.
 template <typename Term>
 __device__ __forceinline__ bool cache_terms(CachedTerms& cache, int num_terms, int lane,
                                             Term term) {
@@ -163,10 +162,8 @@ __device__ __forceinline__ bool cache_terms(CachedTerms& cache, int num_terms, i
   __syncwarp();  // the previous row's reads of the cache are done
   if (lane < num_terms) {
     float w = 0.0f;
-    bool weighted = false;
-    cache.row[lane] = term(lane, w, weighted);
+    cache.row[lane] = term(lane, w);
     cache.weight[lane] = w;
-    cache.weighted[lane] = weighted;
   }
   __syncwarp();
   return true;
@@ -183,9 +180,8 @@ template <int Vec, typename Term>
 __device__ __forceinline__ void sum_row_terms(RowSpan<Vec>& acc, int num_terms, bool cached,
                                               const CachedTerms& cache, Term term) {
   if (cached) {
-    sum_terms(acc, num_terms, [&](int i, float& w, bool& weighted) -> const uint16_t* {
+    sum_terms(acc, num_terms, [&](int i, float& w) -> const uint16_t* {
       w = cache.weight[i];
-      weighted = cache.weighted[i];
       return cache.row[i];
     });
   } else {
@@ -225,11 +221,10 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
           layout.row(dst, layout.expert_combine_row_index(rank, token)));
       const int64_t end = min(hidden, (part + 1) * parts.bytes / 2);
       // The token's expanded rows in k order, weighted when weights are given.
-      auto term = [&](int k, float& w, bool& weighted) -> const uint16_t* {
+      auto term = [&](int k, float& w) -> const uint16_t* {
         const int32_t row = rows[k];
         if (row < 0) return nullptr;
-        weighted = p.weights != nullptr;
-        if (weighted) w = p.weights[row];
+        w = p.weights ? p.weights[row] : 1.0f;
         return p.x + int64_t(row) * hidden;
       };
       CachedTerms& cache = warp_term_cache();
@@ -292,12 +287,11 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
   for (int64_t item = global_warp(); item < p.num_tokens * parts.count; item += total_warps()) {
     const int64_t t = item / parts.count, part = item % parts.count;
     const int64_t end = min(hidden, (part + 1) * parts.bytes / 2);
-    auto term = [&](int i, float& w, bool& weighted) -> const uint16_t* {
+    auto term = [&](int i, float& w) -> const uint16_t* {
       const bool present = p.at_source ? p.topk32[t * num_topk + i] >= 0
                                        : p.send_slot[t * num_ranks + i] >= 0;
       if (!present) return nullptr;
-      weighted = p.at_source && p.weighted;
-      if (weighted) w = layout.row_weights(local)[t * num_topk + i];
+      w = p.at_source && p.weighted ? layout.row_weights(local)[t * num_topk + i] : 1.0f;
       if (p.own_x) {  // this rank's own expert outputs are read where they are
         const int32_t own_slot = p.send_slot[t * num_ranks + rank];
         if (!p.at_source && i == rank) return p.own_x + (own_first + own_slot) * hidden;

@@ -1,6 +1,7 @@
 // The device-side bf16 rounding of the reductions (cuda/bf16_rounding.cuh: the hardware's
-// conversion, with the integer form for NaNs) against plan::float_to_bf16_bits, the rounding
-// every backend and the reference share, over every fp32 bit pattern in both halves of a pair.
+// conversion, the integer form for chunks holding a NaN) against plan::float_to_bf16_bits, the
+// rounding every backend and the reference share, over every fp32 bit pattern in each slot of
+// an 8-value chunk.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -13,27 +14,34 @@ namespace {
 
 struct Mismatches {
   unsigned long long count;
-  uint32_t low, high;  // the first pair that differed (as fp32 bits)
+  uint32_t low, high;  // the first pair that differed (fp32 bits)
   uint32_t got, want;
 };
 
-// Pair i is (bits i, bits i ^ kPartner): as i covers every pattern, so do both halves.
-constexpr uint32_t kPartner = 0x9e3779b9u;
+// Chunk i holds bits i ^ kPartner[s] in slot s: as i covers every pattern, so does each slot,
+// with other values beside it (a NaN anywhere in a chunk sends the whole chunk the slow way).
+__constant__ uint32_t kPartner[8] = {0u,          0x9e3779b9u, 0x7f800001u, 0x00400000u,
+                                     0x3c6ef372u, 0x80000000u, 0xdeadbeefu, 0x00000001u};
 
 __global__ void compare_every_float(Mismatches* out) {
   const uint64_t stride = uint64_t(gridDim.x) * blockDim.x;
   for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (uint64_t(1) << 32);
        i += stride) {
-    const uint32_t low = static_cast<uint32_t>(i), high = low ^ kPartner;
-    const float a = __uint_as_float(low), b = __uint_as_float(high);
-    const uint32_t got = epx::cuda::bf16x2_bits(a, b);
-    const uint32_t want = uint32_t(epx::plan::float_to_bf16_bits(a)) |
-                          uint32_t(epx::plan::float_to_bf16_bits(b)) << 16;
-    if (got != want && atomicAdd(&out->count, 1ull) == 0) {
-      out->low = low;
-      out->high = high;
-      out->got = got;
-      out->want = want;
+    float value[8];
+#pragma unroll
+    for (int s = 0; s < 8; ++s) value[s] = __uint_as_float(static_cast<uint32_t>(i) ^ kPartner[s]);
+    uint32_t got[4];
+    epx::cuda::round_to_bf16<4>(value, got);
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const uint32_t want = uint32_t(epx::plan::float_to_bf16_bits(value[2 * w])) |
+                            uint32_t(epx::plan::float_to_bf16_bits(value[2 * w + 1])) << 16;
+      if (got[w] != want && atomicAdd(&out->count, 1ull) == 0) {
+        out->low = __float_as_uint(value[2 * w]);
+        out->high = __float_as_uint(value[2 * w + 1]);
+        out->got = got[w];
+        out->want = want;
+      }
     }
   }
 }
