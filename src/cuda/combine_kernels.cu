@@ -14,7 +14,7 @@ namespace epx::cuda {
 namespace {
 
 constexpr int kThreads = kBlockThreads;
-constexpr int kBatch = 4;  // chunks whose loads are in flight together (backward)
+constexpr int kBatch = 8;  // chunks of grad_y and of x whose loads are in flight together (backward)
 
 
 template <int Vec>
@@ -369,7 +369,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardParams p) {
       constexpr int64_t kStride = kWarpSize * Vec;
       for (int64_t h0 = int64_t(lane) * Vec; h0 < hidden; h0 += kBatch * kStride) {
         // kBatch chunks of grad_y and x loaded before any is used (latency, as above).
-        Chunk<Vec> g[kBatch], x[kBatch];
+        PackedChunk<Vec> g[kBatch], x[kBatch];
 #pragma unroll
         for (int j = 0; j < kBatch; ++j) {
           const int64_t h = h0 + j * kStride;
@@ -382,11 +382,12 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardParams p) {
         for (int j = 0; j < kBatch; ++j) {
           const int64_t h = h0 + j * kStride;
           if (h >= hidden) continue;
+          const Chunk<Vec> gj = g[j].unpack(), xj = x[j].unpack();
           Chunk<Vec> scaled;
 #pragma unroll
           for (int i = 0; i < Vec; ++i) {
-            scaled.v[i] = __fmul_rn(w, g[j].v[i]);
-            dot = __fmaf_rn(g[j].v[i], x[j].v[i], dot);
+            scaled.v[i] = __fmul_rn(w, gj.v[i]);
+            dot = __fmaf_rn(gj.v[i], xj.v[i], dot);
           }
           scaled.store(grad_x_row + h);
         }
