@@ -107,57 +107,27 @@ struct RowSpan {
   __device__ __forceinline__ int64_t at(int u) const { return h0 + int64_t(u) * kWarpSize * Vec; }
 };
 
-// The terms of one row sum, resolved once per (row, part) instead of at every position: lane i
-// resolves term i (its row and weight, behind one to three dependent index loads) into the
-// warp's slot of shared memory, and the position loop reads them there (bench/NOTES.md change
-// 25). Up to kCachedTerms terms at once; a row with more takes them kCachedTerms at a time,
-// resolved again at every position (one code path: a second, uncached instantiation of the
-// loop cost the registers of the first). A term's row is null when the term is absent; an
-// unweighted term has weight 1: fma(1, x, acc) rounds once, exactly as acc + x does
+// term(i, w) returns term i's row, or null when the term is absent, and sets its weight w. An
+// unweighted term has w = 1: fma(1, x, acc) rounds once, exactly as acc + x does
 // (plan::accumulate), so both kinds take the same instructions, without a branch per term
 // (bench/NOTES.md change 29).
-constexpr int kCachedTerms = 8;
-struct CachedTerms {
-  const uint16_t* row[kCachedTerms];
-  float weight[kCachedTerms];
-};
-
-// Fills `cache` with terms [first, first + count) from term(i, w), which returns term i's row
-// and sets its weight w (the warp, all lanes).
-template <typename Term>
-__device__ __forceinline__ void cache_terms(CachedTerms& cache, int first, int count, int lane,
-                                            Term term) {
-  __syncwarp();  // the previous reads of the cache are done
-  if (lane < count) {
-    float w = 0.0f;
-    cache.row[lane] = term(first + lane, w);
-    cache.weight[lane] = w;
-  }
-  __syncwarp();
-}
-
-// The warp's cache in shared memory (one per warp of the block).
-__device__ __forceinline__ CachedTerms& warp_term_cache() {
-  __shared__ CachedTerms caches[kThreads / kWarpSize];
-  return caches[warp_in_block()];
-}
-
-// Adds the first `count` terms of `cache` to the sums in `acc`.
-template <int Vec>
-__device__ __forceinline__ void sum_terms(RowSpan<Vec>& acc, int count, const CachedTerms& cache) {
-  for (int i0 = 0; i0 < count; i0 += kReduceTerms) {
+template <int Vec, typename Term>
+__device__ __forceinline__ void sum_terms(RowSpan<Vec>& acc, int num_terms, Term term) {
+#pragma unroll
+  for (int u = 0; u < kReduceSpan; ++u) acc.v[u].zero();
+  for (int i0 = 0; i0 < num_terms; i0 += kReduceTerms) {
     PackedChunk<Vec> x[kReduceTerms][kReduceSpan];
     const uint16_t* rows[kReduceTerms];
     float weight[kReduceTerms];
 #pragma unroll
     for (int j = 0; j < kReduceTerms; ++j) {
-      rows[j] = i0 + j < count ? cache.row[i0 + j] : nullptr;
-      weight[j] = i0 + j < count ? cache.weight[i0 + j] : 0.0f;
+      weight[j] = 0.0f;
+      rows[j] = i0 + j < num_terms ? term(i0 + j, weight[j]) : nullptr;
 #pragma unroll
       for (int u = 0; u < kReduceSpan; ++u) {
         if (rows[j] && acc.has(u)) {
-          // Rows are in global memory; read back from shared memory the compiler cannot tell,
-          // and would issue generic loads.
+          // Rows are in global memory; read back from the term cache the compiler cannot
+          // tell, and would issue generic loads.
           __builtin_assume(__isGlobal(rows[j]));
           x[j][u].load(rows[j] + acc.at(u));
         }
@@ -174,28 +144,48 @@ __device__ __forceinline__ void sum_terms(RowSpan<Vec>& acc, int count, const Ca
   }
 }
 
-// The sum of a row part [begin, end) over terms [0, num_terms) (term(i, w) as for
-// cache_terms), handed position by position to finish(acc, h): the lane's elements
-// [h, h + Vec).
-template <int Vec, typename Term, typename Finish>
-__device__ __forceinline__ void sum_row(int num_terms, int64_t begin, int64_t end, int lane,
-                                        Term term, Finish finish) {
-  CachedTerms& cache = warp_term_cache();
-  const bool one_chunk = num_terms <= kCachedTerms;
-  if (one_chunk) cache_terms(cache, 0, num_terms, lane, term);
-  for (int64_t h0 = begin + int64_t(lane) * Vec; h0 < end; h0 += kReduceSpan * kWarpSize * Vec) {
-    RowSpan<Vec> acc{{}, h0, end};
-#pragma unroll
-    for (int u = 0; u < kReduceSpan; ++u) acc.v[u].zero();
-    for (int first = 0; first < num_terms; first += kCachedTerms) {
-      const int count = min(kCachedTerms, num_terms - first);
-      if (!one_chunk) cache_terms(cache, first, count, lane, term);
-      sum_terms(acc, count, cache);
-    }
-#pragma unroll
-    for (int u = 0; u < kReduceSpan; ++u) {
-      if (acc.has(u)) finish(acc.v[u], acc.at(u));
-    }
+// The terms of one row sum, resolved once per (row, part) instead of at every position: lane i
+// resolves term i (its row and weight, behind one to three dependent index loads) into the
+// warp's slot of shared memory, and the position loop reads them there (bench/NOTES.md change
+// 25). Up to kCachedTerms terms; with more, every position resolves them again.
+constexpr int kCachedTerms = 8;
+struct CachedTerms {
+  const uint16_t* row[kCachedTerms];
+  float weight[kCachedTerms];
+};
+
+// Fills `cache` from term(i, w) (the warp, all lanes); false when there are too many.
+template <typename Term>
+__device__ __forceinline__ bool cache_terms(CachedTerms& cache, int num_terms, int lane,
+                                            Term term) {
+  if (num_terms > kCachedTerms) return false;
+  __syncwarp();  // the previous row's reads of the cache are done
+  if (lane < num_terms) {
+    float w = 0.0f;
+    cache.row[lane] = term(lane, w);
+    cache.weight[lane] = w;
+  }
+  __syncwarp();
+  return true;
+}
+
+// The warp's cache in shared memory (one per warp of the block).
+__device__ __forceinline__ CachedTerms& warp_term_cache() {
+  __shared__ CachedTerms caches[kThreads / kWarpSize];
+  return caches[warp_in_block()];
+}
+
+// sum_terms over the cached terms when `cached`, else over term() itself.
+template <int Vec, typename Term>
+__device__ __forceinline__ void sum_row_terms(RowSpan<Vec>& acc, int num_terms, bool cached,
+                                              const CachedTerms& cache, Term term) {
+  if (cached) {
+    sum_terms(acc, num_terms, [&](int i, float& w) -> const uint16_t* {
+      w = cache.weight[i];
+      return cache.row[i];
+    });
+  } else {
+    sum_terms(acc, num_terms, term);
   }
 }
 
@@ -237,8 +227,17 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
         w = p.weights ? p.weights[row] : 1.0f;
         return p.x + int64_t(row) * hidden;
       };
-      sum_row<Vec>(num_topk, part * parts.bytes / 2, end, lane, term,
-                   [&](const Chunk<Vec>& acc, int64_t h) { acc.store(out + h); });
+      CachedTerms& cache = warp_term_cache();
+      const bool cached = cache_terms(cache, num_topk, lane, term);
+      for (int64_t h0 = part * parts.bytes / 2 + int64_t(lane) * Vec; h0 < end;
+           h0 += kReduceSpan * kWarpSize * Vec) {
+        RowSpan<Vec> acc{{}, h0, end};
+        sum_row_terms(acc, num_topk, cached, cache, term);
+#pragma unroll
+        for (int u = 0; u < kReduceSpan; ++u) {
+          if (acc.has(u)) acc.v[u].store(out + acc.at(u));
+        }
+      }
     } else if (!p.expand) {
       if (p.stage_own_rows || source != rank) {
         warp_copy_part(layout.row(dst, layout.expert_combine_row_index(rank, token)),
@@ -305,17 +304,24 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
                                          : layout.expert_combine_row_index(i, t);
       return reinterpret_cast<const uint16_t*>(layout.row(local, staged));
     };
-    // The biases are added after the terms, in fp32, before the one rounding.
-    auto finish = [&](Chunk<Vec> acc, int64_t h) {
-      for (const uint16_t* bias : {p.bias0, p.bias1}) {
-        if (!bias) continue;
-        Chunk<Vec> b;
-        b.load(bias + t * hidden + h);
-        acc.add(b);
+    CachedTerms& cache = warp_term_cache();
+    const bool cached = cache_terms(cache, terms, lane, term);
+    for (int64_t h0 = part * parts.bytes / 2 + int64_t(lane) * Vec; h0 < end;
+         h0 += kReduceSpan * kWarpSize * Vec) {
+      RowSpan<Vec> acc{{}, h0, end};
+      sum_row_terms(acc, terms, cached, cache, term);
+#pragma unroll
+      for (int u = 0; u < kReduceSpan; ++u) {
+        if (!acc.has(u)) continue;
+        for (const uint16_t* bias : {p.bias0, p.bias1}) {
+          if (!bias) continue;
+          Chunk<Vec> b;
+          b.load(bias + t * hidden + acc.at(u));
+          acc.v[u].add(b);
+        }
+        acc.v[u].store(p.y + t * hidden + acc.at(u));
       }
-      acc.store(p.y + t * hidden + h);
-    };
-    sum_row<Vec>(terms, part * parts.bytes / 2, end, lane, term, finish);
+    }
     if (part == 0 && p.scalars_out) {
       for (int k = lane; k < num_topk; k += kWarpSize) {
         const int64_t i = t * num_topk + k;
