@@ -26,8 +26,9 @@ constexpr int kMaxHeaderRanks = 8;
 
 
 // One warp per (token, row part): the part goes to every destination in order (this rank's own
-// staging only with stage_own_rows); the warp of part 0 also writes the scales and (lanes
-// k < K) the per-k metadata. Block 0 writes the headers and expert counts of a routing dispatch.
+// staging only with stage_own_rows); the warp of part 0 also writes the scales. Then a thread
+// per (token, k) writes the per-k metadata. Block 0 writes the headers and expert counts of a
+// routing dispatch.
 __global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
   chain_start();
   const plan::WorkspaceLayout& layout = p.topo.layout;
@@ -67,25 +68,36 @@ __global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
         warp_copy_part(layout.row(dst, layout.dispatch_row_index(rank, slot)),
                        p.x + t * p.row_bytes, p.row_bytes, parts, part, lane);
       }
-      if (part != 0) continue;  // the row's first part carries its scales and metadata
-      if (p.scales) {
-        float* scales = layout.row_scales(dst, rank, slot);
-        for (int64_t i = lane; i < p.scales_per_row; i += kWarpSize) {
-          scales[i] = p.scales[t * p.scales_per_row + i];
-        }
+      if (part != 0 || !p.scales) continue;  // the row's first part carries its scales
+      float* scales = layout.row_scales(dst, rank, slot);
+      for (int64_t i = lane; i < p.scales_per_row; i += kWarpSize) {
+        scales[i] = p.scales[t * p.scales_per_row + i];
       }
-      if (!p.with_meta) continue;
-      plan::SlotMeta meta{layout.slot_meta(dst, rank, slot), num_topk};
-      if (lane == 0) *meta.token() = static_cast<int32_t>(t);
-      for (int k = lane; k < num_topk; k += kWarpSize) {
-        const int64_t i = t * num_topk + k;
-        const int32_t e = p.topk32[i];
-        const bool here = e >= 0 && plan::rank_of_expert(e, local_experts) == r;
-        meta.local_expert()[k] = here ? plan::local_index_of_expert(e, local_experts) : -1;
-        meta.expert_slot()[k] = here ? p.expert_slot[i] : -1;
-        meta.weight()[k] = here && p.weights ? p.weights[i] : 0.0f;
-        meta.aux()[k] = here && p.aux ? p.aux[i] : 0.0f;
-      }
+    }
+  }
+  // The metadata of every (token, destination), a thread per (token, k): as a warp's work per
+  // token in the row loop it was a chain of dependent loads per token with K lanes busy, ~18 us
+  // of one rank's 4096-token send (bench/NOTES.md change 32).
+  const int64_t threads = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+       routing_ok && p.with_meta && i < p.num_tokens * num_topk; i += threads) {
+    const int64_t t = i / num_topk;
+    const int k = static_cast<int>(i % num_topk);
+    const int32_t e = p.topk32[i];
+    const int owner = e >= 0 ? plan::rank_of_expert(e, local_experts) : -1;
+    const int32_t local = e >= 0 ? plan::local_index_of_expert(e, local_experts) : -1;
+    const int32_t expert_slot = p.expert_slot[i];
+    const float weight = p.weights ? p.weights[i] : 0.0f, aux = p.aux ? p.aux[i] : 0.0f;
+    for (int r = 0; r < num_ranks; ++r) {
+      const int32_t slot = p.send_slot[t * num_ranks + r];
+      if (slot < 0) continue;
+      const plan::SlotMeta meta{layout.slot_meta(p.topo.peers[r], rank, slot), num_topk};
+      if (k == 0) *meta.token() = static_cast<int32_t>(t);
+      const bool here = owner == r;
+      meta.local_expert()[k] = here ? local : -1;
+      meta.expert_slot()[k] = here ? expert_slot : -1;
+      meta.weight()[k] = here ? weight : 0.0f;
+      meta.aux()[k] = here ? aux : 0.0f;
     }
   }
   mark_phase(kMarkSent);
