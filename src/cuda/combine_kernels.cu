@@ -1,7 +1,7 @@
 // Combine and combine_backward on the device. Rows are processed in 8-element (16-byte)
 // chunks per lane when H % 8 == 0, one element per lane otherwise (the Vec template), with the
-// exact numerics of plan/numerics.hpp: fma for weighted terms, plain adds otherwise, one RNE
-// rounding to bf16.
+// exact numerics of plan/numerics.hpp: one fma per term (weight 1 for an unweighted term, the
+// same bits as the add), plain adds for biases, one RNE rounding to bf16.
 #include "cuda/bf16_rounding.cuh"
 #include "cuda/chained_launch.hpp"
 #include "cuda/device_primitives.cuh"
@@ -14,7 +14,7 @@ namespace epx::cuda {
 namespace {
 
 constexpr int kThreads = kBlockThreads;
-constexpr int kBatch = 8;  // chunks of grad_y and of x whose loads are in flight together (backward)
+constexpr int kBatch = 8;  // chunks of grad_y and of x in flight together (backward)
 
 
 template <int Vec>
@@ -126,8 +126,8 @@ __device__ __forceinline__ void sum_terms(RowSpan<Vec>& acc, int num_terms, Term
 #pragma unroll
       for (int u = 0; u < kReduceSpan; ++u) {
         if (rows[j] && acc.has(u)) {
-          // Rows are in global memory; read back from the term cache the compiler cannot
-          // tell, and would issue generic loads.
+          // Rows are in global memory; read back from the term cache, the compiler cannot
+          // tell and would issue generic loads.
           __builtin_assume(__isGlobal(rows[j]));
           x[j][u].load(rows[j] + acc.at(u));
         }
@@ -368,7 +368,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardParams p) {
       uint16_t* grad_x_row = p.grad_x + int64_t(row) * hidden;
       constexpr int64_t kStride = kWarpSize * Vec;
       for (int64_t h0 = int64_t(lane) * Vec; h0 < hidden; h0 += kBatch * kStride) {
-        // kBatch chunks of grad_y and x loaded before any is used (latency, as above).
+        // kBatch chunks of grad_y and x loaded before any is used (latency, as above), held
+        // packed until then (half the registers; bench/NOTES.md change 30).
         PackedChunk<Vec> g[kBatch], x[kBatch];
 #pragma unroll
         for (int j = 0; j < kBatch; ++j) {

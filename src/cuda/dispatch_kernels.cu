@@ -75,9 +75,10 @@ __global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
       }
     }
   }
-  // The metadata of every (token, destination), a thread per (token, k): as a warp's work per
-  // token in the row loop it was a chain of dependent loads per token with K lanes busy, ~18 us
-  // of one rank's 4096-token send (bench/NOTES.md change 32).
+  // The metadata of every (token, destination), a thread per (token, k) rather than the
+  // token's row warp: a token's loads (topk, expert slot, weights, aux, then its send slots)
+  // are a chain of round trips, which a warp would run once per token in sequence
+  // (bench/NOTES.md change 32).
   const int64_t threads = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
        routing_ok && p.with_meta && i < p.num_tokens * num_topk; i += threads) {
