@@ -26,15 +26,13 @@ add_executable(bench_gpu ${CMAKE_CURRENT_LIST_DIR}/bench_gpu.cpp
 target_include_directories(bench_gpu PRIVATE ${PROJECT_SOURCE_DIR}/src ${PROJECT_SOURCE_DIR}/tests)
 target_link_libraries(bench_gpu PRIVATE epx epx_test_common)
 
-# Costs of the synchronisation pieces on their own (bench/micro/sync_costs.cu; not a test).
-add_executable(sync_costs ${PROJECT_SOURCE_DIR}/bench/micro/sync_costs.cu)
-target_compile_options(sync_costs PRIVATE -gencode=arch=compute_90a,code=sm_90a)
-
-# Register copies against bulk (cp.async.bulk) copies of 14 KB rows (bench/micro/copy_paths.cu).
-add_executable(copy_paths ${PROJECT_SOURCE_DIR}/bench/micro/copy_paths.cu)
-target_compile_options(copy_paths PRIVATE -gencode=arch=compute_90a,code=sm_90a)
-# The expert-side sum of 8 rows per token by register loads and by cp.async stages
-# (bench/micro/row_sums.cu).
-add_executable(row_sums ${PROJECT_SOURCE_DIR}/bench/micro/row_sums.cu)
-target_compile_options(row_sums PRIVATE -gencode=arch=compute_90a,code=sm_90a)
-target_include_directories(row_sums PRIVATE ${PROJECT_SOURCE_DIR}/src)  # plan/numerics.hpp
+# The micro benchmarks of bench/micro (not tests; tools/device-run.sh step micro runs them):
+# sm_90a builds, src/ on the include path for plan/numerics.hpp.
+function(epx_micro_bench name)
+  add_executable(${name} ${PROJECT_SOURCE_DIR}/bench/micro/${name}.cu)
+  target_compile_options(${name} PRIVATE -gencode=arch=compute_90a,code=sm_90a)
+  target_include_directories(${name} PRIVATE ${PROJECT_SOURCE_DIR}/src)
+endfunction()
+epx_micro_bench(sync_costs)  # the synchronisation pieces' costs on their own
+epx_micro_bench(copy_paths)  # register against bulk (cp.async.bulk) copies of 14 KB rows
+epx_micro_bench(row_sums)    # the expert-side sum by register loads and by cp.async stages
