@@ -18,6 +18,11 @@
 #   sums    tools/profile-kernels.sh sums: the same for the expert-side sum against the
 #           row_sums micro, and the SASS of both (cuobjdump) into $OUT
 #   ncu     per-kernel durations of bench_gpu at 128 tokens (ncu, clocks left alone)
+#   variants bench_gpu of this tree and of variants of it, in the same call (run-to-run spread
+#           between calls is a few %, more than many changes gain): each directory under
+#           EPX_VARIANTS (default alt/, ignored by git; send it with the device tool's carry)
+#           holds files at their repository paths, put over a copy of the tree; every build runs
+#           at 4096 and 128 tokens and with EPX_VARIANT_RANKS ranks as threads (default 4)
 #   phase   bench_gpu built with -DEPX_PHASE_CLOCK=ON (build-clk): the phase timeline of one
 #           dispatch at 128, 512 and 4096 tokens (src/cuda/phase_clock.hpp)
 # Logs go to $OUT (the device tool brings them back) and a summary is printed last.
@@ -112,6 +117,40 @@ for step in $steps; do
       summary+=("micro copy_paths: exit ${PIPESTATUS[0]}")
       timeout 120 "$EPX_BUILD_DIR/tests/row_sums" 2>&1 | tee "$out/row-sums.log"
       summary+=("micro row_sums: exit ${PIPESTATUS[0]}")
+      ;;
+    variants)
+      run_bench() {  # $1: bench_gpu binary, $2: label
+        for args in "--tokens 4096" "--tokens 128" \
+                    "--thread-ranks ${EPX_VARIANT_RANKS:-4} --tokens 4096"; do
+          echo "## $2: bench_gpu $args"
+          timeout 120 "$1" $args 2>&1 | grep -E "^rank 0: "
+        done
+      }
+      {
+        run_bench "$EPX_BUILD_DIR/tests/bench_gpu" "this tree ($EPX_COMMIT)"
+        variants=("${EPX_VARIANTS:-$root/alt}"/*/)
+        for dir in "${variants[@]}"; do  # the builds in parallel, then the runs one by one
+          tree=/tmp/epx-variant-$(basename "$dir")
+          rm -rf "$tree" && mkdir -p "$tree"
+          tar -C "$root" --exclude='./build*' --exclude=./alt -cf - . | tar -C "$tree" -xf -
+          cp -r "$dir". "$tree"/
+          { cmake -S "$tree" -B "$tree/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+              ${nccl_root:+-DEPX_NCCL_ROOT="$nccl_root"} &&
+            cmake --build "$tree/build" -j "$(nproc)" --target bench_gpu; } > "$tree/build.log" 2>&1 &
+        done
+        wait
+        for dir in "${variants[@]}"; do
+          name=$(basename "$dir") tree=/tmp/epx-variant-$(basename "$dir")
+          echo "## variant $name: $(cd "$dir" && find . -type f | sort | paste -sd ' ')"
+          if [ -x "$tree/build/tests/bench_gpu" ]; then
+            run_bench "$tree/build/tests/bench_gpu" "variant $name"
+          else
+            tail -n 30 "$tree/build.log"
+          fi
+        done
+        run_bench "$EPX_BUILD_DIR/tests/bench_gpu" "this tree again"
+      } 2>&1 | tee "$out/variants.log"
+      summary+=("variants: $(grep -c '^## variant' "$out/variants.log") built")
       ;;
     phase)
       cmake -S "$root" -B "$root/build-clk" -G Ninja -DCMAKE_BUILD_TYPE=Release -DEPX_PHASE_CLOCK=ON \

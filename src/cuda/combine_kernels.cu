@@ -89,17 +89,27 @@ __device__ __forceinline__ Chunk<Vec> PackedChunk<Vec>::unpack() const {
   return out;
 }
 
-// Row sums, the inner loop of both reductions. A lane covers kReduceSpan positions of the row
-// (h0 + u * kWarpSize * Vec, u < kReduceSpan, those < end) and loads kReduceTerms terms at all
-// of them before summing: up to 8 loads in flight per lane instead of one, which is what
-// bounds these loops (memory latency, not bandwidth). Every element still sums its terms in
-// term order, then the caller adds biases: the numerics of plan/numerics.hpp are unchanged.
-constexpr int kReduceSpan = 4;
-constexpr int kReduceTerms = 2;
+// Row sums, the inner loop of both reductions. A lane covers Span positions of the row
+// (h0 + u * kWarpSize * Vec, u < Span, those < end) and loads Terms terms at all of them before
+// summing: Terms x Span loads in flight per lane instead of one, which is what bounds these
+// loops (memory latency, not bandwidth). Every element still sums its terms in term order, then
+// the caller adds biases: the numerics of plan/numerics.hpp are unchanged.
+//
+// Two shapes, picked per launch by the number of terms a row sum has (terms_in_flight): rows of
+// three or more terms (top-k rows at the source or the expert, a compact combine over three or
+// more ranks) load kWideTerms at once, which made the at-source sum 11% faster than two; rows of
+// one or two terms (a compact combine over one or two ranks) keep two, which was 15% faster for
+// them than four (bench/NOTES.md changes 31 and 33). The one-element path (odd H or unaligned
+// tensors) keeps the narrow shape.
+constexpr int kNarrowTerms = 2, kNarrowSpan = 4;
+constexpr int kWideTerms = 4, kWideSpan = 4;
+int terms_in_flight(int vec, int num_terms) {
+  return vec == 8 && num_terms >= 3 ? kWideTerms : kNarrowTerms;
+}
 
-template <int Vec>
+template <int Vec, int Span>
 struct RowSpan {
-  Chunk<Vec> v[kReduceSpan];
+  Chunk<Vec> v[Span];
   int64_t h0, end;
   __device__ __forceinline__ bool has(int u) const {
     return h0 + int64_t(u) * kWarpSize * Vec < end;
@@ -111,20 +121,20 @@ struct RowSpan {
 // unweighted term has w = 1: fma(1, x, acc) rounds once, exactly as acc + x does
 // (plan::accumulate), so both kinds take the same instructions, without a branch per term
 // (bench/NOTES.md change 29).
-template <int Vec, typename Term>
-__device__ __forceinline__ void sum_terms(RowSpan<Vec>& acc, int num_terms, Term term) {
+template <int Vec, int Terms, int Span, typename Term>
+__device__ __forceinline__ void sum_terms(RowSpan<Vec, Span>& acc, int num_terms, Term term) {
 #pragma unroll
-  for (int u = 0; u < kReduceSpan; ++u) acc.v[u].zero();
-  for (int i0 = 0; i0 < num_terms; i0 += kReduceTerms) {
-    PackedChunk<Vec> x[kReduceTerms][kReduceSpan];
-    const uint16_t* rows[kReduceTerms];
-    float weight[kReduceTerms];
+  for (int u = 0; u < Span; ++u) acc.v[u].zero();
+  for (int i0 = 0; i0 < num_terms; i0 += Terms) {
+    PackedChunk<Vec> x[Terms][Span];
+    const uint16_t* rows[Terms];
+    float weight[Terms];
 #pragma unroll
-    for (int j = 0; j < kReduceTerms; ++j) {
+    for (int j = 0; j < Terms; ++j) {
       weight[j] = 0.0f;
       rows[j] = i0 + j < num_terms ? term(i0 + j, weight[j]) : nullptr;
 #pragma unroll
-      for (int u = 0; u < kReduceSpan; ++u) {
+      for (int u = 0; u < Span; ++u) {
         if (rows[j] && acc.has(u)) {
           // Rows are in global memory; read back from the term cache, the compiler cannot
           // tell and would issue generic loads.
@@ -134,10 +144,10 @@ __device__ __forceinline__ void sum_terms(RowSpan<Vec>& acc, int num_terms, Term
       }
     }
 #pragma unroll
-    for (int j = 0; j < kReduceTerms; ++j) {
+    for (int j = 0; j < Terms; ++j) {
       if (!rows[j]) continue;
 #pragma unroll
-      for (int u = 0; u < kReduceSpan; ++u) {
+      for (int u = 0; u < Span; ++u) {
         if (acc.has(u)) acc.v[u].fma(weight[j], x[j][u].unpack());
       }
     }
@@ -175,24 +185,38 @@ __device__ __forceinline__ CachedTerms& warp_term_cache() {
   return caches[warp_in_block()];
 }
 
-// sum_terms over the cached terms when `cached`, else over term() itself.
-template <int Vec, typename Term>
-__device__ __forceinline__ void sum_row_terms(RowSpan<Vec>& acc, int num_terms, bool cached,
-                                              const CachedTerms& cache, Term term) {
-  if (cached) {
-    sum_terms(acc, num_terms, [&](int i, float& w) -> const uint16_t* {
-      w = cache.weight[i];
-      return cache.row[i];
-    });
-  } else {
-    sum_terms(acc, num_terms, term);
+// One row sum (elements [begin, end) of it), run by the whole warp: the terms are cached first
+// (warp-collective, so before the position loop, whose trip count differs between lanes:
+// bench/NOTES.md change 31), then each lane sums its positions and hands every sum to
+// finish(h, chunk), which adds what the caller adds and stores it.
+template <int Vec, int Terms, int Span, typename Term, typename Finish>
+__device__ __forceinline__ void sum_row(int num_terms, int64_t begin, int64_t end, int lane,
+                                        Term term, Finish finish) {
+  CachedTerms& cache = warp_term_cache();
+  const bool cached = cache_terms(cache, num_terms, lane, term);
+  auto from_cache = [&](int i, float& w) -> const uint16_t* {
+    w = cache.weight[i];
+    return cache.row[i];
+  };
+  for (int64_t h0 = begin + int64_t(lane) * Vec; h0 < end;
+       h0 += Span * kWarpSize * Vec) {
+    RowSpan<Vec, Span> acc{{}, h0, end};
+    if (cached) {
+      sum_terms<Vec, Terms, Span>(acc, num_terms, from_cache);
+    } else {
+      sum_terms<Vec, Terms, Span>(acc, num_terms, term);
+    }
+#pragma unroll
+    for (int u = 0; u < Span; ++u) {
+      if (acc.has(u)) finish(acc.at(u), acc.v[u]);
+    }
   }
 }
 
-// Reduce: the expert-side sum of expanded rows (expand, reduce at expert); otherwise rows are
-// copied (compact, or reduce at source). Separate instantiations keep each path's registers
-// to itself (together they spilled).
-template <int Vec, bool Reduce>
+// Reduce: the expert-side sum of expanded rows (expand, reduce at expert), Terms at a time;
+// otherwise rows are copied (compact, or reduce at source). Separate instantiations keep each
+// path's registers to itself (together they spilled).
+template <int Vec, bool Reduce, int Terms, int Span>
 __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParams p) {
   chain_start();
   const plan::WorkspaceLayout& layout = p.topo.layout;
@@ -227,17 +251,8 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
         w = p.weights ? p.weights[row] : 1.0f;
         return p.x + int64_t(row) * hidden;
       };
-      CachedTerms& cache = warp_term_cache();
-      const bool cached = cache_terms(cache, num_topk, lane, term);
-      for (int64_t h0 = part * parts.bytes / 2 + int64_t(lane) * Vec; h0 < end;
-           h0 += kReduceSpan * kWarpSize * Vec) {
-        RowSpan<Vec> acc{{}, h0, end};
-        sum_row_terms(acc, num_topk, cached, cache, term);
-#pragma unroll
-        for (int u = 0; u < kReduceSpan; ++u) {
-          if (acc.has(u)) acc.v[u].store(out + acc.at(u));
-        }
-      }
+      sum_row<Vec, Terms, Span>(num_topk, part * parts.bytes / 2, end, lane, term,
+                          [&](int64_t h, const Chunk<Vec>& sum) { sum.store(out + h); });
     } else if (!p.expand) {
       if (p.stage_own_rows || source != rank) {
         warp_copy_part(layout.row(dst, layout.expert_combine_row_index(rank, token)),
@@ -269,7 +284,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
   operation_handoff(p.topo, true);  // orders the block's stores before its count
 }
 
-template <int Vec>
+template <int Vec, int Terms, int Span>
 __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceParams p) {
   chain_start();
   const plan::WorkspaceLayout& layout = p.topo.layout;
@@ -304,24 +319,16 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
                                          : layout.expert_combine_row_index(i, t);
       return reinterpret_cast<const uint16_t*>(layout.row(local, staged));
     };
-    CachedTerms& cache = warp_term_cache();
-    const bool cached = cache_terms(cache, terms, lane, term);
-    for (int64_t h0 = part * parts.bytes / 2 + int64_t(lane) * Vec; h0 < end;
-         h0 += kReduceSpan * kWarpSize * Vec) {
-      RowSpan<Vec> acc{{}, h0, end};
-      sum_row_terms(acc, terms, cached, cache, term);
-#pragma unroll
-      for (int u = 0; u < kReduceSpan; ++u) {
-        if (!acc.has(u)) continue;
-        for (const uint16_t* bias : {p.bias0, p.bias1}) {
-          if (!bias) continue;
-          Chunk<Vec> b;
-          b.load(bias + t * hidden + acc.at(u));
-          acc.v[u].add(b);
-        }
-        acc.v[u].store(p.y + t * hidden + acc.at(u));
-      }
-    }
+    sum_row<Vec, Terms, Span>(terms, part * parts.bytes / 2, end, lane, term,
+                        [&](int64_t h, Chunk<Vec>& sum) {
+                          for (const uint16_t* bias : {p.bias0, p.bias1}) {
+                            if (!bias) continue;
+                            Chunk<Vec> b;
+                            b.load(bias + t * hidden + h);
+                            sum.add(b);
+                          }
+                          sum.store(p.y + t * hidden + h);
+                        });
     if (part == 0 && p.scalars_out) {
       for (int k = lane; k < num_topk; k += kWarpSize) {
         const int64_t i = t * num_topk + k;
@@ -416,29 +423,41 @@ int vector_width(int64_t hidden, std::initializer_list<const void*> tensors) {
 }  // namespace
 
 void load_combine_kernels() {
-  load_functions({reinterpret_cast<const void*>(combine_send_kernel<8, true>),
-                  reinterpret_cast<const void*>(combine_send_kernel<8, false>),
-                  reinterpret_cast<const void*>(combine_send_kernel<1, true>),
-                  reinterpret_cast<const void*>(combine_send_kernel<1, false>),
-                  reinterpret_cast<const void*>(combine_reduce_kernel<8>),
-                  reinterpret_cast<const void*>(combine_reduce_kernel<1>),
+  load_functions({reinterpret_cast<const void*>(combine_send_kernel<8, true, kWideTerms, kWideSpan>),
+                  reinterpret_cast<const void*>(combine_send_kernel<8, true, kNarrowTerms, kNarrowSpan>),
+                  reinterpret_cast<const void*>(combine_send_kernel<8, false, kNarrowTerms, kNarrowSpan>),
+                  reinterpret_cast<const void*>(combine_send_kernel<1, true, kNarrowTerms, kNarrowSpan>),
+                  reinterpret_cast<const void*>(combine_send_kernel<1, false, kNarrowTerms, kNarrowSpan>),
+                  reinterpret_cast<const void*>(combine_reduce_kernel<8, kWideTerms, kWideSpan>),
+                  reinterpret_cast<const void*>(combine_reduce_kernel<8, kNarrowTerms, kNarrowSpan>),
+                  reinterpret_cast<const void*>(combine_reduce_kernel<1, kNarrowTerms, kNarrowSpan>),
                   reinterpret_cast<const void*>(backward_kernel<8>),
                   reinterpret_cast<const void*>(backward_kernel<1>)});
 }
 
 void launch_combine_send(const CombineSendParams& params, cudaStream_t stream) {
+  const plan::WorkspaceLayout& layout = params.topo.layout;
   const bool reduce = params.expand && !params.at_source;
-  const bool vec8 = vector_width(params.topo.layout.hidden, {params.x}) == 8;
-  auto kernel = vec8 ? (reduce ? combine_send_kernel<8, true> : combine_send_kernel<8, false>)
-                     : (reduce ? combine_send_kernel<1, true> : combine_send_kernel<1, false>);
+  const int vec = vector_width(layout.hidden, {params.x});
+  const bool wide = reduce && terms_in_flight(vec, layout.num_topk) == kWideTerms;
+  auto kernel = wide          ? combine_send_kernel<8, true, kWideTerms, kWideSpan>
+                : vec == 8    ? (reduce ? combine_send_kernel<8, true, kNarrowTerms, kNarrowSpan>
+                                        : combine_send_kernel<8, false, kNarrowTerms, kNarrowSpan>)
+                : reduce      ? combine_send_kernel<1, true, kNarrowTerms, kNarrowSpan>
+                              : combine_send_kernel<1, false, kNarrowTerms, kNarrowSpan>;
   launch_chained(kernel, params.num_blocks, kThreads, 0, stream, params.topo.chained, params);
 }
 
 void launch_combine_reduce(const CombineReduceParams& params, cudaStream_t stream) {
-  const bool vec8 = vector_width(params.topo.layout.hidden,
-                                 {params.bias0, params.bias1, params.y, params.own_x}) == 8;
-  launch_chained(vec8 ? combine_reduce_kernel<8> : combine_reduce_kernel<1>, params.num_blocks,
-                 kThreads, 0, stream, params.topo.chained, params);
+  const plan::WorkspaceLayout& layout = params.topo.layout;
+  const int vec =
+      vector_width(layout.hidden, {params.bias0, params.bias1, params.y, params.own_x});
+  const int terms = params.at_source ? layout.num_topk : layout.num_ranks;
+  auto kernel = terms_in_flight(vec, terms) == kWideTerms
+                    ? combine_reduce_kernel<8, kWideTerms, kWideSpan>
+                : vec == 8 ? combine_reduce_kernel<8, kNarrowTerms, kNarrowSpan>
+                           : combine_reduce_kernel<1, kNarrowTerms, kNarrowSpan>;
+  launch_chained(kernel, params.num_blocks, kThreads, 0, stream, params.topo.chained, params);
 }
 
 void launch_backward(const BackwardParams& params, cudaStream_t stream) {
