@@ -22,7 +22,7 @@
 #           between calls is a few %, more than many changes gain): each directory under
 #           EPX_VARIANTS (default alt/, ignored by git; send it with the device tool's carry)
 #           holds files at their repository paths, put over a copy of the tree; every build runs
-#           at 4096 and 128 tokens and with EPX_VARIANT_RANKS ranks as threads (default 4)
+#           at 4096 and 128 tokens and with each of EPX_VARIANT_RANKS ranks as threads (4)
 #   phase   bench_gpu built with -DEPX_PHASE_CLOCK=ON (build-clk): the phase timeline of one
 #           dispatch at 128, 512 and 4096 tokens (src/cuda/phase_clock.hpp)
 # Logs go to $OUT (the device tool brings them back) and a summary is printed last.
@@ -120,8 +120,8 @@ for step in $steps; do
       ;;
     variants)
       run_bench() {  # $1: bench_gpu binary, $2: label
-        for args in "--tokens 4096" "--tokens 128" \
-                    "--thread-ranks ${EPX_VARIANT_RANKS:-4} --tokens 4096"; do
+        local ranks=(${EPX_VARIANT_RANKS:-4})
+        for args in "--tokens 4096" "--tokens 128" "${ranks[@]/#/--tokens 4096 --thread-ranks }"; do
           echo "## $2: bench_gpu $args"
           timeout 120 "$1" $args 2>&1 | grep -E "^rank 0: "
         done
@@ -150,7 +150,7 @@ for step in $steps; do
         done
         run_bench "$EPX_BUILD_DIR/tests/bench_gpu" "this tree again"
       } 2>&1 | tee "$out/variants.log"
-      summary+=("variants: $(grep -c '^## variant' "$out/variants.log") built")
+      summary+=("variants: $(grep -c '^## variant [^:]*: \./' "$out/variants.log") built")
       ;;
     phase)
       cmake -S "$root" -B "$root/build-clk" -G Ninja -DCMAKE_BUILD_TYPE=Release -DEPX_PHASE_CLOCK=ON \

@@ -2,6 +2,8 @@
 // chunks per lane when H % 8 == 0, one element per lane otherwise (the Vec template), with the
 // exact numerics of plan/numerics.hpp: one fma per term (weight 1 for an unweighted term, the
 // same bits as the add), plain adds for biases, one RNE rounding to bf16.
+#include <cmath>
+
 #include "cuda/bf16_rounding.cuh"
 #include "cuda/chained_launch.hpp"
 #include "cuda/device_primitives.cuh"
@@ -95,17 +97,15 @@ __device__ __forceinline__ Chunk<Vec> PackedChunk<Vec>::unpack() const {
 // loops (memory latency, not bandwidth). Every element still sums its terms in term order, then
 // the caller adds biases: the numerics of plan/numerics.hpp are unchanged.
 //
-// Two shapes, picked per launch by the number of terms a row sum has (terms_in_flight): rows of
-// three or more terms (top-k rows at the source or the expert, a compact combine over three or
-// more ranks) load kWideTerms at once, which made the at-source sum 11% faster than two; rows of
-// one or two terms (a compact combine over one or two ranks) keep two, which was 15% faster for
-// them than four (bench/NOTES.md changes 31 and 33). The one-element path (odd H or unaligned
-// tensors) keeps the narrow shape.
+// Two shapes, picked per launch by the terms a row sum is expected to have present
+// (wide_sums): 8 terms x 2 positions when that is six or more (the top-k rows of a token summed
+// at the source, or at the expert on one rank), 5-8% faster there than 2 x 4; 2 x 4 otherwise,
+// since the loads a shape keeps in flight are its present terms times its positions, and rows
+// of one to five terms would fill a fraction of 8 x 2 (a compact combine over four ranks was 5%
+// slower with it; bench/NOTES.md change 33). The one-element path (odd H or unaligned tensors)
+// keeps the narrow shape.
 constexpr int kNarrowTerms = 2, kNarrowSpan = 4;
-constexpr int kWideTerms = 4, kWideSpan = 4;
-int terms_in_flight(int vec, int num_terms) {
-  return vec == 8 && num_terms >= 3 ? kWideTerms : kNarrowTerms;
-}
+constexpr int kWideTerms = 8, kWideSpan = 2;
 
 template <int Vec, int Span>
 struct RowSpan {
@@ -164,19 +164,24 @@ struct CachedTerms {
   float weight[kCachedTerms];
 };
 
-// Fills `cache` from term(i, w) (the warp, all lanes); false when there are too many.
+// Fills `cache` with the present terms of term(i, w), i < num_terms, in order (absent ones
+// take no slot: a shape's loads go to terms that are there); the warp, all lanes. Returns how
+// many are present, or -1 when there are more terms than slots.
 template <typename Term>
-__device__ __forceinline__ bool cache_terms(CachedTerms& cache, int num_terms, int lane,
-                                            Term term) {
-  if (num_terms > kCachedTerms) return false;
+__device__ __forceinline__ int cache_terms(CachedTerms& cache, int num_terms, int lane,
+                                           Term term) {
+  if (num_terms > kCachedTerms) return -1;
   __syncwarp();  // the previous row's reads of the cache are done
-  if (lane < num_terms) {
-    float w = 0.0f;
-    cache.row[lane] = term(lane, w);
-    cache.weight[lane] = w;
+  float w = 0.0f;
+  const uint16_t* row = lane < num_terms ? term(lane, w) : nullptr;
+  const unsigned present = __ballot_sync(0xffffffffu, row != nullptr);
+  if (row) {
+    const int slot = __popc(present & ((1u << lane) - 1u));
+    cache.row[slot] = row;
+    cache.weight[slot] = w;
   }
   __syncwarp();
-  return true;
+  return __popc(present);
 }
 
 // The warp's cache in shared memory (one per warp of the block).
@@ -193,7 +198,7 @@ template <int Vec, int Terms, int Span, typename Term, typename Finish>
 __device__ __forceinline__ void sum_row(int num_terms, int64_t begin, int64_t end, int lane,
                                         Term term, Finish finish) {
   CachedTerms& cache = warp_term_cache();
-  const bool cached = cache_terms(cache, num_terms, lane, term);
+  const int cached = cache_terms(cache, num_terms, lane, term);
   auto from_cache = [&](int i, float& w) -> const uint16_t* {
     w = cache.weight[i];
     return cache.row[i];
@@ -201,8 +206,8 @@ __device__ __forceinline__ void sum_row(int num_terms, int64_t begin, int64_t en
   for (int64_t h0 = begin + int64_t(lane) * Vec; h0 < end;
        h0 += Span * kWarpSize * Vec) {
     RowSpan<Vec, Span> acc{{}, h0, end};
-    if (cached) {
-      sum_terms<Vec, Terms, Span>(acc, num_terms, from_cache);
+    if (cached >= 0) {
+      sum_terms<Vec, Terms, Span>(acc, cached, from_cache);
     } else {
       sum_terms<Vec, Terms, Span>(acc, num_terms, term);
     }
@@ -422,6 +427,18 @@ int vector_width(int64_t hidden, std::initializer_list<const void*> tensors) {
 
 }  // namespace
 
+// Whether a row sum has six or more present terms, expected under uniform routing, which picks
+// the wide shape (above): at the source a token's K rows; at the expert the token's terms held
+// by one rank, K/R given at least one; a compact combine's ranks holding any of the token's K
+// experts, R(1 - (1 - 1/R)^K).
+bool wide_sums(int vec, bool at_source, bool at_expert, int num_topk, int num_ranks) {
+  const double miss = std::pow(1.0 - 1.0 / num_ranks, num_topk);  // no term on a given rank
+  const double present = at_source ? num_topk
+                         : at_expert ? double(num_topk) / num_ranks / (1.0 - miss)
+                                     : num_ranks * (1.0 - miss);
+  return vec == 8 && present >= 6.0;
+}
+
 void load_combine_kernels() {
   load_functions({reinterpret_cast<const void*>(combine_send_kernel<8, true, kWideTerms, kWideSpan>),
                   reinterpret_cast<const void*>(combine_send_kernel<8, true, kNarrowTerms, kNarrowSpan>),
@@ -439,12 +456,13 @@ void launch_combine_send(const CombineSendParams& params, cudaStream_t stream) {
   const plan::WorkspaceLayout& layout = params.topo.layout;
   const bool reduce = params.expand && !params.at_source;
   const int vec = vector_width(layout.hidden, {params.x});
-  const bool wide = reduce && terms_in_flight(vec, layout.num_topk) == kWideTerms;
-  auto kernel = wide          ? combine_send_kernel<8, true, kWideTerms, kWideSpan>
-                : vec == 8    ? (reduce ? combine_send_kernel<8, true, kNarrowTerms, kNarrowSpan>
-                                        : combine_send_kernel<8, false, kNarrowTerms, kNarrowSpan>)
-                : reduce      ? combine_send_kernel<1, true, kNarrowTerms, kNarrowSpan>
-                              : combine_send_kernel<1, false, kNarrowTerms, kNarrowSpan>;
+  auto kernel =
+      reduce && wide_sums(vec, false, true, layout.num_topk, layout.num_ranks)
+          ? combine_send_kernel<8, true, kWideTerms, kWideSpan>
+      : vec == 8 ? (reduce ? combine_send_kernel<8, true, kNarrowTerms, kNarrowSpan>
+                           : combine_send_kernel<8, false, kNarrowTerms, kNarrowSpan>)
+      : reduce   ? combine_send_kernel<1, true, kNarrowTerms, kNarrowSpan>
+                 : combine_send_kernel<1, false, kNarrowTerms, kNarrowSpan>;
   launch_chained(kernel, params.num_blocks, kThreads, 0, stream, params.topo.chained, params);
 }
 
@@ -452,8 +470,7 @@ void launch_combine_reduce(const CombineReduceParams& params, cudaStream_t strea
   const plan::WorkspaceLayout& layout = params.topo.layout;
   const int vec =
       vector_width(layout.hidden, {params.bias0, params.bias1, params.y, params.own_x});
-  const int terms = params.at_source ? layout.num_topk : layout.num_ranks;
-  auto kernel = terms_in_flight(vec, terms) == kWideTerms
+  auto kernel = wide_sums(vec, params.at_source, false, layout.num_topk, layout.num_ranks)
                     ? combine_reduce_kernel<8, kWideTerms, kWideSpan>
                 : vec == 8 ? combine_reduce_kernel<8, kNarrowTerms, kNarrowSpan>
                            : combine_reduce_kernel<1, kNarrowTerms, kNarrowSpan>;
