@@ -99,11 +99,12 @@ __device__ __forceinline__ Chunk<Vec> PackedChunk<Vec>::unpack() const {
 //
 // Two shapes, picked per launch by the terms a row sum is expected to have present
 // (wide_sums): 8 terms x 2 positions when that is six or more (the top-k rows of a token summed
-// at the source, or at the expert on one rank), 5-8% faster there than 2 x 4; 2 x 4 otherwise,
-// since the loads a shape keeps in flight are its present terms times its positions, and rows
-// of one to five terms would fill a fraction of 8 x 2 (a compact combine over four ranks was 5%
-// slower with it; bench/NOTES.md change 33). The one-element path (odd H or unaligned tensors)
-// keeps the narrow shape.
+// at the source, or at the expert on one rank), 5-8% faster there than 2 x 4; 2 x 4 otherwise:
+// the loads a shape keeps in flight are its present terms times its positions, and rows of one
+// to five terms fill a fraction of 8 x 2 (a compact combine over four thread ranks was 5%
+// slower with it). The expert-side sum with the narrow shape also leaves absent terms out of
+// its term cache (cache_terms). bench/NOTES.md change 33. The one-element path (odd H or
+// unaligned tensors) keeps the narrow shape.
 constexpr int kNarrowTerms = 2, kNarrowSpan = 4;
 constexpr int kWideTerms = 8, kWideSpan = 2;
 
@@ -164,24 +165,36 @@ struct CachedTerms {
   float weight[kCachedTerms];
 };
 
-// Fills `cache` with the present terms of term(i, w), i < num_terms, in order (absent ones
-// take no slot: a shape's loads go to terms that are there); the warp, all lanes. Returns how
-// many are present, or -1 when there are more terms than slots.
-template <typename Term>
+// Fills `cache` from term(i, w), i < num_terms, in order; the warp, all lanes. Returns how many
+// slots the sum reads, or -1 when there are more terms than slots. With SkipAbsent the absent
+// terms take no slot (a ballot per row): worth it where most of a row's terms are absent, the
+// expert-side sum over several ranks (-5% at 2 thread ranks, -8% at 4), not where they are
+// present (the ballot costs ~25 us per 4 096 rows; bench/NOTES.md change 33).
+template <bool SkipAbsent, typename Term>
 __device__ __forceinline__ int cache_terms(CachedTerms& cache, int num_terms, int lane,
                                            Term term) {
   if (num_terms > kCachedTerms) return -1;
   __syncwarp();  // the previous row's reads of the cache are done
-  float w = 0.0f;
-  const uint16_t* row = lane < num_terms ? term(lane, w) : nullptr;
-  const unsigned present = __ballot_sync(0xffffffffu, row != nullptr);
-  if (row) {
-    const int slot = __popc(present & ((1u << lane) - 1u));
-    cache.row[slot] = row;
-    cache.weight[slot] = w;
+  if constexpr (SkipAbsent) {
+    float w = 0.0f;
+    const uint16_t* row = lane < num_terms ? term(lane, w) : nullptr;
+    const unsigned present = __ballot_sync(0xffffffffu, row != nullptr);
+    if (row) {
+      const int slot = __popc(present & ((1u << lane) - 1u));
+      cache.row[slot] = row;
+      cache.weight[slot] = w;
+    }
+    __syncwarp();
+    return __popc(present);
+  } else {
+    if (lane < num_terms) {
+      float w = 0.0f;
+      cache.row[lane] = term(lane, w);
+      cache.weight[lane] = w;
+    }
+    __syncwarp();
+    return num_terms;
   }
-  __syncwarp();
-  return __popc(present);
 }
 
 // The warp's cache in shared memory (one per warp of the block).
@@ -194,11 +207,11 @@ __device__ __forceinline__ CachedTerms& warp_term_cache() {
 // (warp-collective, so before the position loop, whose trip count differs between lanes:
 // bench/NOTES.md change 31), then each lane sums its positions and hands every sum to
 // finish(h, chunk), which adds what the caller adds and stores it.
-template <int Vec, int Terms, int Span, typename Term, typename Finish>
+template <int Vec, int Terms, int Span, bool SkipAbsent, typename Term, typename Finish>
 __device__ __forceinline__ void sum_row(int num_terms, int64_t begin, int64_t end, int lane,
                                         Term term, Finish finish) {
   CachedTerms& cache = warp_term_cache();
-  const int cached = cache_terms(cache, num_terms, lane, term);
+  const int cached = cache_terms<SkipAbsent>(cache, num_terms, lane, term);
   auto from_cache = [&](int i, float& w) -> const uint16_t* {
     w = cache.weight[i];
     return cache.row[i];
@@ -256,7 +269,10 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
         w = p.weights ? p.weights[row] : 1.0f;
         return p.x + int64_t(row) * hidden;
       };
-      sum_row<Vec, Terms, Span>(num_topk, part * parts.bytes / 2, end, lane, term,
+      // The narrow shape is picked here when a token's terms are spread over the ranks, so
+      // most of them are absent on this one.
+      constexpr bool kSkipAbsent = Terms == kNarrowTerms;
+      sum_row<Vec, Terms, Span, kSkipAbsent>(num_topk, part * parts.bytes / 2, end, lane, term,
                           [&](int64_t h, const Chunk<Vec>& sum) { sum.store(out + h); });
     } else if (!p.expand) {
       if (p.stage_own_rows || source != rank) {
@@ -324,7 +340,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
                                          : layout.expert_combine_row_index(i, t);
       return reinterpret_cast<const uint16_t*>(layout.row(local, staged));
     };
-    sum_row<Vec, Terms, Span>(terms, part * parts.bytes / 2, end, lane, term,
+    sum_row<Vec, Terms, Span, false>(terms, part * parts.bytes / 2, end, lane, term,
                         [&](int64_t h, Chunk<Vec>& sum) {
                           for (const uint16_t* bias : {p.bias0, p.bias1}) {
                             if (!bias) continue;
@@ -440,14 +456,15 @@ bool wide_sums(int vec, bool at_source, bool at_expert, int num_topk, int num_ra
 }
 
 void load_combine_kernels() {
-  load_functions({reinterpret_cast<const void*>(combine_send_kernel<8, true, kWideTerms, kWideSpan>),
-                  reinterpret_cast<const void*>(combine_send_kernel<8, true, kNarrowTerms, kNarrowSpan>),
-                  reinterpret_cast<const void*>(combine_send_kernel<8, false, kNarrowTerms, kNarrowSpan>),
-                  reinterpret_cast<const void*>(combine_send_kernel<1, true, kNarrowTerms, kNarrowSpan>),
-                  reinterpret_cast<const void*>(combine_send_kernel<1, false, kNarrowTerms, kNarrowSpan>),
-                  reinterpret_cast<const void*>(combine_reduce_kernel<8, kWideTerms, kWideSpan>),
-                  reinterpret_cast<const void*>(combine_reduce_kernel<8, kNarrowTerms, kNarrowSpan>),
-                  reinterpret_cast<const void*>(combine_reduce_kernel<1, kNarrowTerms, kNarrowSpan>),
+  constexpr int kNT = kNarrowTerms, kNS = kNarrowSpan, kWT = kWideTerms, kWS = kWideSpan;
+  load_functions({reinterpret_cast<const void*>(combine_send_kernel<8, true, kWT, kWS>),
+                  reinterpret_cast<const void*>(combine_send_kernel<8, true, kNT, kNS>),
+                  reinterpret_cast<const void*>(combine_send_kernel<8, false, kNT, kNS>),
+                  reinterpret_cast<const void*>(combine_send_kernel<1, true, kNT, kNS>),
+                  reinterpret_cast<const void*>(combine_send_kernel<1, false, kNT, kNS>),
+                  reinterpret_cast<const void*>(combine_reduce_kernel<8, kWT, kWS>),
+                  reinterpret_cast<const void*>(combine_reduce_kernel<8, kNT, kNS>),
+                  reinterpret_cast<const void*>(combine_reduce_kernel<1, kNT, kNS>),
                   reinterpret_cast<const void*>(backward_kernel<8>),
                   reinterpret_cast<const void*>(backward_kernel<1>)});
 }
