@@ -83,13 +83,13 @@ for step in $steps; do
       done 2>&1 | tee "$out/stress.log"
       echo "stress: $(grep -c -- '-- run' "$out/stress.log") of $runs R=8 runs failed" | tee -a "$out/stress.log"
       # Under the sanitizer the ranks issue each operation together (EPX_TEST_ALIGN_RANKS).
+      source "$root/tools/memcheck-flags.sh"
       for replay in ${EPX_STRESS_SEEDS:-} any:4; do
         filter='*R8OneGpu*'; seed=${replay%%:*}
         [ "$seed" = any ] && { filter='*OneGpu*'; seed=; }
         EPX_TEST_ALIGN_RANKS=${EPX_TEST_ALIGN_RANKS:-1} EPX_GPU_TIMEOUT_S=20 \
           EPX_GPU_CONFIGS=${replay##*:} timeout 150 env ${seed:+EPX_TEST_SEED=$seed} \
-          compute-sanitizer --tool memcheck --padding 4096 --target-processes all --error-exitcode 9 \
-          "$EPX_BUILD_DIR/tests/test_gpu_threads" --gtest_filter="$filter" 2>&1 | tail -n 25
+          "${memcheck[@]}" "$EPX_BUILD_DIR/tests/test_gpu_threads" --gtest_filter="$filter" 2>&1 | tail -n 25
         echo "memcheck replay $replay ($filter): exit ${PIPESTATUS[0]}"
       done 2>&1 | tee -a "$out/stress.log"
       summary+=("$(grep -E '^stress:' "$out/stress.log")" "$(grep -E '^memcheck replay' "$out/stress.log" | paste -sd ';')")

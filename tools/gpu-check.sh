@@ -53,9 +53,7 @@ run "device plan vs host plan" timeout 300 "$build/tests/test_gpu_plan"
 run "device bf16 rounding, every fp32" timeout 120 "$build/tests/test_gpu_numerics"
 run "thread ranks (R=2,3,4,8 on one GPU)" timeout 200 "$build/tests/test_gpu_threads"
 if command -v compute-sanitizer >/dev/null; then
-  # --padding: a stray write into a neighbouring allocation is an error too.
-  memcheck=(compute-sanitizer --tool memcheck --target-processes all --report-api-errors no
-            --padding 4096 --error-exitcode 9)
+  source "$root/tools/memcheck-flags.sh"
   run "compute-sanitizer memcheck" timeout 240 "${memcheck[@]}" "$build/tests/test_gpu" \
     --gtest_filter=GpuSmall.*
   # Thread ranks R = 2, 3, 4, 8 on one GPU, lined up before each operation (thread_ranks.hpp).

@@ -436,7 +436,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardParams p) {
 int vector_width(int64_t hidden, std::initializer_list<const void*> tensors) {
   if (hidden % 8 != 0) return 1;
   for (const void* tensor : tensors) {
-    if (reinterpret_cast<uintptr_t>(tensor) % 16 != 0) return 1;
+    if (!aligned16(tensor)) return 1;
   }
   return 8;
 }

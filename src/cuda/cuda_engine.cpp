@@ -306,9 +306,7 @@ class CudaEngine final : public Engine {
   }
 
  private:
-  static bool own_rows_in_place(const TensorView& x) {
-    return reinterpret_cast<uintptr_t>(x.data) % 16 == 0;
-  }
+  static bool own_rows_in_place(const TensorView& x) { return cuda::aligned16(x.data); }
 
   Topology topology() const {
     const auto timeout_ns = static_cast<uint64_t>(context_.config.timeout_seconds * 1e9);

@@ -12,6 +12,12 @@
 
 namespace epx::cuda {
 
+// Whether a caller's tensor starts on a 16-byte boundary: the kernels move rows in 16-byte
+// vectors (a caller's tensor may be a view at any element offset). It decides both whether a
+// rank's own rows are read in place rather than staged (cuda_engine.cpp) and whether the
+// reductions take the 8-element path (combine_kernels.cu).
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 // Error record in host-mapped memory, written by a kernel that hits a problem; the host raises
 // it at the next synchronisation. `failed` (device memory) makes later kernels skip their work.
 enum DeviceErrorCode : int32_t {
