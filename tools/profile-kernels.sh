@@ -4,9 +4,10 @@
 # reduce), with warp-state and per-source-line stall sampling; clocks and caches left alone.
 # Writes $OUT/prof-NAME.{details,stalls,run}.txt (the report stays in the build directory).
 # Usage: profile-kernels.sh [tokens]
-#        profile-kernels.sh sums   the expert-side sum: combine_send_kernel<8, true> of bench_gpu
-#                                  at 4096 tokens against bench/micro/row_sums.cu's register
-#                                  kernels of the shapes 2x4 and 8x2 (bench/NOTES.md "Next")
+#        profile-kernels.sh sums   the 8 x 2 row sums of bench_gpu at 4096 tokens (expert side:
+#                                  combine_send_kernel, at the source: combine_reduce_kernel)
+#                                  against bench/micro/row_sums.cu's register kernels of the
+#                                  shapes 2x4 and 8x2 (bench/NOTES.md changes 27 and 33)
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${EPX_BUILD_DIR:-$root/build-gpu}
@@ -35,9 +36,11 @@ profile() {  # profile NAME NCU-FILTER...  (of "${program[@]}")
 if [ "$tokens" = sums ]; then
   sections+=(--section MemoryWorkloadAnalysis)
   program=("$build/tests/bench_gpu" --tokens 4096 --iters 3)
-  profile sum-kernel --kernel-name-base demangled -k 'regex:combine_send_kernel<.int.8, .bool.1>' \
+  profile sum-kernel --kernel-name-base demangled \
+    -k 'regex:combine_send_kernel<.int.8, .bool.1, .int.8, .int.2>' \
     --launch-skip 2 --launch-count 1
-  profile sum-reduce --kernel-name-base demangled -k 'regex:combine_reduce_kernel<.int.8>' \
+  profile sum-reduce --kernel-name-base demangled \
+    -k 'regex:combine_reduce_kernel<.int.8, .int.8, .int.2>' \
     --launch-skip 2 --launch-count 1
   program=("$build/tests/row_sums")
   profile sum-micro-2x4 --kernel-name-base demangled -k 'regex:regs_kernel<.int.2, .int.4>' \
