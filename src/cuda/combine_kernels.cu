@@ -203,6 +203,33 @@ __device__ __forceinline__ CachedTerms& warp_term_cache() {
   return caches[warp_in_block()];
 }
 
+// A row of one term (weight w) under the narrow shape would keep only kNarrowSpan loads in
+// flight per lane (half of a row copy's); it loads kSingleSpan positions at once instead, and
+// each sum is the same single fma on zero that sum_terms computes (bench/NOTES.md change 34).
+constexpr int kSingleSpan = 8;
+
+template <int Vec, typename Finish>
+__device__ __forceinline__ void sum_single_term(const uint16_t* row, float w, int64_t begin,
+                                                int64_t end, int lane, Finish finish) {
+  __builtin_assume(__isGlobal(row));  // read back from the term cache, as in sum_terms
+  constexpr int64_t kStride = kWarpSize * Vec;
+  for (int64_t h0 = begin + int64_t(lane) * Vec; h0 < end; h0 += kSingleSpan * kStride) {
+    PackedChunk<Vec> x[kSingleSpan];
+#pragma unroll
+    for (int u = 0; u < kSingleSpan; ++u) {
+      if (h0 + u * kStride < end) x[u].load(row + h0 + u * kStride);
+    }
+#pragma unroll
+    for (int u = 0; u < kSingleSpan; ++u) {
+      if (h0 + u * kStride >= end) continue;
+      Chunk<Vec> sum;
+      sum.zero();
+      sum.fma(w, x[u].unpack());
+      finish(h0 + u * kStride, sum);
+    }
+  }
+}
+
 // One row sum (elements [begin, end) of it), run by the whole warp: the terms are cached first
 // (warp-collective, so before the position loop, whose trip count differs between lanes:
 // bench/NOTES.md change 31), then each lane sums its positions and hands every sum to
@@ -216,6 +243,10 @@ __device__ __forceinline__ void sum_row(int num_terms, int64_t begin, int64_t en
     w = cache.weight[i];
     return cache.row[i];
   };
+  if (Terms == kNarrowTerms && cached == 1) {
+    sum_single_term<Vec>(cache.row[0], cache.weight[0], begin, end, lane, finish);
+    return;
+  }
   for (int64_t h0 = begin + int64_t(lane) * Vec; h0 < end;
        h0 += Span * kWarpSize * Vec) {
     RowSpan<Vec, Span> acc{{}, h0, end};
