@@ -203,10 +203,11 @@ __device__ __forceinline__ CachedTerms& warp_term_cache() {
   return caches[warp_in_block()];
 }
 
-// A row of one term (weight w) under the narrow shape would keep only kNarrowSpan loads in
-// flight per lane (half of a row copy's); it loads kSingleSpan positions at once instead, and
-// each sum is the same single fma on zero that sum_terms computes (bench/NOTES.md change 34).
-constexpr int kSingleSpan = 8;
+// A row of one present term (weight w) under the narrow shape would keep only kNarrowSpan loads
+// in flight per lane; it loads kSingleSpan positions at once instead (6 was faster than 8, whose
+// extra registers spill), and each sum is the same single fma on zero that sum_terms computes
+// (bench/NOTES.md change 34).
+constexpr int kSingleSpan = 6;
 
 template <int Vec, typename Finish>
 __device__ __forceinline__ void sum_single_term(const uint16_t* row, float w, int64_t begin,
@@ -234,7 +235,12 @@ __device__ __forceinline__ void sum_single_term(const uint16_t* row, float w, in
 // (warp-collective, so before the position loop, whose trip count differs between lanes:
 // bench/NOTES.md change 31), then each lane sums its positions and hands every sum to
 // finish(h, chunk), which adds what the caller adds and stores it.
-template <int Vec, int Terms, int Span, bool SkipAbsent, typename Term, typename Finish>
+// OneTermPath: rows of one present term take sum_single_term (the reduce kernel, where every
+// row of a compact combine on one rank, and of the second half of an expert-side combine there,
+// is one term; the expert-side kernel stays without it, as its registers slowed that sum by 7%
+// at two thread ranks).
+template <int Vec, int Terms, int Span, bool SkipAbsent, bool OneTermPath, typename Term,
+          typename Finish>
 __device__ __forceinline__ void sum_row(int num_terms, int64_t begin, int64_t end, int lane,
                                         Term term, Finish finish) {
   CachedTerms& cache = warp_term_cache();
@@ -243,7 +249,7 @@ __device__ __forceinline__ void sum_row(int num_terms, int64_t begin, int64_t en
     w = cache.weight[i];
     return cache.row[i];
   };
-  if (Terms == kNarrowTerms && cached == 1) {
+  if (OneTermPath && cached == 1 && cache.row[0] != nullptr) {
     sum_single_term<Vec>(cache.row[0], cache.weight[0], begin, end, lane, finish);
     return;
   }
@@ -303,8 +309,9 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
       // The narrow shape is picked here when a token's terms are spread over the ranks, so
       // most of them are absent on this one.
       constexpr bool kSkipAbsent = Terms == kNarrowTerms;
-      sum_row<Vec, Terms, Span, kSkipAbsent>(num_topk, part * parts.bytes / 2, end, lane, term,
-                          [&](int64_t h, const Chunk<Vec>& sum) { sum.store(out + h); });
+      sum_row<Vec, Terms, Span, kSkipAbsent, false>(
+          num_topk, part * parts.bytes / 2, end, lane, term,
+          [&](int64_t h, const Chunk<Vec>& sum) { sum.store(out + h); });
     } else if (!p.expand) {
       if (p.stage_own_rows || source != rank) {
         warp_copy_part(layout.row(dst, layout.expert_combine_row_index(rank, token)),
@@ -371,16 +378,16 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
                                          : layout.expert_combine_row_index(i, t);
       return reinterpret_cast<const uint16_t*>(layout.row(local, staged));
     };
-    sum_row<Vec, Terms, Span, false>(terms, part * parts.bytes / 2, end, lane, term,
-                        [&](int64_t h, Chunk<Vec>& sum) {
-                          for (const uint16_t* bias : {p.bias0, p.bias1}) {
-                            if (!bias) continue;
-                            Chunk<Vec> b;
-                            b.load(bias + t * hidden + h);
-                            sum.add(b);
-                          }
-                          sum.store(p.y + t * hidden + h);
-                        });
+    sum_row<Vec, Terms, Span, false, Terms == kNarrowTerms>(
+        terms, part * parts.bytes / 2, end, lane, term, [&](int64_t h, Chunk<Vec>& sum) {
+          for (const uint16_t* bias : {p.bias0, p.bias1}) {
+            if (!bias) continue;
+            Chunk<Vec> b;
+            b.load(bias + t * hidden + h);
+            sum.add(b);
+          }
+          sum.store(p.y + t * hidden + h);
+        });
     if (part == 0 && p.scalars_out) {
       for (int k = lane; k < num_topk; k += kWarpSize) {
         const int64_t i = t * num_topk + k;
