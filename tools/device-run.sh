@@ -174,3 +174,9 @@ done
 echo "== device-run summary"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -n 1
 printf '%s\n' "${summary[@]}"
+# The device tool brings back at most 8 files from $OUT: with more, they travel as one archive.
+if [ "$(find "$out" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then
+  packed=$(mktemp /tmp/device-run-out.XXXXXX) && tar -C "$out" -czf "$packed" . &&
+    rm -rf "${out:?}"/* && mv "$packed" "$out/device-run-out.tgz" &&
+    echo "(outputs packed into device-run-out.tgz)"
+fi

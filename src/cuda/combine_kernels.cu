@@ -168,8 +168,8 @@ struct CachedTerms {
 // Fills `cache` from term(i, w), i < num_terms, in order; the warp, all lanes. Returns how many
 // slots the sum reads, or -1 when there are more terms than slots. With SkipAbsent the absent
 // terms take no slot (a ballot per row): worth it where most of a row's terms are absent, the
-// expert-side sum over several ranks (-5% at 2 thread ranks, -8% at 4), not where they are
-// present (the ballot costs ~25 us per 4 096 rows; bench/NOTES.md change 33).
+// expert-side sum over several ranks (-9% at 2 thread ranks, -13% at 4), not where they
+// are present (the ballot costs ~25 us per 4 096 rows; bench/NOTES.md change 33).
 template <bool SkipAbsent, typename Term>
 __device__ __forceinline__ int cache_terms(CachedTerms& cache, int num_terms, int lane,
                                            Term term) {
@@ -479,8 +479,6 @@ int vector_width(int64_t hidden, std::initializer_list<const void*> tensors) {
   return 8;
 }
 
-}  // namespace
-
 // Whether a row sum has six or more present terms, expected under uniform routing, which picks
 // the wide shape (above): at the source a token's K rows; at the expert the token's terms held
 // by one rank, K/R given at least one; a compact combine's ranks holding any of the token's K
@@ -492,6 +490,8 @@ bool wide_sums(int vec, bool at_source, bool at_expert, int num_topk, int num_ra
                                      : num_ranks * (1.0 - miss);
   return vec == 8 && present >= 6.0;
 }
+
+}  // namespace
 
 void load_combine_kernels() {
   constexpr int kNT = kNarrowTerms, kNS = kNarrowSpan, kWT = kWideTerms, kWS = kWideSpan;
