@@ -128,7 +128,9 @@ for step in $steps; do
       }
       {
         run_bench "$EPX_BUILD_DIR/tests/bench_gpu" "this tree ($EPX_COMMIT)"
+        shopt -s nullglob  # no alt/ directory: no variants, this tree only
         variants=("${EPX_VARIANTS:-$root/alt}"/*/)
+        shopt -u nullglob
         for dir in "${variants[@]}"; do  # the builds in parallel, then the runs one by one
           tree=/tmp/epx-variant-$(basename "$dir")
           rm -rf "$tree" && mkdir -p "$tree"
