@@ -40,6 +40,13 @@ export EPX_BUILD_DIR=${EPX_BUILD_DIR:-$root/build-gpu}
 # tree; the device machine's copy of the repository has reported a stale HEAD.
 export EPX_COMMIT=${EPX_COMMIT:-$(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)}
 summary=()
+# bench_gpu alone, from source tree $1 into build directory $2 (more cmake options after them).
+build_bench_gpu() {
+  local src=$1 dir=$2; shift 2
+  cmake -S "$src" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release "$@" \
+    ${nccl_root:+-DEPX_NCCL_ROOT="$nccl_root"} &&
+    cmake --build "$dir" -j "$(nproc)" --target bench_gpu
+}
 
 echo "== build ($(date -u +%FT%TZ)) commit $EPX_COMMIT nccl_root=$nccl_root"
 cmake -S "$root" -B "$EPX_BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=${EPX_BUILD_TYPE:-Release} \
@@ -136,9 +143,7 @@ for step in $steps; do
           rm -rf "$tree" && mkdir -p "$tree"
           tar -C "$root" --exclude='./build*' --exclude=./alt -cf - . | tar -C "$tree" -xf -
           cp -r "$dir". "$tree"/
-          { cmake -S "$tree" -B "$tree/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-              ${nccl_root:+-DEPX_NCCL_ROOT="$nccl_root"} &&
-            cmake --build "$tree/build" -j "$(nproc)" --target bench_gpu; } > "$tree/build.log" 2>&1 &
+          build_bench_gpu "$tree" "$tree/build" > "$tree/build.log" 2>&1 &
         done
         wait
         for dir in "${variants[@]}"; do
@@ -155,9 +160,7 @@ for step in $steps; do
       summary+=("variants: $(grep -c '^## variant [^:]*: \./' "$out/variants.log") built")
       ;;
     phase)
-      cmake -S "$root" -B "$root/build-clk" -G Ninja -DCMAKE_BUILD_TYPE=Release -DEPX_PHASE_CLOCK=ON \
-        ${nccl_root:+-DEPX_NCCL_ROOT="$nccl_root"} > "$out/phase-build.log" 2>&1 &&
-        cmake --build "$root/build-clk" -j "$(nproc)" --target bench_gpu >> "$out/phase-build.log" 2>&1
+      build_bench_gpu "$root" "$root/build-clk" -DEPX_PHASE_CLOCK=ON > "$out/phase-build.log" 2>&1
       for t in 128 512 4096; do
         timeout 100 "$root/build-clk/tests/bench_gpu" --tokens $t 2>&1
       done | tee "$out/phase-clock.txt" | grep -E "phase clock|blocks|sync_counts=false"
