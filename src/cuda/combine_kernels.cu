@@ -479,15 +479,20 @@ int vector_width(int64_t hidden, std::initializer_list<const void*> tensors) {
   return 8;
 }
 
+// What a row sum's terms are: a token's top-k rows summed at the source or at an expert's rank,
+// or one row per rank (compact).
+enum class RowTerms { kTopkAtSource, kTopkAtExpert, kRanks };
+
 // Whether a row sum has six or more present terms, expected under uniform routing, which picks
 // the wide shape (above): at the source a token's K rows; at the expert the token's terms held
 // by one rank, K/R given at least one; a compact combine's ranks holding any of the token's K
 // experts, R(1 - (1 - 1/R)^K).
-bool wide_sums(int vec, bool at_source, bool at_expert, int num_topk, int num_ranks) {
+bool wide_sums(int vec, RowTerms terms, int num_topk, int num_ranks) {
   const double miss = std::pow(1.0 - 1.0 / num_ranks, num_topk);  // no term on a given rank
-  const double present = at_source ? num_topk
-                         : at_expert ? double(num_topk) / num_ranks / (1.0 - miss)
-                                     : num_ranks * (1.0 - miss);
+  const double present = terms == RowTerms::kTopkAtSource ? num_topk
+                         : terms == RowTerms::kTopkAtExpert
+                             ? double(num_topk) / num_ranks / (1.0 - miss)
+                             : num_ranks * (1.0 - miss);
   return vec == 8 && present >= 6.0;
 }
 
@@ -512,7 +517,7 @@ void launch_combine_send(const CombineSendParams& params, cudaStream_t stream) {
   const bool reduce = params.expand && !params.at_source;
   const int vec = vector_width(layout.hidden, {params.x});
   auto kernel =
-      reduce && wide_sums(vec, false, true, layout.num_topk, layout.num_ranks)
+      reduce && wide_sums(vec, RowTerms::kTopkAtExpert, layout.num_topk, layout.num_ranks)
           ? combine_send_kernel<8, true, kWideTerms, kWideSpan>
       : vec == 8 ? (reduce ? combine_send_kernel<8, true, kNarrowTerms, kNarrowSpan>
                            : combine_send_kernel<8, false, kNarrowTerms, kNarrowSpan>)
@@ -525,7 +530,8 @@ void launch_combine_reduce(const CombineReduceParams& params, cudaStream_t strea
   const plan::WorkspaceLayout& layout = params.topo.layout;
   const int vec =
       vector_width(layout.hidden, {params.bias0, params.bias1, params.y, params.own_x});
-  auto kernel = wide_sums(vec, params.at_source, false, layout.num_topk, layout.num_ranks)
+  const RowTerms terms = params.at_source ? RowTerms::kTopkAtSource : RowTerms::kRanks;
+  auto kernel = wide_sums(vec, terms, layout.num_topk, layout.num_ranks)
                     ? combine_reduce_kernel<8, kWideTerms, kWideSpan>
                 : vec == 8 ? combine_reduce_kernel<8, kNarrowTerms, kNarrowSpan>
                            : combine_reduce_kernel<1, kNarrowTerms, kNarrowSpan>;
