@@ -14,6 +14,7 @@
 #   micro   bench/micro/sync_costs.cu: the synchronisation pieces' costs on their own,
 #           bench/micro/copy_paths.cu: register against bulk copies of 14 KB rows, and
 #           bench/micro/row_sums.cu: the expert-side sum by register loads and cp.async stages
+#           (EPX_MICROS: which of them, default all three)
 #   profile tools/profile-kernels.sh: ncu warp states and per-line stalls at 128 tokens
 #   sums    tools/profile-kernels.sh sums: the same for the expert-side sum against the
 #           row_sums micro, and the SASS of both (cuobjdump) into $OUT
@@ -118,12 +119,10 @@ for step in $steps; do
       summary+=("pyprof: exit ${PIPESTATUS[0]}")
       ;;
     micro)
-      timeout 120 "$EPX_BUILD_DIR/tests/sync_costs" 2>&1 | tee "$out/sync-costs.log"
-      summary+=("micro sync_costs: exit ${PIPESTATUS[0]}")
-      timeout 120 "$EPX_BUILD_DIR/tests/copy_paths" 2>&1 | tee "$out/copy-paths.log"
-      summary+=("micro copy_paths: exit ${PIPESTATUS[0]}")
-      timeout 120 "$EPX_BUILD_DIR/tests/row_sums" 2>&1 | tee "$out/row-sums.log"
-      summary+=("micro row_sums: exit ${PIPESTATUS[0]}")
+      for micro in ${EPX_MICROS:-sync_costs copy_paths row_sums}; do
+        timeout 120 "$EPX_BUILD_DIR/tests/$micro" 2>&1 | tee "$out/${micro//_/-}.log"
+        summary+=("micro $micro: exit ${PIPESTATUS[0]}")
+      done
       ;;
     variants)
       run_bench() {  # $1: bench_gpu binary, $2: label

@@ -10,18 +10,26 @@
 //   fence_gpu_all  every thread __threadfence() (GPU scope)
 //   poll           threads < 2 read a set flag with ld.acquire.sys and the global timer
 //   handoff        fence_one + a grid-wide counter (atomicAdd, last block fences, publishes)
+//   handoff_sc     operation_handoff before change 35: sequentially consistent system fences
+//                  in thread 0 before the count and after it in the last block, then two
+//                  publishing threads each fence again and publish with red.release.sys
+//   handoff_lean   operation_handoff since change 35: fence.acq_rel.sys before the count,
+//                  fence.acq_rel.gpu after it, the release reductions alone
 //   copy           1.8 MB (128 rows of 14 KB, 3 parts a row) with 8 loads in flight a lane
 //   copy_fence_all copy + fence_all
 //   copy_fence_one copy + fence_one
 //   copy_handoff   copy + handoff
+//   copy_handoff_sc, copy_handoff_lean   copy + handoff_sc / handoff_lean
 //
 // Usage: sync_costs
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <utility>
 #include <vector>
 
 #include "micro_common.cuh"
@@ -80,23 +88,57 @@ __device__ __forceinline__ void handoff(const Args& a) {
   }
 }
 
+// The kernels' handoff to two peers (flag[0], flag[1]), with the fences of `Lean`.
+template <bool Lean>
+__device__ __forceinline__ void handoff_to_peers(const Args& a) {
+  __shared__ int last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    if (Lean) {
+      asm volatile("fence.acq_rel.sys;" ::: "memory");
+    } else {
+      __threadfence_system();
+    }
+    last = atomicAdd(a.counter, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  if (threadIdx.x == 0) {
+    if (Lean) {
+      asm volatile("fence.acq_rel.gpu;" ::: "memory");
+    } else {
+      __threadfence_system();
+    }
+    *a.counter = 0;
+  }
+  __syncthreads();
+  if (threadIdx.x < 2) {
+    if (!Lean) __threadfence_system();
+    asm volatile("red.release.sys.global.max.u64 [%0], %1;" ::"l"(a.flag + 16 * threadIdx.x),
+                 "l"(uint64_t(1)) : "memory");
+  }
+}
+
 enum Variant {
-  kEmpty, kFenceAll, kFenceOne, kFenceGpuAll, kPoll, kHandoff,
-  kCopy, kCopyFenceAll, kCopyFenceOne, kCopyHandoff, kVariants
+  kEmpty, kFenceAll, kFenceOne, kFenceGpuAll, kPoll, kHandoff, kHandoffSc, kHandoffLean,
+  kCopy, kCopyFenceAll, kCopyFenceOne, kCopyHandoff, kCopyHandoffSc, kCopyHandoffLean, kVariants
 };
-const char* const kNames[] = {"empty",   "fence_all",      "fence_one",      "fence_gpu_all",
-                              "poll",    "handoff",        "copy",           "copy_fence_all",
-                              "copy_fence_one", "copy_handoff"};
+const char* const kNames[] = {"empty",        "fence_all",      "fence_one",
+                              "fence_gpu_all", "poll",          "handoff",
+                              "handoff_sc",   "handoff_lean",   "copy",
+                              "copy_fence_all", "copy_fence_one", "copy_handoff",
+                              "copy_handoff_sc", "copy_handoff_lean"};
+__host__ __device__ constexpr bool copies(int v) { return v >= kCopy; }
 
 template <int V>
 __global__ void __launch_bounds__(kThreads) variant_kernel(Args a) {
-  if constexpr (V == kCopy || V == kCopyFenceAll || V == kCopyFenceOne || V == kCopyHandoff) {
-    copy_rows(a);
-  }
+  if constexpr (copies(V)) copy_rows(a);
   if constexpr (V == kFenceAll || V == kCopyFenceAll) __threadfence_system();
   if constexpr (V == kFenceOne || V == kCopyFenceOne) fence_one();
   if constexpr (V == kFenceGpuAll) __threadfence();
   if constexpr (V == kHandoff || V == kCopyHandoff) handoff(a);
+  if constexpr (V == kHandoffSc || V == kCopyHandoffSc) handoff_to_peers<false>(a);
+  if constexpr (V == kHandoffLean || V == kCopyHandoffLean) handoff_to_peers<true>(a);
   if constexpr (V == kPoll) {
     if (threadIdx.x < 2) {
       uint64_t seen, t;
@@ -112,8 +154,11 @@ template <int V>
 void launch(Args a, cudaStream_t s) {
   variant_kernel<V><<<kBlocks, kThreads, 0, s>>>(a);
 }
-const Launch kLaunches[] = {launch<0>, launch<1>, launch<2>, launch<3>, launch<4>,
-                            launch<5>, launch<6>, launch<7>, launch<8>, launch<9>};
+template <int... V>
+constexpr auto launches(std::integer_sequence<int, V...>) {
+  return std::array<Launch, sizeof...(V)>{launch<V>...};
+}
+constexpr auto kLaunches = launches(std::make_integer_sequence<int, kVariants>{});
 
 }  // namespace
 
@@ -125,10 +170,10 @@ int main() {
   const size_t bytes = size_t(kRows) * kRowBytes;
   check(cudaMalloc(const_cast<int4**>(&a.src), bytes), "malloc");
   check(cudaMalloc(&a.dst, bytes), "malloc");
-  check(cudaMalloc(&a.flag, 64), "malloc");
+  check(cudaMalloc(&a.flag, 256), "malloc");
   check(cudaMalloc(&a.counter, 64), "malloc");
   check(cudaMemset(const_cast<int4*>(a.src), 1, bytes), "memset");
-  check(cudaMemset(a.flag, 0, 64), "memset");
+  check(cudaMemset(a.flag, 0, 256), "memset");
   check(cudaMemset(a.counter, 0, 64), "memset");
   std::printf("%-16s %12s %14s %12s   (us; 24 blocks x 512 threads; copy = %.1f MB)\n",
               "variant", "alone", "back-to-back", "graph node", bytes / 1e6);

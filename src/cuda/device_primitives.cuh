@@ -28,12 +28,28 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
   return t;
 }
 
-// Release at system scope: every write this thread (and, through the preceding fence, the
-// kernels before it on the stream) made is visible to a reader that acquires the flag. An
-// atomic max, performed at the memory that holds the flag (this GPU's L2 or the peer's), not
-// a store: epochs only grow, so the flag keeps the newest value whatever the order of arrival.
+// Release at system scope: every write this thread made (and, cumulatively, what its block
+// barrier and the kernels before it on the stream ordered before it) is visible to a reader that
+// acquires the flag; SASS: a system membar, then the reduction. An atomic max, performed at the
+// memory that holds the flag (this GPU's L2 or the peer's), not a store: epochs only grow, so
+// the flag keeps the newest value whatever the order of arrival.
 __device__ __forceinline__ void publish_max_system(uint64_t* flag, uint64_t value) {
   asm volatile("red.release.sys.global.max.u64 [%0], %1;" ::"l"(flag), "l"(value) : "memory");
+}
+
+// The two halves of a handoff between the blocks of a grid through a counter
+// (operation_handoff). fence_release_system, in one thread after a block barrier and before
+// its relaxed count, makes the block's stores (into this GPU or a peer's) visible at system
+// scope first: acq_rel is what a release needs (SASS MEMBAR.ALL.SYS, the membar of
+// red.release.sys), where __threadfence_system() is sequentially consistent (MEMBAR.SC.SYS).
+// fence_acquire_gpu, after a relaxed read of the count, orders what follows after everything
+// the counted blocks fenced: GPU scope is enough, as they share the GPU, and a release at system
+// scope after it is cumulative over it (SASS MEMBAR.ALL.GPU).
+__device__ __forceinline__ void fence_release_system() {
+  asm volatile("fence.acq_rel.sys;" ::: "memory");
+}
+__device__ __forceinline__ void fence_acquire_gpu() {
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
 }
 
 __device__ __forceinline__ uint64_t load_acquire_system(const uint64_t* flag) {

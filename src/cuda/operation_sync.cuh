@@ -61,19 +61,18 @@ __device__ __forceinline__ bool wait_for_peers(const Topology& topo, uint64_t ep
 // add a memory round trip to every kernel's start, bench/NOTES.md change 17).
 __device__ __forceinline__ bool block_all(bool ok) { return __syncthreads_and(ok) != 0; }
 
-// Threads [0, R) publish `epoch` into every peer's flag slot of this rank (release at system
-// scope after a system fence, so every earlier store of this thread's block — ordered by the
-// caller's __syncthreads — and of the earlier kernels is visible first). Only the publishing
-// threads fence: the fence is cumulative over what the block barrier ordered before it, as in
-// a cooperative grid barrier (a fence in every thread costs ~0.5 us more per kernel:
-// bench/micro/sync_costs.cu, bench/NOTES.md changes 10-11).
+// Threads [0, R) publish `epoch` into every peer's flag slot of this rank: a release at system
+// scope (publish_max_system), so every earlier store of this thread, of its block (ordered by
+// the caller's block barrier) and of the earlier kernels is visible to a peer that acquires the
+// flag. The release is cumulative over what the barrier ordered before it, so only the
+// publishing threads order anything, as in a cooperative grid barrier (a fence in every thread
+// costs ~0.5 us more per kernel: bench/micro/sync_costs.cu, bench/NOTES.md changes 10-11). The
+// release compiles to a system membar and the reduction; an explicit __threadfence_system()
+// before it was a second membar on the path to every barrier (bench/NOTES.md change 35).
 __device__ __forceinline__ void publish_to_peers(const Topology& topo, uint64_t epoch) {
   const plan::WorkspaceLayout& layout = topo.layout;
   const int peer = threadIdx.x;
-  if (peer < layout.num_ranks) {
-    __threadfence_system();
-    publish_max_system(layout.flag(topo.peers[peer], topo.rank), epoch);
-  }
+  if (peer < layout.num_ranks) publish_max_system(layout.flag(topo.peers[peer], topo.rank), epoch);
 }
 
 __device__ __forceinline__ bool no_failure(const Topology& topo) {
@@ -119,7 +118,7 @@ __device__ __forceinline__ void operation_handoff(const Topology& topo, bool pub
   __shared__ int last;
   __syncthreads();  // the block's stores are done
   if (threadIdx.x == 0) {
-    __threadfence_system();  // cumulative: covers the block's stores ordered by the barrier
+    fence_release_system();  // cumulative: covers the block's stores ordered by the barrier
     last = atomicAdd(&topo.sync->blocks_done, 1u) == gridDim.x - 1;
   }
   __syncthreads();
@@ -127,7 +126,9 @@ __device__ __forceinline__ void operation_handoff(const Topology& topo, bool pub
   __shared__ int publish;
   __shared__ uint64_t entry;
   if (threadIdx.x == 0) {
-    __threadfence_system();  // every block's fence and count happen before what follows
+    // Acquire: every block's fence and count happen before what follows (the blocks share the
+    // GPU; the exit's release below carries their stores to the peers, change 35).
+    fence_acquire_gpu();
     entry = *topo.epoch + 1;
     const bool entered = *static_cast<volatile uint32_t*>(&topo.sync->entry_published) != 0;
     publish = entered && publish_exit && no_failure(topo);
