@@ -278,12 +278,14 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
   const int num_topk = layout.num_topk;
   const int64_t hidden = layout.hidden;
   const int rank = p.topo.rank;
+  // Written by this rank's dispatch, a kernel before this one: loaded while the entry waits
+  // (a round trip fewer after it; the same in the kernels below, bench/NOTES.md change 36).
+  const int64_t num_recv = p.device_counts[0];
   if (!operation_entry(p.topo, kPhaseCombineEntry)) {
     operation_handoff(p.topo, true);
     return;
   }
   const int lane = lane_id();
-  const int64_t num_recv = p.device_counts[0];
   constexpr bool reduce = Reduce;
   // Rows split into parts over the warps (device_primitives.cuh); a part of a reduction is a
   // range of elements (bytes / 2), a multiple of 8.
@@ -349,6 +351,8 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
   const int64_t hidden = layout.hidden;
+  const int rank = p.topo.rank;
+  const int64_t own_first = p.own_x ? p.recv_offsets[rank] : 0;  // this rank's first row in x
   if (!operation_exit_wait(p.topo, kPhaseCombineExit)) return;
   char* local = p.topo.peers[p.topo.rank];
   const int lane = lane_id();
@@ -356,8 +360,6 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
   // The staged rows of token t, in the order they are summed: one per expert rank (reduce at
   // expert) or one per k (reduce at source); -1 where none.
   const int terms = p.at_source ? num_topk : num_ranks;
-  const int rank = p.topo.rank;
-  const int64_t own_first = p.own_x ? p.recv_offsets[rank] : 0;  // this rank's first row in x
   for (int64_t item = global_warp(); item < p.num_tokens * parts.count; item += total_warps()) {
     const int64_t t = item / parts.count, part = item % parts.count;
     const int64_t end = min(hidden, (part + 1) * parts.bytes / 2);
@@ -403,10 +405,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardParams p) {
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
   const int64_t hidden = layout.hidden;
+  const int64_t num_recv = p.device_counts[0];
   if (!operation_exit_wait(p.topo, kPhaseBackwardExit)) return;
   char* local = p.topo.peers[p.topo.rank];
   const int lane = lane_id();
-  const int64_t num_recv = p.device_counts[0];
   for (int64_t n = global_warp(); n < num_recv; n += total_warps()) {
     const int s = plan::source_of_received(p.recv_offsets, num_ranks, n);
     const int64_t slot = n - p.recv_offsets[s];

@@ -279,6 +279,9 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
   const plan::WorkspaceLayout& layout = p.topo.layout;
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
   mark_phase(kMarkReceiveStart);
+  // Counts a cached (or synced) receive takes from the handle, written by earlier kernels:
+  // loaded while the exit waits (bench/NOTES.md change 36).
+  const int64_t handle_recv = p.compute_counts ? 0 : p.device_counts[0];
   if (p.wait_exit ? !operation_exit_wait(p.topo, p.exit_phase) : !no_failure(p.topo)) {
     if (p.compute_counts && blockIdx.x == 0 && threadIdx.x == 0) {
       p.counts.device_counts[0] = 0;
@@ -301,7 +304,7 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
       }
     }
   } else {
-    counts.num_recv = p.device_counts[0];
+    counts.num_recv = handle_recv;
   }
   mark_phase(kMarkCounted);
   char* local = p.topo.peers[p.topo.rank];
