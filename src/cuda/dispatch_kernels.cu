@@ -138,19 +138,9 @@ __device__ bool block_receive_counts(const ReceiveCountsParams& p, int32_t* smem
   char* local = p.topo.peers[p.topo.rank];
   // The first kMaxHeaderRanks headers are loaded by as many threads at once (one memory round
   // trip, not R in a row), then thread 0 checks them and sums the counts in source order.
-  // The per-expert counts of the first batch of sources go out with them (thread e loads expert
-  // e's): they do not depend on the headers, which only decide whether they are used, so the
-  // counts cost no round trip of their own after the checks (bench/NOTES.md change 35).
   __shared__ plan::SourceHeader headers[kMaxHeaderRanks];
   if (threadIdx.x < min(num_ranks, kMaxHeaderRanks)) {
     headers[threadIdx.x] = *layout.header(local, threadIdx.x);
-  }
-  int first_counts[kMaxHeaderRanks];
-  if (threadIdx.x < local_experts) {
-#pragma unroll
-    for (int j = 0; j < kMaxHeaderRanks; ++j) {
-      if (j < num_ranks) first_counts[j] = layout.expert_counts(local, j)[threadIdx.x];
-    }
   }
   __syncthreads();
   auto header_of = [&](int s) {
@@ -198,10 +188,7 @@ __device__ bool block_receive_counts(const ReceiveCountsParams& p, int32_t* smem
         const int batch = min(kMaxHeaderRanks, num_ranks - s0);
 #pragma unroll
         for (int j = 0; j < kMaxHeaderRanks; ++j) {
-          if (j >= batch) continue;
-          const int count = base == 0 && s0 == 0 ? first_counts[j]
-                                                 : layout.expert_counts(local, s0 + j)[e];
-          counts[j] = ok ? count : 0;
+          if (j < batch) counts[j] = ok ? layout.expert_counts(local, s0 + j)[e] : 0;
         }
 #pragma unroll
         for (int j = 0; j < kMaxHeaderRanks; ++j) {
