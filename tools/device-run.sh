@@ -16,6 +16,7 @@
 #           bench/micro/row_sums.cu: the expert-side sum by register loads and cp.async stages
 #           (EPX_MICROS: which of them, default all three)
 #   profile tools/profile-kernels.sh: ncu warp states and per-line stalls at 128 tokens
+#           (EPX_PROFILE: its argument, e.g. backward; default 128)
 #   sums    tools/profile-kernels.sh sums: the same for the expert-side sum against the
 #           row_sums micro, and the SASS of both (cuobjdump) into $OUT
 #   ncu     per-kernel durations of bench_gpu at 128 tokens (ncu, clocks left alone)
@@ -104,7 +105,7 @@ for step in $steps; do
       rm -f "$out/stress-run.log"
       ;;
     profile)
-      bash "$root/tools/profile-kernels.sh" 128 2>&1 | tee "$out/profile.log"
+      bash "$root/tools/profile-kernels.sh" "${EPX_PROFILE:-128}" 2>&1 | tee "$out/profile.log"
       ;;
     sums)
       bash "$root/tools/profile-kernels.sh" sums 2>&1 | tee "$out/profile-sums.log"

@@ -8,6 +8,8 @@
 #                                  combine_send_kernel, at the source: combine_reduce_kernel)
 #                                  against bench/micro/row_sums.cu's register kernels of the
 #                                  shapes 2x4 and 8x2 (bench/NOTES.md changes 27 and 33)
+#        profile-kernels.sh backward   combine_backward's expert-side kernel at 4096 tokens
+#                                  (grad_x rows, grad_weights, then the padding rows)
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${EPX_BUILD_DIR:-$root/build-gpu}
@@ -46,6 +48,13 @@ if [ "$tokens" = sums ]; then
   profile sum-micro-2x4 --kernel-name-base demangled -k 'regex:regs_kernel<.int.2, .int.4>' \
     --launch-skip 2 --launch-count 1
   profile sum-micro-8x2 --kernel-name-base demangled -k 'regex:regs_kernel<.int.8, .int.2>' \
+    --launch-skip 2 --launch-count 1
+  exit 0
+fi
+if [ "$tokens" = backward ]; then
+  sections+=(--section MemoryWorkloadAnalysis)
+  program=("$build/tests/bench_gpu" --tokens 4096 --iters 3)
+  profile backward --kernel-name-base demangled -k 'regex:backward_kernel<.int.8>' \
     --launch-skip 2 --launch-count 1
   exit 0
 fi
