@@ -7,7 +7,10 @@
 //            dispatch, combine, combine_backward: none of them waits on the host), mean per call;
 //   per-call median of N calls that each end in a host synchronisation (sync_counts=true);
 //   graph    the op captured once in a CUDA graph and replayed N times between two events:
-//            device time without the host's launches and allocations.
+//            device time without the host's launches and allocations;
+//   host     host time per call of an op that does not wait on the host (100 calls back to
+//            back on the host clock, fewer than the launch queue holds): what the C++ API
+//            costs the caller's thread, to set against the Python layer's (bench/python_overhead.py).
 //
 // GB/s counts the token rows (H * 2 bytes each) that cross NVLink into this rank: for
 // dispatch the rows other ranks send it, for combine (and combine_backward, whose grad_y rows
@@ -19,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -213,10 +217,24 @@ std::string run_rank(int rank, int num_ranks, const Options& o, const Comm& comm
     return us;
   };
 
+  // Host microseconds per call of `op` (see "host" above).
+  auto host_us = [&](const std::function<void()>& op) {
+    for (int i = 0; i < warmup; ++i) op();
+    buffer.synchronize(stream);
+    const int calls = 100;
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0; i < calls; ++i) op();
+    const std::chrono::duration<double, std::micro> elapsed =
+        std::chrono::steady_clock::now() - start;
+    buffer.synchronize(stream);
+    return elapsed.count() / calls;
+  };
+
   struct Row {
     const char* name;
     double us;
-    bool returns;  // the rows travel back to their source (combine direction)
+    bool returns;       // the rows travel back to their source (combine direction)
+    bool host = false;  // host time per call, no bytes
   };
   std::vector<Row> rows;
   rows.push_back({"dispatch compact (sync_counts=false)", measure(true, [&] {
@@ -249,6 +267,12 @@ std::string run_rank(int rank, int num_ranks, const Options& o, const Comm& comm
   rows.push_back({"combine expanded, weighted, at source", measure(true, [&] {
                     (void)buffer.combine(combine_wide, wide.handle, at_source, stream);
                   }), true});
+  rows.push_back({"host: dispatch compact (sync_counts=false)", host_us([&] {
+                    (void)buffer.dispatch(inputs(true), compact_async, stream);
+                  }), false, true});
+  rows.push_back({"host: combine compact", host_us([&] {
+                    (void)buffer.combine(combine_compact, compact.handle, {}, stream);
+                  }), true, true});
   auto grad_y = ops.upload(x_host.data(), x_host.size() * 2);
   const TensorView grad_view(grad_y.get(), DType::kBFloat16, {o.tokens, o.hidden}, device);
   rows.push_back({"combine_backward", measure(true, [&] {
@@ -316,7 +340,8 @@ std::string run_rank(int rank, int num_ranks, const Options& o, const Comm& comm
                 rows_back * row_bytes / 1e6);
   report += line;
   for (const Row& row : rows) {
-    const double bytes = static_cast<double>(row.returns ? rows_back : rows_in) * row_bytes;
+    const double bytes =
+        row.host ? 0.0 : static_cast<double>(row.returns ? rows_back : rows_in) * row_bytes;
     std::snprintf(line, sizeof(line), "rank %d:   %-40s %10.1f us %8.1f GB/s\n", rank, row.name,
                   row.us, row.us > 0 ? bytes / (row.us * 1e3) : 0.0);
     report += line;
