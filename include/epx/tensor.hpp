@@ -66,6 +66,12 @@ struct Tensor {
   int64_t size(int64_t d) const { return view.size(d); }
 };
 
+// One output an allocator is asked for.
+struct TensorRequest {
+  DType dtype;
+  std::vector<int64_t> shape;
+};
+
 // Outputs are allocated through this interface so that frameworks can hand out their own
 // memory. `stream` is the cudaStream_t the output will first be used on (nullptr on the CPU).
 class Allocator {
@@ -73,6 +79,12 @@ class Allocator {
   virtual ~Allocator() = default;
   virtual Tensor allocate(DType dtype, const std::vector<int64_t>& shape, Device device,
                           void* stream) = 0;
+  // The outputs of one call at once, in the order asked, each a tensor of its own. epx asks
+  // through here; an allocator that is a round trip into another runtime (the Python package's,
+  // a callback into PyTorch) makes one trip per call instead of one per output. The default
+  // calls allocate() for each.
+  virtual std::vector<Tensor> allocate_many(const std::vector<TensorRequest>& requests,
+                                            Device device, void* stream);
 };
 
 // Host memory (new[]) for the CPU; for CUDA devices stream-ordered allocations from a memory

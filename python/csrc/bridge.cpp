@@ -88,10 +88,10 @@ std::vector<int64_t> int_list(const py::handle& sequence) {
 
 }  // namespace
 
-void PyObjectDeleter::operator()(void* object) const {
+void PyObjectDeleter::operator()(void* owned) const {
   if (!Py_IsInitialized()) return;  // interpreter gone: leak instead of touching freed state
   py::gil_scoped_acquire gil;
-  delete static_cast<py::object*>(object);
+  delete static_cast<PyOwned*>(owned);
 }
 
 PyAllocator::PyAllocator(py::object allocate) : allocate_(std::move(allocate)) {}
@@ -107,30 +107,53 @@ PyAllocator::~PyAllocator() {
 
 Tensor PyAllocator::allocate(DType dtype, const std::vector<int64_t>& shape, Device device,
                              void* stream) {
-  TensorView view(nullptr, dtype, shape, device);
-  const size_t num_bytes = view.nbytes();
+  return std::move(allocate_many({TensorRequest{dtype, shape}}, device, stream).front());
+}
+
+std::vector<Tensor> PyAllocator::allocate_many(const std::vector<TensorRequest>& requests,
+                                               Device device, void* stream) {
+  size_t num_bytes = 0;
+  for (const TensorRequest& request : requests) {
+    num_bytes += TensorView(nullptr, request.dtype, request.shape, device).nbytes();
+  }
   std::string failure;
   {
     py::gil_scoped_acquire gil;
     try {
-      py::tuple dims(shape.size());
-      for (size_t d = 0; d < shape.size(); ++d) dims[d] = shape[d];
-      py::object storage = allocate_(static_cast<int>(dtype), dims, static_cast<int>(device.kind),
-                                     device.index, reinterpret_cast<uintptr_t>(stream));
-      view.data = reinterpret_cast<void*>(storage.attr("data_ptr")().cast<uintptr_t>());
-      EPX_CHECK(view.data != nullptr || num_bytes == 0, kOutOfMemory,
-                "the Python allocator returned a tensor without data for " << num_bytes
-                                                                           << " bytes");
-      std::shared_ptr<void> owner(new py::object(std::move(storage)), PyObjectDeleter{});
-      return Tensor{std::move(view), std::move(owner)};
+      py::list specs(requests.size());
+      for (size_t i = 0; i < requests.size(); ++i) {
+        const std::vector<int64_t>& shape = requests[i].shape;
+        py::tuple dims(shape.size());
+        for (size_t d = 0; d < shape.size(); ++d) dims[d] = shape[d];
+        specs[i] = py::make_tuple(static_cast<int>(requests[i].dtype), std::move(dims));
+      }
+      const py::list storages = allocate_(specs, static_cast<int>(device.kind), device.index,
+                                          reinterpret_cast<uintptr_t>(stream));
+      EPX_CHECK(storages.size() == requests.size(), kOutOfMemory,
+                "the Python allocator returned " << storages.size() << " tensors for "
+                                                 << requests.size() << " requests");
+      std::vector<Tensor> tensors;
+      tensors.reserve(requests.size());
+      for (size_t i = 0; i < requests.size(); ++i) {
+        TensorView view(nullptr, requests[i].dtype, requests[i].shape, device);
+        py::object storage = storages[i];
+        const auto data = storage.attr("data_ptr")().cast<uintptr_t>();
+        EPX_CHECK(data != 0 || view.nbytes() == 0, kOutOfMemory,
+                  "the Python allocator returned a tensor without data for " << view.nbytes()
+                                                                             << " bytes");
+        view.data = reinterpret_cast<void*>(data);
+        std::shared_ptr<void> owner(new PyOwned{std::move(storage), data}, PyObjectDeleter{});
+        tensors.push_back(Tensor{std::move(view), std::move(owner)});
+      }
+      return tensors;
     } catch (py::error_already_set& error) {
       // Turn the Python error into an epx error here, while the GIL is held, so that no Python
       // object travels through the engine.
       failure = error.what();
     }
   }
-  EPX_FAIL(kOutOfMemory, "allocating " << num_bytes << " bytes for a " << to_string(dtype)
-                                       << " output on " << to_string(device)
+  EPX_FAIL(kOutOfMemory, "allocating " << num_bytes << " bytes for " << requests.size()
+                                       << " outputs on " << to_string(device)
                                        << " failed in Python: " << failure);
 }
 
@@ -154,12 +177,11 @@ py::object tensor_to_py(const Tensor& tensor) {
   const auto dtype = static_cast<int>(tensor.view.dtype);
   if (auto* deleter = std::get_deleter<PyObjectDeleter>(tensor.owner)) {
     (void)deleter;
-    const auto& base = *static_cast<const py::object*>(tensor.owner.get());
-    const auto base_ptr = base.attr("data_ptr")().cast<uintptr_t>();
+    const auto& owned = *static_cast<const PyOwned*>(tensor.owner.get());
     const uintptr_t offset = tensor.view.nbytes() == 0
                                  ? 0
-                                 : reinterpret_cast<uintptr_t>(tensor.view.data) - base_ptr;
-    return py::make_tuple(base, offset, dtype, shape);
+                                 : reinterpret_cast<uintptr_t>(tensor.view.data) - owned.data;
+    return py::make_tuple(owned.object, offset, dtype, shape);
   }
   return py::make_tuple(dlpack_bytes(tensor), 0, dtype, shape);
 }

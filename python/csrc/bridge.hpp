@@ -5,9 +5,10 @@
 // and bridge turns it into a non-owning epx::TensorView (None = "not given").
 //
 // Outputs: every epx output is allocated through PyAllocator, which calls a Python callable
-// `allocate(dtype, shape, device_kind, device_index, stream) -> torch.Tensor` (a contiguous
-// tensor of that epx dtype and shape) and keeps the returned object alive in the epx::Tensor's
-// owner. Back in Python an output is described as
+// `allocate(requests, device_kind, device_index, stream) -> [torch.Tensor]` once per epx call
+// (requests: a list of (epx dtype, shape); it returns a contiguous tensor for each, in order)
+// and keeps each returned object alive in its epx::Tensor's owner. Back in Python an output is
+// described as
 //   (base: the allocated tensor, byte_offset, dtype, shape)
 // and is `base` itself when it is the whole allocation (the common case: no view to make), else
 // a view of `base`'s bytes (several small tensors packed into one allocation), never a copy.
@@ -24,19 +25,29 @@ namespace epx::python {
 
 namespace py = pybind11;
 
-// Releases a Python object from any thread: takes the GIL first. During interpreter shutdown
-// the object is leaked rather than touched.
-struct PyObjectDeleter {
-  void operator()(void* object) const;
+// What owns the memory of an output PyAllocator handed out: the Python object, and its data
+// pointer as it was read once at allocation (tensor_to_py needs it again).
+struct PyOwned {
+  py::object object;
+  uintptr_t data;
 };
 
-// An epx::Allocator that hands out memory of Python objects (torch tensors).
+// Releases a PyOwned from any thread: takes the GIL first. During interpreter shutdown the
+// object is leaked rather than touched.
+struct PyObjectDeleter {
+  void operator()(void* owned) const;
+};
+
+// An epx::Allocator that hands out memory of Python objects (torch tensors): one callback into
+// Python per allocate_many (one epx call), one per allocate.
 class PyAllocator final : public Allocator {
  public:
   explicit PyAllocator(py::object allocate);
   ~PyAllocator() override;
   Tensor allocate(DType dtype, const std::vector<int64_t>& shape, Device device,
                   void* stream) override;
+  std::vector<Tensor> allocate_many(const std::vector<TensorRequest>& requests, Device device,
+                                    void* stream) override;
 
  private:
   py::object allocate_;

@@ -82,24 +82,29 @@ _DEVICES = {}  # (kind, index) -> torch.device, made once (allocate runs several
 _last_stream = [0]  # the stream stream_of() last returned: the one epx's calls run on
 
 
-def allocate(dtype, shape, device_kind, device_index, stream):
-    """epx's output allocator: a tensor of that dtype and shape from PyTorch's allocator."""
+def allocate(requests, device_kind, device_index, stream):
+    """epx's output allocator: for each (dtype, shape) of one epx call a tensor from PyTorch's
+    allocator, in order (one callback per call, not one per output)."""
     device = _DEVICES.get((device_kind, device_index))
     if device is None:
         device = torch.device("cuda", device_index) if device_kind == _CUDA else torch.device("cpu")
         _DEVICES[(device_kind, device_index)] = device
-    torch_dtype = _FROM_EPX[dtype]
-    if 0 in shape:  # empty: still a distinct, valid pointer (one element, viewed empty)
-        storage = torch.empty(1, dtype=torch_dtype, device=device)[:0].view(shape)
-    else:
-        storage = torch.empty(shape, dtype=torch_dtype, device=device)
+    tensors = []
+    for dtype, shape in requests:
+        torch_dtype = _FROM_EPX[dtype]
+        if 0 in shape:  # empty: still a distinct, valid pointer (one element, viewed empty)
+            tensors.append(torch.empty(1, dtype=torch_dtype, device=device)[:0].view(shape))
+        else:
+            tensors.append(torch.empty(shape, dtype=torch_dtype, device=device))
     # PyTorch's caching allocator tracks the current stream; an allocation for another stream
     # must be recorded on it. Every epx call runs on the stream stream_of() just returned, so
     # the current stream is only queried when the stream differs from that one.
     if (device_kind == _CUDA and stream and stream != _last_stream[0]
             and stream != current_raw_stream(device)):
-        storage.record_stream(torch.cuda.ExternalStream(stream, device=device))
-    return storage
+        external = torch.cuda.ExternalStream(stream, device=device)
+        for tensor in tensors:
+            tensor.record_stream(external)
+    return tensors
 
 
 # The current stream's handle without building a torch.cuda.Stream object (about 6 us a call

@@ -52,6 +52,16 @@ bool TensorView::is_contiguous() const {
   return true;
 }
 
+std::vector<Tensor> Allocator::allocate_many(const std::vector<TensorRequest>& requests,
+                                             Device device, void* stream) {
+  std::vector<Tensor> tensors;
+  tensors.reserve(requests.size());
+  for (const TensorRequest& request : requests) {
+    tensors.push_back(allocate(request.dtype, request.shape, device, stream));
+  }
+  return tensors;
+}
+
 namespace {
 
 class HostAllocator final : public Allocator {

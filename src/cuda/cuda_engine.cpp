@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "core/engine.hpp"
+#include "core/output_batch.hpp"
 #include "cuda/cuda_check.hpp"
 #include "cuda/kernels.hpp"
 #include "cuda/cuda_comm.hpp"
@@ -51,32 +52,6 @@ T* device_view_of_mapped(T* host) {
   void* device = nullptr;
   EPX_CUDA_CHECK(cudaHostGetDevicePointer(&device, host, 0));
   return static_cast<T*>(device);
-}
-
-// Several small tensors carved out of one allocation: one allocator call instead of many (with
-// the Python package each call is a round trip into PyTorch's allocator). They share the owner.
-struct PackedTensor {
-  Tensor* out;
-  DType dtype;
-  std::vector<int64_t> shape;
-};
-
-void allocate_packed(Allocator& allocator, Device device, cudaStream_t stream,
-                     std::initializer_list<PackedTensor> items) {
-  constexpr int64_t kAlign = 256;
-  int64_t total = 0;
-  for (const PackedTensor& item : items) {
-    total += (static_cast<int64_t>(TensorView(nullptr, item.dtype, item.shape, device).nbytes()) +
-              kAlign - 1) / kAlign * kAlign;
-  }
-  Tensor block = allocator.allocate(DType::kInt32, {std::max<int64_t>(total / 4, 1)}, device,
-                                    stream);
-  int64_t offset = 0;
-  for (const PackedTensor& item : items) {
-    TensorView view(block.ptr<char>() + offset, item.dtype, item.shape, device);
-    offset += (static_cast<int64_t>(view.nbytes()) + kAlign - 1) / kAlign * kAlign;
-    *item.out = Tensor{std::move(view), block.owner};
-  }
 }
 
 class CudaEngine final : public Engine {
@@ -173,11 +148,23 @@ class CudaEngine final : public Engine {
     const int32_t num_topk = layout_.num_topk;
     const int32_t channels = (in.weights.defined() ? plan::kChannelWeights : 0) |
                              (in.aux.defined() ? plan::kChannelAux : 0);
+    // The outputs are asked of the allocator in one call with the handle's arrays (one call
+    // instead of up to six: with the Python package each is a callback into PyTorch). With
+    // sync_counts their sizes wait for the counts (sync_receive_counts).
     Handle handle;
+    DispatchResult result;
+    OutputBatch outputs;
     if (cached) {
       handle = *cached;
+      add_dispatch_outputs(outputs, result, handle, in, layout_.hidden, layout_.num_topk);
+      outputs.allocate(*context_.allocator, device(), stream);
     } else {
-      handle = new_routing_handle(options, num_tokens, stream);
+      handle = new_routing_handle(options, num_tokens);
+      pack_routing_arrays(outputs, handle, /*received=*/!options.sync_counts);
+      if (!options.sync_counts) {
+        add_dispatch_outputs(outputs, result, handle, in, layout_.hidden, layout_.num_topk);
+      }
+      outputs.allocate(*context_.allocator, device(), stream);
       cuda::PlanParams plan{in.topk_idx.data, in.topk_idx.dtype == DType::kInt64, num_tokens,
                             num_topk, layout_.num_experts, num_ranks_,
                             handle.send_slot.ptr<int32_t>(), handle.expert_slot.ptr<int32_t>(),
@@ -212,13 +199,16 @@ class CudaEngine final : public Engine {
     // them instead of two; bench/NOTES.md change 19). Its vector loads need x 16-byte aligned.
     send.stage_own_rows = !own_rows_in_place(in.x);
     cuda::launch_send(send, stream);
-    if (cached) return receive(handle, in, ReceiveMode::kCached, {}, stream);
+    if (cached) return receive(handle, in, ReceiveMode::kCached, {}, std::move(result), stream);
     const cuda::ReceiveCountsParams counts = counts_params(handle, options, channels);
     if (!options.sync_counts) {
-      return receive(handle, in, ReceiveMode::kCountsInKernel, counts, stream);
+      return receive(handle, in, ReceiveMode::kCountsInKernel, counts, std::move(result), stream);
     }
     sync_receive_counts(handle, counts, stream);
-    return receive(handle, in, ReceiveMode::kCountsSynced, counts, stream);
+    pack_received_arrays(outputs, handle);
+    add_dispatch_outputs(outputs, result, handle, in, layout_.hidden, layout_.num_topk);
+    outputs.allocate(*context_.allocator, device(), stream);
+    return receive(handle, in, ReceiveMode::kCountsSynced, counts, std::move(result), stream);
   }
 
   CombineResult combine(const CombineInputs& in, const Handle& handle, ReduceAt reduce_at,
@@ -243,10 +233,12 @@ class CudaEngine final : public Engine {
                                  !own_rows};
     cuda::launch_combine_send(send, stream);
     CombineResult result;
-    result.x = allocate(DType::kBFloat16, {handle.num_tokens, layout_.hidden}, stream);
+    OutputBatch outputs;
+    outputs.add(&result.x, DType::kBFloat16, {handle.num_tokens, layout_.hidden});
     if (in.scalars.defined()) {
-      result.scalars = allocate(DType::kFloat32, {handle.num_tokens, layout_.num_topk}, stream);
+      outputs.add(&result.scalars, DType::kFloat32, {handle.num_tokens, layout_.num_topk});
     }
+    outputs.allocate(*context_.allocator, device(), stream);
     cuda::CombineReduceParams reduce{topology(),
                                      at_source,
                                      in.weights.defined(),
@@ -285,8 +277,10 @@ class CudaEngine final : public Engine {
     send.stage_own_rows = !own_rows;
     cuda::launch_send(send, stream);
     CombineBackwardResult result;
-    result.grad_x = allocate(DType::kBFloat16, {handle.row_capacity, layout_.hidden}, stream);
-    result.grad_weights = allocate(DType::kFloat32, {handle.row_capacity}, stream);
+    OutputBatch outputs;
+    outputs.add(&result.grad_x, DType::kBFloat16, {handle.row_capacity, layout_.hidden});
+    outputs.add(&result.grad_weights, DType::kFloat32, {handle.row_capacity});
+    outputs.allocate(*context_.allocator, device(), stream);
     cuda::BackwardParams backward{topology(),
                                   handle.tokens_per_expert.ptr<int32_t>(),
                                   handle.expert_offsets.ptr<int32_t>(),
@@ -313,10 +307,6 @@ class CudaEngine final : public Engine {
     Topology topo{layout_, peers_, rank_, failed_, status_device_, epoch_, sync_, timeout_ns};
     topo.chained = !workspace_->shares_device();  // cuda/chained_launch.hpp
     return topo;
-  }
-
-  Tensor allocate(DType dtype, std::vector<int64_t> shape, cudaStream_t stream) {
-    return context_.allocator->allocate(dtype, shape, device(), stream);
   }
 
   // Raises (and clears) an error a kernel recorded.
@@ -355,37 +345,44 @@ class CudaEngine final : public Engine {
     }
   }
 
-  // A routing dispatch's handle with its arrays allocated in one block: the source side (filled
-  // by the plan), the receive-side counts, and without sync_counts the per-received-token
-  // arrays too, at their worst-case size (with sync_counts those wait for the counts).
-  Handle new_routing_handle(const DispatchOptions& options, int64_t num_tokens,
-                            cudaStream_t stream) {
+  // A routing dispatch's handle, its arrays not allocated yet; without sync_counts the
+  // per-received-token arrays and outputs have their worst-case size.
+  Handle new_routing_handle(const DispatchOptions& options, int64_t num_tokens) {
     Handle handle = new_handle(context_, options, num_tokens);
-    const int32_t local_experts = layout_.local_experts();
-    const int32_t num_topk = layout_.num_topk;
     if (!options.sync_counts) {
       handle.recv_token_capacity = plan::worst_case_compact_rows(num_ranks_, layout_.max_tokens);
       handle.row_capacity = options.expand ? plan::worst_case_expanded_rows(
-                                                 num_ranks_, layout_.max_tokens, num_topk,
-                                                 local_experts, options.expert_alignment)
+                                                 num_ranks_, layout_.max_tokens, layout_.num_topk,
+                                                 layout_.local_experts(), options.expert_alignment)
                                            : handle.recv_token_capacity;
     }
-    const int64_t capacity = options.sync_counts ? 0 : handle.recv_token_capacity;
-    allocate_packed(*context_.allocator, device(), stream,
-                    {{&handle.send_slot, DType::kInt32, {num_tokens, num_ranks_}},
-                     {&handle.expert_slot, DType::kInt32, {num_tokens, num_topk}},
-                     {&handle.topk_idx, DType::kInt32, {num_tokens, num_topk}},
-                     {&handle.device_counts, DType::kInt64, {2}},
-                     {&handle.recv_counts, DType::kInt32, {num_ranks_}},
-                     {&handle.recv_offsets, DType::kInt32, {num_ranks_ + 1}},
-                     {&handle.source_expert_counts, DType::kInt32, {num_ranks_, local_experts}},
-                     {&handle.tokens_per_expert, DType::kInt32, {local_experts}},
-                     {&handle.expert_offsets, DType::kInt32, {local_experts + 1}},
-                     {&handle.expert_source_offsets, DType::kInt32, {local_experts, num_ranks_}},
-                     {&handle.src_token, DType::kInt32, {capacity}},
-                     {&handle.expanded_rows, DType::kInt32, {capacity, num_topk}},
-                     {&handle.recv_topk_idx, DType::kInt32, {capacity, num_topk}}});
     return handle;
+  }
+
+  // The handle's arrays in one block: the source side (filled by the plan), the receive-side
+  // counts and, with `received`, the per-received-token arrays (pack_received_arrays).
+  void pack_routing_arrays(OutputBatch& batch, Handle& handle, bool received) {
+    const int64_t num_tokens = handle.num_tokens;
+    const int32_t local_experts = layout_.local_experts(), num_topk = layout_.num_topk;
+    batch.pack(&handle.send_slot, DType::kInt32, {num_tokens, num_ranks_});
+    batch.pack(&handle.expert_slot, DType::kInt32, {num_tokens, num_topk});
+    batch.pack(&handle.topk_idx, DType::kInt32, {num_tokens, num_topk});
+    batch.pack(&handle.device_counts, DType::kInt64, {2});
+    batch.pack(&handle.recv_counts, DType::kInt32, {num_ranks_});
+    batch.pack(&handle.recv_offsets, DType::kInt32, {num_ranks_ + 1});
+    batch.pack(&handle.source_expert_counts, DType::kInt32, {num_ranks_, local_experts});
+    batch.pack(&handle.tokens_per_expert, DType::kInt32, {local_experts});
+    batch.pack(&handle.expert_offsets, DType::kInt32, {local_experts + 1});
+    batch.pack(&handle.expert_source_offsets, DType::kInt32, {local_experts, num_ranks_});
+    if (received) pack_received_arrays(batch, handle);
+  }
+
+  // The per-received-token arrays of a routing handle, at its recv_token_capacity.
+  void pack_received_arrays(OutputBatch& batch, Handle& handle) {
+    const int64_t capacity = handle.recv_token_capacity;
+    batch.pack(&handle.src_token, DType::kInt32, {capacity});
+    batch.pack(&handle.expanded_rows, DType::kInt32, {capacity, layout_.num_topk});
+    batch.pack(&handle.recv_topk_idx, DType::kInt32, {capacity, layout_.num_topk});
   }
 
   cuda::ReceiveCountsParams counts_params(Handle& handle, const DispatchOptions& options,
@@ -404,8 +401,8 @@ class CudaEngine final : public Engine {
                                      options.sync_counts ? host_counts_device_ : nullptr};
   }
 
-  // sync_counts: the exit barrier and the counts, a wait for them on the host, then the
-  // per-received-token arrays at their real size.
+  // sync_counts: the exit barrier and the counts, a wait for them on the host; the caller then
+  // allocates the per-received-token arrays and the outputs at their real size.
   void sync_receive_counts(Handle& handle, const cuda::ReceiveCountsParams& params,
                            cudaStream_t stream) {
     const int32_t local_experts = layout_.local_experts();
@@ -424,11 +421,6 @@ class CudaEngine final : public Engine {
     for (int32_t e = 0; e <= local_experts; ++e) {
       handle.host_expert_offsets[e] = host[2 + local_experts + e];
     }
-    const int64_t capacity = handle.recv_token_capacity;
-    allocate_packed(*context_.allocator, device(), stream,
-                    {{&handle.src_token, DType::kInt32, {capacity}},
-                     {&handle.expanded_rows, DType::kInt32, {capacity, layout_.num_topk}},
-                     {&handle.recv_topk_idx, DType::kInt32, {capacity, layout_.num_topk}}});
   }
 
   enum class ReceiveMode {
@@ -437,22 +429,12 @@ class CudaEngine final : public Engine {
     kCached,          // cached: the kernel waits; offsets from the handle
   };
 
+  // The receive epilogue into `result`, whose outputs add_dispatch_outputs allocated.
   DispatchResult receive(const Handle& handle, const DispatchInputs& in, ReceiveMode mode,
-                         const cuda::ReceiveCountsParams& counts, cudaStream_t stream) {
-    const int32_t num_topk = layout_.num_topk;
+                         const cuda::ReceiveCountsParams& counts, DispatchResult result,
+                         cudaStream_t stream) {
     const int64_t row_bytes = in.x.size(1) * static_cast<int64_t>(element_size(in.x.dtype));
     const int64_t scales_per_row = in.x_scales.defined() ? in.x_scales.size(1) : 0;
-    const int64_t capacity = handle.expand ? handle.row_capacity : handle.recv_token_capacity;
-    DispatchResult result;
-    result.x = allocate(in.x.dtype, {capacity, layout_.hidden}, stream);
-    if (scales_per_row > 0) {
-      result.x_scales = allocate(DType::kFloat32, {capacity, scales_per_row}, stream);
-    }
-    const std::vector<int64_t> scalar_shape =
-        handle.expand ? std::vector<int64_t>{capacity} : std::vector<int64_t>{capacity, num_topk};
-    if (in.weights.defined()) result.weights = allocate(DType::kFloat32, scalar_shape, stream);
-    if (in.aux.defined()) result.aux = allocate(DType::kFloat32, scalar_shape, stream);
-    if (!handle.expand) result.topk_idx = allocate(DType::kInt32, {capacity, num_topk}, stream);
     cuda::ReceiveParams params{topology(),
                                mode == ReceiveMode::kCached ? cuda::kPhaseCachedExit
                                                             : cuda::kPhaseDispatchExit,

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/engine.hpp"
+#include "core/output_batch.hpp"
 #include "epx/error.hpp"
 #include "host/host_comm.hpp"
 #include "host/shm_workspace.hpp"
@@ -129,7 +130,10 @@ class HostEngine final : public Engine {
 
     CombineResult result;
     const int64_t num_tokens = handle.num_tokens;
-    result.x = allocate(DType::kBFloat16, {num_tokens, hidden});
+    OutputBatch outputs;
+    outputs.add(&result.x, DType::kBFloat16, {num_tokens, hidden});
+    if (in.scalars.defined()) outputs.add(&result.scalars, DType::kFloat32, {num_tokens, num_topk});
+    outputs.allocate(*context_.allocator, Device::cpu(), nullptr);
     auto* y = result.x.ptr<uint16_t>();
     const auto* send_slot = handle.send_slot.ptr<int32_t>();
     const auto* topk = handle.topk_idx.ptr<int32_t>();
@@ -169,7 +173,6 @@ class HostEngine final : public Engine {
       for (int64_t h = 0; h < hidden; ++h) y[t * hidden + h] = plan::float_to_bf16_bits(acc[h]);
     }
     if (in.scalars.defined()) {
-      result.scalars = allocate(DType::kFloat32, {num_tokens, num_topk});
       auto* out = result.scalars.ptr<float>();
       const float* staged = layout_.scalars(local);
       for (int64_t i = 0; i < num_tokens * num_topk; ++i) out[i] = topk[i] >= 0 ? staged[i] : 0.0f;
@@ -188,8 +191,10 @@ class HostEngine final : public Engine {
 
     const int64_t capacity = handle.row_capacity;
     CombineBackwardResult result;
-    result.grad_x = allocate(DType::kBFloat16, {capacity, hidden});
-    result.grad_weights = allocate(DType::kFloat32, {capacity});
+    OutputBatch outputs;
+    outputs.add(&result.grad_x, DType::kBFloat16, {capacity, hidden});
+    outputs.add(&result.grad_weights, DType::kFloat32, {capacity});
+    outputs.allocate(*context_.allocator, Device::cpu(), nullptr);
     auto* grad_x = result.grad_x.ptr<uint16_t>();
     auto* grad_w = result.grad_weights.ptr<float>();
     std::memset(grad_x, 0, static_cast<size_t>(capacity * hidden) * 2);
@@ -418,14 +423,10 @@ class HostEngine final : public Engine {
     const int64_t scales_per_row = in.x_scales.defined() ? in.x_scales.size(1) : 0;
     const int64_t capacity = handle.expand ? handle.row_capacity : handle.recv_token_capacity;
     DispatchResult result;
-    result.x = allocate(in.x.dtype, {capacity, hidden});
-    if (scales_per_row > 0) result.x_scales = allocate(DType::kFloat32, {capacity, scales_per_row});
-    std::vector<int64_t> scalar_shape =
-        handle.expand ? std::vector<int64_t>{capacity} : std::vector<int64_t>{capacity, num_topk};
-    if (in.weights.defined()) result.weights = allocate(DType::kFloat32, scalar_shape);
-    if (in.aux.defined()) result.aux = allocate(DType::kFloat32, scalar_shape);
+    OutputBatch outputs;
+    add_dispatch_outputs(outputs, result, handle, in, hidden, num_topk);
+    outputs.allocate(*context_.allocator, Device::cpu(), nullptr);
     if (!handle.expand) {
-      result.topk_idx = allocate(DType::kInt32, {capacity, num_topk});
       std::copy_n(handle.recv_topk_idx.ptr<int32_t>(), capacity * num_topk,
                   result.topk_idx.ptr<int32_t>());
     }

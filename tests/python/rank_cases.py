@@ -452,6 +452,41 @@ def sm_budget_case(ctx, seed):
     return by_default
 
 
+def allocation_calls_case(ctx, seed, sync_counts):
+    """Each epx call asks PyTorch for its outputs in one allocator callback: the dispatch's x,
+    weights and topk_idx together (on the CUDA transport with the handle's arrays, so one
+    callback for the whole call, two with sync_counts), the combine's y and scalars together.
+    Returns the callbacks of the dispatch, then of the combine, as lists of shapes."""
+    import epx.buffer as epx_buffer
+
+    calls = []
+    allocate = epx_buffer._allocate
+
+    def counting(requests, *args):
+        calls.append([tuple(shape) for _, shape in requests])
+        return allocate(requests, *args)
+
+    epx_buffer._allocate = counting  # what the Buffer below hands to the extension
+    try:
+        buffer, _, (xs, topks, ws, _) = _setup(ctx, seed)
+    finally:
+        epx_buffer._allocate = allocate
+    rank, dev = ctx.rank, ctx.device
+    calls.clear()
+    result = buffer.dispatch(xs[rank].to(dev), topks[rank].to(dev), ws[rank].to(dev),
+                             sync_counts=sync_counts)
+    dispatch_calls = list(calls)
+    outputs = [tuple(t.shape) for t in (result.x, result.weights, result.topk_idx)]
+    assert any(call[-3:] == outputs for call in dispatch_calls), (outputs, dispatch_calls)
+    calls.clear()
+    scalars = torch.rand(result.x.shape[0], SIZES["num_topk"], device=dev)
+    combined = buffer.combine(result.x, result.handle, scalars=scalars)
+    assert calls == [[tuple(combined.x.shape), tuple(combined.scalars.shape)]], calls
+    if ctx.backend == "nccl":
+        assert len(dispatch_calls) == (2 if sync_counts else 1), dispatch_calls
+    return dispatch_calls
+
+
 def timeout_case(ctx, seed):
     """A peer that never arrives: the waiting rank raises epx.EpxError(TIMEOUT) naming the
     phase after the buffer's timeout, instead of hanging."""

@@ -85,3 +85,11 @@ def test_invalid_input_on_one_rank_does_not_strand_peers(run_ranks):
 def test_buffer_reports_its_sm_budget(run_ranks, backend):
     budgets = run_ranks(2, backend, rank_cases.sm_budget_case, seed=72)
     assert budgets[0] == budgets[1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sync_counts", [True, False], ids=["synced", "unsynced"])
+def test_one_allocator_callback_per_call(run_ranks, backend, sync_counts):
+    calls = run_ranks(2, backend, rank_cases.allocation_calls_case, seed=73,
+                      sync_counts=sync_counts)
+    assert all(calls)
