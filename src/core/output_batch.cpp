@@ -11,7 +11,8 @@ namespace {
 constexpr int64_t kPackAlignment = 256;
 
 int64_t packed_bytes(DType dtype, const std::vector<int64_t>& shape) {
-  const auto bytes = static_cast<int64_t>(TensorView(nullptr, dtype, shape, Device::cpu()).nbytes());
+  const TensorView view(nullptr, dtype, shape, Device::cpu());
+  const auto bytes = static_cast<int64_t>(view.nbytes());
   return (bytes + kPackAlignment - 1) / kPackAlignment * kPackAlignment;
 }
 
