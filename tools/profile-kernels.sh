@@ -35,9 +35,13 @@ profile() {  # profile NAME NCU-FILTER...  (of "${program[@]}")
   mv "$out/prof-$name.ncu-rep" "$build/"
   ls -la "$out"/prof-$name.*
 }
+case $tokens in
+  sums | backward)  # one kernel of a 4096-token run each, with its memory traffic
+    sections+=(--section MemoryWorkloadAnalysis)
+    program=("$build/tests/bench_gpu" --tokens 4096 --iters 3)
+    ;;
+esac
 if [ "$tokens" = sums ]; then
-  sections+=(--section MemoryWorkloadAnalysis)
-  program=("$build/tests/bench_gpu" --tokens 4096 --iters 3)
   profile sum-kernel --kernel-name-base demangled \
     -k 'regex:combine_send_kernel<.int.8, .bool.1, .int.8, .int.2>' \
     --launch-skip 2 --launch-count 1
@@ -52,8 +56,6 @@ if [ "$tokens" = sums ]; then
   exit 0
 fi
 if [ "$tokens" = backward ]; then
-  sections+=(--section MemoryWorkloadAnalysis)
-  program=("$build/tests/bench_gpu" --tokens 4096 --iters 3)
   profile backward --kernel-name-base demangled -k 'regex:backward_kernel<.int.8>' \
     --launch-skip 2 --launch-count 1
   exit 0
