@@ -78,17 +78,17 @@ def from_c(spec):
     return flat.view(torch_dtype).view(shape)
 
 
-_DEVICES = {}  # (kind, index) -> torch.device, made once (allocate runs several times a call)
+_DEVICES = {}  # (kind, index) -> torch.device, made once, not at every allocate
 _last_stream = [0]  # the stream stream_of() last returned: the one epx's calls run on
 
 
 def allocate(requests, device_kind, device_index, stream):
     """epx's output allocator: for each (dtype, shape) of one epx call a tensor from PyTorch's
     allocator, in order (one callback per call, not one per output)."""
-    device = _DEVICES.get((device_kind, device_index))
+    key = (device_kind, device_index)
+    device = _DEVICES.get(key)
     if device is None:
-        device = torch.device("cuda", device_index) if device_kind == _CUDA else torch.device("cpu")
-        _DEVICES[(device_kind, device_index)] = device
+        device = _DEVICES[key] = torch_device(key)
     tensors = []
     for dtype, shape in requests:
         torch_dtype = _FROM_EPX[dtype]
