@@ -52,7 +52,19 @@ struct DifferentExpert {
   }
 };
 
-__device__ void write_status(const PlanParams& p, unsigned long long bad);
+// The routing status from the first invalid entry (~0: none). One thread.
+__device__ void write_status(const PlanParams& p, unsigned long long bad) {
+  p.plan_status[0] = bad == ~0ull ? plan::kRoutingOk : plan::kRoutingBadExpert;
+  if (bad != ~0ull) {
+    const int64_t value = p.topk_int64 ? static_cast<const int64_t*>(p.topk_idx)[bad]
+                                       : static_cast<const int32_t*>(p.topk_idx)[bad];
+    p.plan_status[1] = value < INT32_MIN   ? INT32_MIN
+                       : value > INT32_MAX ? INT32_MAX
+                                           : static_cast<int32_t>(value);
+  } else {
+    p.plan_status[1] = 0;
+  }
+}
 
 // The last tile's block: totals (base + the last tile's counts) and the routing status, then
 // the scratch reset for the next plan (graph replays included).
@@ -71,20 +83,6 @@ __device__ void write_totals_and_status(const PlanParams& p, const int32_t* base
   if (threadIdx.x == 0) {
     write_status(p, atomicOr(p.first_bad, 0ull));  // the atomics' value, not L1's
     *p.first_bad = ~0ull;  // ready for the next plan (graph replays included)
-  }
-}
-
-// The routing status from the first invalid entry (~0: none). One thread.
-__device__ void write_status(const PlanParams& p, unsigned long long bad) {
-  p.plan_status[0] = bad == ~0ull ? plan::kRoutingOk : plan::kRoutingBadExpert;
-  if (bad != ~0ull) {
-    const int64_t value = p.topk_int64 ? static_cast<const int64_t*>(p.topk_idx)[bad]
-                                       : static_cast<const int32_t*>(p.topk_idx)[bad];
-    p.plan_status[1] = value < INT32_MIN   ? INT32_MIN
-                       : value > INT32_MAX ? INT32_MAX
-                                           : static_cast<int32_t>(value);
-  } else {
-    p.plan_status[1] = 0;
   }
 }
 
