@@ -62,7 +62,7 @@ std::string check_one(uint64_t seed) {
   auto pick = [&](std::initializer_list<int64_t> values) {
     return *(values.begin() + rng() % values.size());
   };
-  const int64_t tokens = pick({0, 1, 7, 255, 256, 257, 511, 1000, 4096, 5000});
+  const int64_t tokens = pick({0, 1, 7, 128, 255, 256, 257, 511, 512, 513, 1000, 4096, 5000});
   const int32_t topk = static_cast<int32_t>(pick({1, 2, 3, 6, 8, 9, 16, 64}));
   const int32_t ranks = static_cast<int32_t>(pick({1, 2, 3, 4, 8, 16}));
   const int32_t experts = ranks * static_cast<int32_t>(pick({1, 3, 32}));
