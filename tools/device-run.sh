@@ -15,9 +15,9 @@
 #           bench/micro/copy_paths.cu: register against bulk copies of 14 KB rows, and
 #           bench/micro/row_sums.cu: the expert-side sum by register loads and cp.async stages
 #           (EPX_MICROS: which of them, default all three)
-#   profile tools/profile-kernels.sh: ncu warp states and per-line stalls at 128 tokens
+#   profile bench/profile-kernels.sh: ncu warp states and per-line stalls at 128 tokens
 #           (EPX_PROFILE: its argument, e.g. backward; default 128)
-#   sums    tools/profile-kernels.sh sums: the same for the expert-side sum against the
+#   sums    bench/profile-kernels.sh sums: the same for the expert-side sum against the
 #           row_sums micro, and the SASS of both (cuobjdump) into $OUT
 #   ncu     per-kernel durations of bench_gpu at 128 tokens (ncu, clocks left alone)
 #   variants bench_gpu of this tree and of variants of it, in the same call (run-to-run spread
@@ -26,7 +26,7 @@
 #           holds files at their repository paths, put over a copy of the tree; every build runs
 #           at 4096 and 128 tokens and with each of EPX_VARIANT_RANKS ranks as threads (4)
 #   phase   bench_gpu built with -DEPX_PHASE_CLOCK=ON (build-clk): the phase timeline of one
-#           dispatch at 128, 512 and 4096 tokens (src/cuda/phase_clock.hpp)
+#           dispatch at 128, 512 and 4096 tokens (src/cuda/kernels/phase_clock.hpp)
 # Logs go to $OUT (the device tool brings them back) and a summary is printed last.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -78,7 +78,7 @@ for step in $steps; do
     threads)
       for r in ${EPX_THREAD_RANKS:-2 4}; do
         for t in 128 4096; do
-          timeout 120 "$EPX_BUILD_DIR/tests/bench_gpu" --thread-ranks $r --tokens $t 2>&1
+          timeout 120 "$EPX_BUILD_DIR/bench/bench_gpu" --thread-ranks $r --tokens $t 2>&1
         done
       done | tee "$out/bench-threads.log"
       summary+=("threads: exit ${PIPESTATUS[0]}")
@@ -105,11 +105,11 @@ for step in $steps; do
       rm -f "$out/stress-run.log"
       ;;
     profile)
-      bash "$root/tools/profile-kernels.sh" "${EPX_PROFILE:-128}" 2>&1 | tee "$out/profile.log"
+      bash "$root/bench/profile-kernels.sh" "${EPX_PROFILE:-128}" 2>&1 | tee "$out/profile.log"
       ;;
     sums)
-      bash "$root/tools/profile-kernels.sh" sums 2>&1 | tee "$out/profile-sums.log"
-      cuobjdump -sass "$EPX_BUILD_DIR/tests/row_sums" > "$out/sass-row-sums.txt" 2>&1
+      bash "$root/bench/profile-kernels.sh" sums 2>&1 | tee "$out/profile-sums.log"
+      cuobjdump -sass "$EPX_BUILD_DIR/bench/row_sums" > "$out/sass-row-sums.txt" 2>&1
       cuobjdump -sass "$(find "$EPX_BUILD_DIR" -name 'combine_kernels.cu.o' | head -n 1)" \
         > "$out/sass-combine-kernels.txt" 2>&1
       summary+=("sums: $(wc -l < "$out/sass-row-sums.txt") + $(wc -l < "$out/sass-combine-kernels.txt") SASS lines")
@@ -121,7 +121,7 @@ for step in $steps; do
       ;;
     micro)
       for micro in ${EPX_MICROS:-sync_costs copy_paths row_sums}; do
-        timeout 120 "$EPX_BUILD_DIR/tests/$micro" 2>&1 | tee "$out/${micro//_/-}.log"
+        timeout 120 "$EPX_BUILD_DIR/bench/$micro" 2>&1 | tee "$out/${micro//_/-}.log"
         summary+=("micro $micro: exit ${PIPESTATUS[0]}")
       done
       ;;
@@ -134,7 +134,7 @@ for step in $steps; do
         done
       }
       {
-        run_bench "$EPX_BUILD_DIR/tests/bench_gpu" "this tree ($EPX_COMMIT)"
+        run_bench "$EPX_BUILD_DIR/bench/bench_gpu" "this tree ($EPX_COMMIT)"
         shopt -s nullglob  # no alt/ directory: no variants, this tree only
         variants=("${EPX_VARIANTS:-$root/alt}"/*/)
         shopt -u nullglob
@@ -149,26 +149,26 @@ for step in $steps; do
         for dir in "${variants[@]}"; do
           name=$(basename "$dir") tree=/tmp/epx-variant-$(basename "$dir")
           echo "## variant $name: $(cd "$dir" && find . -type f | sort | paste -sd ' ')"
-          if [ -x "$tree/build/tests/bench_gpu" ]; then
-            run_bench "$tree/build/tests/bench_gpu" "variant $name"
+          if [ -x "$tree/build/bench/bench_gpu" ]; then
+            run_bench "$tree/build/bench/bench_gpu" "variant $name"
           else
             tail -n 30 "$tree/build.log"
           fi
         done
-        run_bench "$EPX_BUILD_DIR/tests/bench_gpu" "this tree again"
+        run_bench "$EPX_BUILD_DIR/bench/bench_gpu" "this tree again"
       } 2>&1 | tee "$out/variants.log"
       summary+=("variants: $(grep -c '^## variant [^:]*: \./' "$out/variants.log") built")
       ;;
     phase)
       build_bench_gpu "$root" "$root/build-clk" -DEPX_PHASE_CLOCK=ON > "$out/phase-build.log" 2>&1
       for t in 128 512 4096; do
-        timeout 100 "$root/build-clk/tests/bench_gpu" --tokens $t 2>&1
+        timeout 100 "$root/build-clk/bench/bench_gpu" --tokens $t 2>&1
       done | tee "$out/phase-clock.txt" | grep -E "phase clock|blocks|sync_counts=false"
       summary+=("phase: exit ${PIPESTATUS[0]}")
       ;;
     ncu)
       timeout 300 ncu --clock-control none --target-processes all \
-        --metrics gpu__time_duration.sum "$EPX_BUILD_DIR/tests/bench_gpu" --tokens 128 --iters 2 \
+        --metrics gpu__time_duration.sum "$EPX_BUILD_DIR/bench/bench_gpu" --tokens 128 --iters 2 \
         > "$out/ncu-128.txt" 2>&1
       summary+=("ncu: exit $?")
       grep -E "^  [a-z_:<>(), ]+\(|gpu__time_duration" "$out/ncu-128.txt" | paste - - | \

@@ -63,8 +63,8 @@ if command -v compute-sanitizer >/dev/null; then
     --error-exitcode 9 "$build/tests/test_gpu" --gtest_filter=GpuSmall.*
 fi
 # First-look timings (every visible GPU one rank): the headline case, then the small one.
-run "bench 4096 x 7168, top-8 of 256, 24 SMs" timeout 150 "$build/tests/bench_gpu"
-run "bench 128 x 7168, top-8 of 256, 24 SMs" timeout 90 "$build/tests/bench_gpu" --tokens 128
+run "bench 4096 x 7168, top-8 of 256, 24 SMs" timeout 150 "$build/bench/bench_gpu"
+run "bench 128 x 7168, top-8 of 256, 24 SMs" timeout 90 "$build/bench/bench_gpu" --tokens 128
 run "demo (default: GPUs when present)" timeout 120 "$build/examples/epx-demo"
 run "demo, host transport" timeout 120 "$build/examples/epx-demo" --transport host
 # The GPU suites (label gpu) ran above, one at a time: several at once would share the GPU.

@@ -2,7 +2,7 @@
 // (hidden 7168, bf16) on one GPU, by the two ways a warp can copy:
 //
 //   regs     every lane loads 8 16-byte vectors into registers, then stores them
-//            (warp_copy in src/cuda/device_primitives.cuh, what the kernels do today)
+//            (warp_copy in src/cuda/device/device_primitives.cuh, what the kernels do today)
 //   bulkCxS  lane 0 streams the row through shared memory with the bulk-copy unit of its SM
 //            (cp.async.bulk global -> shared -> global, chunks of C KB, S buffers per warp,
 //            the load of chunk i+1 in flight while chunk i is stored)

@@ -3,7 +3,7 @@
 // k < 8 of w[k] * x[row(k)] with rows of 14 KB (hidden 7168, bf16), fp32 fma in k order, one
 // bf16 rounding; the 8 rows of a token are scattered (a random permutation of the 32 768).
 // That is 470 MB read and 59 MB written. The question (bench/NOTES.md change 25): is the sum in
-// src/cuda/combine_kernels.cu bound by the bytes it keeps in flight, and by how much would
+// src/cuda/kernels/combine_kernels.cu bound by the bytes it keeps in flight, and by how much would
 // more in flight pay?
 //
 //   regsTxS   every lane loads T terms x S 16-byte positions into registers, then sums

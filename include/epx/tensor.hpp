@@ -88,7 +88,7 @@ class Allocator {
 };
 
 // Host memory (new[]) for the CPU; for CUDA devices stream-ordered allocations from a memory
-// pool of epx's own that keeps freed memory for reuse (src/cuda/cuda_allocator.cpp).
+// pool of epx's own that keeps freed memory for reuse (src/cuda/runtime/cuda_allocator.cpp).
 std::shared_ptr<Allocator> default_allocator();
 
 }  // namespace epx

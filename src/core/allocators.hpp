@@ -9,7 +9,7 @@ namespace epx::detail {
 
 std::shared_ptr<Allocator> make_host_allocator();  // src/core/tensor.cpp
 #if defined(EPX_WITH_CUDA)
-std::shared_ptr<Allocator> make_cuda_allocator();  // src/cuda/cuda_allocator.cpp
+std::shared_ptr<Allocator> make_cuda_allocator();  // src/cuda/runtime/cuda_allocator.cpp
 #endif
 
 }  // namespace epx::detail

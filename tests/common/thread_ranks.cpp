@@ -8,7 +8,7 @@
 #include <thread>
 #include <vector>
 
-#include "cpp/multi_process.hpp"
+#include "common/multi_process.hpp"
 
 namespace epx::testing {
 

@@ -8,7 +8,7 @@
 #include <functional>
 
 #include "cpp/host_fixture.hpp"
-#include "cpp/multi_process.hpp"
+#include "common/multi_process.hpp"
 #include "epx/error.hpp"
 
 namespace epx::testing {

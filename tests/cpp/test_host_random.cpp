@@ -9,7 +9,7 @@
 #include <random>
 
 #include "cpp/host_fixture.hpp"
-#include "cpp/multi_process.hpp"
+#include "common/multi_process.hpp"
 
 namespace epx::testing {
 namespace {

@@ -7,7 +7,7 @@
 #include <chrono>
 
 #include "cpp/host_fixture.hpp"
-#include "cpp/multi_process.hpp"
+#include "common/multi_process.hpp"
 #include "epx/error.hpp"
 
 namespace epx::testing {

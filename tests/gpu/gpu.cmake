@@ -1,8 +1,7 @@
 # GPU suites (built with the CUDA transport; each skips itself where too few GPUs are visible,
 # so CI without GPUs runs and skips them).
 function(epx_gpu_test name)
-  add_executable(${name} ${CMAKE_CURRENT_FUNCTION_LIST_DIR}/${name}.cpp
-                         ${CMAKE_CURRENT_FUNCTION_LIST_DIR}/../cpp/multi_process.cpp)
+  add_executable(${name} ${CMAKE_CURRENT_FUNCTION_LIST_DIR}/${name}.cpp)
   target_include_directories(${name} PRIVATE ${PROJECT_SOURCE_DIR}/src ${PROJECT_SOURCE_DIR}/tests)
   target_link_libraries(${name} PRIVATE epx epx_test_common GTest::gtest_main)
   gtest_discover_tests(${name} DISCOVERY_TIMEOUT 60 PROPERTIES TIMEOUT 900 LABELS gpu)
@@ -19,20 +18,3 @@ target_compile_options(test_gpu_numerics PRIVATE -gencode=arch=compute_90a,code=
 target_include_directories(test_gpu_numerics PRIVATE ${PROJECT_SOURCE_DIR}/src)
 target_link_libraries(test_gpu_numerics PRIVATE GTest::gtest_main)
 gtest_discover_tests(test_gpu_numerics DISCOVERY_TIMEOUT 60 PROPERTIES TIMEOUT 300 LABELS gpu)
-
-# First-look timings of the CUDA transport (not a test; tools/gpu-check.sh runs it).
-add_executable(bench_gpu ${CMAKE_CURRENT_LIST_DIR}/bench_gpu.cpp
-                         ${CMAKE_CURRENT_LIST_DIR}/../cpp/multi_process.cpp)
-target_include_directories(bench_gpu PRIVATE ${PROJECT_SOURCE_DIR}/src ${PROJECT_SOURCE_DIR}/tests)
-target_link_libraries(bench_gpu PRIVATE epx epx_test_common)
-
-# The micro benchmarks of bench/micro (not tests; tools/device-run.sh step micro runs them):
-# sm_90a builds, src/ on the include path for plan/numerics.hpp.
-function(epx_micro_bench name)
-  add_executable(${name} ${PROJECT_SOURCE_DIR}/bench/micro/${name}.cu)
-  target_compile_options(${name} PRIVATE -gencode=arch=compute_90a,code=sm_90a)
-  target_include_directories(${name} PRIVATE ${PROJECT_SOURCE_DIR}/src)
-endfunction()
-epx_micro_bench(sync_costs)  # the synchronisation pieces' costs on their own
-epx_micro_bench(copy_paths)  # register against bulk (cp.async.bulk) copies of 14 KB rows
-epx_micro_bench(row_sums)    # the expert-side sum by register loads and by cp.async stages

@@ -24,7 +24,7 @@
 #include "common/graph_replay.hpp"
 #include "common/random_problem.hpp"
 #include "common/scenario.hpp"
-#include "cpp/multi_process.hpp"
+#include "common/multi_process.hpp"
 #include "epx/error.hpp"
 #include "reference/reference.hpp"
 

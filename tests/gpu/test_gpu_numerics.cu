@@ -1,4 +1,4 @@
-// The device-side bf16 rounding of the reductions (cuda/bf16_rounding.cuh: the hardware's
+// The device-side bf16 rounding of the reductions (cuda/device/bf16_rounding.cuh: the hardware's
 // conversion, the integer form for chunks holding a NaN) against plan::float_to_bf16_bits, the
 // rounding every backend and the reference share, over every fp32 bit pattern in each slot of
 // an 8-value chunk.
@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "cuda/bf16_rounding.cuh"
+#include "cuda/device/bf16_rounding.cuh"
 #include "plan/numerics.hpp"
 
 namespace {

@@ -1,4 +1,4 @@
-// The device routing plan (src/cuda/plan_kernels.cu) against plan::plan_source, entry for
+// The device routing plan (src/cuda/kernels/plan_kernels.cu) against plan::plan_source, entry for
 // entry, on fresh random routings: token counts around the tile size (0, 1, 255, 256, 257, ...),
 // K from 1 to 64, 1 to 16 ranks (the plan is per source, so more ranks than GPUs is fine),
 // -1 experts, repeated experts within a token, int32 and int64 indices, and invalid indices
@@ -14,8 +14,8 @@
 
 #include "common/cuda_device_ops.hpp"
 #include "common/gpu_test_support.hpp"
-#include "cpp/multi_process.hpp"
-#include "cuda/kernels.hpp"
+#include "common/multi_process.hpp"
+#include "cuda/kernels/kernels.hpp"
 #include "plan/source_plan.hpp"
 
 namespace epx::testing {

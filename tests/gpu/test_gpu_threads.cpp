@@ -31,7 +31,7 @@
 #include "common/random_problem.hpp"
 #include "common/scenario.hpp"
 #include "common/thread_ranks.hpp"
-#include "cpp/multi_process.hpp"
+#include "common/multi_process.hpp"
 #include "epx/error.hpp"
 #include "reference/reference.hpp"
 

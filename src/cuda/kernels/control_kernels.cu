@@ -1,0 +1,70 @@
+// The abort of an operation (the barriers themselves are folded into the kernels:
+// cuda/operation_sync.cuh) and the LSA pointer lookup.
+#include <nccl.h>
+#include <nccl_device.h>
+
+#include "cuda/device/device_errors.cuh"
+#include "cuda/device/device_primitives.cuh"
+#include "cuda/device/operation_sync.cuh"
+#include "cuda/kernels/kernels.hpp"
+#include "plan/routing.hpp"
+
+namespace epx::cuda {
+
+const char* phase_name(int32_t phase) {
+  static const char* const names[kPhaseCount] = {
+      "dispatch/entry", "dispatch/exit",  "cached-dispatch/entry", "cached-dispatch/exit",
+      "combine/entry",  "combine/exit",   "combine-backward/entry", "combine-backward/exit"};
+  return phase >= 0 && phase < kPhaseCount ? names[phase] : "unknown";
+}
+
+namespace {
+
+// One block; thread p marks the abort in peer p and publishes the entry epoch to it. The mark
+// is a field of its own, ordered before the flag by the release, so a peer sees it even after
+// this rank has gone on to the next operation.
+__global__ void abort_kernel(Topology topo) {
+  const plan::WorkspaceLayout& layout = topo.layout;
+  __shared__ uint64_t epoch;
+  if (threadIdx.x == 0) {
+    epoch = *topo.epoch + 1;
+    *topo.epoch = epoch;
+  }
+  __syncthreads();
+  const int peer = threadIdx.x;
+  if (peer < layout.num_ranks) *layout.abort_epoch(topo.peers[peer], topo.rank) = epoch;
+  publish_to_peers(topo, epoch);
+}
+
+__global__ void peer_pointer_kernel(ncclWindow_t window, int num_ranks, char** peers) {
+  const int peer = threadIdx.x;
+  if (peer < num_ranks) peers[peer] = static_cast<char*>(ncclGetLsaPointer(window, 0, peer));
+}
+
+}  // namespace
+
+void load_functions(std::initializer_list<const void*> kernels) {
+  cudaFuncAttributes attributes;
+  for (const void* kernel : kernels) cudaFuncGetAttributes(&attributes, kernel);
+}
+
+void load_kernels() {
+  load_plan_kernels();
+  load_dispatch_kernels();
+  load_combine_kernels();
+  load_functions({reinterpret_cast<const void*>(abort_kernel)});
+  cudaGetLastError();  // a kernel that fails to load raises at its launch instead
+}
+
+void launch_abort(const Topology& topo, cudaStream_t stream) {
+  const int threads = ((topo.layout.num_ranks + 31) / 32) * 32;
+  abort_kernel<<<1, threads, 0, stream>>>(topo);
+}
+
+void fetch_peer_pointers(void* window, int num_ranks, char** peers, cudaStream_t stream) {
+  const int threads = ((num_ranks + 31) / 32) * 32;
+  peer_pointer_kernel<<<1, threads, 0, stream>>>(static_cast<ncclWindow_t>(window), num_ranks,
+                                                 peers);
+}
+
+}  // namespace epx::cuda

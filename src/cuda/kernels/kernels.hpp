@@ -1,0 +1,269 @@
+// The CUDA transport's kernels: typed parameter structs and launchers (bodies in *.cu).
+// Every kernel follows docs/protocol.md; positions come from plan/routing.hpp, numerics from
+// plan/numerics.hpp, addresses from plan/workspace_layout.hpp.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <initializer_list>
+
+#include "plan/workspace_layout.hpp"
+
+namespace epx::cuda {
+
+// Whether a caller's tensor starts on a 16-byte boundary: the kernels move rows in 16-byte
+// vectors (a caller's tensor may be a view at any element offset). It decides both whether a
+// rank's own rows are read in place rather than staged (cuda_engine.cpp) and whether the
+// reductions take the 8-element path (combine_kernels.cu).
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Error record in host-mapped memory, written by a kernel that hits a problem; the host raises
+// it at the next synchronisation. `failed` (device memory) makes later kernels skip their work.
+enum DeviceErrorCode : int32_t {
+  kDeviceOk = 0,
+  kDeviceTimeout = 1,
+  kDeviceBadRouting = 2,
+  kDeviceChannelMismatch = 3,
+  kDevicePeerAborted = 4,
+};
+
+struct DeviceStatus {
+  int32_t code;
+  int32_t phase;  // a Phase
+  int32_t peer;
+  int32_t value;  // bad topk value, or channels seen
+  uint64_t expected;
+  uint64_t seen;
+};
+
+enum Phase : int32_t {
+  kPhaseDispatchEntry,
+  kPhaseDispatchExit,
+  kPhaseCachedEntry,
+  kPhaseCachedExit,
+  kPhaseCombineEntry,
+  kPhaseCombineExit,
+  kPhaseBackwardEntry,
+  kPhaseBackwardExit,
+  kPhaseCount
+};
+const char* phase_name(int32_t phase);
+
+// Device words of the barriers folded into kernels (cuda/device/operation_sync.cuh).
+struct OperationSync {
+  uint32_t blocks_done;      // blocks of the current writing kernel that reached its handoff
+  uint32_t entry_published;  // block 0 published the entry barrier of the current operation
+};
+
+// What every kernel knows about the workspace and the ranks.
+struct Topology {
+  plan::WorkspaceLayout layout;
+  char* const* peers;  // [R] device array: workspace base of every rank (LSA pointers)
+  int32_t rank;
+  int32_t* failed;        // device flag: a previous step failed, skip work
+  DeviceStatus* status;   // host-mapped
+  uint64_t* epoch;        // device: barriers passed (graph replays stay in step)
+  OperationSync* sync;    // device
+  uint64_t timeout_ns;    // bound of every wait for a peer
+  bool chained = false;   // kernels are launched chained (cuda/device/chained_launch.hpp)
+};
+
+// This rank rejected its input to an operation: its entry barrier with the abort mark, so the
+// peers raise kDevicePeerAborted instead of timing out; nothing else of the operation runs.
+void launch_abort(const Topology& topo, cudaStream_t stream);
+
+// Source plan on the device: exactly plan::plan_source (src/plan/source_plan.cpp), tile by
+// tile (cuda/plan_kernels.cu).
+struct PlanParams {
+  const void* topk_idx;  // [S, K] int32 or int64
+  bool topk_int64;
+  int64_t num_tokens;
+  int32_t num_topk, num_experts, num_ranks;
+  int32_t* send_slot;      // [S, R]
+  int32_t* expert_slot;    // [S, K]
+  int32_t* topk32;         // [S, K] int32 copy of the routing
+  int32_t* rank_counts;    // [R]
+  int32_t* expert_counts;  // [E]
+  int32_t* plan_status;    // [2]: RoutingStatus, bad value
+  int32_t* tile_counts;    // scratch [plan_tiles][E + R]
+  unsigned long long* first_bad;  // scratch: first invalid entry; ~0 between plans
+  // With publish_entry: block 0 of the first plan kernel publishes the operation's entry
+  // (publish_entry_early); the send kernel is then launched with entry_published.
+  bool publish_entry = false;
+  Topology topo{};
+};
+void launch_plan(const PlanParams& params, cudaStream_t stream);
+// Tokens per plan tile (a tile holds up to 2048 routing entries, at most 256 tokens), and the
+// tiles a plan of `num_tokens` uses (at least one). The plan needs num_topk <= 2048.
+__host__ __device__ inline int plan_tile_tokens(int32_t num_topk) {
+  return num_topk >= 2048 ? 1 : (2048 / num_topk < 256 ? 2048 / num_topk : 256);
+}
+int plan_tiles(int64_t num_tokens, int32_t num_topk);
+
+// Source side of dispatch, cached dispatch and combine_backward: rows (+ scales, + metadata)
+// into every destination's staging, and (routing dispatch) the headers and expert counts.
+struct SendParams {
+  Topology topo;
+  const char* x;
+  int64_t row_bytes;
+  const float* scales;  // fp8 only
+  int64_t scales_per_row;
+  const float* weights;  // [S, K] or null
+  const float* aux;      // [S, K] or null
+  int64_t num_tokens;
+  const int32_t* send_slot;
+  const int32_t* expert_slot;
+  const int32_t* topk32;
+  bool with_meta;
+  bool write_headers;
+  int32_t channels;
+  const int32_t* plan_status;
+  const int32_t* rank_counts;
+  const int32_t* expert_counts;
+  int32_t entry_phase;  // the operation's entry barrier is part of this kernel
+  int num_blocks;
+  bool entry_published = false;  // the plan published the entry (PlanParams::publish_entry)
+  // False: the rows this rank sends to itself are not copied into its own staging (their
+  // scales and metadata are); the receive reads them from `x` (ReceiveParams::own_x).
+  bool stage_own_rows = true;
+};
+void launch_send(const SendParams& params, cudaStream_t stream);
+
+// Receive-side counts of a routing dispatch: reads headers, checks them, computes offsets.
+// launch_receive_counts waits for the exit barrier and writes them for the host (sync_counts);
+// without sync_counts the receive kernel computes them itself (ReceiveParams::counts).
+struct ReceiveCountsParams {
+  Topology topo;
+  int32_t channels;
+  int32_t alignment;
+  bool expand;
+  int32_t* recv_counts;            // [R]
+  int32_t* recv_offsets;           // [R+1]
+  int32_t* source_expert_counts;   // [R, E_l]
+  int32_t* tokens_per_expert;      // [E_l]
+  int32_t* expert_offsets;         // [E_l+1]
+  int32_t* expert_source_offsets;  // [E_l, R]
+  int64_t* device_counts;          // [2]: N, M
+  int64_t* host_counts;            // host-mapped copy of [N, M, tokens_per_expert..., offsets...]
+};
+void launch_receive_counts(const ReceiveCountsParams& params, cudaStream_t stream);
+// Shared memory a block needs to hold the counts (ReceiveParams::compute_counts).
+size_t receive_counts_smem_bytes(const plan::WorkspaceLayout& layout);
+
+// Receive epilogue of dispatch (routing or cached): staged rows into compact/expanded outputs,
+// then (expanded) the padding rows.
+struct ReceiveParams {
+  Topology topo;
+  int32_t exit_phase;
+  bool wait_exit;       // the exit barrier is part of this kernel (not of receive_counts)
+  bool compute_counts;  // every block computes the counts itself from `counts` (block 0 also
+                        // writes them to the handle): sync_counts=false routing dispatch
+  ReceiveCountsParams counts;
+  int64_t capacity;     // compute_counts: handle rows [N, capacity) get -1
+  bool routing;  // fill src_token / recv_topk / expanded_rows from the metadata
+  bool expand;
+  const int64_t* device_counts;
+  const int32_t* recv_offsets;
+  const int32_t* expert_source_offsets;
+  int32_t* src_token;
+  int32_t* recv_topk;
+  int32_t* expanded_rows;
+  char* x_out;
+  int64_t row_bytes;
+  float* scales_out;
+  int64_t scales_per_row;
+  float* weights_out;
+  float* aux_out;
+  int32_t* topk_out;  // compact only
+  const int32_t* tokens_per_expert;  // expanded: the padding rows (unless compute_counts)
+  const int32_t* expert_offsets;
+  bool zero_padding;
+  int num_blocks;
+  // The dispatch's input rows of this rank (row t at own_x + t * row_bytes) when the send kernel
+  // left them unstaged (SendParams::stage_own_rows = false); null: every row is staged.
+  const char* own_x = nullptr;
+};
+void launch_receive(const ReceiveParams& params, cudaStream_t stream);
+
+// Expert side of combine: reduce (or forward) each received token's rows to its source.
+struct CombineSendParams {
+  Topology topo;
+  bool expand;
+  bool at_source;
+  const int64_t* device_counts;
+  const int32_t* src_token;
+  const int32_t* expanded_rows;
+  const int32_t* recv_topk;
+  const uint16_t* x;
+  const float* weights;
+  const float* scalars;
+  int num_blocks;
+  // Compact, or expanded reduced at the source: false leaves the rows of tokens from this rank
+  // unstaged (their weights and scalars are staged); the reduce reads them from x
+  // (CombineReduceParams::own_x), as dispatch does (SendParams::stage_own_rows).
+  bool stage_own_rows = true;
+};
+// With the combine's entry barrier and the handoff of its exit barrier.
+void launch_combine_send(const CombineSendParams& params, cudaStream_t stream);
+
+// Source side of combine: waits for the exit barrier, sums the staged rows of each token, adds
+// biases, rounds.
+struct CombineReduceParams {
+  Topology topo;
+  bool at_source;
+  bool weighted;  // at_source: apply the staged row weights
+  int64_t num_tokens;
+  const int32_t* send_slot;
+  const int32_t* topk32;
+  const uint16_t* bias0;
+  const uint16_t* bias1;
+  uint16_t* y;
+  float* scalars_out;  // or null
+  int num_blocks;
+  // The combine input x of this rank when its own rows were left unstaged: token t was this
+  // rank's received token n = recv_offsets[rank] + send_slot[t][rank], its row n in the compact
+  // layout, its rows expanded_rows[n][k] (>= 0) at the source.
+  const uint16_t* own_x = nullptr;
+  const int32_t* recv_offsets = nullptr;
+  const int32_t* expanded_rows = nullptr;
+};
+void launch_combine_reduce(const CombineReduceParams& params, cudaStream_t stream);
+
+// Expert side of combine_backward: waits for the exit barrier, then grad_x rows and
+// grad_weights from the staged grad_y, then zeroes the padding rows of both.
+struct BackwardParams {
+  Topology topo;
+  const int32_t* tokens_per_expert;
+  const int32_t* expert_offsets;
+  const int64_t* device_counts;
+  const int32_t* recv_offsets;
+  const int32_t* expanded_rows;
+  const uint16_t* x;
+  const float* weights;
+  uint16_t* grad_x;
+  float* grad_weights;
+  int num_blocks;
+  // This rank's grad_y when the send kernel left its rows to itself unstaged (as
+  // ReceiveParams::own_x); src_token locates them.
+  const uint16_t* own_grad_y = nullptr;
+  const int32_t* src_token = nullptr;
+};
+void launch_backward(const BackwardParams& params, cudaStream_t stream);
+
+// Loads every kernel of the transport into the current context. With CUDA's lazy module
+// loading (the default) a kernel's first launch loads it, and loading waits for the whole
+// device: ranks of a thread group sharing a GPU would wait for each other's spinning kernels
+// (seen on the GPU machine: a rank's first dispatch or combine timed out at the entry barrier
+// while its peer's host thread sat in that first launch). The engine calls this before its
+// workspace rendezvous, when no peer kernel can be waiting for this rank yet.
+void load_kernels();
+void load_functions(std::initializer_list<const void*> kernels);  // cudaFuncGetAttributes each
+void load_dispatch_kernels();
+void load_combine_kernels();
+void load_plan_kernels();
+
+// Writes every rank's workspace base pointer (ncclGetLsaPointer) into peers[R].
+void fetch_peer_pointers(void* window, int num_ranks, char** peers, cudaStream_t stream);
+
+}  // namespace epx::cuda

@@ -1,0 +1,17 @@
+// CUDA transport for ranks that are threads of one process (Comm::cuda_threads): the ranks of
+// a ThreadGroup meet in its rendezvous to exchange their workspaces (thread_workspace.cpp).
+#pragma once
+
+#include <memory>
+
+#include "core/thread_group.hpp"
+#include "cuda/runtime/cuda_comm.hpp"
+
+namespace epx::detail {
+
+struct ThreadCommState final : CudaCommState {
+  std::shared_ptr<ThreadGroupState> group;
+  std::unique_ptr<PeerWorkspace> open_workspace(size_t bytes) override;
+};
+
+}  // namespace epx::detail
