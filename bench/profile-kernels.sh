@@ -7,7 +7,7 @@
 #        profile-kernels.sh sums   the 8 x 2 row sums of bench_gpu at 4096 tokens (expert side:
 #                                  combine_send_kernel, at the source: combine_reduce_kernel)
 #                                  against bench/micro/row_sums.cu's register kernels of the
-#                                  shapes 2x4 and 8x2 (bench/NOTES.md changes 27 and 33)
+#                                  shapes 2x4 and 8x2 (docs/performance.md)
 #        profile-kernels.sh backward   combine_backward's expert-side kernel at 4096 tokens
 #                                  (grad_x rows, grad_weights, then the padding rows)
 set -uo pipefail

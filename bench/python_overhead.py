@@ -1,4 +1,4 @@
-"""Where the host time of one eager epx call goes (bench/NOTES.md, Python per-call overhead).
+"""Where the host time of one eager epx call goes (docs/performance.md).
 
 One rank on cuda:0 (NCCL group of one), 128 tokens x 7168, top-8 of 256: the host time per
 call of dispatch (sync_counts=False) and compact combine, issued back to back without waiting

@@ -2,7 +2,7 @@
 // expert-side sum of an expanded combine on one GPU: for each of 4096 tokens, y = sum over
 // k < 8 of w[k] * x[row(k)] with rows of 14 KB (hidden 7168, bf16), fp32 fma in k order, one
 // bf16 rounding; the 8 rows of a token are scattered (a random permutation of the 32 768).
-// That is 470 MB read and 59 MB written. The question (bench/NOTES.md change 25): is the sum in
+// That is 470 MB read and 59 MB written. The question (docs/performance.md): is the sum in
 // src/cuda/kernels/combine_kernels.cu bound by the bytes it keeps in flight, and by how much would
 // more in flight pay?
 //

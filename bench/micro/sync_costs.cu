@@ -2,7 +2,7 @@
 // kernels' launch shape (24 blocks of 512 threads). Each variant is one kernel; it is timed
 // three ways: alone (median of single launches between two events), back to back (mean of
 // 200 launches on a stream) and as 20 nodes of a CUDA graph (mean per node). The differences
-// between variants place the ~10-15 us each small-batch kernel takes (bench/NOTES.md):
+// between variants place the ~10-15 us each small-batch kernel takes (docs/performance.md):
 //
 //   empty          launch and retire only
 //   fence_all      every thread __threadfence_system() (what send_kernel ends with)

@@ -1,5 +1,5 @@
 // epx::Buffer: dispatch tokens to the ranks that hold their experts, combine expert outputs
-// back. The semantics (layouts, orderings, exact numerics) are those of DESIGN.md §2-3; every
+// back. The semantics (layouts, orderings, exact numerics) are those of docs/semantics.md; every
 // transport produces the same bits as the reference (src/reference).
 //
 // Collective: every rank of the communicator calls each operation, in the same order, with the

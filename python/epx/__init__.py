@@ -5,7 +5,7 @@
     y = epx.functional.combine(buffer, expert_out, handle, recv_w)
 
 A process group on NCCL selects the CUDA transport, any other (gloo) the host transport over
-POSIX shared memory. See python/README.md for building and the semantics in DESIGN.md §2-3.
+POSIX shared memory. See python/README.md for building and the semantics in docs/semantics.md.
 """
 
 import pkgutil as _pkgutil

@@ -1,4 +1,4 @@
-"""epx.Buffer and epx.Handle: the PyTorch face of the C++ epx::Buffer (DESIGN.md §2-3, §5).
+"""epx.Buffer and epx.Handle: the PyTorch face of the C++ epx::Buffer (docs/semantics.md).
 
 Every operation is collective: all ranks of the group call it, in the same order, with the same
 options and the same optional channels (weights, aux, scalars, bias). Work is ordered on
@@ -211,7 +211,7 @@ class Buffer:
     def dispatch(self, x, topk_idx=None, weights=None, aux=None, *, expand=False,
                  expert_alignment=1, zero_padding=False, sync_counts=True,
                  handle=None) -> DispatchResult:
-        """Sends each token to the ranks of its top-k experts (DESIGN.md §2-3).
+        """Sends each token to the ranks of its top-k experts (docs/semantics.md).
 
         x: [S, H] bf16, or a tuple (fp8-e4m3 data [S, H], fp32 scales [S, H/128]) on a buffer
         built with fp8_dispatch (uint8 data stands for fp8-e4m3 bits on PyTorch without a
@@ -250,7 +250,7 @@ class Buffer:
 
     def combine(self, x, handle, *, weights=None, scalars=None, bias=None,
                 reduce_at="expert") -> CombineResult:
-        """Brings expert outputs back to their source ranks and reduces them (DESIGN.md §3).
+        """Brings expert outputs back to their source ranks and reduces them (docs/semantics.md).
 
         x: expanded [M, H] / compact [N, H] bf16. weights: expanded only, [M] fp32.
         scalars: a side channel returned as `.scalars` [S, K] (expanded [M], compact [N, K]).

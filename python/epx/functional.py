@@ -1,4 +1,4 @@
-"""Differentiable dispatch and combine (DESIGN.md §3, "Gradients").
+"""Differentiable dispatch and combine (docs/semantics.md, "Gradients").
 
     forward                                   backward
     recv = dispatch(x, idx, w)                dx, dw = combine(d_recv_x, handle, scalars=d_recv_w)

@@ -8,8 +8,7 @@
 namespace epx::detail {
 
 std::shared_ptr<Allocator> make_host_allocator();  // src/core/tensor.cpp
-#if defined(EPX_WITH_CUDA)
-std::shared_ptr<Allocator> make_cuda_allocator();  // src/cuda/runtime/cuda_allocator.cpp
-#endif
+// src/cuda/runtime/cuda_allocator.cpp; without CUDA (src/core/no_cuda.cpp) it throws.
+std::shared_ptr<Allocator> make_cuda_allocator();
 
 }  // namespace epx::detail

@@ -125,12 +125,4 @@ Handle new_handle(const EngineContext& context, const DispatchOptions& options,
 }
 }  // namespace detail
 
-#if !defined(EPX_WITH_CUDA)
-namespace detail {
-std::unique_ptr<Engine> make_cuda_engine(const EngineContext&) {
-  EPX_FAIL(kInvalidArgument, "epx was built without CUDA: the cuda transport is unavailable");
-}
-}  // namespace detail
-#endif
-
 }  // namespace epx

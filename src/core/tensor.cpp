@@ -88,12 +88,8 @@ class DefaultAllocator final : public Allocator {
   Tensor allocate(DType dtype, const std::vector<int64_t>& shape, Device device,
                   void* stream) override {
     if (device.kind == DeviceKind::kCpu) return host_.allocate(dtype, shape, device, stream);
-#if defined(EPX_WITH_CUDA)
     static const std::shared_ptr<Allocator> cuda = detail::make_cuda_allocator();
     return cuda->allocate(dtype, shape, device, stream);
-#else
-    EPX_FAIL(kInvalidArgument, "epx was built without CUDA: cannot allocate on " << to_string(device));
-#endif
   }
 
  private:

@@ -1,4 +1,4 @@
-// Host-side checks of every Buffer input (DESIGN.md §3 "Errors"). They run before any
+// Host-side checks of every Buffer input (docs/semantics.md, "Errors"). They run before any
 // communication, so a rejected call writes nothing to any peer.
 #pragma once
 

@@ -1,5 +1,5 @@
-// The exact numerics of DESIGN.md §3, shared by the reference, the host transport and the CUDA
-// kernels: bf16 <-> fp32 conversion with round-to-nearest-even, and the weighted/unweighted
+// The exact numerics of docs/semantics.md, shared by the reference, the host transport and the
+// CUDA kernels: bf16 <-> fp32 conversion with round-to-nearest-even, and the weighted/unweighted
 // accumulation steps. Every backend calls these, so equal inputs give equal bits.
 #pragma once
 

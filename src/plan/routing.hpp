@@ -31,9 +31,9 @@ EPX_HD int32_t local_index_of_expert(int32_t expert, int32_t local_experts) {
 EPX_HD int64_t worst_case_compact_rows(int64_t num_ranks, int64_t max_tokens) {
   return num_ranks * max_tokens;
 }
-// K rows per token, not min(K, E_l): a token that names one expert twice gets two rows (DESIGN
-// §2), so with K > E_l a token can still fill K rows here. docs/decisions.md records why this
-// departs from the min(K, E_l) of DESIGN §3.
+// K rows per token, not min(K, E_l): a token that names one expert twice gets two rows
+// (docs/semantics.md), so with K > E_l a token can still fill K rows here (docs/decisions.md:
+// why the contract's min(K, E_l) bound is not used).
 EPX_HD int64_t worst_case_expanded_rows(int64_t num_ranks, int64_t max_tokens, int64_t num_topk,
                                         int64_t local_experts, int64_t alignment) {
   return num_ranks * max_tokens * num_topk + local_experts * (alignment - 1);

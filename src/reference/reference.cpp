@@ -1,4 +1,4 @@
-// Plain loops over all ranks' inputs, in the order DESIGN.md §2-3 states them. Speed does not
+// Plain loops over all ranks' inputs, in the order docs/semantics.md states them. Speed does not
 // matter here; every position is found by enumerating the layout's definition directly, so the
 // code reads like the specification rather than like the routing plan the transports use.
 #include "reference/reference.hpp"

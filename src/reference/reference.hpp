@@ -1,5 +1,5 @@
 // The oracle: computes every rank's outputs of dispatch, combine and combine_backward from all
-// ranks' inputs with plain loops, straight from DESIGN.md §2-3. It shares only the numerics
+// ranks' inputs with plain loops, straight from docs/semantics.md. It shares only the numerics
 // (plan/numerics.hpp) with the transports, never their plan or staging code, so an error in the
 // routing plan cannot hide in both.
 #pragma once
@@ -87,7 +87,7 @@ std::vector<CombineBackwardOutput> combine_backward(
     const std::vector<DispatchOutput>& layout, const std::vector<std::vector<uint16_t>>& grad_y,
     const std::vector<std::vector<uint16_t>>& x, const std::vector<std::vector<float>>& weights);
 
-// DESIGN.md's tolerance for grad_weights: |got - want| <= 1e-5 * magnitude.
+// The contract's tolerance (docs/semantics.md) for grad_weights: |got - want| <= 1e-5 * magnitude.
 inline bool grad_weight_ok(float got, double want, double magnitude) {
   const double diff = static_cast<double>(got) - want;
   return (diff < 0 ? -diff : diff) <= 1e-5 * magnitude;

@@ -1,5 +1,5 @@
-// Every bad input of DESIGN.md §3 "Errors" gets a clear epx::Error with the right code, on the
-// host transport, and leaves the buffer usable: after each rejected call a full valid scenario
+// Every bad input listed under "Errors" in docs/semantics.md gets a clear epx::Error with the
+// right code, on the host transport, and leaves the buffer usable: after each rejected call a full valid scenario
 // still matches the reference bit for bit (nothing corrupted, nothing left half-done).
 #include <gtest/gtest.h>
 

@@ -1,5 +1,5 @@
 // The oracle's semantics pinned by hand-worked cases (every expected value below was derived on
-// paper from DESIGN.md §2-3, not computed by the code under test), plus invariants of the
+// paper from docs/semantics.md, not computed by the code under test), plus invariants of the
 // reference on the random configurations every transport test draws.
 #include <gtest/gtest.h>
 

@@ -165,7 +165,7 @@ def combine_backward_case(ctx, seed, alignment, **input_options):
     want_x, want_w = combine_backward_outputs(layouts[rank], grad_y, h_rows[rank], w_rows[rank])
     _same(grad_x, want_x, "grad_x")
     assert grad_w.dtype == torch.float32 and grad_w.shape == want_w.shape
-    # Tolerance of DESIGN §3: 1e-5 of sum |g| |x| for each row.
+    # Tolerance of docs/semantics.md: 1e-5 of sum |g| |x| for each row.
     bound = torch.zeros_like(want_w)
     for row, owner in enumerate(layouts[rank].row_owner):
         if owner is not None:

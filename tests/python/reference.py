@@ -1,4 +1,4 @@
-"""A plain-torch oracle for dispatch and combine, written from DESIGN.md §2-3 alone.
+"""A plain-torch oracle for dispatch and combine, written from docs/semantics.md alone.
 
 It computes, from every rank's inputs, what one rank must receive (layouts, counts, handle
 fields) and what one source rank must get back from combine, with the exact numerics of §3:
@@ -25,7 +25,7 @@ def fma(weight, x, acc):
 
 @dataclass
 class Received:
-    """What destination rank `rank` receives (DESIGN §2)."""
+    """What destination rank `rank` receives (docs/semantics.md)."""
 
     rank: int
     tokens: List[tuple]  # compact rows: (source rank, source token), in order

@@ -1,5 +1,5 @@
 """Buffer.dispatch / combine / combine_backward on several ranks against the plain-torch
-oracle of DESIGN.md §2-3 (reference.py): layouts, handles and combine results bit for bit."""
+oracle of docs/semantics.md (reference.py): layouts, handles and combine results bit for bit."""
 
 import pytest
 

@@ -2,7 +2,7 @@
 // so that the GPU may schedule it while the kernel before it on the stream is still running; it
 // waits at its first instruction (chain_wait: griddepcontrol.wait) until that kernel has
 // finished and its memory is visible, so the stream's order and the memory model are those of
-// a plain launch. What goes is the gap between the two kernels (bench/NOTES.md change 22).
+// a plain launch. What goes is the gap between the two kernels (docs/performance.md).
 //
 // Off when ranks of a thread group share the device: a chained kernel's blocks hold their SMs
 // while they wait, and the sharing ranks' spinning kernels need every SM they can get.

@@ -58,7 +58,7 @@ __device__ __forceinline__ bool wait_for_peers(const Topology& topo, uint64_t ep
 // Whether every thread's wait_for_peers of this block returned true; a block barrier.
 // Failures recorded by other blocks need not stop this one: its own waits saw every peer
 // arrive (and none abort), so its stores are expected (and re-reading the failure flag would
-// add a memory round trip to every kernel's start, bench/NOTES.md change 17).
+// add a memory round trip to every kernel's start, docs/performance.md).
 __device__ __forceinline__ bool block_all(bool ok) { return __syncthreads_and(ok) != 0; }
 
 // Threads [0, R) publish `epoch` into every peer's flag slot of this rank: a release at system
@@ -66,9 +66,9 @@ __device__ __forceinline__ bool block_all(bool ok) { return __syncthreads_and(ok
 // the caller's block barrier) and of the earlier kernels is visible to a peer that acquires the
 // flag. The release is cumulative over what the barrier ordered before it, so only the
 // publishing threads order anything, as in a cooperative grid barrier (a fence in every thread
-// costs ~0.5 us more per kernel: bench/micro/sync_costs.cu, bench/NOTES.md changes 10-11). The
+// costs ~0.5 us more per kernel: bench/micro/sync_costs.cu, docs/performance.md). The
 // release compiles to a system membar and the reduction; an explicit __threadfence_system()
-// before it was a second membar on the path to every barrier (bench/NOTES.md change 35).
+// before it was a second membar on the path to every barrier (docs/performance.md).
 __device__ __forceinline__ void publish_to_peers(const Topology& topo, uint64_t epoch) {
   const plan::WorkspaceLayout& layout = topo.layout;
   const int peer = threadIdx.x;

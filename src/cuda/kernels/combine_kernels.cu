@@ -25,7 +25,7 @@ struct Chunk;
 // Vec bf16 values of a row still packed, two to a 32-bit word (half the registers of a Chunk
 // while a load is in flight; one 16-byte access when Vec == 8). Unpacking is a shift or a mask
 // per element: a uint16 array here cost a 16-bit conversion per element, which made
-// combine_backward 53% slower at 4096 tokens (bench/NOTES.md change 16).
+// combine_backward 53% slower at 4096 tokens (docs/performance.md).
 template <int Vec>
 struct PackedChunk {
   static_assert(Vec == 1 || Vec == 8, "rows go in 8-element chunks, or one element per lane");
@@ -103,8 +103,8 @@ __device__ __forceinline__ Chunk<Vec> PackedChunk<Vec>::unpack() const {
 // the loads a shape keeps in flight are its present terms times its positions, and rows of one
 // to five terms fill a fraction of 8 x 2 (a compact combine over four thread ranks was 5%
 // slower with it). The expert-side sum with the narrow shape also leaves absent terms out of
-// its term cache (cache_terms). bench/NOTES.md change 33. The one-element path (odd H or
-// unaligned tensors) keeps the narrow shape.
+// its term cache (cache_terms); docs/performance.md has the figures. The one-element path
+// (odd H or unaligned tensors) keeps the narrow shape.
 constexpr int kNarrowTerms = 2, kNarrowSpan = 4;
 constexpr int kWideTerms = 8, kWideSpan = 2;
 
@@ -121,7 +121,7 @@ struct RowSpan {
 // term(i, w) returns term i's row, or null when the term is absent, and sets its weight w. An
 // unweighted term has w = 1: fma(1, x, acc) rounds once, exactly as acc + x does
 // (plan::accumulate), so both kinds take the same instructions, without a branch per term
-// (bench/NOTES.md change 29).
+// (docs/performance.md).
 template <int Vec, int Terms, int Span, typename Term>
 __device__ __forceinline__ void sum_terms(RowSpan<Vec, Span>& acc, int num_terms, Term term) {
 #pragma unroll
@@ -157,8 +157,8 @@ __device__ __forceinline__ void sum_terms(RowSpan<Vec, Span>& acc, int num_terms
 
 // The terms of one row sum, resolved once per (row, part) instead of at every position: lane i
 // resolves term i (its row and weight, behind one to three dependent index loads) into the
-// warp's slot of shared memory, and the position loop reads them there (bench/NOTES.md change
-// 25). Up to kCachedTerms terms; with more, every position resolves them again.
+// warp's slot of shared memory, and the position loop reads them there (docs/performance.md).
+// Up to kCachedTerms terms; with more, every position resolves them again.
 constexpr int kCachedTerms = 8;
 struct CachedTerms {
   const uint16_t* row[kCachedTerms];
@@ -169,7 +169,7 @@ struct CachedTerms {
 // slots the sum reads, or -1 when there are more terms than slots. With SkipAbsent the absent
 // terms take no slot (a ballot per row): worth it where most of a row's terms are absent, the
 // expert-side sum over several ranks (-9% at 2 thread ranks, -13% at 4), not where they
-// are present (the ballot costs ~25 us per 4 096 rows; bench/NOTES.md change 33).
+// are present (the ballot costs ~25 us per 4 096 rows; docs/performance.md).
 template <bool SkipAbsent, typename Term>
 __device__ __forceinline__ int cache_terms(CachedTerms& cache, int num_terms, int lane,
                                            Term term) {
@@ -206,7 +206,7 @@ __device__ __forceinline__ CachedTerms& warp_term_cache() {
 // A row of one present term (weight w) under the narrow shape would keep only kNarrowSpan loads
 // in flight per lane; it loads kSingleSpan positions at once instead (6 was faster than 8, whose
 // extra registers spill), and each sum is the same single fma on zero that sum_terms computes
-// (bench/NOTES.md change 34).
+// (docs/performance.md).
 constexpr int kSingleSpan = 6;
 
 template <int Vec, typename Finish>
@@ -233,7 +233,7 @@ __device__ __forceinline__ void sum_single_term(const uint16_t* row, float w, in
 
 // One row sum (elements [begin, end) of it), run by the whole warp: the terms are cached first
 // (warp-collective, so before the position loop, whose trip count differs between lanes:
-// bench/NOTES.md change 31), then each lane sums its positions and hands every sum to
+// docs/performance.md), then each lane sums its positions and hands every sum to
 // finish(h, chunk), which adds what the caller adds and stores it.
 // OneTermPath: rows of one present term take sum_single_term (the reduce kernel, where every
 // row of a compact combine on one rank, and of the second half of an expert-side combine there,
@@ -279,7 +279,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
   const int64_t hidden = layout.hidden;
   const int rank = p.topo.rank;
   // Written by this rank's dispatch, a kernel before this one: loaded while the entry waits
-  // (a round trip fewer after it; the same in the kernels below, bench/NOTES.md change 36).
+  // (a round trip fewer after it; the same in the kernels below, docs/performance.md).
   const int64_t num_recv = p.device_counts[0];
   if (!operation_entry(p.topo, kPhaseCombineEntry)) {
     operation_handoff(p.topo, true);
@@ -424,7 +424,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardParams p) {
       if (row < 0) continue;
       if (k + 1 < num_topk && rows[k + 1] >= 0) {
         // The next x row is asked into L2 (a line per lane) while this one is processed:
-        // 4% faster at 4096 tokens (bench/NOTES.md change 21).
+        // 4% faster at 4096 tokens (docs/performance.md).
         const char* next = reinterpret_cast<const char*>(p.x + int64_t(rows[k + 1]) * hidden);
         for (int64_t b = int64_t(lane) * 128; b < hidden * 2; b += kWarpSize * 128) {
           prefetch_l2(next + b);
@@ -437,7 +437,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardParams p) {
       constexpr int64_t kStride = kWarpSize * Vec;
       for (int64_t h0 = int64_t(lane) * Vec; h0 < hidden; h0 += kBatch * kStride) {
         // kBatch chunks of grad_y and x loaded before any is used (latency, as above), held
-        // packed until then (half the registers; bench/NOTES.md change 30).
+        // packed until then (half the registers; docs/performance.md).
         PackedChunk<Vec> g[kBatch], x[kBatch];
 #pragma unroll
         for (int j = 0; j < kBatch; ++j) {
@@ -498,34 +498,69 @@ bool wide_sums(int vec, RowTerms terms, int num_topk, int num_ranks) {
   return vec == 8 && present >= 6.0;
 }
 
+// Every instantiation of the combine kernels, with the conditions under which each is picked:
+// the launchers pick from these tables and load_combine_kernels loads exactly them, so a kernel
+// cannot be launched without having been loaded first (docs/decisions.md: lazy loading).
+// `vec`: 8-element chunks or one element per lane; `wide`: the 8 x 2 sum shape (vec 8 only).
+struct SendVariant {
+  int vec;
+  bool reduce;  // expanded, reduced at the expert (else rows are forwarded)
+  bool wide;
+  void (*kernel)(CombineSendParams);
+};
+constexpr SendVariant kSendVariants[] = {
+    {8, true, true, combine_send_kernel<8, true, kWideTerms, kWideSpan>},
+    {8, true, false, combine_send_kernel<8, true, kNarrowTerms, kNarrowSpan>},
+    {8, false, false, combine_send_kernel<8, false, kNarrowTerms, kNarrowSpan>},
+    {1, true, false, combine_send_kernel<1, true, kNarrowTerms, kNarrowSpan>},
+    {1, false, false, combine_send_kernel<1, false, kNarrowTerms, kNarrowSpan>},
+};
+
+struct ReduceVariant {
+  int vec;
+  bool wide;
+  void (*kernel)(CombineReduceParams);
+};
+constexpr ReduceVariant kReduceVariants[] = {
+    {8, true, combine_reduce_kernel<8, kWideTerms, kWideSpan>},
+    {8, false, combine_reduce_kernel<8, kNarrowTerms, kNarrowSpan>},
+    {1, false, combine_reduce_kernel<1, kNarrowTerms, kNarrowSpan>},
+};
+
+struct BackwardVariant {
+  int vec;
+  void (*kernel)(BackwardParams);
+};
+constexpr BackwardVariant kBackwardVariants[] = {{8, backward_kernel<8>}, {1, backward_kernel<1>}};
+
+// The table entry whose conditions `matches`; every combination the launchers ask for has one.
+template <typename Variant, size_t N, typename Matches>
+const Variant& pick(const Variant (&variants)[N], Matches&& matches) {
+  for (const Variant& variant : variants) {
+    if (matches(variant)) return variant;
+  }
+  return variants[N - 1];  // unreachable: the tables cover every combination
+}
+
 }  // namespace
 
 void load_combine_kernels() {
-  constexpr int kNT = kNarrowTerms, kNS = kNarrowSpan, kWT = kWideTerms, kWS = kWideSpan;
-  load_functions({reinterpret_cast<const void*>(combine_send_kernel<8, true, kWT, kWS>),
-                  reinterpret_cast<const void*>(combine_send_kernel<8, true, kNT, kNS>),
-                  reinterpret_cast<const void*>(combine_send_kernel<8, false, kNT, kNS>),
-                  reinterpret_cast<const void*>(combine_send_kernel<1, true, kNT, kNS>),
-                  reinterpret_cast<const void*>(combine_send_kernel<1, false, kNT, kNS>),
-                  reinterpret_cast<const void*>(combine_reduce_kernel<8, kWT, kWS>),
-                  reinterpret_cast<const void*>(combine_reduce_kernel<8, kNT, kNS>),
-                  reinterpret_cast<const void*>(combine_reduce_kernel<1, kNT, kNS>),
-                  reinterpret_cast<const void*>(backward_kernel<8>),
-                  reinterpret_cast<const void*>(backward_kernel<1>)});
+  for (const auto& v : kSendVariants) load_functions({reinterpret_cast<const void*>(v.kernel)});
+  for (const auto& v : kReduceVariants) load_functions({reinterpret_cast<const void*>(v.kernel)});
+  for (const auto& v : kBackwardVariants) load_functions({reinterpret_cast<const void*>(v.kernel)});
 }
 
 void launch_combine_send(const CombineSendParams& params, cudaStream_t stream) {
   const plan::WorkspaceLayout& layout = params.topo.layout;
   const bool reduce = params.expand && !params.at_source;
   const int vec = vector_width(layout.hidden, {params.x});
-  auto kernel =
-      reduce && wide_sums(vec, RowTerms::kTopkAtExpert, layout.num_topk, layout.num_ranks)
-          ? combine_send_kernel<8, true, kWideTerms, kWideSpan>
-      : vec == 8 ? (reduce ? combine_send_kernel<8, true, kNarrowTerms, kNarrowSpan>
-                           : combine_send_kernel<8, false, kNarrowTerms, kNarrowSpan>)
-      : reduce   ? combine_send_kernel<1, true, kNarrowTerms, kNarrowSpan>
-                 : combine_send_kernel<1, false, kNarrowTerms, kNarrowSpan>;
-  launch_chained(kernel, params.num_blocks, kThreads, 0, stream, params.topo.chained, params);
+  const bool wide =
+      reduce && wide_sums(vec, RowTerms::kTopkAtExpert, layout.num_topk, layout.num_ranks);
+  const SendVariant& variant = pick(kSendVariants, [&](const SendVariant& v) {
+    return v.vec == vec && v.reduce == reduce && v.wide == wide;
+  });
+  launch_chained(variant.kernel, params.num_blocks, kThreads, 0, stream, params.topo.chained,
+                 params);
 }
 
 void launch_combine_reduce(const CombineReduceParams& params, cudaStream_t stream) {
@@ -533,18 +568,20 @@ void launch_combine_reduce(const CombineReduceParams& params, cudaStream_t strea
   const int vec =
       vector_width(layout.hidden, {params.bias0, params.bias1, params.y, params.own_x});
   const RowTerms terms = params.at_source ? RowTerms::kTopkAtSource : RowTerms::kRanks;
-  auto kernel = wide_sums(vec, terms, layout.num_topk, layout.num_ranks)
-                    ? combine_reduce_kernel<8, kWideTerms, kWideSpan>
-                : vec == 8 ? combine_reduce_kernel<8, kNarrowTerms, kNarrowSpan>
-                           : combine_reduce_kernel<1, kNarrowTerms, kNarrowSpan>;
-  launch_chained(kernel, params.num_blocks, kThreads, 0, stream, params.topo.chained, params);
+  const bool wide = wide_sums(vec, terms, layout.num_topk, layout.num_ranks);
+  const ReduceVariant& variant = pick(
+      kReduceVariants, [&](const ReduceVariant& v) { return v.vec == vec && v.wide == wide; });
+  launch_chained(variant.kernel, params.num_blocks, kThreads, 0, stream, params.topo.chained,
+                 params);
 }
 
 void launch_backward(const BackwardParams& params, cudaStream_t stream) {
-  const bool vec8 =
-      vector_width(params.topo.layout.hidden, {params.x, params.grad_x, params.own_grad_y}) == 8;
-  launch_chained(vec8 ? backward_kernel<8> : backward_kernel<1>, params.num_blocks, kThreads, 0,
-                 stream, params.topo.chained, params);
+  const int vec =
+      vector_width(params.topo.layout.hidden, {params.x, params.grad_x, params.own_grad_y});
+  const BackwardVariant& variant =
+      pick(kBackwardVariants, [&](const BackwardVariant& v) { return v.vec == vec; });
+  launch_chained(variant.kernel, params.num_blocks, kThreads, 0, stream, params.topo.chained,
+                 params);
 }
 
 }  // namespace epx::cuda

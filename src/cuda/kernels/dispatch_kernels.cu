@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
   // The metadata of every (token, destination), a thread per (token, k) rather than the
   // token's row warp: a token's loads (topk, expert slot, weights, aux, then its send slots)
   // are a chain of round trips, which a warp would run once per token in sequence
-  // (bench/NOTES.md change 32).
+  // (docs/performance.md).
   const int64_t threads = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
        routing_ok && p.with_meta && i < p.num_tokens * num_topk; i += threads) {
@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
   const int num_ranks = layout.num_ranks, num_topk = layout.num_topk;
   mark_phase(kMarkReceiveStart);
   // Counts a cached (or synced) receive takes from the handle, written by earlier kernels:
-  // loaded while the exit waits (bench/NOTES.md change 36).
+  // loaded while the exit waits (docs/performance.md).
   const int64_t handle_recv = p.compute_counts ? 0 : p.device_counts[0];
   if (p.wait_exit ? !operation_exit_wait(p.topo, p.exit_phase) : !no_failure(p.topo)) {
     if (p.compute_counts && blockIdx.x == 0 && threadIdx.x == 0) {

@@ -58,14 +58,14 @@ struct OperationSync {
 
 // What every kernel knows about the workspace and the ranks.
 struct Topology {
-  plan::WorkspaceLayout layout;
-  char* const* peers;  // [R] device array: workspace base of every rank (LSA pointers)
-  int32_t rank;
-  int32_t* failed;        // device flag: a previous step failed, skip work
-  DeviceStatus* status;   // host-mapped
-  uint64_t* epoch;        // device: barriers passed (graph replays stay in step)
-  OperationSync* sync;    // device
-  uint64_t timeout_ns;    // bound of every wait for a peer
+  plan::WorkspaceLayout layout{};
+  char* const* peers = nullptr;  // [R] device array: workspace base of every rank (LSA pointers)
+  int32_t rank = 0;
+  int32_t* failed = nullptr;        // device flag: a previous step failed, skip work
+  DeviceStatus* status = nullptr;   // host-mapped
+  uint64_t* epoch = nullptr;        // device: barriers passed (graph replays stay in step)
+  OperationSync* sync = nullptr;    // device
+  uint64_t timeout_ns = 0;    // bound of every wait for a peer
   bool chained = false;   // kernels are launched chained (cuda/device/chained_launch.hpp)
 };
 
@@ -76,18 +76,20 @@ void launch_abort(const Topology& topo, cudaStream_t stream);
 // Source plan on the device: exactly plan::plan_source (src/plan/source_plan.cpp), tile by
 // tile (cuda/plan_kernels.cu).
 struct PlanParams {
-  const void* topk_idx;  // [S, K] int32 or int64
-  bool topk_int64;
-  int64_t num_tokens;
-  int32_t num_topk, num_experts, num_ranks;
-  int32_t* send_slot;      // [S, R]
-  int32_t* expert_slot;    // [S, K]
-  int32_t* topk32;         // [S, K] int32 copy of the routing
-  int32_t* rank_counts;    // [R]
-  int32_t* expert_counts;  // [E]
-  int32_t* plan_status;    // [2]: RoutingStatus, bad value
-  int32_t* tile_counts;    // scratch [plan_tiles][E + R]
-  unsigned long long* first_bad;  // scratch: first invalid entry; ~0 between plans
+  const void* topk_idx = nullptr;  // [S, K] int32 or int64
+  bool topk_int64 = false;
+  int64_t num_tokens = 0;
+  int32_t num_topk = 0;
+  int32_t num_experts = 0;
+  int32_t num_ranks = 0;
+  int32_t* send_slot = nullptr;      // [S, R]
+  int32_t* expert_slot = nullptr;    // [S, K]
+  int32_t* topk32 = nullptr;         // [S, K] int32 copy of the routing
+  int32_t* rank_counts = nullptr;    // [R]
+  int32_t* expert_counts = nullptr;  // [E]
+  int32_t* plan_status = nullptr;    // [2]: RoutingStatus, bad value
+  int32_t* tile_counts = nullptr;    // scratch [plan_tiles][E + R]
+  unsigned long long* first_bad = nullptr;  // scratch: first invalid entry; ~0 between plans
   // With publish_entry: block 0 of the first plan kernel publishes the operation's entry
   // (publish_entry_early); the send kernel is then launched with entry_published.
   bool publish_entry = false;
@@ -104,25 +106,25 @@ int plan_tiles(int64_t num_tokens, int32_t num_topk);
 // Source side of dispatch, cached dispatch and combine_backward: rows (+ scales, + metadata)
 // into every destination's staging, and (routing dispatch) the headers and expert counts.
 struct SendParams {
-  Topology topo;
-  const char* x;
-  int64_t row_bytes;
-  const float* scales;  // fp8 only
-  int64_t scales_per_row;
-  const float* weights;  // [S, K] or null
-  const float* aux;      // [S, K] or null
-  int64_t num_tokens;
-  const int32_t* send_slot;
-  const int32_t* expert_slot;
-  const int32_t* topk32;
-  bool with_meta;
-  bool write_headers;
-  int32_t channels;
-  const int32_t* plan_status;
-  const int32_t* rank_counts;
-  const int32_t* expert_counts;
-  int32_t entry_phase;  // the operation's entry barrier is part of this kernel
-  int num_blocks;
+  Topology topo{};
+  const char* x = nullptr;
+  int64_t row_bytes = 0;
+  const float* scales = nullptr;  // fp8 only
+  int64_t scales_per_row = 0;
+  const float* weights = nullptr;  // [S, K] or null
+  const float* aux = nullptr;      // [S, K] or null
+  int64_t num_tokens = 0;
+  const int32_t* send_slot = nullptr;
+  const int32_t* expert_slot = nullptr;
+  const int32_t* topk32 = nullptr;
+  bool with_meta = false;
+  bool write_headers = false;
+  int32_t channels = 0;
+  const int32_t* plan_status = nullptr;
+  const int32_t* rank_counts = nullptr;
+  const int32_t* expert_counts = nullptr;
+  int32_t entry_phase = 0;  // the operation's entry barrier is part of this kernel
+  int num_blocks = 0;
   bool entry_published = false;  // the plan published the entry (PlanParams::publish_entry)
   // False: the rows this rank sends to itself are not copied into its own staging (their
   // scales and metadata are); the receive reads them from `x` (ReceiveParams::own_x).
@@ -134,18 +136,18 @@ void launch_send(const SendParams& params, cudaStream_t stream);
 // launch_receive_counts waits for the exit barrier and writes them for the host (sync_counts);
 // without sync_counts the receive kernel computes them itself (ReceiveParams::counts).
 struct ReceiveCountsParams {
-  Topology topo;
-  int32_t channels;
-  int32_t alignment;
-  bool expand;
-  int32_t* recv_counts;            // [R]
-  int32_t* recv_offsets;           // [R+1]
-  int32_t* source_expert_counts;   // [R, E_l]
-  int32_t* tokens_per_expert;      // [E_l]
-  int32_t* expert_offsets;         // [E_l+1]
-  int32_t* expert_source_offsets;  // [E_l, R]
-  int64_t* device_counts;          // [2]: N, M
-  int64_t* host_counts;            // host-mapped copy of [N, M, tokens_per_expert..., offsets...]
+  Topology topo{};
+  int32_t channels = 0;
+  int32_t alignment = 0;
+  bool expand = false;
+  int32_t* recv_counts = nullptr;            // [R]
+  int32_t* recv_offsets = nullptr;           // [R+1]
+  int32_t* source_expert_counts = nullptr;   // [R, E_l]
+  int32_t* tokens_per_expert = nullptr;      // [E_l]
+  int32_t* expert_offsets = nullptr;         // [E_l+1]
+  int32_t* expert_source_offsets = nullptr;  // [E_l, R]
+  int64_t* device_counts = nullptr;          // [2]: N, M
+  int64_t* host_counts = nullptr;            // host-mapped copy of [N, M, tokens_per_expert..., offsets...]
 };
 void launch_receive_counts(const ReceiveCountsParams& params, cudaStream_t stream);
 // Shared memory a block needs to hold the counts (ReceiveParams::compute_counts).
@@ -154,32 +156,32 @@ size_t receive_counts_smem_bytes(const plan::WorkspaceLayout& layout);
 // Receive epilogue of dispatch (routing or cached): staged rows into compact/expanded outputs,
 // then (expanded) the padding rows.
 struct ReceiveParams {
-  Topology topo;
-  int32_t exit_phase;
-  bool wait_exit;       // the exit barrier is part of this kernel (not of receive_counts)
-  bool compute_counts;  // every block computes the counts itself from `counts` (block 0 also
+  Topology topo{};
+  int32_t exit_phase = 0;
+  bool wait_exit = false;       // the exit barrier is part of this kernel (not of receive_counts)
+  bool compute_counts = false;  // every block computes the counts itself from `counts` (block 0 also
                         // writes them to the handle): sync_counts=false routing dispatch
-  ReceiveCountsParams counts;
-  int64_t capacity;     // compute_counts: handle rows [N, capacity) get -1
-  bool routing;  // fill src_token / recv_topk / expanded_rows from the metadata
-  bool expand;
-  const int64_t* device_counts;
-  const int32_t* recv_offsets;
-  const int32_t* expert_source_offsets;
-  int32_t* src_token;
-  int32_t* recv_topk;
-  int32_t* expanded_rows;
-  char* x_out;
-  int64_t row_bytes;
-  float* scales_out;
-  int64_t scales_per_row;
-  float* weights_out;
-  float* aux_out;
-  int32_t* topk_out;  // compact only
-  const int32_t* tokens_per_expert;  // expanded: the padding rows (unless compute_counts)
-  const int32_t* expert_offsets;
-  bool zero_padding;
-  int num_blocks;
+  ReceiveCountsParams counts{};
+  int64_t capacity = 0;     // compute_counts: handle rows [N, capacity) get -1
+  bool routing = false;  // fill src_token / recv_topk / expanded_rows from the metadata
+  bool expand = false;
+  const int64_t* device_counts = nullptr;
+  const int32_t* recv_offsets = nullptr;
+  const int32_t* expert_source_offsets = nullptr;
+  int32_t* src_token = nullptr;
+  int32_t* recv_topk = nullptr;
+  int32_t* expanded_rows = nullptr;
+  char* x_out = nullptr;
+  int64_t row_bytes = 0;
+  float* scales_out = nullptr;
+  int64_t scales_per_row = 0;
+  float* weights_out = nullptr;
+  float* aux_out = nullptr;
+  int32_t* topk_out = nullptr;  // compact only
+  const int32_t* tokens_per_expert = nullptr;  // expanded: the padding rows (unless compute_counts)
+  const int32_t* expert_offsets = nullptr;
+  bool zero_padding = false;
+  int num_blocks = 0;
   // The dispatch's input rows of this rank (row t at own_x + t * row_bytes) when the send kernel
   // left them unstaged (SendParams::stage_own_rows = false); null: every row is staged.
   const char* own_x = nullptr;
@@ -188,17 +190,17 @@ void launch_receive(const ReceiveParams& params, cudaStream_t stream);
 
 // Expert side of combine: reduce (or forward) each received token's rows to its source.
 struct CombineSendParams {
-  Topology topo;
-  bool expand;
-  bool at_source;
-  const int64_t* device_counts;
-  const int32_t* src_token;
-  const int32_t* expanded_rows;
-  const int32_t* recv_topk;
-  const uint16_t* x;
-  const float* weights;
-  const float* scalars;
-  int num_blocks;
+  Topology topo{};
+  bool expand = false;
+  bool at_source = false;
+  const int64_t* device_counts = nullptr;
+  const int32_t* src_token = nullptr;
+  const int32_t* expanded_rows = nullptr;
+  const int32_t* recv_topk = nullptr;
+  const uint16_t* x = nullptr;
+  const float* weights = nullptr;
+  const float* scalars = nullptr;
+  int num_blocks = 0;
   // Compact, or expanded reduced at the source: false leaves the rows of tokens from this rank
   // unstaged (their weights and scalars are staged); the reduce reads them from x
   // (CombineReduceParams::own_x), as dispatch does (SendParams::stage_own_rows).
@@ -210,17 +212,17 @@ void launch_combine_send(const CombineSendParams& params, cudaStream_t stream);
 // Source side of combine: waits for the exit barrier, sums the staged rows of each token, adds
 // biases, rounds.
 struct CombineReduceParams {
-  Topology topo;
-  bool at_source;
-  bool weighted;  // at_source: apply the staged row weights
-  int64_t num_tokens;
-  const int32_t* send_slot;
-  const int32_t* topk32;
-  const uint16_t* bias0;
-  const uint16_t* bias1;
-  uint16_t* y;
-  float* scalars_out;  // or null
-  int num_blocks;
+  Topology topo{};
+  bool at_source = false;
+  bool weighted = false;  // at_source: apply the staged row weights
+  int64_t num_tokens = 0;
+  const int32_t* send_slot = nullptr;
+  const int32_t* topk32 = nullptr;
+  const uint16_t* bias0 = nullptr;
+  const uint16_t* bias1 = nullptr;
+  uint16_t* y = nullptr;
+  float* scalars_out = nullptr;  // or null
+  int num_blocks = 0;
   // The combine input x of this rank when its own rows were left unstaged: token t was this
   // rank's received token n = recv_offsets[rank] + send_slot[t][rank], its row n in the compact
   // layout, its rows expanded_rows[n][k] (>= 0) at the source.
@@ -233,17 +235,17 @@ void launch_combine_reduce(const CombineReduceParams& params, cudaStream_t strea
 // Expert side of combine_backward: waits for the exit barrier, then grad_x rows and
 // grad_weights from the staged grad_y, then zeroes the padding rows of both.
 struct BackwardParams {
-  Topology topo;
-  const int32_t* tokens_per_expert;
-  const int32_t* expert_offsets;
-  const int64_t* device_counts;
-  const int32_t* recv_offsets;
-  const int32_t* expanded_rows;
-  const uint16_t* x;
-  const float* weights;
-  uint16_t* grad_x;
-  float* grad_weights;
-  int num_blocks;
+  Topology topo{};
+  const int32_t* tokens_per_expert = nullptr;
+  const int32_t* expert_offsets = nullptr;
+  const int64_t* device_counts = nullptr;
+  const int32_t* recv_offsets = nullptr;
+  const int32_t* expanded_rows = nullptr;
+  const uint16_t* x = nullptr;
+  const float* weights = nullptr;
+  uint16_t* grad_x = nullptr;
+  float* grad_weights = nullptr;
+  int num_blocks = 0;
   // This rank's grad_y when the send kernel left its rows to itself unstaged (as
   // ReceiveParams::own_x); src_token locates them.
   const uint16_t* own_grad_y = nullptr;

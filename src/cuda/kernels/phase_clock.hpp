@@ -1,5 +1,5 @@
 // Opt-in timestamps of a dispatch's phases on the device, to see where a small batch's time
-// goes (bench/NOTES.md change 24). Configure with -DEPX_PHASE_CLOCK=ON: thread 0 of every block
+// goes (docs/performance.md). Configure with -DEPX_PHASE_CLOCK=ON: thread 0 of every block
 // of the dispatch kernels stamps the global timer at each mark (cuda/device/phase_clock.cuh), and
 // bench_gpu prints the marks of one dispatch. Off (the default) the marks compile to nothing and
 // read_phase_clock returns false.

@@ -308,21 +308,18 @@ __global__ void __launch_bounds__(kThreads) plan_finish_kernel(PlanParams p) {
   write_totals_and_status(p, base, p.tile_counts + int64_t(blockIdx.x) * targets);
 }
 
-template <typename Index>
-void launch(const PlanParams& p, cudaStream_t stream) {
-  if (p.num_tokens <= kScanTokens) {
-    launch_chained(plan_scan_kernel<Index>, p.num_ranks + p.num_experts, kScanTokens, 0, stream,
-                   p.topo.chained, p);
-    return;
-  }
-  int sort_bits = kEntryBits;
-  while ((1 << (sort_bits - kEntryBits)) <= p.num_experts) ++sort_bits;
-  const int tiles = plan_tiles(p.num_tokens, p.num_topk);
-  launch_chained(plan_tiles_kernel<Index>, tiles, kThreads, 0, stream, p.topo.chained, p,
-                 sort_bits);
-  const size_t smem = sizeof(int32_t) * (p.num_experts + p.num_ranks);
-  launch_chained(plan_finish_kernel<Index>, tiles, kThreads, smem, stream, p.topo.chained, p);
-}
+// The plan's kernels for each topk_idx dtype: the launcher picks from this table and
+// load_plan_kernels loads exactly what it holds.
+struct PlanKernels {
+  bool topk_int64;
+  void (*scan)(PlanParams);           // up to kScanTokens tokens: the whole plan
+  void (*tiles)(PlanParams, int);     // beyond: per tile, then
+  void (*finish)(PlanParams);         // the earlier tiles' counts added
+};
+constexpr PlanKernels kPlanKernels[] = {
+    {false, plan_scan_kernel<int32_t>, plan_tiles_kernel<int32_t>, plan_finish_kernel<int32_t>},
+    {true, plan_scan_kernel<int64_t>, plan_tiles_kernel<int64_t>, plan_finish_kernel<int64_t>},
+};
 
 }  // namespace
 
@@ -332,20 +329,25 @@ int plan_tiles(int64_t num_tokens, int32_t num_topk) {
 }
 
 void load_plan_kernels() {
-  load_functions({reinterpret_cast<const void*>(plan_scan_kernel<int32_t>),
-                  reinterpret_cast<const void*>(plan_scan_kernel<int64_t>),
-                  reinterpret_cast<const void*>(plan_tiles_kernel<int32_t>),
-                  reinterpret_cast<const void*>(plan_tiles_kernel<int64_t>),
-                  reinterpret_cast<const void*>(plan_finish_kernel<int32_t>),
-                  reinterpret_cast<const void*>(plan_finish_kernel<int64_t>)});
+  for (const PlanKernels& k : kPlanKernels) {
+    load_functions({reinterpret_cast<const void*>(k.scan), reinterpret_cast<const void*>(k.tiles),
+                    reinterpret_cast<const void*>(k.finish)});
+  }
 }
 
-void launch_plan(const PlanParams& params, cudaStream_t stream) {
-  if (params.topk_int64) {
-    launch<int64_t>(params, stream);
-  } else {
-    launch<int32_t>(params, stream);
+void launch_plan(const PlanParams& p, cudaStream_t stream) {
+  const PlanKernels& kernels = kPlanKernels[p.topk_int64 ? 1 : 0];
+  if (p.num_tokens <= kScanTokens) {
+    launch_chained(kernels.scan, p.num_ranks + p.num_experts, kScanTokens, 0, stream,
+                   p.topo.chained, p);
+    return;
   }
+  int sort_bits = kEntryBits;
+  while ((1 << (sort_bits - kEntryBits)) <= p.num_experts) ++sort_bits;
+  const int tiles = plan_tiles(p.num_tokens, p.num_topk);
+  launch_chained(kernels.tiles, tiles, kThreads, 0, stream, p.topo.chained, p, sort_bits);
+  const size_t smem = sizeof(int32_t) * (p.num_experts + p.num_ranks);
+  launch_chained(kernels.finish, tiles, kThreads, smem, stream, p.topo.chained, p);
 }
 
 }  // namespace epx::cuda

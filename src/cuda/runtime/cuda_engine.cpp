@@ -9,6 +9,7 @@
 #include "core/engine.hpp"
 #include "core/output_batch.hpp"
 #include "cuda/runtime/cuda_check.hpp"
+#include "cuda/runtime/device_memory.hpp"
 #include "cuda/kernels/kernels.hpp"
 #include "cuda/runtime/cuda_comm.hpp"
 #include "plan/routing.hpp"
@@ -17,42 +18,6 @@ namespace epx::detail {
 namespace {
 
 using cuda::Topology;
-
-// Makes `device` current for the scope.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    cudaGetDevice(&previous_);
-    if (previous_ != device) cudaSetDevice(device);
-  }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-
- private:
-  int previous_ = 0;
-};
-
-template <typename T>
-T* device_alloc(size_t count) {
-  void* memory = nullptr;
-  EPX_CUDA_CHECK(cudaMalloc(&memory, count * sizeof(T) > 0 ? count * sizeof(T) : 16));
-  EPX_CUDA_CHECK(cudaMemset(memory, 0, count * sizeof(T) > 0 ? count * sizeof(T) : 16));
-  return static_cast<T*>(memory);
-}
-
-template <typename T>
-T* mapped_alloc(size_t count) {
-  void* memory = nullptr;
-  EPX_CUDA_CHECK(cudaHostAlloc(&memory, count * sizeof(T), cudaHostAllocMapped));
-  std::memset(memory, 0, count * sizeof(T));
-  return static_cast<T*>(memory);
-}
-
-template <typename T>
-T* device_view_of_mapped(T* host) {
-  void* device = nullptr;
-  EPX_CUDA_CHECK(cudaHostGetDevicePointer(&device, host, 0));
-  return static_cast<T*>(device);
-}
 
 class CudaEngine final : public Engine {
  public:
@@ -74,56 +39,37 @@ class CudaEngine final : public Engine {
     EPX_CUDA_CHECK(cudaGetDeviceProperties(&properties, state_.device));
     num_blocks_ = context.config.num_sms > 0 ? context.config.num_sms
                                              : std::min(24, properties.multiProcessorCount);
-    epoch_ = device_alloc<uint64_t>(1);
-    sync_ = device_alloc<cuda::OperationSync>(1);
-    failed_ = device_alloc<int32_t>(1);
-    status_ = mapped_alloc<cuda::DeviceStatus>(1);
-    status_device_ = device_view_of_mapped(status_);
-    host_counts_ = mapped_alloc<int64_t>(2 + 2 * layout_.local_experts() + 1);
-    host_counts_device_ = device_view_of_mapped(host_counts_);
-    rank_counts_ = device_alloc<int32_t>(num_ranks_);
-    expert_counts_ = device_alloc<int32_t>(layout_.num_experts);
-    plan_status_ = device_alloc<int32_t>(2);
-    plan_tile_counts_ = device_alloc<int32_t>(
+    scratch_.epoch = DeviceArray<uint64_t>(1);
+    scratch_.sync = DeviceArray<cuda::OperationSync>(1);
+    scratch_.failed = DeviceArray<int32_t>(1);
+    scratch_.status = MappedArray<cuda::DeviceStatus>(1);
+    scratch_.host_counts = MappedArray<int64_t>(2 + 2 * layout_.local_experts() + 1);
+    scratch_.rank_counts = DeviceArray<int32_t>(num_ranks_);
+    scratch_.expert_counts = DeviceArray<int32_t>(layout_.num_experts);
+    scratch_.plan_status = DeviceArray<int32_t>(2);
+    scratch_.plan_tile_counts = DeviceArray<int32_t>(
         int64_t(cuda::plan_tiles(layout_.max_tokens, layout_.num_topk)) *
         (layout_.num_experts + num_ranks_));
-    plan_first_bad_ = device_alloc<unsigned long long>(1);
-    EPX_CUDA_CHECK(cudaMemset(plan_first_bad_, 0xff, sizeof(unsigned long long)));
+    scratch_.plan_first_bad = DeviceArray<unsigned long long>(1);
+    EPX_CUDA_CHECK(cudaMemset(scratch_.plan_first_bad.get(), 0xff, sizeof(unsigned long long)));
     cuda::load_kernels();
     EPX_CUDA_CHECK(cudaGetLastError());
     EPX_CUDA_CHECK(cudaDeviceSynchronize());
     // Last: the workspace is collective, and once every rank is past it a peer may start an
     // operation whose kernels wait for this rank; from here on nothing may wait for the whole
     // device (ranks of a thread group may share one).
-    try {
-      workspace_ = state_.open_workspace(static_cast<size_t>(layout_.total_bytes()));
-    } catch (...) {
-      free_own_memory();
-      throw;
-    }
+    workspace_ = state_.open_workspace(static_cast<size_t>(layout_.total_bytes()));
     peers_ = workspace_->device_peers();
   }
 
   // Every rank has issued all its work on this buffer before it destroys it, so waiting for the
-  // device here waits only for kernels that need nothing more from this rank.
+  // device here waits only for kernels that need nothing more from this rank. The workspace
+  // goes first (collective: an NCCL window, or the thread group's rendezvous), then the
+  // scratch (its owners free it on its device).
   ~CudaEngine() override {
     DeviceGuard guard(state_.device);
     cudaDeviceSynchronize();
-    free_own_memory();
-    workspace_.reset();  // collective (NCCL window, or the thread group's rendezvous)
-  }
-
-  // The engine's memory besides the workspace (only this rank uses it).
-  void free_own_memory() {
-    for (void* p : {static_cast<void*>(epoch_), static_cast<void*>(sync_),
-                    static_cast<void*>(failed_),
-                    static_cast<void*>(rank_counts_), static_cast<void*>(expert_counts_),
-                    static_cast<void*>(plan_status_), static_cast<void*>(plan_tile_counts_),
-                    static_cast<void*>(plan_first_bad_)}) {
-      if (p) cudaFree(p);
-    }
-    if (status_) cudaFreeHost(status_);
-    if (host_counts_) cudaFreeHost(host_counts_);
+    workspace_.reset();
   }
 
   Device device() const override { return Device::cuda(state_.device); }
@@ -145,7 +91,6 @@ class CudaEngine final : public Engine {
     DeviceGuard guard(state_.device);
     auto stream = static_cast<cudaStream_t>(stream_ptr);
     const int64_t num_tokens = in.x.size(0);
-    const int32_t num_topk = layout_.num_topk;
     const int32_t channels = (in.weights.defined() ? plan::kChannelWeights : 0) |
                              (in.aux.defined() ? plan::kChannelAux : 0);
     // The outputs are asked of the allocator in one call with the handle's arrays (one call
@@ -165,40 +110,49 @@ class CudaEngine final : public Engine {
         add_dispatch_outputs(outputs, result, handle, in, layout_.hidden, layout_.num_topk);
       }
       outputs.allocate(*context_.allocator, device(), stream);
-      cuda::PlanParams plan{in.topk_idx.data, in.topk_idx.dtype == DType::kInt64, num_tokens,
-                            num_topk, layout_.num_experts, num_ranks_,
-                            handle.send_slot.ptr<int32_t>(), handle.expert_slot.ptr<int32_t>(),
-                            handle.topk_idx.ptr<int32_t>(), rank_counts_, expert_counts_,
-                            plan_status_, plan_tile_counts_, plan_first_bad_};
-      plan.publish_entry = true;  // the entry goes out while the plan runs
-      plan.topo = topology();
-      cuda::launch_plan(plan, stream);
+      cuda::launch_plan({.topk_idx = in.topk_idx.data,
+                         .topk_int64 = in.topk_idx.dtype == DType::kInt64,
+                         .num_tokens = num_tokens,
+                         .num_topk = layout_.num_topk,
+                         .num_experts = layout_.num_experts,
+                         .num_ranks = num_ranks_,
+                         .send_slot = handle.send_slot.ptr<int32_t>(),
+                         .expert_slot = handle.expert_slot.ptr<int32_t>(),
+                         .topk32 = handle.topk_idx.ptr<int32_t>(),
+                         .rank_counts = scratch_.rank_counts.get(),
+                         .expert_counts = scratch_.expert_counts.get(),
+                         .plan_status = scratch_.plan_status.get(),
+                         .tile_counts = scratch_.plan_tile_counts.get(),
+                         .first_bad = scratch_.plan_first_bad.get(),
+                         .publish_entry = true,  // the entry goes out while the plan runs
+                         .topo = topology()},
+                        stream);
     }
-    cuda::SendParams send{};
-    send.topo = topology();
-    send.x = in.x.ptr<const char>();
-    send.row_bytes = in.x.size(1) * static_cast<int64_t>(element_size(in.x.dtype));
-    send.scales = in.x_scales.ptr<const float>();
-    send.scales_per_row = in.x_scales.defined() ? in.x_scales.size(1) : 0;
-    send.weights = in.weights.ptr<const float>();
-    send.aux = in.aux.ptr<const float>();
-    send.num_tokens = num_tokens;
-    send.send_slot = handle.send_slot.ptr<int32_t>();
-    send.expert_slot = handle.expert_slot.ptr<int32_t>();
-    send.topk32 = handle.topk_idx.ptr<int32_t>();
-    send.with_meta = true;
-    send.write_headers = !cached;
-    send.channels = channels;
-    send.plan_status = cached ? nullptr : plan_status_;
-    send.rank_counts = rank_counts_;
-    send.expert_counts = expert_counts_;
-    send.entry_phase = cached ? cuda::kPhaseCachedEntry : cuda::kPhaseDispatchEntry;
-    send.num_blocks = num_blocks_;
-    send.entry_published = !cached;
-    // The rows this rank routes to itself stay in x: the receive reads them there (one copy of
-    // them instead of two; bench/NOTES.md change 19). Its vector loads need x 16-byte aligned.
-    send.stage_own_rows = !own_rows_in_place(in.x);
-    cuda::launch_send(send, stream);
+    cuda::launch_send({.topo = topology(),
+                       .x = in.x.ptr<const char>(),
+                       .row_bytes = row_bytes_of(in.x),
+                       .scales = in.x_scales.ptr<const float>(),
+                       .scales_per_row = in.x_scales.defined() ? in.x_scales.size(1) : 0,
+                       .weights = in.weights.ptr<const float>(),
+                       .aux = in.aux.ptr<const float>(),
+                       .num_tokens = num_tokens,
+                       .send_slot = handle.send_slot.ptr<int32_t>(),
+                       .expert_slot = handle.expert_slot.ptr<int32_t>(),
+                       .topk32 = handle.topk_idx.ptr<int32_t>(),
+                       .with_meta = true,
+                       .write_headers = !cached,
+                       .channels = channels,
+                       .plan_status = cached ? nullptr : scratch_.plan_status.get(),
+                       .rank_counts = scratch_.rank_counts.get(),
+                       .expert_counts = scratch_.expert_counts.get(),
+                       .entry_phase = cached ? cuda::kPhaseCachedEntry : cuda::kPhaseDispatchEntry,
+                       .num_blocks = num_blocks_,
+                       .entry_published = !cached,
+                       // The rows this rank routes to itself stay in x: the receive reads them
+                       // there (one copy of them instead of two). Its vector loads need x
+                       // 16-byte aligned.
+                       .stage_own_rows = !own_rows_in_place(in.x)},
+                      stream);
     if (cached) return receive(handle, in, ReceiveMode::kCached, {}, std::move(result), stream);
     const cuda::ReceiveCountsParams counts = counts_params(handle, options, channels);
     if (!options.sync_counts) {
@@ -219,19 +173,19 @@ class CudaEngine final : public Engine {
     // Compact or reduced at the source: the rows of tokens from this rank stay in x for the
     // reduce (as in dispatch). Reduced at the expert, the staged row is a sum: it stays staged.
     const bool own_rows = (!handle.expand || at_source) && own_rows_in_place(in.x);
-    cuda::CombineSendParams send{topology(),
-                                 handle.expand,
-                                 at_source,
-                                 handle.device_counts.ptr<int64_t>(),
-                                 handle.src_token.ptr<int32_t>(),
-                                 handle.expanded_rows.ptr<int32_t>(),
-                                 handle.recv_topk_idx.ptr<int32_t>(),
-                                 in.x.ptr<uint16_t>(),
-                                 in.weights.ptr<float>(),
-                                 in.scalars.ptr<float>(),
-                                 num_blocks_,
-                                 !own_rows};
-    cuda::launch_combine_send(send, stream);
+    cuda::launch_combine_send({.topo = topology(),
+                               .expand = handle.expand,
+                               .at_source = at_source,
+                               .device_counts = handle.device_counts.ptr<int64_t>(),
+                               .src_token = handle.src_token.ptr<int32_t>(),
+                               .expanded_rows = handle.expanded_rows.ptr<int32_t>(),
+                               .recv_topk = handle.recv_topk_idx.ptr<int32_t>(),
+                               .x = in.x.ptr<uint16_t>(),
+                               .weights = in.weights.ptr<float>(),
+                               .scalars = in.scalars.ptr<float>(),
+                               .num_blocks = num_blocks_,
+                               .stage_own_rows = !own_rows},
+                              stream);
     CombineResult result;
     OutputBatch outputs;
     outputs.add(&result.x, DType::kBFloat16, {handle.num_tokens, layout_.hidden});
@@ -239,21 +193,21 @@ class CudaEngine final : public Engine {
       outputs.add(&result.scalars, DType::kFloat32, {handle.num_tokens, layout_.num_topk});
     }
     outputs.allocate(*context_.allocator, device(), stream);
-    cuda::CombineReduceParams reduce{topology(),
-                                     at_source,
-                                     in.weights.defined(),
-                                     handle.num_tokens,
-                                     handle.send_slot.ptr<int32_t>(),
-                                     handle.topk_idx.ptr<int32_t>(),
-                                     in.bias0.ptr<uint16_t>(),
-                                     in.bias1.ptr<uint16_t>(),
-                                     result.x.ptr<uint16_t>(),
-                                     result.scalars.ptr<float>(),
-                                     num_blocks_,
-                                     own_rows ? in.x.ptr<uint16_t>() : nullptr,
-                                     handle.recv_offsets.ptr<int32_t>(),
-                                     handle.expanded_rows.ptr<int32_t>()};
-    cuda::launch_combine_reduce(reduce, stream);
+    cuda::launch_combine_reduce({.topo = topology(),
+                                 .at_source = at_source,
+                                 .weighted = in.weights.defined(),
+                                 .num_tokens = handle.num_tokens,
+                                 .send_slot = handle.send_slot.ptr<int32_t>(),
+                                 .topk32 = handle.topk_idx.ptr<int32_t>(),
+                                 .bias0 = in.bias0.ptr<uint16_t>(),
+                                 .bias1 = in.bias1.ptr<uint16_t>(),
+                                 .y = result.x.ptr<uint16_t>(),
+                                 .scalars_out = result.scalars.ptr<float>(),
+                                 .num_blocks = num_blocks_,
+                                 .own_x = own_rows ? in.x.ptr<uint16_t>() : nullptr,
+                                 .recv_offsets = handle.recv_offsets.ptr<int32_t>(),
+                                 .expanded_rows = handle.expanded_rows.ptr<int32_t>()},
+                                stream);
     EPX_CUDA_CHECK(cudaGetLastError());
     return result;
   }
@@ -263,50 +217,58 @@ class CudaEngine final : public Engine {
                                          void* stream_ptr) override {
     DeviceGuard guard(state_.device);
     auto stream = static_cast<cudaStream_t>(stream_ptr);
-    cuda::SendParams send{};
-    send.topo = topology();
-    send.x = grad_y.ptr<const char>();
-    send.row_bytes = layout_.hidden * 2;
-    send.num_tokens = handle.num_tokens;
-    send.send_slot = handle.send_slot.ptr<int32_t>();
-    send.expert_slot = handle.expert_slot.ptr<int32_t>();
-    send.topk32 = handle.topk_idx.ptr<int32_t>();
-    send.entry_phase = cuda::kPhaseBackwardEntry;
-    send.num_blocks = num_blocks_;
     const bool own_rows = own_rows_in_place(grad_y);  // as in dispatch
-    send.stage_own_rows = !own_rows;
-    cuda::launch_send(send, stream);
+    cuda::launch_send({.topo = topology(),
+                       .x = grad_y.ptr<const char>(),
+                       .row_bytes = layout_.hidden * 2,
+                       .num_tokens = handle.num_tokens,
+                       .send_slot = handle.send_slot.ptr<int32_t>(),
+                       .expert_slot = handle.expert_slot.ptr<int32_t>(),
+                       .topk32 = handle.topk_idx.ptr<int32_t>(),
+                       .entry_phase = cuda::kPhaseBackwardEntry,
+                       .num_blocks = num_blocks_,
+                       .stage_own_rows = !own_rows},
+                      stream);
     CombineBackwardResult result;
     OutputBatch outputs;
     outputs.add(&result.grad_x, DType::kBFloat16, {handle.row_capacity, layout_.hidden});
     outputs.add(&result.grad_weights, DType::kFloat32, {handle.row_capacity});
     outputs.allocate(*context_.allocator, device(), stream);
-    cuda::BackwardParams backward{topology(),
-                                  handle.tokens_per_expert.ptr<int32_t>(),
-                                  handle.expert_offsets.ptr<int32_t>(),
-                                  handle.device_counts.ptr<int64_t>(),
-                                  handle.recv_offsets.ptr<int32_t>(),
-                                  handle.expanded_rows.ptr<int32_t>(),
-                                  x.ptr<uint16_t>(),
-                                  weights.ptr<float>(),
-                                  result.grad_x.ptr<uint16_t>(),
-                                  result.grad_weights.ptr<float>(),
-                                  num_blocks_,
-                                  own_rows ? grad_y.ptr<uint16_t>() : nullptr,
-                                  handle.src_token.ptr<int32_t>()};
-    cuda::launch_backward(backward, stream);
+    cuda::launch_backward({.topo = topology(),
+                           .tokens_per_expert = handle.tokens_per_expert.ptr<int32_t>(),
+                           .expert_offsets = handle.expert_offsets.ptr<int32_t>(),
+                           .device_counts = handle.device_counts.ptr<int64_t>(),
+                           .recv_offsets = handle.recv_offsets.ptr<int32_t>(),
+                           .expanded_rows = handle.expanded_rows.ptr<int32_t>(),
+                           .x = x.ptr<uint16_t>(),
+                           .weights = weights.ptr<float>(),
+                           .grad_x = result.grad_x.ptr<uint16_t>(),
+                           .grad_weights = result.grad_weights.ptr<float>(),
+                           .num_blocks = num_blocks_,
+                           .own_grad_y = own_rows ? grad_y.ptr<uint16_t>() : nullptr,
+                           .src_token = handle.src_token.ptr<int32_t>()},
+                          stream);
     EPX_CUDA_CHECK(cudaGetLastError());
     return result;
   }
 
  private:
   static bool own_rows_in_place(const TensorView& x) { return cuda::aligned16(x.data); }
+  static int64_t row_bytes_of(const TensorView& x) {
+    return x.size(1) * static_cast<int64_t>(element_size(x.dtype));
+  }
 
   Topology topology() const {
     const auto timeout_ns = static_cast<uint64_t>(context_.config.timeout_seconds * 1e9);
-    Topology topo{layout_, peers_, rank_, failed_, status_device_, epoch_, sync_, timeout_ns};
-    topo.chained = !workspace_->shares_device();  // cuda/device/chained_launch.hpp
-    return topo;
+    return Topology{.layout = layout_,
+                    .peers = peers_,
+                    .rank = rank_,
+                    .failed = scratch_.failed.get(),
+                    .status = scratch_.status.device(),
+                    .epoch = scratch_.epoch.get(),
+                    .sync = scratch_.sync.get(),
+                    .timeout_ns = timeout_ns,
+                    .chained = !workspace_->shares_device()};  // cuda/device/chained_launch.hpp
   }
 
   // Raises (and clears) an error a kernel recorded.
@@ -314,10 +276,11 @@ class CudaEngine final : public Engine {
   // the whole device (ranks of a thread group sharing it may be spinning for this rank).
   void raise_device_error(cudaStream_t stream) {
     cuda::DeviceStatus status;
-    std::memcpy(&status, const_cast<const cuda::DeviceStatus*>(status_), sizeof(status));
+    std::memcpy(&status, const_cast<const cuda::DeviceStatus*>(scratch_.status.host()),
+                sizeof(status));
     if (status.code == cuda::kDeviceOk) return;
-    std::memset(status_, 0, sizeof(*status_));
-    EPX_CUDA_CHECK(cudaMemsetAsync(failed_, 0, sizeof(int32_t), stream));
+    std::memset(scratch_.status.host(), 0, sizeof(cuda::DeviceStatus));
+    EPX_CUDA_CHECK(cudaMemsetAsync(scratch_.failed.get(), 0, sizeof(int32_t), stream));
     EPX_CUDA_CHECK(cudaStreamSynchronize(stream));
     const char* phase = cuda::phase_name(status.phase);
     switch (status.code) {
@@ -387,18 +350,18 @@ class CudaEngine final : public Engine {
 
   cuda::ReceiveCountsParams counts_params(Handle& handle, const DispatchOptions& options,
                                           int32_t channels) {
-    return cuda::ReceiveCountsParams{topology(),
-                                     channels,
-                                     options.expert_alignment,
-                                     options.expand,
-                                     handle.recv_counts.ptr<int32_t>(),
-                                     handle.recv_offsets.ptr<int32_t>(),
-                                     handle.source_expert_counts.ptr<int32_t>(),
-                                     handle.tokens_per_expert.ptr<int32_t>(),
-                                     handle.expert_offsets.ptr<int32_t>(),
-                                     handle.expert_source_offsets.ptr<int32_t>(),
-                                     handle.device_counts.ptr<int64_t>(),
-                                     options.sync_counts ? host_counts_device_ : nullptr};
+    return {.topo = topology(),
+            .channels = channels,
+            .alignment = options.expert_alignment,
+            .expand = options.expand,
+            .recv_counts = handle.recv_counts.ptr<int32_t>(),
+            .recv_offsets = handle.recv_offsets.ptr<int32_t>(),
+            .source_expert_counts = handle.source_expert_counts.ptr<int32_t>(),
+            .tokens_per_expert = handle.tokens_per_expert.ptr<int32_t>(),
+            .expert_offsets = handle.expert_offsets.ptr<int32_t>(),
+            .expert_source_offsets = handle.expert_source_offsets.ptr<int32_t>(),
+            .device_counts = handle.device_counts.ptr<int64_t>(),
+            .host_counts = options.sync_counts ? scratch_.host_counts.device() : nullptr};
   }
 
   // sync_counts: the exit barrier and the counts, a wait for them on the host; the caller then
@@ -410,7 +373,7 @@ class CudaEngine final : public Engine {
     EPX_CUDA_CHECK(cudaGetLastError());
     EPX_CUDA_CHECK(cudaStreamSynchronize(stream));
     raise_device_error(stream);
-    const volatile int64_t* host = host_counts_;
+    const volatile int64_t* host = scratch_.host_counts.host();
     handle.num_recv_tokens = host[0];
     handle.num_rows = host[1];
     handle.recv_token_capacity = handle.num_recv_tokens;
@@ -433,36 +396,35 @@ class CudaEngine final : public Engine {
   DispatchResult receive(const Handle& handle, const DispatchInputs& in, ReceiveMode mode,
                          const cuda::ReceiveCountsParams& counts, DispatchResult result,
                          cudaStream_t stream) {
-    const int64_t row_bytes = in.x.size(1) * static_cast<int64_t>(element_size(in.x.dtype));
-    const int64_t scales_per_row = in.x_scales.defined() ? in.x_scales.size(1) : 0;
-    cuda::ReceiveParams params{topology(),
-                               mode == ReceiveMode::kCached ? cuda::kPhaseCachedExit
-                                                            : cuda::kPhaseDispatchExit,
-                               mode != ReceiveMode::kCountsSynced,
-                               mode == ReceiveMode::kCountsInKernel,
-                               counts,
-                               handle.recv_token_capacity,
-                               mode != ReceiveMode::kCached,
-                               handle.expand,
-                               handle.device_counts.ptr<int64_t>(),
-                               handle.recv_offsets.ptr<int32_t>(),
-                               handle.expert_source_offsets.ptr<int32_t>(),
-                               handle.src_token.ptr<int32_t>(),
-                               handle.recv_topk_idx.ptr<int32_t>(),
-                               handle.expanded_rows.ptr<int32_t>(),
-                               result.x.ptr<char>(),
-                               row_bytes,
-                               result.x_scales.ptr<float>(),
-                               scales_per_row,
-                               result.weights.ptr<float>(),
-                               result.aux.ptr<float>(),
-                               result.topk_idx.ptr<int32_t>(),
-                               handle.tokens_per_expert.ptr<int32_t>(),
-                               handle.expert_offsets.ptr<int32_t>(),
-                               handle.zero_padding,
-                               num_blocks_,
-                               own_rows_in_place(in.x) ? in.x.ptr<const char>() : nullptr};
-    cuda::launch_receive(params, stream);
+    cuda::launch_receive(
+        {.topo = topology(),
+         .exit_phase = mode == ReceiveMode::kCached ? cuda::kPhaseCachedExit
+                                                    : cuda::kPhaseDispatchExit,
+         .wait_exit = mode != ReceiveMode::kCountsSynced,
+         .compute_counts = mode == ReceiveMode::kCountsInKernel,
+         .counts = counts,
+         .capacity = handle.recv_token_capacity,
+         .routing = mode != ReceiveMode::kCached,
+         .expand = handle.expand,
+         .device_counts = handle.device_counts.ptr<int64_t>(),
+         .recv_offsets = handle.recv_offsets.ptr<int32_t>(),
+         .expert_source_offsets = handle.expert_source_offsets.ptr<int32_t>(),
+         .src_token = handle.src_token.ptr<int32_t>(),
+         .recv_topk = handle.recv_topk_idx.ptr<int32_t>(),
+         .expanded_rows = handle.expanded_rows.ptr<int32_t>(),
+         .x_out = result.x.ptr<char>(),
+         .row_bytes = row_bytes_of(in.x),
+         .scales_out = result.x_scales.ptr<float>(),
+         .scales_per_row = in.x_scales.defined() ? in.x_scales.size(1) : 0,
+         .weights_out = result.weights.ptr<float>(),
+         .aux_out = result.aux.ptr<float>(),
+         .topk_out = result.topk_idx.ptr<int32_t>(),
+         .tokens_per_expert = handle.tokens_per_expert.ptr<int32_t>(),
+         .expert_offsets = handle.expert_offsets.ptr<int32_t>(),
+         .zero_padding = handle.zero_padding,
+         .num_blocks = num_blocks_,
+         .own_x = own_rows_in_place(in.x) ? in.x.ptr<const char>() : nullptr},
+        stream);
     EPX_CUDA_CHECK(cudaGetLastError());
     result.handle = handle;
     return result;
@@ -476,18 +438,19 @@ class CudaEngine final : public Engine {
   int num_blocks_ = 24;
   std::unique_ptr<PeerWorkspace> workspace_;
   char* const* peers_ = nullptr;
-  uint64_t* epoch_ = nullptr;
-  cuda::OperationSync* sync_ = nullptr;
-  int32_t* failed_ = nullptr;
-  cuda::DeviceStatus* status_ = nullptr;  // host-mapped
-  cuda::DeviceStatus* status_device_ = nullptr;
-  int64_t* host_counts_ = nullptr;  // host-mapped
-  int64_t* host_counts_device_ = nullptr;
-  int32_t* rank_counts_ = nullptr;
-  int32_t* expert_counts_ = nullptr;
-  int32_t* plan_status_ = nullptr;
-  int32_t* plan_tile_counts_ = nullptr;
-  unsigned long long* plan_first_bad_ = nullptr;
+  // The engine's own memory (only this rank uses it).
+  struct Scratch {
+    DeviceArray<uint64_t> epoch;          // barriers passed (cuda/device/operation_sync.cuh)
+    DeviceArray<cuda::OperationSync> sync;
+    DeviceArray<int32_t> failed;          // a kernel recorded an error: later ones skip
+    MappedArray<cuda::DeviceStatus> status;  // the error record the host raises
+    MappedArray<int64_t> host_counts;     // sync_counts: N, M, tokens per expert, offsets
+    DeviceArray<int32_t> rank_counts;     // the routing plan's counts and scratch
+    DeviceArray<int32_t> expert_counts;
+    DeviceArray<int32_t> plan_status;
+    DeviceArray<int32_t> plan_tile_counts;
+    DeviceArray<unsigned long long> plan_first_bad;
+  } scratch_;
 };
 
 }  // namespace
