@@ -264,9 +264,11 @@ class HostEngine final : public Engine {
     const int32_t local_experts = layout_.local_experts();
     for (int32_t r = 0; r < num_ranks_; ++r) {
       char* dst = workspace_.peer(r);
-      *layout_.header(dst, rank_) = plan::SourceHeader{ok ? source_plan.rank_counts[r] : 0,
-                                                       source_plan.status, channels,
-                                                       source_plan.bad_value};
+      *layout_.header(dst, rank_) =
+          plan::SourceHeader{.num_tokens = ok ? source_plan.rank_counts[r] : 0,
+                             .status = source_plan.status,
+                             .channels = channels,
+                             .bad_value = source_plan.bad_value};
       int32_t* counts = layout_.expert_counts(dst, rank_);
       for (int32_t e = 0; e < local_experts; ++e) {
         counts[e] = ok ? source_plan.expert_counts[r * local_experts + e] : 0;

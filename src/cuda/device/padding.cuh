@@ -9,16 +9,16 @@
 namespace epx::cuda {
 
 struct PaddingRows {
-  const int32_t* tokens_per_expert;  // [E_l]
-  const int32_t* expert_offsets;     // [E_l+1]
-  int32_t local_experts;
-  char* x;
-  int64_t row_bytes;
-  float* scales;
-  int64_t scales_per_row;
-  float* weights;
-  float* aux;
-  bool zero_x;
+  const int32_t* tokens_per_expert = nullptr;  // [E_l]
+  const int32_t* expert_offsets = nullptr;     // [E_l+1]
+  int32_t local_experts = 0;
+  char* x = nullptr;
+  int64_t row_bytes = 0;
+  float* scales = nullptr;
+  int64_t scales_per_row = 0;
+  float* weights = nullptr;
+  float* aux = nullptr;
+  bool zero_x = false;
 };
 
 __device__ __forceinline__ void write_padding(const PaddingRows& p) {

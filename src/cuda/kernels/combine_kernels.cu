@@ -465,9 +465,13 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardParams p) {
       if (lane == 0) p.grad_weights[row] = dot;
     }
   }
-  write_padding(PaddingRows{p.tokens_per_expert, p.expert_offsets, layout.local_experts(),
-                            reinterpret_cast<char*>(p.grad_x), hidden * 2, nullptr, 0,
-                            p.grad_weights, nullptr, true});
+  write_padding({.tokens_per_expert = p.tokens_per_expert,
+                 .expert_offsets = p.expert_offsets,
+                 .local_experts = layout.local_experts(),
+                 .x = reinterpret_cast<char*>(p.grad_x),
+                 .row_bytes = hidden * 2,
+                 .weights = p.grad_weights,
+                 .zero_x = true});
 }
 
 // 16-byte chunks need H % 8 == 0 and 16-byte aligned rows in every tensor the kernel reads or

@@ -46,8 +46,10 @@ __global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
   if (p.write_headers && blockIdx.x == 0) {
     for (int r = threadIdx.x; r < num_ranks; r += blockDim.x) {
       *layout.header(p.topo.peers[r], rank) =
-          plan::SourceHeader{routing_ok ? p.rank_counts[r] : 0, p.plan_status[0], p.channels,
-                             p.plan_status[1]};
+          plan::SourceHeader{.num_tokens = routing_ok ? p.rank_counts[r] : 0,
+                             .status = p.plan_status[0],
+                             .channels = p.channels,
+                             .bad_value = p.plan_status[1]};
     }
     for (int i = threadIdx.x; i < num_ranks * local_experts; i += blockDim.x) {
       const int r = i / local_experts;
@@ -242,8 +244,11 @@ __device__ bool block_receive_counts(const ReceiveCountsParams& p, int32_t* smem
     __threadfence_system();
   }
   __syncthreads();
-  out = BlockCounts{recv_offsets, expert_source_offsets, tokens_per_expert, expert_offsets,
-                    num_recv};
+  out = BlockCounts{.recv_offsets = recv_offsets,
+                    .expert_source_offsets = expert_source_offsets,
+                    .tokens_per_expert = tokens_per_expert,
+                    .expert_offsets = expert_offsets,
+                    .num_recv = num_recv};
   return ok != 0;
 }
 
@@ -277,8 +282,11 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
     return;
   }
   mark_phase(kMarkExited);
-  BlockCounts counts{p.recv_offsets, p.expert_source_offsets, p.tokens_per_expert,
-                     p.expert_offsets, 0};
+  BlockCounts counts{.recv_offsets = p.recv_offsets,
+                     .expert_source_offsets = p.expert_source_offsets,
+                     .tokens_per_expert = p.tokens_per_expert,
+                     .expert_offsets = p.expert_offsets,
+                     .num_recv = 0};
   if (p.compute_counts) {
     if (!block_receive_counts(p.counts, counts_smem, blockIdx.x == 0, counts)) return;
     // Handle rows past the real N hold -1 (docs/decisions.md).
@@ -381,9 +389,16 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
     }
   }
   if (p.expand) {
-    write_padding(PaddingRows{counts.tokens_per_expert, counts.expert_offsets,
-                              layout.local_experts(), p.x_out, p.row_bytes, p.scales_out,
-                              p.scales_per_row, p.weights_out, p.aux_out, p.zero_padding});
+    write_padding({.tokens_per_expert = counts.tokens_per_expert,
+                   .expert_offsets = counts.expert_offsets,
+                   .local_experts = layout.local_experts(),
+                   .x = p.x_out,
+                   .row_bytes = p.row_bytes,
+                   .scales = p.scales_out,
+                   .scales_per_row = p.scales_per_row,
+                   .weights = p.weights_out,
+                   .aux = p.aux_out,
+                   .zero_x = p.zero_padding});
   }
   mark_phase(kMarkReceived);
 }
