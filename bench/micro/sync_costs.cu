@@ -10,10 +10,10 @@
 //   fence_gpu_all  every thread __threadfence() (GPU scope)
 //   poll           threads < 2 read a set flag with ld.acquire.sys and the global timer
 //   handoff        fence_one + a grid-wide counter (atomicAdd, last block fences, publishes)
-//   handoff_sc     operation_handoff before change 35: sequentially consistent system fences
+//   handoff_sc     the handoff as it was first written: sequentially consistent system fences
 //                  in thread 0 before the count and after it in the last block, then two
 //                  publishing threads each fence again and publish with red.release.sys
-//   handoff_lean   operation_handoff since change 35: fence.acq_rel.sys before the count,
+//   handoff_lean   operation_handoff as it is now: fence.acq_rel.sys before the count,
 //                  fence.acq_rel.gpu after it, the release reductions alone
 //   copy           1.8 MB (128 rows of 14 KB, 3 parts a row) with 8 loads in flight a lane
 //   copy_fence_all copy + fence_all

@@ -97,7 +97,7 @@ struct WorkspaceLayout {
   // Typed addresses inside one rank's workspace starting at `base`.
   // The flag peer `peer` publishes its barrier epochs into. Packed eight to a line, flags of
   // ranks sharing one GPU went back to older values after their writers had read the new ones
-  // back (tests/gpu/logs/2026-11-29-h200x1-thread-ranks-hang.log): some write carried stale
+  // back (seen in H200 stress runs; the log is in git history at 5c90d78): some write carried stale
   // copies of its neighbours. With a line per flag, nothing one writer stores can reach another
   // writer's flag.
   EPX_HD uint64_t* flag(char* base, int peer) const {

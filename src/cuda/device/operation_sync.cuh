@@ -127,7 +127,7 @@ __device__ __forceinline__ void operation_handoff(const Topology& topo, bool pub
   __shared__ uint64_t entry;
   if (threadIdx.x == 0) {
     // Acquire: every block's fence and count happen before what follows (the blocks share the
-    // GPU; the exit's release below carries their stores to the peers, change 35).
+    // GPU; the exit's release below carries their stores to the peers).
     fence_acquire_gpu();
     entry = *topo.epoch + 1;
     const bool entered = *static_cast<volatile uint32_t*>(&topo.sync->entry_published) != 0;
