@@ -3,15 +3,24 @@
 // transport produces the same bits as the reference (src/reference).
 //
 // Collective: every rank of the communicator calls each operation, in the same order, with the
-// same options and the same optional channels (weights, aux, scalars, bias). All tensors live on
-// the buffer's device (host memory for the host transport) and are contiguous.
+// same options and the same optional channels (weights, aux, scalars, bias). Each operation's
+// entry carries a fingerprint of the call (kind, its number in the buffer's sequence, options,
+// optional tensors, the dispatch that made the handle); when ranks disagree, every rank raises
+// naming both ranks and what differs, and nothing moves. All tensors live on the buffer's
+// device (host memory for the host transport) and are contiguous (empty tensors always are).
+//
+// After a timeout (a peer that never arrived, or died) the buffer is unusable on every rank:
+// later calls raise ErrorCode::kUnusable, on this rank at once and on its peers at their next
+// operation, without waiting for it. Build a new Buffer on every rank.
 #pragma once
 
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "epx/comm.hpp"
 #include "epx/config.hpp"
+#include "epx/error.hpp"
 #include "epx/handle.hpp"
 #include "epx/tensor.hpp"
 
@@ -94,8 +103,15 @@ class Buffer {
                                          void* stream = nullptr);
 
   // Waits for the stream and raises any error a device-side check recorded (invalid routing
-  // found on the device, a peer timeout inside a kernel).
+  // found on the device, a peer timeout inside a kernel, ranks that disagreed about an
+  // operation). Every operation also raises, at its start, an error recorded by an earlier one
+  // that has already finished on the device.
   void synchronize(void* stream = nullptr);
+
+  // Rejects this rank's part of the operation its peers are entering (e.g. a check of a binding
+  // layer failed before the call reached epx): the peers, waiting in its entry, raise at once
+  // instead of timing out. Counts as an operation of the sequence, as the peers' calls do.
+  void abort(void* stream = nullptr);
 
   const BufferConfig& config() const { return config_; }
   const Comm& comm() const { return comm_; }
@@ -108,13 +124,19 @@ class Buffer {
   uint64_t id() const { return id_; }
 
  private:
-  template <typename Check>
-  void validate_collective(const char* operation, void* stream, Check&& check);
+  template <typename Check, typename Run>
+  auto run_operation(const char* operation, void* stream, Check&& check, Run&& run);
+  void check_usable(const char* operation) const;
+  // A timeout or a peer's failure makes the buffer unusable (and tells the peers).
+  void note_failure(const Error& error, void* stream);
 
   Comm comm_;
   BufferConfig config_;
   std::shared_ptr<Allocator> allocator_;
   uint64_t id_;
+  uint64_t config_hash_ = 0;
+  uint64_t sequence_ = 0;  // operations called so far (aborted ones included)
+  std::string unusable_;   // why the buffer failed ("" while it works)
   std::unique_ptr<detail::Engine> engine_;
 };
 

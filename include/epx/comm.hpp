@@ -1,8 +1,13 @@
 // The communicator a Buffer runs over: which ranks take part and which transport joins them.
+// Every CUDA transport runs the same kernels; they differ in how a rank reaches its peers'
+// workspaces.
 //   - host: one process per rank, POSIX shared memory (works everywhere, no GPU needed);
-//   - cuda: an NCCL communicator whose symmetric windows give NVLink load/store access to peers;
-//   - cuda, thread group: ranks that are threads of one process, each on a CUDA device of its
-//     choice (peer access between devices; several ranks may share one device).
+//   - nccl: an NCCL (>= 2.28) communicator whose symmetric windows give NVLink load/store
+//     access to peers, one rank per GPU;
+//   - ipc: one process per rank on one host, workspaces shared through CUDA IPC; no NCCL at all,
+//     any number of ranks on any number of GPUs, several ranks may share one GPU;
+//   - cuda threads: ranks that are threads of one process, each on a CUDA device of its choice
+//     (peer access between devices; several ranks may share one device).
 #pragma once
 
 #include <array>
@@ -13,8 +18,9 @@ struct ncclComm;  // from nccl.h; the public headers do not include NCCL
 
 namespace epx {
 
-enum class Transport { kHost, kCuda };
+enum class Transport { kHost, kNccl, kIpc, kCudaThreads };
 const char* to_string(Transport transport);
+inline bool is_cuda(Transport transport) { return transport != Transport::kHost; }
 
 // An NCCL unique id, made by one rank and distributed by the caller (a file, a pipe, a
 // torch.distributed broadcast).
@@ -52,9 +58,12 @@ class Comm {
   // letters, digits, '-', '_' only) and `timeout_seconds` bounds every wait for a peer.
   static Comm host(int rank, int num_ranks, const std::string& name);
 
-  // CUDA transport (available when epx was built with CUDA; otherwise these throw).
+  // CUDA transport over NCCL (available when epx was built with CUDA; otherwise these throw).
+  // The communicator is created non-blocking and waited for at most `timeout_seconds`: a rank
+  // that never joins makes the others raise kTimeout instead of hanging.
   static UniqueId nccl_unique_id();
-  static Comm nccl(int rank, int num_ranks, const UniqueId& id, int cuda_device);
+  static Comm nccl(int rank, int num_ranks, const UniqueId& id, int cuda_device,
+                   double timeout_seconds = 100.0);
   // Wraps a communicator the caller owns (it must outlive every Buffer built on it).
   static Comm nccl(ncclComm* comm, int cuda_device);
   // CUDA transport for rank `rank` of a ThreadGroup, running on `cuda_device` (set current
@@ -79,6 +88,14 @@ class Comm {
   // The device's default memory pool is set to keep its memory (release threshold: max), as
   // giving memory back at a synchronisation may wait for the whole device.
   static Comm cuda_threads(const ThreadGroup& group, int rank, int cuda_device);
+  // CUDA transport over CUDA IPC for rank `rank` of `num_ranks` processes of one host, running
+  // on `cuda_device`. Every rank passes the same `name` (letters, digits, '-', '_'; it names the
+  // POSIX shared-memory segments through which the ranks exchange their workspaces' IPC
+  // handles, as for Comm::host: one name per job). Buffer setup and teardown wait for every
+  // rank at most BufferConfig::timeout_seconds, then raise kTimeout naming the missing rank.
+  // Ranks sharing a GPU work (their kernels time-slice, so each wait for a peer costs
+  // milliseconds there: for tests and small jobs; on separate GPUs they run concurrently).
+  static Comm ipc(int rank, int num_ranks, const std::string& name, int cuda_device);
   static bool cuda_available();  // built with CUDA and at least one device visible
 
   int rank() const;

@@ -14,6 +14,7 @@ struct BufferConfig {
   bool fp8_dispatch = false;        // size staging for fp8 rows (data + fp32 scales per 128)
   double timeout_seconds = 100.0;   // every wait for a peer gives up after this long
   int num_sms = 0;                  // CUDA transport: blocks per kernel (0 = library default)
+  int64_t low_latency_max_tokens = 0;  // S_ll of the low-latency mode (0: the mode is off)
 };
 
 // Bytes of the symmetric buffer each rank allocates for `config` with `num_ranks` ranks,

@@ -16,6 +16,8 @@ enum class ErrorCode {
   kTransport,        // shared memory, NCCL or CUDA call failed
   kOutOfMemory,      // the allocator could not provide an output
   kInternal,         // a broken invariant inside epx (a bug)
+  kUnusable,         // the buffer failed earlier (a timeout, a dead peer) on this rank or a peer;
+                     // every later call raises this: build a new Buffer on every rank
 };
 
 const char* to_string(ErrorCode code);

@@ -13,6 +13,7 @@ namespace epx {
 struct Handle {
   // Identity: which buffer and layout made it.
   uint64_t buffer_id = 0;
+  uint64_t origin = 0;  // the number of the dispatch that made it in its buffer's sequence
   int32_t rank = 0;
   int32_t num_ranks = 0;
   bool expand = false;

@@ -71,7 +71,9 @@ void bind_enums(py::module_& m) {
       .value("CUDA", DeviceKind::kCuda);
   py::enum_<Transport>(m, "Transport")
       .value("HOST", Transport::kHost)
-      .value("CUDA", Transport::kCuda);
+      .value("NCCL", Transport::kNccl)
+      .value("IPC", Transport::kIpc)
+      .value("CUDA_THREADS", Transport::kCudaThreads);
   py::enum_<ErrorCode>(m, "ErrorCode")
       .value("INVALID_ARGUMENT", ErrorCode::kInvalidArgument)
       .value("INVALID_ROUTING", ErrorCode::kInvalidRouting)
@@ -79,7 +81,8 @@ void bind_enums(py::module_& m) {
       .value("TIMEOUT", ErrorCode::kTimeout)
       .value("TRANSPORT", ErrorCode::kTransport)
       .value("OUT_OF_MEMORY", ErrorCode::kOutOfMemory)
-      .value("INTERNAL", ErrorCode::kInternal);
+      .value("INTERNAL", ErrorCode::kInternal)
+      .value("UNUSABLE", ErrorCode::kUnusable);
 }
 
 // epx.EpxError(RuntimeError) with `.code` (an ErrorCode). Created once, never freed: the

@@ -4,7 +4,9 @@
 #include <chrono>
 #include <random>
 
+#include "core/comm_state.hpp"
 #include "core/engine.hpp"
+#include "core/op_fingerprint.hpp"
 #include "core/validate.hpp"
 #include "epx/error.hpp"
 
@@ -21,16 +23,42 @@ uint64_t next_buffer_id() {
 
 }  // namespace
 
-// Runs a host-side check; if it rejects the input, tells the peers (through the operation's
-// entry barrier) before raising, so a bad call on one rank never leaves the others waiting.
-template <typename Check>
-void Buffer::validate_collective(const char* operation, void* stream, Check&& check) {
+// Every operation: refuse at once when the buffer failed earlier; raise an error an earlier
+// operation recorded on the device; number the call and make its fingerprint; run the host-side
+// check, and if it rejects the input tell the peers (through the operation's entry barrier)
+// before raising, so a bad call on one rank never leaves the others waiting; then run it. A
+// timeout (or a peer's failure) makes the buffer unusable on this rank and marks it so for the
+// peers.
+template <typename Check, typename Run>
+auto Buffer::run_operation(const char* operation, void* stream, Check&& check, Run&& run) {
+  check_usable(operation);
   try {
-    check();
-  } catch (const Error&) {
-    engine_->abort(operation, stream);
+    engine_->raise_recorded_error(stream);
+    ++sequence_;
+    plan::OpFingerprint op{.sequence = sequence_};
+    try {
+      op = check(sequence_);
+    } catch (const Error&) {
+      engine_->abort(op, stream);
+      throw;
+    }
+    return run(op);
+  } catch (const Error& error) {
+    note_failure(error, stream);
     throw;
   }
+}
+
+void Buffer::check_usable(const char* operation) const {
+  EPX_CHECK(unusable_.empty(), kUnusable,
+            "rank " << rank() << ": " << operation << ": this buffer failed earlier (" << unusable_
+                    << "); build a new Buffer on every rank");
+}
+
+void Buffer::note_failure(const Error& error, void* stream) {
+  if (error.code() != ErrorCode::kTimeout && error.code() != ErrorCode::kUnusable) return;
+  unusable_ = error.what();
+  engine_->poison(stream);
 }
 
 Buffer::Buffer(Comm comm, const BufferConfig& config, std::shared_ptr<Allocator> allocator)
@@ -38,8 +66,11 @@ Buffer::Buffer(Comm comm, const BufferConfig& config, std::shared_ptr<Allocator>
       id_(next_buffer_id()) {
   EPX_CHECK(allocator_ != nullptr, kInvalidArgument, "the allocator must not be null");
   detail::check_config(config_, comm_.num_ranks());
-  const detail::EngineContext context{comm_, config_, allocator_, id_};
-  engine_ = comm_.transport() == Transport::kHost ? detail::make_host_engine(context)
+  const detail::SetupRecord setup =
+      detail::setup_record(config_, comm_.num_ranks(), comm_.state()->next_buffer++);
+  config_hash_ = detail::config_hash(setup);
+  const detail::EngineContext context{comm_, config_, allocator_, id_, setup};
+  engine_ = !is_cuda(comm_.transport()) ? detail::make_host_engine(context)
                                                   : detail::make_cuda_engine(context);
 }
 
@@ -50,45 +81,90 @@ int Buffer::num_sms() const { return engine_->num_sms(); }
 
 DispatchResult Buffer::dispatch(const DispatchInputs& inputs, const DispatchOptions& options,
                                 void* stream) {
-  validate_collective("dispatch", stream,
-                      [&] { detail::check_dispatch(inputs, options, config_, device()); });
-  return engine_->dispatch(inputs, options, nullptr, stream);
+  return run_operation(
+      "dispatch", stream,
+      [&](uint64_t sequence) {
+        const plan::OpFingerprint op =
+            detail::dispatch_fingerprint(inputs, options, sequence, config_hash_);
+        detail::check_dispatch(inputs, options, config_, device());
+        return op;
+      },
+      [&](const plan::OpFingerprint& op) {
+        DispatchResult result = engine_->dispatch(inputs, options, nullptr, op, stream);
+        result.handle.origin = op.sequence;
+        return result;
+      });
 }
 
 DispatchResult Buffer::dispatch(const DispatchInputs& inputs, const Handle& handle,
                                 void* stream) {
-  validate_collective("cached dispatch", stream, [&] {
-    detail::check_handle(handle, id_, rank(), num_ranks(), "cached dispatch");
-    detail::check_cached_dispatch(inputs, handle, config_, device());
-  });
-  DispatchOptions options;
-  options.expand = handle.expand;
-  options.expert_alignment = handle.expert_alignment;
-  options.zero_padding = handle.zero_padding;
-  options.sync_counts = handle.counts_synced;
-  return engine_->dispatch(inputs, options, &handle, stream);
+  return run_operation(
+      "cached dispatch", stream,
+      [&](uint64_t sequence) {
+        detail::check_handle(handle, id_, rank(), num_ranks(), "cached dispatch");
+        const plan::OpFingerprint op =
+            detail::cached_dispatch_fingerprint(inputs, handle, sequence, config_hash_);
+        detail::check_cached_dispatch(inputs, handle, config_, device());
+        return op;
+      },
+      [&](const plan::OpFingerprint& op) {
+        DispatchOptions options;
+        options.expand = handle.expand;
+        options.expert_alignment = handle.expert_alignment;
+        options.zero_padding = handle.zero_padding;
+        options.sync_counts = handle.counts_synced;
+        return engine_->dispatch(inputs, options, &handle, op, stream);
+      });
 }
 
 CombineResult Buffer::combine(const CombineInputs& inputs, const Handle& handle,
                               const CombineOptions& options, void* stream) {
-  validate_collective("combine", stream, [&] {
-    detail::check_handle(handle, id_, rank(), num_ranks(), "combine");
-    detail::check_combine(inputs, handle, config_, device());
-  });
-  return engine_->combine(inputs, handle, options.reduce_at, stream);
+  return run_operation(
+      "combine", stream,
+      [&](uint64_t sequence) {
+        detail::check_handle(handle, id_, rank(), num_ranks(), "combine");
+        const plan::OpFingerprint op = detail::combine_fingerprint(
+            inputs, handle, options.reduce_at, sequence, config_hash_);
+        detail::check_combine(inputs, handle, config_, device());
+        return op;
+      },
+      [&](const plan::OpFingerprint& op) {
+        return engine_->combine(inputs, handle, options.reduce_at, op, stream);
+      });
 }
 
 CombineBackwardResult Buffer::combine_backward(const TensorView& grad_y, const Handle& handle,
                                                const TensorView& x, const TensorView& weights,
                                                void* stream) {
-  validate_collective("combine_backward", stream, [&] {
-    detail::check_handle(handle, id_, rank(), num_ranks(), "combine_backward");
-    detail::check_combine_backward(grad_y, handle, x, weights, config_, device());
-  });
-  return engine_->combine_backward(grad_y, handle, x, weights, stream);
+  return run_operation(
+      "combine_backward", stream,
+      [&](uint64_t sequence) {
+        detail::check_handle(handle, id_, rank(), num_ranks(), "combine_backward");
+        const plan::OpFingerprint op =
+            detail::combine_backward_fingerprint(handle, sequence, config_hash_);
+        detail::check_combine_backward(grad_y, handle, x, weights, config_, device());
+        return op;
+      },
+      [&](const plan::OpFingerprint& op) {
+        return engine_->combine_backward(grad_y, handle, x, weights, op, stream);
+      });
 }
 
-void Buffer::synchronize(void* stream) { engine_->synchronize(stream); }
+void Buffer::abort(void* stream) {
+  if (!unusable_.empty()) return;  // the peers learn of a failed buffer from its poison mark
+  ++sequence_;
+  engine_->abort(plan::OpFingerprint{.sequence = sequence_, .config_hash = config_hash_}, stream);
+}
+
+void Buffer::synchronize(void* stream) {
+  check_usable("synchronize");
+  try {
+    engine_->synchronize(stream);
+  } catch (const Error& error) {
+    note_failure(error, stream);
+    throw;
+  }
+}
 
 size_t workspace_bytes(const BufferConfig& config, int num_ranks) {
   detail::check_config(config, num_ranks);

@@ -7,7 +7,13 @@
 namespace epx {
 
 const char* to_string(Transport transport) {
-  return transport == Transport::kHost ? "host" : "cuda";
+  switch (transport) {
+    case Transport::kHost: return "host";
+    case Transport::kNccl: return "nccl";
+    case Transport::kIpc: return "ipc";
+    case Transport::kCudaThreads: return "cuda threads";
+  }
+  return "unknown";
 }
 
 int Comm::rank() const { return state_->rank; }

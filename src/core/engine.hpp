@@ -5,6 +5,8 @@
 #pragma once
 
 #include "epx/buffer.hpp"
+#include "core/setup_record.hpp"
+#include "plan/op_record.hpp"
 #include "plan/workspace_layout.hpp"
 
 namespace epx::detail {
@@ -15,22 +17,29 @@ class Engine {
   virtual Device device() const = 0;
   // Blocks each kernel of this engine uses (BufferConfig::num_sms resolved); 0: no kernels.
   virtual int num_sms() const { return 0; }
-  // `cached` is null for a routing dispatch, else the handle to replay.
+  // `cached` is null for a routing dispatch, else the handle to replay. `op` is the call's
+  // fingerprint: it goes out with the operation's entry, and a peer whose fingerprint differs
+  // makes the operation raise on every rank (plan/op_record.hpp).
   virtual DispatchResult dispatch(const DispatchInputs& inputs, const DispatchOptions& options,
-                                  const Handle* cached, void* stream) = 0;
+                                  const Handle* cached, const plan::OpFingerprint& op,
+                                  void* stream) = 0;
   virtual CombineResult combine(const CombineInputs& inputs, const Handle& handle,
-                                ReduceAt reduce_at, void* stream) = 0;
+                                ReduceAt reduce_at, const plan::OpFingerprint& op,
+                                void* stream) = 0;
   virtual CombineBackwardResult combine_backward(const TensorView& grad_y, const Handle& handle,
                                                  const TensorView& x, const TensorView& weights,
+                                                 const plan::OpFingerprint& op,
                                                  void* stream) = 0;
   virtual void synchronize(void* stream) = 0;
-  // This rank rejected its input to `operation` (validation failed before any exchange): mark
-  // the operation's entry barrier as aborted so that the peers raise instead of waiting for a
-  // timeout. Transports without that mechanism leave the peers to time out.
-  virtual void abort(const char* operation, void* stream) {
-    (void)operation;
-    (void)stream;
-  }
+  // Raises an error an earlier operation recorded on the device, if one has (no waiting).
+  virtual void raise_recorded_error(void* stream) { (void)stream; }
+  // This rank rejected its input to the operation `op` (validation failed before any
+  // exchange): mark the operation's entry barrier as aborted so that the peers raise instead of
+  // waiting for a timeout.
+  virtual void abort(const plan::OpFingerprint& op, void* stream) = 0;
+  // This rank's buffer failed (a timeout): mark it in every peer's records, so that their next
+  // operation raises instead of waiting for this rank.
+  virtual void poison(void* stream) = 0;
 };
 
 // Everything an engine is built from.
@@ -39,6 +48,7 @@ struct EngineContext {
   BufferConfig config;
   std::shared_ptr<Allocator> allocator;
   uint64_t buffer_id;
+  SetupRecord setup;  // what this rank states at setup; every peer's must match
 };
 
 // The workspace layout every rank uses for `config` (src/core/buffer.cpp).

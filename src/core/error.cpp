@@ -11,6 +11,7 @@ const char* to_string(ErrorCode code) {
     case ErrorCode::kTransport: return "transport error";
     case ErrorCode::kOutOfMemory: return "out of memory";
     case ErrorCode::kInternal: return "internal error";
+    case ErrorCode::kUnusable: return "unusable buffer";
   }
   return "unknown error";
 }

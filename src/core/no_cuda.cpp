@@ -16,9 +16,10 @@ namespace {
 }  // namespace
 
 UniqueId Comm::nccl_unique_id() { no_cuda("the NCCL transport"); }
-Comm Comm::nccl(int, int, const UniqueId&, int) { no_cuda("the NCCL transport"); }
+Comm Comm::nccl(int, int, const UniqueId&, int, double) { no_cuda("the NCCL transport"); }
 Comm Comm::nccl(ncclComm*, int) { no_cuda("the NCCL transport"); }
 Comm Comm::cuda_threads(const ThreadGroup&, int, int) { no_cuda("the CUDA thread transport"); }
+Comm Comm::ipc(int, int, const std::string&, int) { no_cuda("the CUDA IPC transport"); }
 bool Comm::cuda_available() { return false; }
 
 namespace detail {

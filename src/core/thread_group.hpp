@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "core/setup_record.hpp"
 #include "epx/error.hpp"
 
 namespace epx::detail {
@@ -19,6 +20,7 @@ struct ThreadGroupState {
   struct Entry {
     void* pointer = nullptr;
     int device = -1;
+    SetupRecord record;  // buffer setup: the configuration the rank states
   };
 
   // Rank `rank` publishes `entry` for the current round, waits until every rank has arrived

@@ -10,7 +10,6 @@ namespace epx::detail {
 
 struct HostCommState final : CommState {
   std::string name;
-  int next_buffer = 0;  // buffers are created in the same order on every rank
   Transport transport() const override { return Transport::kHost; }
 };
 

@@ -8,9 +8,9 @@
 
 #include "core/engine.hpp"
 #include "core/output_batch.hpp"
+#include "core/shm_segments.hpp"
 #include "epx/error.hpp"
 #include "host/host_comm.hpp"
-#include "host/shm_workspace.hpp"
 #include "plan/numerics.hpp"
 #include "plan/routing.hpp"
 #include "plan/source_plan.hpp"
@@ -33,15 +33,18 @@ class HostEngine final : public Engine {
         layout_(workspace_layout(context.config, context.comm.num_ranks())),
         rank_(context.comm.rank()),
         num_ranks_(context.comm.num_ranks()),
-        workspace_(buffer_name(context), rank_, num_ranks_, layout_,
-                   context.config.timeout_seconds) {}
+        segments_(buffer_name(context), rank_, num_ranks_,
+                  static_cast<size_t>(layout_.total_bytes()), context.setup,
+                  context.config.timeout_seconds) {}
 
   Device device() const override { return Device::cpu(); }
   void synchronize(void*) override {}
-  void abort(const char* operation, void*) override { workspace_.abort(operation); }
+  void abort(const plan::OpFingerprint&, void*) override { segments_.abort(); }
+  void poison(void*) override { segments_.poison(); }
 
   DispatchResult dispatch(const DispatchInputs& in, const DispatchOptions& options,
-                          const Handle* cached, void*) override {
+                          const Handle* cached, const plan::OpFingerprint& op,
+                          void*) override {
     const int64_t num_tokens = in.x.size(0);
     plan::SourcePlan source_plan;
     Handle handle;
@@ -57,11 +60,11 @@ class HostEngine final : public Engine {
     const int32_t channels = (in.weights.defined() ? plan::kChannelWeights : 0) |
                              (in.aux.defined() ? plan::kChannelAux : 0);
 
-    workspace_.barrier(cached ? "cached-dispatch/entry" : "dispatch/entry");
+    segments_.barrier(cached ? "cached-dispatch/entry" : "dispatch/entry", &op);
     const bool routing_ok = cached || source_plan.status == plan::kRoutingOk;
     if (!cached) write_headers(source_plan, channels);
     if (routing_ok) stage_tokens(handle, in.x, in.x_scales, in.weights, in.aux, true);
-    workspace_.barrier(cached ? "cached-dispatch/exit" : "dispatch/exit");
+    segments_.barrier(cached ? "cached-dispatch/exit" : "dispatch/exit");
 
     if (!cached) {
       read_headers(channels);
@@ -71,13 +74,13 @@ class HostEngine final : public Engine {
   }
 
   CombineResult combine(const CombineInputs& in, const Handle& handle, ReduceAt reduce_at,
-                        void*) override {
+                        const plan::OpFingerprint& op, void*) override {
     const bool at_source = handle.expand && reduce_at == ReduceAt::kSource;
     const int64_t hidden = layout_.hidden;
     const int32_t num_topk = layout_.num_topk;
     const bool weighted = in.weights.defined();
 
-    workspace_.barrier("combine/entry");
+    segments_.barrier("combine/entry", &op);
     const int64_t num_recv = received_tokens(handle);
     const auto* src_token = handle.src_token.ptr<int32_t>();
     const auto* expanded_rows = handle.expanded_rows.ptr<int32_t>();
@@ -88,7 +91,7 @@ class HostEngine final : public Engine {
     for (int64_t n = 0; n < num_recv; ++n) {
       const int32_t source = src_token[n] / static_cast<int32_t>(layout_.max_tokens);
       const int64_t token = src_token[n] % layout_.max_tokens;
-      char* dst = workspace_.peer(source);
+      char* dst = segments_.payload(source);
       const int32_t* rows_of_token = expanded_rows + n * num_topk;
       if (!handle.expand) {
         std::memcpy(layout_.row(dst, layout_.expert_combine_row_index(rank_, token)),
@@ -126,7 +129,7 @@ class HostEngine final : public Engine {
         }
       }
     }
-    workspace_.barrier("combine/exit");
+    segments_.barrier("combine/exit");
 
     CombineResult result;
     const int64_t num_tokens = handle.num_tokens;
@@ -137,7 +140,7 @@ class HostEngine final : public Engine {
     auto* y = result.x.ptr<uint16_t>();
     const auto* send_slot = handle.send_slot.ptr<int32_t>();
     const auto* topk = handle.topk_idx.ptr<int32_t>();
-    char* local = workspace_.local();
+    char* local = segments_.payload(rank_);
     const auto* bias0 = in.bias0.ptr<uint16_t>();
     const auto* bias1 = in.bias1.ptr<uint16_t>();
     for (int64_t t = 0; t < num_tokens; ++t) {
@@ -182,12 +185,12 @@ class HostEngine final : public Engine {
 
   CombineBackwardResult combine_backward(const TensorView& grad_y, const Handle& handle,
                                          const TensorView& x, const TensorView& weights,
-                                         void*) override {
+                                         const plan::OpFingerprint& op, void*) override {
     const int64_t hidden = layout_.hidden;
     const int32_t num_topk = layout_.num_topk;
-    workspace_.barrier("combine-backward/entry");
+    segments_.barrier("combine-backward/entry", &op);
     stage_tokens(handle, grad_y, TensorView(), TensorView(), TensorView(), false);
-    workspace_.barrier("combine-backward/exit");
+    segments_.barrier("combine-backward/exit");
 
     const int64_t capacity = handle.row_capacity;
     CombineBackwardResult result;
@@ -223,7 +226,7 @@ class HostEngine final : public Engine {
  private:
   static std::string buffer_name(const EngineContext& context) {
     auto& state = static_cast<HostCommState&>(*context.comm.state());
-    return state.name + "-b" + std::to_string(state.next_buffer++);
+    return state.name + "-b" + std::to_string(context.setup.buffer_index);
   }
 
   Tensor allocate(DType dtype, std::vector<int64_t> shape) {
@@ -263,7 +266,7 @@ class HostEngine final : public Engine {
     const bool ok = source_plan.status == plan::kRoutingOk;
     const int32_t local_experts = layout_.local_experts();
     for (int32_t r = 0; r < num_ranks_; ++r) {
-      char* dst = workspace_.peer(r);
+      char* dst = segments_.payload(r);
       *layout_.header(dst, rank_) =
           plan::SourceHeader{.num_tokens = ok ? source_plan.rank_counts[r] : 0,
                              .status = source_plan.status,
@@ -278,7 +281,7 @@ class HostEngine final : public Engine {
 
   // Raises on every rank if any source found its routing invalid or sent other channels.
   void read_headers(int32_t channels) {
-    char* local = workspace_.local();
+    char* local = segments_.payload(rank_);
     for (int32_t s = 0; s < num_ranks_; ++s) {
       const plan::SourceHeader& header = *layout_.header(local, s);
       EPX_CHECK(header.status == plan::kRoutingOk, kInvalidRouting,
@@ -313,7 +316,7 @@ class HostEngine final : public Engine {
       for (int32_t r = 0; r < num_ranks_; ++r) {
         const int32_t slot = send_slot[t * num_ranks_ + r];
         if (slot < 0) continue;
-        char* dst = workspace_.peer(r);
+        char* dst = segments_.payload(r);
         std::memcpy(layout_.row(dst, layout_.dispatch_row_index(rank_, slot)),
                     rows + t * row_bytes, static_cast<size_t>(row_bytes));
         if (scales_per_row > 0) {
@@ -340,7 +343,7 @@ class HostEngine final : public Engine {
   void fill_receive_handle(Handle& handle, const DispatchOptions& options) {
     const int32_t num_topk = layout_.num_topk;
     const int32_t local_experts = layout_.local_experts();
-    char* local = workspace_.local();
+    char* local = segments_.payload(rank_);
     std::vector<int32_t> recv_counts(num_ranks_), source_expert_counts(num_ranks_ * local_experts);
     for (int32_t s = 0; s < num_ranks_; ++s) {
       recv_counts[s] = layout_.header(local, s)->num_tokens;
@@ -405,7 +408,7 @@ class HostEngine final : public Engine {
   // Calls fn(n, source, slot, staged row, slot metadata) for every received token n.
   template <typename Fn>
   void for_each_received(const Handle& handle, Fn&& fn) {
-    char* local = workspace_.local();
+    char* local = segments_.payload(rank_);
     const auto* recv_counts = handle.recv_counts.ptr<int32_t>();
     const auto* recv_offsets = handle.recv_offsets.ptr<int32_t>();
     for (int32_t s = 0; s < num_ranks_; ++s) {
@@ -438,7 +441,7 @@ class HostEngine final : public Engine {
     float* aux_out = result.aux.ptr<float>();
     const auto* expanded_rows = handle.expanded_rows.ptr<int32_t>();
     const auto* recv_topk = handle.recv_topk_idx.ptr<int32_t>();
-    char* local = workspace_.local();
+    char* local = segments_.payload(rank_);
 
     auto place = [&](int64_t out_row, const char* row, const float* scales) {
       std::memcpy(x_out + out_row * row_bytes, row, static_cast<size_t>(row_bytes));
@@ -492,7 +495,7 @@ class HostEngine final : public Engine {
   WorkspaceLayout layout_;
   int32_t rank_;
   int32_t num_ranks_;
-  ShmWorkspace workspace_;
+  ShmSegments segments_;
 };
 
 }  // namespace

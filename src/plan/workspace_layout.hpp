@@ -3,9 +3,9 @@
 // addresses the same field in any peer's workspace.
 //
 //   flags          [R] uint64        barrier epochs; peer p writes flag p of this rank
-//   abort_epochs   [R] uint64        the epoch at which peer p aborted an operation (it stays,
-//                                    so a peer that is already past it cannot hide it)
-//                                    Each flag and abort epoch has a 128-byte line of its own
+//   records        [R] PeerRecord    peer p's abort epoch, poison mark and the fingerprint of
+//                                    the operation it entered (plan/op_record.hpp)
+//                                    Each flag and record has a 128-byte line of its own
 //                                    (kFlagStride): one writer per line, see flag().
 //   headers        [R] SourceHeader  what source s sent to this rank (count, status, channels)
 //   expert_counts  [R][E_l] int32    rows source s sends to each local expert of this rank
@@ -24,6 +24,7 @@
 #include <cstdint>
 
 #include "plan/host_device.hpp"
+#include "plan/op_record.hpp"
 
 namespace epx::plan {
 
@@ -52,7 +53,7 @@ struct WorkspaceLayout {
 
   static constexpr int64_t kRegionAlignment = 256;
   static constexpr int64_t kScaleBlock = 128;  // fp8: one fp32 scale per 128 elements
-  static constexpr int64_t kFlagStride = 128;  // one cache line per flag
+  static constexpr int64_t kFlagStride = kPeerLineBytes;  // one cache line per flag
 
   EPX_HD int32_t local_experts() const { return num_experts / num_ranks; }
   // Row staging always fits a bf16 row: an fp8 row (H bytes) is smaller, and gradients are bf16.
@@ -66,7 +67,7 @@ struct WorkspaceLayout {
 
   EPX_HD int64_t flags_offset() const { return 0; }
   EPX_HD int64_t headers_offset() const {
-    return align_up(flags_offset() + 2 * kFlagStride * num_ranks, kRegionAlignment);
+    return align_up(flags_offset() + peer_lines_bytes(num_ranks), kRegionAlignment);
   }
   EPX_HD int64_t expert_counts_offset() const {
     return align_up(headers_offset() + int64_t(sizeof(SourceHeader)) * num_ranks,
@@ -97,14 +98,14 @@ struct WorkspaceLayout {
   // Typed addresses inside one rank's workspace starting at `base`.
   // The flag peer `peer` publishes its barrier epochs into. Packed eight to a line, flags of
   // ranks sharing one GPU went back to older values after their writers had read the new ones
-  // back (seen in H200 stress runs; the log is in git history at 5c90d78): some write carried stale
-  // copies of its neighbours. With a line per flag, nothing one writer stores can reach another
+  // back (seen in H200 stress runs; the log is in git history at 5c90d78): some write carried
+  // stale copies of its neighbours. With a line per flag, nothing one writer stores can reach another
   // writer's flag.
   EPX_HD uint64_t* flag(char* base, int peer) const {
-    return reinterpret_cast<uint64_t*>(base + flags_offset() + peer * kFlagStride);
+    return peer_flag(base + flags_offset(), peer);
   }
-  EPX_HD uint64_t* abort_epoch(char* base, int peer) const {
-    return flag(base, num_ranks + peer);
+  EPX_HD PeerRecord* record(char* base, int peer) const {
+    return peer_record(base + flags_offset(), num_ranks, peer);
   }
   EPX_HD SourceHeader* header(char* base, int source) const {
     return reinterpret_cast<SourceHeader*>(base + headers_offset()) + source;

@@ -193,7 +193,7 @@ TEST(HostErrors, BadInputOnOneRankAbortsThePeers) {
 }
 
 TEST(HostErrors, ChannelsDisagree) {
-  expect_error_then_recovery(ErrorCode::kInvalidArgument, "same channels",
+  expect_error_then_recovery(ErrorCode::kInvalidArgument, "weights given on rank 1, not on rank 0",
                              [](Buffer& b, int rank) {
                                Inputs in = make_inputs(b.config(), rank);
                                DispatchInputs view = in.view(b.config());

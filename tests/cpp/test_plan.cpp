@@ -63,14 +63,16 @@ TEST(Plan, WorkspaceRegionsAreOrderedAndAligned) {
     EXPECT_EQ(offsets[i] % WorkspaceLayout::kRegionAlignment, 0) << i;
     if (i) EXPECT_GT(offsets[i], offsets[i - 1]) << i;
   }
-  // Every flag and abort epoch on a 128-byte line of its own, all before the headers.
+  // Every flag and peer record on a 128-byte line of its own, all before the headers.
   std::vector<char> workspace(static_cast<size_t>(layout.headers_offset()));
   char* base = workspace.data();
   std::vector<int64_t> lines;
   for (int p = 0; p < layout.num_ranks; ++p) {
-    for (const uint64_t* word : {layout.flag(base, p), layout.abort_epoch(base, p)}) {
-      const int64_t offset = reinterpret_cast<const char*>(word) - base;
-      EXPECT_LE(offset + 8, layout.headers_offset());
+    const char* record = reinterpret_cast<const char*>(layout.record(base, p));
+    for (const char* word : {reinterpret_cast<const char*>(layout.flag(base, p)), record}) {
+      const int64_t offset = word - base;
+      EXPECT_LE(offset + int64_t(sizeof(plan::PeerRecord)), layout.headers_offset());
+      EXPECT_LE(int64_t(sizeof(plan::PeerRecord)), 128);
       lines.push_back(offset / 128);
     }
   }

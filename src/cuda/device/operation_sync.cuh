@@ -26,18 +26,27 @@
 namespace epx::cuda {
 
 // Threads [0, R) of the block wait for peer `threadIdx.x` to publish `epoch` into this rank's
-// flags, bounded by the timeout; an abort mark of that epoch is an error too. False: this
-// thread recorded a failure (other threads return true).
+// flags, bounded by the timeout; a peer whose buffer failed (its poison mark) ends the wait at
+// once. At an operation's `entry`, the peer's record is checked too: an abort mark of that
+// epoch, or a fingerprint that is not this rank's (another operation, other options), is an
+// error on this rank, as it is on the peer, which sees this rank's. The record is read with
+// loads issued together after the flag's acquire (one round trip, as the abort mark alone
+// took). False: this thread recorded a failure (other threads return true).
 __device__ __forceinline__ bool wait_for_peers(const Topology& topo, uint64_t epoch,
-                                               int32_t phase, bool check_abort) {
+                                               int32_t phase, bool entry) {
   const plan::WorkspaceLayout& layout = topo.layout;
   const int peer = threadIdx.x;
   if (peer >= layout.num_ranks) return true;
   char* local = topo.peers[topo.rank];
   const uint64_t* flag = layout.flag(local, peer);
+  const volatile plan::PeerRecord* record = layout.record(local, peer);
   const uint64_t start = global_timer_ns();
   uint64_t seen = load_acquire_system(flag);
   while (seen < epoch) {
+    if (record->poisoned != 0) {
+      record_error(topo, kDevicePeerFailed, phase, peer);
+      return false;
+    }
     if (global_timer_ns() - start > topo.timeout_ns) {
       record_error(topo, kDeviceTimeout, phase, peer, 0, epoch, seen);
       return false;
@@ -45,12 +54,31 @@ __device__ __forceinline__ bool wait_for_peers(const Topology& topo, uint64_t ep
     __nanosleep(32);
     seen = load_acquire_system(flag);
   }
-  if (check_abort) {
-    const volatile uint64_t* aborted = layout.abort_epoch(local, peer);
-    if (*aborted == epoch) {
-      record_error(topo, kDevicePeerAborted, phase, peer);
-      return false;
-    }
+  if (!entry) return true;
+  const uint64_t aborted = record->abort_epoch, poisoned = record->poisoned;
+  const uint64_t op_epoch = record->op_epoch;
+  plan::OpFingerprint theirs;
+  theirs.sequence = record->op.sequence;
+  theirs.handle_origin = record->op.handle_origin;
+  theirs.config_hash = record->op.config_hash;
+  theirs.kind = record->op.kind;
+  theirs.options = record->op.options;
+  theirs.tensors = record->op.tensors;
+  theirs.alignment = record->op.alignment;
+  if (aborted == epoch) {
+    record_error(topo, kDevicePeerAborted, phase, peer);
+    return false;
+  }
+  if (poisoned != 0) {
+    record_error(topo, kDevicePeerFailed, phase, peer);
+    return false;
+  }
+  uint64_t mine = 0, other = 0;
+  const int32_t field =
+      op_epoch != epoch ? -1 : plan::first_difference(topo.op, theirs, mine, other);
+  if (op_epoch != epoch || field >= 0) {
+    record_error(topo, kDeviceOpMismatch, phase, peer, field, mine, other);
+    return false;
   }
   return true;
 }
@@ -75,6 +103,18 @@ __device__ __forceinline__ void publish_to_peers(const Topology& topo, uint64_t 
   if (peer < layout.num_ranks) publish_max_system(layout.flag(topo.peers[peer], topo.rank), epoch);
 }
 
+// An operation's entry: as publish_to_peers, with this rank's record of the operation (its
+// fingerprint, for `epoch`) written into each peer first; the release carries it.
+__device__ __forceinline__ void publish_entry(const Topology& topo, uint64_t epoch) {
+  const plan::WorkspaceLayout& layout = topo.layout;
+  const int peer = threadIdx.x;
+  if (peer >= layout.num_ranks) return;
+  plan::PeerRecord* record = layout.record(topo.peers[peer], topo.rank);
+  record->op = topo.op;
+  record->op_epoch = epoch;
+  publish_max_system(layout.flag(topo.peers[peer], topo.rank), epoch);
+}
+
 __device__ __forceinline__ bool no_failure(const Topology& topo) {
   return *static_cast<volatile int32_t*>(topo.failed) == 0;
 }
@@ -91,7 +131,7 @@ __device__ __forceinline__ bool block_sees_no_failure(const Topology& topo) {
 // published after a recorded failure. The writing kernel is then told not to publish again.
 __device__ __forceinline__ void publish_entry_early(const Topology& topo) {
   if (!block_sees_no_failure(topo)) return;
-  publish_to_peers(topo, *topo.epoch + 1);
+  publish_entry(topo, *topo.epoch + 1);
   if (threadIdx.x == 0) topo.sync->entry_published = 1;
 }
 
@@ -105,7 +145,7 @@ __device__ __forceinline__ bool operation_entry(const Topology& topo, int32_t ph
   const uint64_t entry = *topo.epoch + 1;
   const bool go = block_sees_no_failure(topo);
   if (blockIdx.x == 0 && go && !published) {
-    publish_to_peers(topo, entry);
+    publish_entry(topo, entry);
     if (threadIdx.x == 0) topo.sync->entry_published = 1;
   }
   return block_all(!go || wait_for_peers(topo, entry, phase, true)) && go;

@@ -1,5 +1,6 @@
-// The abort of an operation (the barriers themselves are folded into the kernels:
-// cuda/operation_sync.cuh) and the LSA pointer lookup.
+// The abort of an operation and the poison mark of a failed buffer (the barriers themselves are
+// folded into the kernels: cuda/device/operation_sync.cuh), kernel loading, the LSA pointer
+// lookup.
 #include <nccl.h>
 #include <nccl_device.h>
 
@@ -32,8 +33,18 @@ __global__ void abort_kernel(Topology topo) {
   }
   __syncthreads();
   const int peer = threadIdx.x;
-  if (peer < layout.num_ranks) *layout.abort_epoch(topo.peers[peer], topo.rank) = epoch;
+  if (peer < layout.num_ranks) layout.record(topo.peers[peer], topo.rank)->abort_epoch = epoch;
   publish_to_peers(topo, epoch);
+}
+
+// One block; thread p sets this rank's poison mark in peer p (a store at system scope: the
+// peers read it while they wait).
+__global__ void poison_kernel(Topology topo) {
+  const int peer = threadIdx.x;
+  if (peer >= topo.layout.num_ranks) return;
+  plan::PeerRecord* record = topo.layout.record(topo.peers[peer], topo.rank);
+  *static_cast<volatile uint64_t*>(&record->poisoned) = 1;
+  __threadfence_system();
 }
 
 __global__ void peer_pointer_kernel(ncclWindow_t window, int num_ranks, char** peers) {
@@ -52,13 +63,19 @@ void load_kernels() {
   load_plan_kernels();
   load_dispatch_kernels();
   load_combine_kernels();
-  load_functions({reinterpret_cast<const void*>(abort_kernel)});
+  load_functions({reinterpret_cast<const void*>(abort_kernel),
+                  reinterpret_cast<const void*>(poison_kernel)});
   cudaGetLastError();  // a kernel that fails to load raises at its launch instead
 }
 
 void launch_abort(const Topology& topo, cudaStream_t stream) {
   const int threads = ((topo.layout.num_ranks + 31) / 32) * 32;
   abort_kernel<<<1, threads, 0, stream>>>(topo);
+}
+
+void launch_poison(const Topology& topo, cudaStream_t stream) {
+  const int threads = ((topo.layout.num_ranks + 31) / 32) * 32;
+  poison_kernel<<<1, threads, 0, stream>>>(topo);
 }
 
 void fetch_peer_pointers(void* window, int num_ranks, char** peers, cudaStream_t stream) {

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "plan/op_record.hpp"
 #include "plan/workspace_layout.hpp"
 
 namespace epx::cuda {
@@ -26,15 +27,17 @@ enum DeviceErrorCode : int32_t {
   kDeviceBadRouting = 2,
   kDeviceChannelMismatch = 3,
   kDevicePeerAborted = 4,
+  kDeviceOpMismatch = 5,  // a peer entered another operation: value = the differing field
+  kDevicePeerFailed = 6,  // a peer's buffer failed earlier (its poison mark)
 };
 
 struct DeviceStatus {
   int32_t code;
   int32_t phase;  // a Phase
   int32_t peer;
-  int32_t value;  // bad topk value, or channels seen
-  uint64_t expected;
-  uint64_t seen;
+  int32_t value;  // bad topk value, channels seen, or the differing fingerprint field
+  uint64_t expected;  // an epoch; or this rank's value of the differing field
+  uint64_t seen;      // an epoch; or the peer's value
 };
 
 enum Phase : int32_t {
@@ -67,11 +70,15 @@ struct Topology {
   OperationSync* sync = nullptr;    // device
   uint64_t timeout_ns = 0;    // bound of every wait for a peer
   bool chained = false;   // kernels are launched chained (cuda/device/chained_launch.hpp)
+  plan::OpFingerprint op{};  // of the operation the kernel belongs to (its entry carries it)
 };
 
 // This rank rejected its input to an operation: its entry barrier with the abort mark, so the
 // peers raise kDevicePeerAborted instead of timing out; nothing else of the operation runs.
 void launch_abort(const Topology& topo, cudaStream_t stream);
+// This rank's buffer failed: its poison mark into every peer's record of it, so that their
+// waits for this rank raise kDevicePeerFailed instead of timing out.
+void launch_poison(const Topology& topo, cudaStream_t stream);
 
 // Source plan on the device: exactly plan::plan_source (src/plan/source_plan.cpp), tile by
 // tile (cuda/plan_kernels.cu).

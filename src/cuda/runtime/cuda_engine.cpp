@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "core/engine.hpp"
+#include "core/op_fingerprint.hpp"
 #include "core/output_batch.hpp"
 #include "cuda/runtime/cuda_check.hpp"
 #include "cuda/runtime/device_memory.hpp"
@@ -58,7 +59,8 @@ class CudaEngine final : public Engine {
     // Last: the workspace is collective, and once every rank is past it a peer may start an
     // operation whose kernels wait for this rank; from here on nothing may wait for the whole
     // device (ranks of a thread group may share one).
-    workspace_ = state_.open_workspace(static_cast<size_t>(layout_.total_bytes()));
+    workspace_ = state_.open_workspace(static_cast<size_t>(layout_.total_bytes()), context.setup,
+                                       context.config.timeout_seconds);
     peers_ = workspace_->device_peers();
   }
 
@@ -66,9 +68,15 @@ class CudaEngine final : public Engine {
   // device here waits only for kernels that need nothing more from this rank. The workspace
   // goes first (collective: an NCCL window, or the thread group's rendezvous), then the
   // scratch (its owners free it on its device).
+  // A failed buffer (a timeout) skips the collective teardown, which would wait for the rank
+  // that failed to arrive: its workspace is left allocated.
   ~CudaEngine() override {
     DeviceGuard guard(state_.device);
     cudaDeviceSynchronize();
+    if (poisoned_) {
+      (void)workspace_.release();
+      return;
+    }
     workspace_.reset();
   }
 
@@ -81,13 +89,27 @@ class CudaEngine final : public Engine {
     raise_device_error(static_cast<cudaStream_t>(stream));
   }
 
-  void abort(const char*, void* stream) override {
+  void raise_recorded_error(void* stream) override {
+    if (scratch_.status.host()->code == cuda::kDeviceOk) return;
     DeviceGuard guard(state_.device);
-    cuda::launch_abort(topology(), static_cast<cudaStream_t>(stream));
+    raise_device_error(static_cast<cudaStream_t>(stream));
+  }
+
+  void abort(const plan::OpFingerprint& op, void* stream) override {
+    DeviceGuard guard(state_.device);
+    cuda::launch_abort(topology(op), static_cast<cudaStream_t>(stream));
+  }
+
+  void poison(void* stream) override {
+    DeviceGuard guard(state_.device);
+    poisoned_ = true;
+    cuda::launch_poison(topology(), static_cast<cudaStream_t>(stream));
+    cudaStreamSynchronize(static_cast<cudaStream_t>(stream));
   }
 
   DispatchResult dispatch(const DispatchInputs& in, const DispatchOptions& options,
-                          const Handle* cached, void* stream_ptr) override {
+                          const Handle* cached, const plan::OpFingerprint& op,
+                          void* stream_ptr) override {
     DeviceGuard guard(state_.device);
     auto stream = static_cast<cudaStream_t>(stream_ptr);
     const int64_t num_tokens = in.x.size(0);
@@ -125,10 +147,10 @@ class CudaEngine final : public Engine {
                          .tile_counts = scratch_.plan_tile_counts.get(),
                          .first_bad = scratch_.plan_first_bad.get(),
                          .publish_entry = true,  // the entry goes out while the plan runs
-                         .topo = topology()},
+                         .topo = topology(op)},
                         stream);
     }
-    cuda::launch_send({.topo = topology(),
+    cuda::launch_send({.topo = topology(op),
                        .x = in.x.ptr<const char>(),
                        .row_bytes = row_bytes_of(in.x),
                        .scales = in.x_scales.ptr<const float>(),
@@ -166,14 +188,14 @@ class CudaEngine final : public Engine {
   }
 
   CombineResult combine(const CombineInputs& in, const Handle& handle, ReduceAt reduce_at,
-                        void* stream_ptr) override {
+                        const plan::OpFingerprint& op, void* stream_ptr) override {
     DeviceGuard guard(state_.device);
     auto stream = static_cast<cudaStream_t>(stream_ptr);
     const bool at_source = handle.expand && reduce_at == ReduceAt::kSource;
     // Compact or reduced at the source: the rows of tokens from this rank stay in x for the
     // reduce (as in dispatch). Reduced at the expert, the staged row is a sum: it stays staged.
     const bool own_rows = (!handle.expand || at_source) && own_rows_in_place(in.x);
-    cuda::launch_combine_send({.topo = topology(),
+    cuda::launch_combine_send({.topo = topology(op),
                                .expand = handle.expand,
                                .at_source = at_source,
                                .device_counts = handle.device_counts.ptr<int64_t>(),
@@ -214,11 +236,12 @@ class CudaEngine final : public Engine {
 
   CombineBackwardResult combine_backward(const TensorView& grad_y, const Handle& handle,
                                          const TensorView& x, const TensorView& weights,
+                                         const plan::OpFingerprint& op,
                                          void* stream_ptr) override {
     DeviceGuard guard(state_.device);
     auto stream = static_cast<cudaStream_t>(stream_ptr);
     const bool own_rows = own_rows_in_place(grad_y);  // as in dispatch
-    cuda::launch_send({.topo = topology(),
+    cuda::launch_send({.topo = topology(op),
                        .x = grad_y.ptr<const char>(),
                        .row_bytes = layout_.hidden * 2,
                        .num_tokens = handle.num_tokens,
@@ -258,7 +281,8 @@ class CudaEngine final : public Engine {
     return x.size(1) * static_cast<int64_t>(element_size(x.dtype));
   }
 
-  Topology topology() const {
+  // What the kernels of an operation know; `op` is the fingerprint its entry carries.
+  Topology topology(const plan::OpFingerprint& op = {}) const {
     const auto timeout_ns = static_cast<uint64_t>(context_.config.timeout_seconds * 1e9);
     return Topology{.layout = layout_,
                     .peers = peers_,
@@ -268,7 +292,8 @@ class CudaEngine final : public Engine {
                     .epoch = scratch_.epoch.get(),
                     .sync = scratch_.sync.get(),
                     .timeout_ns = timeout_ns,
-                    .chained = !workspace_->shares_device()};  // cuda/device/chained_launch.hpp
+                    .chained = !workspace_->shares_device(),  // cuda/device/chained_launch.hpp
+                    .op = op};
   }
 
   // Raises (and clears) an error a kernel recorded.
@@ -303,6 +328,17 @@ class CudaEngine final : public Engine {
                                            << " aborted: rank " << status.peer
                                            << " rejected its input to this operation (see that "
                                               "rank's error)");
+      case cuda::kDeviceOpMismatch:
+        EPX_FAIL(kInvalidArgument,
+                 "rank " << rank_ << ": phase " << phase << ": "
+                         << (status.value < 0
+                                 ? describe_op_mismatch({}, rank_, nullptr, status.peer)
+                                 : describe_op_field(status.value, status.expected, status.seen,
+                                                     rank_, status.peer)));
+      case cuda::kDevicePeerFailed:
+        EPX_FAIL(kUnusable, "rank " << rank_ << ": phase " << phase << ": rank " << status.peer
+                                    << "'s buffer failed earlier (see that rank's error); build "
+                                       "a new Buffer on every rank");
       default:
         EPX_FAIL(kInternal, "rank " << rank_ << ": unknown device error " << status.code);
     }
@@ -437,6 +473,7 @@ class CudaEngine final : public Engine {
   int32_t num_ranks_;
   int num_blocks_ = 24;
   std::unique_ptr<PeerWorkspace> workspace_;
+  bool poisoned_ = false;  // the buffer failed (poison())
   char* const* peers_ = nullptr;
   // The engine's own memory (only this rank uses it).
   struct Scratch {

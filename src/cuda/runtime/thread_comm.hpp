@@ -11,7 +11,10 @@ namespace epx::detail {
 
 struct ThreadCommState final : CudaCommState {
   std::shared_ptr<ThreadGroupState> group;
-  std::unique_ptr<PeerWorkspace> open_workspace(size_t bytes) override;
+  Transport transport() const override { return Transport::kCudaThreads; }
+  // The rendezvous waits are bounded by the group's timeout.
+  std::unique_ptr<PeerWorkspace> open_workspace(size_t bytes, const SetupRecord& record,
+                                                double timeout_seconds) override;
 };
 
 }  // namespace epx::detail

@@ -25,10 +25,11 @@ constexpr const char* kTeardownIdle = "buffer teardown (devices idle)";
 
 class ThreadWorkspace final : public PeerWorkspace {
  public:
-  ThreadWorkspace(std::shared_ptr<ThreadGroupState> group, int rank, int device, size_t bytes)
+  ThreadWorkspace(std::shared_ptr<ThreadGroupState> group, int rank, int device, size_t bytes,
+                  const SetupRecord& record)
       : group_(std::move(group)), rank_(rank), device_(device) {
     try {
-      open(bytes);
+      open(bytes, record);
     } catch (...) {
       free_memory();  // no peer ever used it: the setup did not finish on any rank
       throw;
@@ -52,7 +53,7 @@ class ThreadWorkspace final : public PeerWorkspace {
   }
 
  private:
-  void open(size_t bytes) {
+  void open(size_t bytes, const SetupRecord& record) {
     const int num_ranks = group_->num_ranks;
     EPX_CUDA_CHECK(cudaSetDevice(device_));
     EPX_CUDA_CHECK(cudaMalloc(&local_, bytes));
@@ -63,7 +64,12 @@ class ThreadWorkspace final : public PeerWorkspace {
     EPX_CUDA_CHECK(cudaDeviceSynchronize());
 
     const std::vector<ThreadGroupState::Entry> entries =
-        group_->exchange(rank_, {local_, device_}, kSetup);
+        group_->exchange(rank_, {local_, device_, record}, kSetup);
+    for (int peer = 0; peer < num_ranks; ++peer) {
+      const std::string mismatch = setup_mismatch(record, rank_, entries[peer].record, peer);
+      EPX_CHECK(mismatch.empty(), kInvalidArgument, "rank " << rank_ << ": buffer setup: "
+                                                            << mismatch);
+    }
     check_peer_access(entries);
     check_hardware_queues(entries);
     shares_device_ = ranks_on(entries, device_) > 1;
@@ -85,7 +91,7 @@ class ThreadWorkspace final : public PeerWorkspace {
     EPX_CUDA_CHECK(cudaDeviceSynchronize());
     // Once a rank is past this round it may start an operation whose kernels wait for the
     // others; nobody waits for a whole device after it.
-    group_->exchange(rank_, {local_, device_}, kSetupDone);
+    group_->exchange(rank_, {local_, device_, record}, kSetupDone);
   }
 
   // Every pair of distinct devices in the group must reach each other; every rank checks every
@@ -146,8 +152,10 @@ class ThreadWorkspace final : public PeerWorkspace {
 
 }  // namespace
 
-std::unique_ptr<PeerWorkspace> ThreadCommState::open_workspace(size_t bytes) {
-  return std::make_unique<ThreadWorkspace>(group, rank, device, bytes);
+std::unique_ptr<PeerWorkspace> ThreadCommState::open_workspace(size_t bytes,
+                                                               const SetupRecord& record,
+                                                               double /*timeout_seconds*/) {
+  return std::make_unique<ThreadWorkspace>(group, rank, device, bytes, record);
 }
 
 }  // namespace epx::detail
