@@ -384,11 +384,12 @@ int main(int argc, char** argv) {
           },
           300);
     } else {
-      const std::string id_path = "/tmp/" + epx::testing::unique_name("epx-bench") + ".id";
+      const std::string rendezvous = epx::testing::unique_name("epx-bench");
       const auto outcomes = epx::testing::run_ranks(
           num_ranks,
           [&](int rank) {
-            const epx::testing::RankContext ctx = epx::testing::open_rank(rank, num_ranks, id_path);
+            const epx::testing::RankContext ctx = epx::testing::open_rank(
+                epx::testing::GpuTransport::kNccl, rank, num_ranks, rendezvous);
             return run_rank(rank, num_ranks, o, ctx.comm, ctx.stream);
           },
           300);

@@ -275,6 +275,7 @@ void ShmSegments::barrier(const char* phase, const plan::OpFingerprint* op) {
   const auto deadline = deadline_after(timeout_seconds_);
   int aborted_by = -1;
   std::string mismatch;
+  bool peer_ahead = false;  // a peer's record is of a later barrier: it has gone on without us
   for (int p = 0; p < num_ranks_; ++p) {
     plan::PeerRecord* record = plan::peer_record(lines(rank_), num_ranks_, p);
     Backoff backoff;
@@ -297,16 +298,20 @@ void ShmSegments::barrier(const char* phase, const plan::OpFingerprint* op) {
     if (word(record->abort_epoch).load(std::memory_order_relaxed) == epoch) {
       if (aborted_by < 0) aborted_by = p;
     } else if (op && mismatch.empty()) {
-      mismatch = describe_op_mismatch(*op, rank_, record->op_epoch == epoch ? &record->op : nullptr,
-                                      p);
+      peer_ahead = record->op_epoch != epoch;
+      mismatch = describe_op_mismatch(*op, rank_, peer_ahead ? nullptr : &record->op, p);
     }
   }
   EPX_CHECK(aborted_by < 0, kInvalidArgument,
             "rank " << rank_ << ": phase " << phase << " aborted: rank " << aborted_by
                     << (op ? " rejected its input to this operation" : " failed its part")
                     << " (see that rank's error)");
-  EPX_CHECK(mismatch.empty(), kInvalidArgument, "rank " << rank_ << ": phase " << phase << ": "
-                                                        << mismatch);
+  if (mismatch.empty()) return;
+  // Every rank sees a difference when any two ranks differ (equal fingerprints are equal to
+  // each other), so all of them come here; one more barrier keeps each rank from writing its
+  // next operation's record before every peer has read this one.
+  if (!peer_ahead) barrier(phase);
+  EPX_FAIL(kInvalidArgument, "rank " << rank_ << ": phase " << phase << ": " << mismatch);
 }
 
 void ShmSegments::abort() {

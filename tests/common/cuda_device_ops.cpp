@@ -16,12 +16,23 @@ void check_cuda(cudaError_t status, const char* what) {
   EPX_CHECK(status == cudaSuccess, kTransport, what << ": " << cudaGetErrorString(status));
 }
 
-RankContext open_rank(int rank, int num_ranks, const std::string& id_file) {
-  check_cuda(cudaSetDevice(rank), "cudaSetDevice");
+const char* to_string(GpuTransport transport) {
+  return transport == GpuTransport::kNccl ? "nccl" : "ipc";
+}
+
+RankContext open_rank(GpuTransport transport, int rank, int num_ranks,
+                      const std::string& rendezvous) {
+  int devices = 0;
+  check_cuda(cudaGetDeviceCount(&devices), "cudaGetDeviceCount");
+  const int device = transport == GpuTransport::kNccl ? rank : rank % devices;
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
   cudaStream_t stream;
   check_cuda(cudaStreamCreate(&stream), "cudaStreamCreate");
-  const UniqueId id = share_unique_id(rank, id_file);
-  return RankContext{rank, stream, Comm::nccl(rank, num_ranks, id, rank)};
+  if (transport == GpuTransport::kIpc) {
+    return RankContext{rank, device, stream, Comm::ipc(rank, num_ranks, rendezvous, device)};
+  }
+  const UniqueId id = share_unique_id(rank, "/tmp/" + rendezvous + ".id");
+  return RankContext{rank, device, stream, Comm::nccl(rank, num_ranks, id, device)};
 }
 
 DeviceOps cuda_device_ops(int device, void* stream) {

@@ -37,13 +37,22 @@ struct TinyInputs {
 TinyInputs tiny_inputs(const Buffer& buffer, int rank, int64_t bad_expert, int device,
                        void* stream);
 
-// What a rank process of a GPU test or benchmark needs: its device (the rank's ordinal), a
-// stream and an NCCL communicator made from the unique id rank 0 writes to `id_file`.
+// How the rank processes of a GPU test or benchmark are joined: NCCL (one GPU per rank, the
+// unique id rank 0 writes to a file) or CUDA IPC (rank r on GPU r % visible GPUs, so any number
+// of ranks runs on one GPU; the rendezvous names the shared-memory segments).
+enum class GpuTransport { kNccl, kIpc };
+const char* to_string(GpuTransport transport);
+
+// What a rank process needs: its device, a stream and its communicator.
 struct RankContext {
   int rank;
+  int device;
   cudaStream_t stream;
   Comm comm;
+  DeviceOps ops() const { return cuda_device_ops(device, stream); }
 };
-RankContext open_rank(int rank, int num_ranks, const std::string& id_file);
+// `rendezvous`: a unique name (unique_name(), multi_process.hpp); NCCL puts its id file in /tmp.
+RankContext open_rank(GpuTransport transport, int rank, int num_ranks,
+                      const std::string& rendezvous);
 
 }  // namespace epx::testing

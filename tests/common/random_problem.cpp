@@ -10,7 +10,7 @@ namespace epx::testing {
 namespace {
 
 // Each draw_* function gets its own stream, so changing one never shifts another's values.
-enum Stream : uint64_t { kConfig = 1, kDispatch = 2, kCombine = 3, kGradY = 4 };
+enum Stream : uint64_t { kConfig = 1, kDispatch = 2, kCombine = 3, kGradY = 4, kProduction = 5 };
 
 uint64_t splitmix64(uint64_t z) {
   z += 0x9e3779b97f4a7c15ull;
@@ -146,6 +146,29 @@ RandomConfig draw_config(uint64_t seed, int32_t num_ranks) {
   c.saturate = chance(rng, 0.05);
   c.x_unaligned = chance(rng, 0.25);  // drawn last: the fields above keep their draws
   return c;
+}
+
+RandomConfig draw_production_config(uint64_t seed, int32_t num_ranks) {
+  RandomConfig c = draw_config(seed, num_ranks);
+  std::mt19937_64 rng = stream_for(seed ^ (uint64_t(num_ranks) << 48), kProduction);
+  static const int64_t kBf16Hidden[] = {7168, 4096, 2048, 7176, 1032};
+  static const int64_t kFp8Hidden[] = {7168, 2048};
+  c.hidden = c.fp8 ? pick(rng, kFp8Hidden) : pick(rng, kBf16Hidden);
+  static const int64_t kTokens[] = {1, 128, 256, 512, 600};
+  c.max_tokens = chance(rng, 0.5) ? pick(rng, kTokens) : uniform(rng, 1, 600);
+  const int64_t max_local = std::max<int64_t>(1, 256 / num_ranks);
+  static const int64_t kLocal[] = {1, 2, 8, 32, 64, 128, 256};
+  int64_t local = pick(rng, kLocal);
+  while (local > max_local) local /= 2;
+  c.num_experts = int32_t(num_ranks * std::max<int64_t>(1, local));
+  static const int32_t kTopk[] = {8, 8, 8, 6, 4};
+  c.num_topk = pick(rng, kTopk);
+  c.saturate = false;  // the saturated worst case is exercised at small sizes
+  return c;
+}
+
+RandomConfig draw_suite_config(uint64_t seed, int32_t num_ranks, int index) {
+  return index % 4 == 3 ? draw_production_config(seed, num_ranks) : draw_config(seed, num_ranks);
 }
 
 RandomConfig other_layout_config(const RandomConfig& config) {

@@ -49,6 +49,16 @@ struct RandomConfig {
 // K in [1, 9], E a multiple of R in [R, 64], alignment in {1, 4, 128}, every flag random.
 RandomConfig draw_config(uint64_t seed, int32_t num_ranks);
 
+// A configuration at production shapes: hidden from {7168, 4096, 2048, 7176, 1032} (bf16; the
+// last two odd multiples of 8, so rows end in a partial 16-byte vector group) or {7168, 2048}
+// (fp8), up to 600 tokens per rank, up to 256 experts, top-8 (sometimes 4 or 6); the other
+// fields as draw_config draws them.
+RandomConfig draw_production_config(uint64_t seed, int32_t num_ranks);
+
+// The i-th configuration of a random suite: every fourth at production shapes, the others small
+// (many shapes quickly).
+RandomConfig draw_suite_config(uint64_t seed, int32_t num_ranks, int index);
+
 // The second scenario the random suites run on the same buffer (buffers are reusable): the same
 // sizes, another seed, the other layout and the other sync_counts choice.
 RandomConfig other_layout_config(const RandomConfig& config);

@@ -62,6 +62,24 @@ TEST_P(HostRandom, MatchesReferenceBitForBit) {
 INSTANTIATE_TEST_SUITE_P(Ranks, HostRandom, ::testing::Values(1, 2, 3, 4, 8),
                          [](const auto& info) { return "R" + std::to_string(info.param); });
 
+// Production shapes (hidden 7168, 4096, 2048 and odd multiples of 8, hundreds of tokens, up to
+// 256 experts, top-8): the row paths that only large rows take, on the host transport.
+TEST(HostProduction, MatchesReferenceBitForBit) {
+  for (int num_ranks : {2, 3}) {
+    for (int i = 0; i < 2; ++i) {
+      const uint64_t seed = base_seed() * 7919ull + uint64_t(num_ranks) * 31ull + i;
+      const RandomConfig config = draw_production_config(seed, num_ranks);
+      const std::string name = unique_name("hp");
+      const auto outcomes = run_ranks(num_ranks, [&](int rank) {
+        Buffer buffer(Comm::host(rank, num_ranks, name), buffer_config_for(config),
+                      poisoned_host_allocator());
+        return run_scenario(buffer, config, rank, host_device_ops());
+      });
+      ASSERT_EQ(failures(outcomes), "") << "seed " << seed;
+    }
+  }
+}
+
 // The unsynced expanded worst case, reached exactly: every k of every token names one expert and
 // K > E_l, so rows come from duplicates. A bound of min(K, E_l) rows per token overflowed here
 // (found by HostRandom as heap corruption in CI).

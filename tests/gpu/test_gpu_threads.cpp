@@ -79,7 +79,7 @@ TEST_P(ThreadsRandom, MatchesReferenceBitForBit) {
         const DeviceOps ops = r.ops();
         for (int i = 0; i < count; ++i) {
           const uint64_t seed = seed0 + i;
-          const RandomConfig config = draw_config(seed, num_ranks);
+          const RandomConfig config = draw_suite_config(seed, num_ranks, i);
           Buffer buffer(r.comm, thread_buffer_config(config, r), poisoned_cuda_allocator());
           for (const RandomConfig& c : {config, other_layout_config(config)}) {
             const std::string failure = run_scenario(buffer, c, r.rank, ops);
@@ -131,6 +131,26 @@ TEST(GpuThreadsSmall, Scenarios) {
           if (!failure.empty()) return "saturated: " + failure;
         }
         return "";
+      },
+      560);
+  EXPECT_EQ(failed, "");
+}
+
+// The headline size on two ranks sharing the GPU: 4096 tokens per rank, hidden 7168, top-8 of
+// 256 experts.
+TEST(GpuThreadsProduction, FourThousandTokensAtHidden7168) {
+  REQUIRE_GPUS(1);
+  const std::string failed = run_threads(
+      2, Placement::kOneGpu, 120,
+      [](const ThreadRank& r) -> std::string {
+        RandomConfig config = draw_production_config(base_seed() ^ 0x4096, 2);
+        config.max_tokens = 4096;
+        config.hidden = 7168;
+        config.num_experts = 256;
+        config.num_topk = 8;
+        config.fp8 = false;
+        Buffer buffer(r.comm, thread_buffer_config(config, r), poisoned_cuda_allocator());
+        return run_scenario(buffer, config, r.rank, r.ops());
       },
       560);
   EXPECT_EQ(failed, "");
@@ -221,6 +241,20 @@ TEST(ThreadsErrors, WrongShapeOnOneRankAbortsThePeers) {
                                       {kTinyTokens, b.config().hidden - 1}, in.view.x.device);
                      }
                      b.dispatch(in.view, DispatchOptions{}, r.stream);
+                   });
+}
+
+// Rank 2 dispatches expanded, the others compact: every rank raises naming the layouts before
+// any row moves, and the buffer stays usable (the valid scenario after it passes).
+TEST(ThreadsErrors, RanksThatDisagreeAboutTheLayoutAllRaise) {
+  REQUIRE_GPUS(1);
+  expect_all_raise(ErrorCode::kInvalidArgument, -1, "disagree about the operation",
+                   [](Buffer& b, const ThreadRank& r) {
+                     TinyInputs in = tiny_inputs(b, r.rank, 0, r.device, r.stream);
+                     DispatchOptions options;
+                     options.expand = r.rank == 2;
+                     options.sync_counts = false;
+                     b.dispatch(in.view, options, r.stream);
                    });
 }
 

@@ -68,12 +68,13 @@ class CudaEngine final : public Engine {
   // device here waits only for kernels that need nothing more from this rank. The workspace
   // goes first (collective: an NCCL window, or the thread group's rendezvous), then the
   // scratch (its owners free it on its device).
-  // A failed buffer (a timeout) skips the collective teardown, which would wait for the rank
-  // that failed to arrive: its workspace is left allocated.
+  // A failed buffer (a timeout) on NCCL skips the collective teardown, whose deregistration would
+  // wait without bound for a rank that may be dead: its workspace is left allocated. The other
+  // transports' teardowns are bounded (and leave memory allocated when a peer never comes).
   ~CudaEngine() override {
     DeviceGuard guard(state_.device);
     cudaDeviceSynchronize();
-    if (poisoned_) {
+    if (poisoned_ && state_.transport() == Transport::kNccl) {
       (void)workspace_.release();
       return;
     }
