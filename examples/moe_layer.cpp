@@ -85,8 +85,8 @@ void settle(Options& o) {
   }
   o.cuda = gpus > 0 && (o.ranks == 0 || o.ranks <= gpus);
   if (gpus > 0 && !o.cuda) {
-    std::printf("note: %d ranks but %d GPUs visible: the host transport runs them\n", o.ranks,
-                gpus);
+    std::printf("note: %d ranks but %d GPU%s visible: the host transport runs them\n", o.ranks,
+                gpus, gpus == 1 ? "" : "s");
   }
   if (o.ranks == 0) o.ranks = o.cuda ? gpus : 4;
   if (o.experts % o.ranks != 0) {
