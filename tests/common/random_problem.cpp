@@ -162,7 +162,7 @@ RandomConfig draw_production_config(uint64_t seed, int32_t num_ranks) {
   while (local > max_local) local /= 2;
   c.num_experts = int32_t(num_ranks * std::max<int64_t>(1, local));
   static const int32_t kTopk[] = {8, 8, 8, 6, 4};
-  c.num_topk = pick(rng, kTopk);
+  c.num_topk = std::min(pick(rng, kTopk), c.num_experts);
   c.saturate = false;  // the saturated worst case is exercised at small sizes
   return c;
 }
