@@ -1,15 +1,17 @@
 """epx benchmark, one command (bench/README.md: what runs, how it is timed, every column):
 
-    python3 bench/bench.py --out bench/results              # full sweep, one rank per GPU
+    python3 bench/bench.py                                  # full sweep, one rank per GPU
     python3 bench/bench.py --tokens 4096 128 --quick        # a subset (uniform, bf16 only)
     python3 bench/bench.py --smoke --out /tmp/bench-smoke   # tiny, gloo + host transport
-    python3 bench/bench.py --plot-only bench/results/X.json # redraw table and plot
+    python3 bench/bench.py --plot-only bench/baselines/h200x1.json   # redraw table and plot
 
 One process per rank, one process group, one run: epx dispatch (compact, expanded, cached
 expanded, unsynced counts, fp8), combine (compact, expanded weighted) and combine_backward, each
 checked against a torch reference before it is timed; the same routing through NCCL
 all_to_all_single, alone and as the pipeline a user would write; the copy-engine peer bandwidth
-as the link limit. JSON and plot under --out. The code is the package bench/epxbench/.
+as the link limit. A run writes one current record per machine kind, replaced in place:
+OUT/MACHINE.json and OUT/MACHINE.png (MACHINE: h200x8 for eight H200s; OUT: --out).
+The code is the package bench/epxbench/.
 """
 
 import os
@@ -20,7 +22,6 @@ os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
 os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import json  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
@@ -32,13 +33,18 @@ except ImportError:  # --plot-only needs matplotlib alone
     torch = mp = None
 
 from epxbench import REPO, describe_error, say  # noqa: E402
-from epxbench.report import failed_checks, print_table  # noqa: E402
+from epxbench.report import failed_checks, machine_name, print_table  # noqa: E402
 
 
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def modified(path):
+    """When `path` was last written (ns), None if it does not exist."""
+    return os.stat(path).st_mtime_ns if os.path.exists(path) else None
 
 
 def parse_args(argv=None):
@@ -75,7 +81,9 @@ def parse_args(argv=None):
                    help="tiny sizes on gloo + the epx host transport (no GPU needed)")
     p.add_argument("--no-graphs", action="store_true",
                    help="skip the CUDA-graph replay timings (graph_time_us)")
-    p.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
+    p.add_argument("--out", default=os.path.join(REPO, "bench", "baselines"),
+                   help="folder of the record MACHINE.json and its plot (default: "
+                        "bench/baselines)")
     p.add_argument("--plot-only", metavar="JSON", help="redraw the table and plot of a record")
     args = p.parse_args(argv)
     args.graphs = not args.no_graphs and not args.smoke
@@ -117,20 +125,19 @@ def main(argv=None):
         args.experts -= args.experts % world
         say(f"[bench] experts rounded down to {args.experts} to split over {world} ranks")
     os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    name = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in gpu)
-    result_path = os.path.join(args.out, f"bench-{name}-{world}gpu-{stamp}.json")
+    result_path = os.path.join(args.out, machine_name(gpu, world) + ".json")
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(free_port())
     say(f"[bench] {world} rank(s) on {gpu}; results -> {result_path}")
     from epxbench.sweep import worker
+    previous = modified(result_path)  # the record this run replaces, if any
     status = 0
     try:
         mp.spawn(worker, args=(world, args, result_path), nprocs=world, join=True)
     except Exception as caught:  # noqa: BLE001 - keep what was written so far
         say(f"[bench] a rank failed: {describe_error(caught)}")
         status = 1
-    if not os.path.exists(result_path):
+    if modified(result_path) in (None, previous):
         say("[bench] no results written")
         return 1
     with open(result_path) as f:
