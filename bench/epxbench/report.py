@@ -116,7 +116,8 @@ def provenance(document):
     link = document.get("link_gbps")
     parts = [f"Commit {commit}", f"{document.get('num_ranks')} × {document.get('gpu')}"]
     parts += [f"{name} {document[field]}" for name, field in
-              (("NCCL", "nccl"), ("torch", "torch"), ("CUDA", "cuda"), ("driver", "driver"))
+              (("epx transport", "transport"), ("NCCL", "nccl"), ("torch", "torch"),
+               ("CUDA", "cuda"), ("driver", "driver"))
               if document.get(field)]
     parts.append(f"link {link:.1f} GB/s" if link else "no link figure")
     text = ", ".join(parts) + f"; {str(document.get('date', ''))[:10]}."

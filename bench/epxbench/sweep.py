@@ -196,6 +196,8 @@ def run_worker(rank, world, args, result_path):
             f"{'%.1f GB/s' % link if link else 'n/a'}")
 
     buf, buf8 = make_buffers(runner, args)
+    # Which transport epx picked ("auto" may take NCCL or CUDA IPC): the figures depend on it.
+    meta["transport"] = buf.transport if buf is not None else None
     # The SMs (blocks per kernel) the buffer's kernels use; none on the host transport.
     num_sms = (int(buf.num_sms) or None) if buf is not None else None
     if buf is not None and num_sms is None:
