@@ -34,7 +34,7 @@ def make_inputs(seed, world, max_tokens, hidden, num_experts, num_topk, *, empty
 
 
 def _same(actual, expected, what):
-    actual = actual.cpu()
+    actual, expected = actual.cpu(), expected.cpu()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     if not torch.equal(actual, expected):
