@@ -14,6 +14,7 @@
 #include "epx/config.hpp"
 #include "epx/error.hpp"
 #include "epx/handle.hpp"
+#include "plan/routing.hpp"
 
 namespace py = pybind11;
 
@@ -122,6 +123,17 @@ void bind_config(py::module_& m) {
       .def_readwrite("num_sms", &BufferConfig::num_sms);
   m.def("workspace_bytes", &workspace_bytes, py::arg("config"), py::arg("num_ranks"),
         "Bytes of the symmetric buffer each rank allocates for `config`, without allocating.");
+  m.def(
+      "receive_rows",
+      [](const BufferConfig& config, int num_ranks, bool expand, int expert_alignment) {
+        const int64_t local_experts = num_ranks ? config.num_experts / num_ranks : 0;
+        return expand ? plan::worst_case_expanded_rows(num_ranks, config.max_tokens_per_rank,
+                                                       config.num_topk, local_experts,
+                                                       expert_alignment)
+                      : plan::worst_case_compact_rows(num_ranks, config.max_tokens_per_rank);
+      },
+      py::arg("config"), py::arg("num_ranks"), py::arg("expand"), py::arg("expert_alignment"),
+      "Rows of a dispatch's receive-side outputs when counts stay on the device (worst case).");
 }
 
 void bind_comm(py::module_& m) {

@@ -9,8 +9,11 @@ Index outputs are int32 tensors (the layout epx computes in): `DispatchResult.to
 """
 
 import contextlib
+import itertools
 import secrets
 import socket
+import sys
+import weakref
 from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -21,42 +24,94 @@ from ._tensors import as_float, as_int, describe, error, from_c, stream_of, torc
 from ._tensors import allocate as _allocate
 
 
+class _Layout(NamedTuple):
+    """What a handle says about its layout without its C++ record: plain values, which
+    torch.compile can read while it traces (epx.functional builds handles from these there)."""
+
+    expand: bool
+    expert_alignment: int
+    zero_padding: bool
+    counts_synced: bool
+    num_experts: int
+    num_topk: int
+    local_experts: int
+    num_tokens: int  # S of this rank (a symbolic size inside torch.compile)
+    num_recv_rows: int  # rows of the receive-side outputs: M or N, the worst case when unsynced
+
+
+def _layout_of(c_handle):
+    return _Layout(c_handle.expand, c_handle.expert_alignment, c_handle.zero_padding,
+                   c_handle.counts_synced, c_handle.num_experts, c_handle.num_topk,
+                   c_handle.local_experts, c_handle.num_tokens,
+                   c_handle.row_capacity if c_handle.expand else c_handle.recv_token_capacity)
+
+
+def _compiling():
+    """Whether torch.compile is tracing this call (then no C++ record can be reached)."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return False  # PyTorch < 2.3: no torch.compile path in epx (custom ops need >= 2.4)
+
+
 class Handle:
     """What a dispatch returns to replay (cached dispatch) or invert (combine) the exchange.
 
     Its tensors live on the buffer's device and are shared, not copied: do not write to them.
     With `sync_counts=False` the receive-side tensors are sized for the worst case and the real
     counts are only in `device_counts` ([N, M], int64, on the device).
+
+    Inside torch.compile (a handle from epx.functional with sync_counts=False) the layout,
+    `expert_offsets`, `tokens_per_expert_tensor`, `device_counts`, `local_expert_idx` and the
+    compact `recv_topk_idx` are there; the rest needs the C++ record, which a trace cannot reach.
     """
 
-    def __init__(self, c_handle):
-        self._c = c_handle
-        self._tensors = {}
+    def __init__(self, c_handle, *, layout=None, tensors=None, op_tensor=None):
+        self._c = c_handle  # None only while torch.compile traces
+        self._layout = _layout_of(c_handle) if layout is None else layout
+        self._tensors = {} if tensors is None else dict(tensors)
+        self._op_tensor = op_tensor  # the int64 tensor naming it to epx's custom ops
+        self._link = None  # epx.functional's tie between dispatch's and combine's autograd nodes
 
     def tensor(self, name: str) -> Optional[torch.Tensor]:
         """A handle tensor by its C++ name (epx/handle.hpp), e.g. "send_slot"; int32."""
         if name not in self._tensors:
-            self._tensors[name] = from_c(self._c.tensor(name))
+            self._tensors[name] = from_c(self._record(name).tensor(name))
         return self._tensors[name]
 
-    expand = property(lambda self: self._c.expand, doc="expanded (True) or compact layout")
-    expert_alignment = property(lambda self: self._c.expert_alignment)
-    zero_padding = property(lambda self: self._c.zero_padding)
-    num_experts = property(lambda self: self._c.num_experts)
-    num_topk = property(lambda self: self._c.num_topk)
-    local_experts = property(lambda self: self._c.local_experts)
-    num_tokens = property(lambda self: self._c.num_tokens, doc="S: tokens this rank sent")
-    counts_synced = property(lambda self: self._c.counts_synced)
+    def _record(self, what):
+        """The C++ handle; inside torch.compile there is none to read `what` from."""
+        if self._c is None:
+            raise error(f"handle {what} needs the handle's C++ record, which torch.compile cannot "
+                        "trace: inside a compiled region use expert_offsets, "
+                        "tokens_per_expert_tensor, device_counts, local_expert_idx or recv_topk_idx")
+        return self._c
+
+    def _op_handle(self):
+        """The int64 tensor through which epx's custom ops find this handle (made on first use
+        for a handle from Buffer.dispatch)."""
+        if self._op_tensor is None:
+            self._op_tensor = handle_tensor(self._record("tensor"))
+        return self._op_tensor
+
+    expand = property(lambda self: self._layout.expand, doc="expanded (True) or compact layout")
+    expert_alignment = property(lambda self: self._layout.expert_alignment)
+    zero_padding = property(lambda self: self._layout.zero_padding)
+    num_experts = property(lambda self: self._layout.num_experts)
+    num_topk = property(lambda self: self._layout.num_topk)
+    local_experts = property(lambda self: self._layout.local_experts)
+    num_tokens = property(lambda self: self._layout.num_tokens, doc="S: tokens this rank sent")
+    counts_synced = property(lambda self: self._layout.counts_synced)
 
     @property
     def num_recv_tokens(self) -> Optional[int]:
         """N: tokens received (compact rows); None when the counts stayed on the device."""
-        return self._c.num_recv_tokens if self._c.counts_synced else None
+        return self._record("num_recv_tokens").num_recv_tokens if self.counts_synced else None
 
     @property
     def num_rows(self) -> Optional[int]:
         """M: expanded rows including padding (N for a compact handle); None when not synced."""
-        return self._c.num_rows if self._c.counts_synced else None
+        return self._record("num_rows").num_rows if self.counts_synced else None
 
     @property
     def recv_topk_idx(self) -> Optional[torch.Tensor]:
@@ -66,7 +121,14 @@ class Handle:
     @property
     def tokens_per_expert(self) -> Optional[List[int]]:
         """Real rows per local expert (a list of E_l ints) when counts were synced, else None."""
-        return list(self._c.host_tokens_per_expert) if self._c.counts_synced else None
+        if not self.counts_synced:
+            return None
+        return list(self._record("tokens_per_expert").host_tokens_per_expert)
+
+    @property
+    def tokens_per_expert_tensor(self) -> torch.Tensor:
+        """[E_l] int32 on the device: real rows per local expert (synced or not)."""
+        return self.tensor("tokens_per_expert")
 
     @property
     def expert_offsets(self) -> torch.Tensor:
@@ -76,7 +138,22 @@ class Handle:
     @property
     def host_expert_offsets(self) -> Optional[List[int]]:
         """`expert_offsets` as a list of ints when counts were synced, else None."""
-        return list(self._c.host_expert_offsets) if self._c.counts_synced else None
+        if not self.counts_synced:
+            return None
+        return list(self._record("host_expert_offsets").host_expert_offsets)
+
+    @property
+    def local_expert_idx(self) -> Optional[torch.Tensor]:
+        """Expanded: [M] int64 on the device, the local expert of each row and -1 on padding
+        rows (and on rows past M when counts stayed on the device), so that expert code can pick
+        its rows without a loop over the offsets; computed on the device, without a host
+        synchronisation (capturable). Compact: None (use recv_topk_idx)."""
+        if not self.expand:
+            return None
+        if "local_expert_idx" not in self._tensors:
+            self._tensors["local_expert_idx"] = _local_expert_idx(
+                self.expert_offsets, self.tokens_per_expert_tensor, self._layout.num_recv_rows)
+        return self._tensors["local_expert_idx"]
 
     @property
     def src_token(self) -> torch.Tensor:
@@ -95,8 +172,62 @@ class Handle:
 
     def __repr__(self):
         layout = "expanded" if self.expand else "compact"
-        return (f"epx.Handle({layout}, rank={self._c.rank}, tokens={self.num_tokens}, "
+        rank = "?" if self._c is None else self._c.rank
+        return (f"epx.Handle({layout}, rank={rank}, tokens={self.num_tokens}, "
                 f"N={self.num_recv_tokens}, M={self.num_rows})")
+
+
+def _local_expert_idx(expert_offsets, tokens_per_expert, num_rows):
+    """[num_rows] int64: for each expanded row the local expert whose segment holds it, -1 where
+    the row is padding or past M. Device ops only (no host synchronisation)."""
+    offsets = expert_offsets.long()
+    rows = torch.arange(num_rows, device=offsets.device)
+    # The segment of row r: the number of experts that start at or before it, less one.
+    expert = torch.searchsorted(offsets[1:].contiguous(), rows, right=True)
+    inside = expert.clamp(max=offsets.shape[0] - 2)
+    real = (expert < offsets.shape[0] - 1) & (rows - offsets[inside] < tokens_per_expert.long()[inside])
+    return torch.where(real, expert, torch.full_like(expert, -1))
+
+
+# -- handles and buffers by number, for epx's custom ops ----------------------------------------
+# torch.compile cannot trace Python objects through an operator, so epx's custom ops
+# (epx.functional) name a buffer by an int argument and a handle by an int64 [1] CPU tensor
+# holding its number. The tensor's memory is a _HandleMemory, which torch.frombuffer keeps alive
+# with the storage and which holds the C++ handle: the handle lives exactly as long as some
+# tensor (an autograd node's saved copy included) still names it.
+
+class _HandleMemory(bytearray):
+    """The 8 bytes of a handle tensor (its number) and the C++ handle they keep alive."""
+
+
+_LIVE_HANDLES = weakref.WeakValueDictionary()  # number -> _HandleMemory
+_LIVE_BUFFERS = weakref.WeakValueDictionary()  # number -> Buffer
+_numbers = itertools.count(1)  # one sequence for both: a number never names two things
+
+
+def handle_tensor(c_handle) -> torch.Tensor:
+    """A new int64 [1] CPU tensor naming `c_handle` for epx's custom ops."""
+    number = next(_numbers)
+    memory = _HandleMemory(number.to_bytes(8, sys.byteorder, signed=True))
+    memory.c_handle = c_handle
+    _LIVE_HANDLES[number] = memory
+    return torch.frombuffer(memory, dtype=torch.int64)
+
+
+def c_handle_of(tensor: torch.Tensor):
+    """The C++ handle a handle tensor names."""
+    memory = _LIVE_HANDLES.get(int(tensor[0])) if tensor.numel() == 1 else None
+    if memory is None:
+        raise error("the tensor names no live epx handle", _C.ErrorCode.HANDLE_MISMATCH)
+    return memory.c_handle
+
+
+def buffer_of(number: int) -> "Buffer":
+    """The live Buffer with this number (Buffer._op_id)."""
+    buffer = _LIVE_BUFFERS.get(number)
+    if buffer is None:
+        raise error(f"no live epx.Buffer has number {number}", _C.ErrorCode.HANDLE_MISMATCH)
+    return buffer
 
 
 class DispatchResult(NamedTuple):
@@ -201,6 +332,17 @@ def choose_transport(group, transport="auto"):
     return "ipc"
 
 
+class _Sizes(NamedTuple):
+    rank: int
+    num_ranks: int
+    max_tokens_per_rank: int
+    hidden: int
+    num_experts: int
+    num_topk: int
+    local_experts: int
+    fp8_dispatch: bool
+
+
 class Buffer:
     """The communication buffer of one MoE layer's exchanges (collective to construct).
 
@@ -243,21 +385,35 @@ class Buffer:
         self.group = group
         self._c = _C.Buffer(comm, config, _allocate)
         self._device = torch_device(self._c.device)
+        # Plain values (the configuration never changes), which torch.compile reads while it
+        # traces epx.functional; the properties below return them.
+        self._sizes = _Sizes(self._c.rank, self._c.num_ranks, config.max_tokens_per_rank,
+                             config.hidden, config.num_experts, config.num_topk,
+                             config.num_experts // self._c.num_ranks, config.fp8_dispatch)
+        self._op_id = next(_numbers)  # how epx's custom ops name this buffer
+        _LIVE_BUFFERS[self._op_id] = self
 
     # -- properties ---------------------------------------------------------------------------
-    rank = property(lambda self: self._c.rank)
-    num_ranks = property(lambda self: self._c.num_ranks)
+    rank = property(lambda self: self._sizes.rank)
+    num_ranks = property(lambda self: self._sizes.num_ranks)
     device = property(lambda self: self._device, doc="where every tensor of this buffer lives")
     transport = property(lambda self: str(self._c.transport.name).lower(),
                          doc='"host", "nccl", "ipc" or "cuda_threads"')
-    max_tokens_per_rank = property(lambda self: self._c.config.max_tokens_per_rank)
-    hidden = property(lambda self: self._c.config.hidden)
-    num_experts = property(lambda self: self._c.config.num_experts)
-    num_topk = property(lambda self: self._c.config.num_topk)
-    local_experts = property(lambda self: self._c.config.num_experts // self._c.num_ranks)
-    fp8_dispatch = property(lambda self: self._c.config.fp8_dispatch)
+    max_tokens_per_rank = property(lambda self: self._sizes.max_tokens_per_rank)
+    hidden = property(lambda self: self._sizes.hidden)
+    num_experts = property(lambda self: self._sizes.num_experts)
+    num_topk = property(lambda self: self._sizes.num_topk)
+    local_experts = property(lambda self: self._sizes.local_experts)
+    fp8_dispatch = property(lambda self: self._sizes.fp8_dispatch)
     num_sms = property(lambda self: self._c.num_sms,
                        doc="SMs (blocks per kernel) the CUDA transport uses; 0 on the host")
+
+    def receive_rows(self, *, expand, expert_alignment=1) -> int:
+        """Rows of a dispatch's receive-side outputs when the counts stay on the device
+        (sync_counts=False): the worst case, R * S_max for compact, R * S_max * K +
+        E_l * (expert_alignment - 1) for expanded."""
+        return _C.receive_rows(self._c.config, self.num_ranks, bool(expand),
+                               as_int(expert_alignment, "expert_alignment"))
 
     def __repr__(self):
         config = self._c.config
