@@ -3,6 +3,7 @@
     buffer = epx.Buffer(group, max_tokens_per_rank=..., hidden=..., num_experts=..., num_topk=...)
     recv_x, recv_w, handle = epx.functional.dispatch(buffer, x, topk_idx, topk_weights, expand=True)
     y = epx.functional.combine(buffer, expert_out, handle, recv_w)
+    moe = epx.nn.ExpertParallelMoE(buffer, router, local_experts)   # the same as a module
 
 A process group on NCCL selects the CUDA transport, any other (gloo) the host transport over
 POSIX shared memory. See python/README.md for building and the semantics in docs/semantics.md.
@@ -31,7 +32,7 @@ except ModuleNotFoundError as _error:  # pragma: no cover - depends on the insta
 
 from ._C import EpxError, ErrorCode  # noqa: E402
 from .buffer import Buffer, CombineResult, DispatchResult, Handle, workspace_bytes  # noqa: E402
-from . import functional  # noqa: E402
+from . import functional, nn  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -43,5 +44,6 @@ __all__ = [
     "ErrorCode",
     "Handle",
     "functional",
+    "nn",
     "workspace_bytes",
 ]

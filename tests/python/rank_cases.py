@@ -307,10 +307,11 @@ def _expert(x_rows, weight):
     return torch.tanh(x_rows.float() @ weight)
 
 
-def _dense_layer(x_all, router, experts, topk_all, mask_all, grad_out_all):
+def _dense_layer(x_all, router, experts, topk_all, mask_all, grad_out_all, aux_all=None):
     """The same MoE layer on one device, fp64: router linear -> softmax -> top-k weights ->
-    experts -> weighted sum. Returns the gradients of x (per rank), the top-k weights (per
-    rank), the router and the experts."""
+    experts -> weighted sum, each term scaled by (1 + aux[t, k]) when aux is given. Returns the
+    gradients of x (per rank), the top-k weights (per rank), the router, the experts and aux
+    (per rank, or None)."""
     sizes = [x.shape[0] for x in x_all]
     x = torch.cat(x_all).double().requires_grad_()
     router = router.double().requires_grad_()
@@ -321,10 +322,15 @@ def _dense_layer(x_all, router, experts, topk_all, mask_all, grad_out_all):
     weights.retain_grad()
     chosen = experts[topk.clamp(min=0)]  # [S, K, H, H]
     out = torch.tanh(torch.einsum("sh,skhj->skj", x, chosen))
-    y = (weights.unsqueeze(-1) * out).masked_fill(mask.unsqueeze(-1), 0.0).sum(1)
+    scale = weights
+    if aux_all is not None:
+        aux = torch.cat(aux_all).double().requires_grad_()
+        scale = weights * (1 + aux)
+    y = (scale.unsqueeze(-1) * out).masked_fill(mask.unsqueeze(-1), 0.0).sum(1)
     (y * torch.cat(grad_out_all).double()).sum().backward()
+    aux_grads = None if aux_all is None else list(aux.grad.split(sizes))
     return (list(x.grad.split(sizes)), list(weights.grad.split(sizes)), router.grad,
-            experts.grad)
+            experts.grad, aux_grads)
 
 
 def _routing(x, router, num_topk, mask):
@@ -339,11 +345,27 @@ def _relative_error(actual, expected):
     return float((actual - expected).norm() / expected.norm().clamp(min=1e-30))
 
 
+def _expanded_experts(recv_x, handle, expert_weights, first):
+    """Each local expert on its rows of an expanded dispatch: by the host offsets when the
+    counts were synced, else by handle.local_expert_idx (no host synchronisation)."""
+    offsets = handle.host_expert_offsets
+    if offsets is not None:
+        return torch.cat([_expert(recv_x[offsets[e]:offsets[e + 1]], expert_weights[first + e])
+                          for e in range(handle.local_experts)])
+    expert_idx = handle.local_expert_idx.unsqueeze(1)
+    out = torch.zeros(recv_x.shape, dtype=torch.float32, device=recv_x.device)
+    for e in range(handle.local_experts):
+        out = torch.where(expert_idx == e, _expert(recv_x, expert_weights[first + e]), out)
+    return out
+
+
 def moe_grad_case(ctx, seed, expand, alignment=1, steps=1, empty_rank=None, mask_fraction=0.0,
-                  local_experts=2, num_topk=2, hidden=32, max_tokens=24):
+                  local_experts=2, num_topk=2, hidden=32, max_tokens=24, with_aux=False,
+                  sync_counts=True):
     """An expert-parallel MoE layer through epx.functional against the dense layer: gradients
-    of the input, the top-k weights, the router and the experts, over `steps` steps reusing
-    one buffer. Returns per step the norms and relative errors."""
+    of the input, the top-k weights, the router, the experts and (with_aux: each term scaled by
+    1 + aux[t, k], aux a leaf tensor) aux, over `steps` steps reusing one buffer, with the
+    counts synced or kept on the device. Returns per step the norms and relative errors."""
     world, rank, dev = ctx.world, ctx.rank, ctx.device
     num_experts = local_experts * world
     g = torch.Generator().manual_seed(seed)
@@ -358,6 +380,7 @@ def moe_grad_case(ctx, seed, expand, alignment=1, steps=1, empty_rank=None, mask
         x_all = [torch.randn(s, hidden, generator=g).bfloat16() for s in sizes]
         grad_out_all = [torch.randn(s, hidden, generator=g) for s in sizes]
         mask_all = [torch.rand(s, num_topk, generator=g) < mask_fraction for s in sizes]
+        aux_all = [torch.rand(s, num_topk, generator=g) for s in sizes] if with_aux else None
         topk_all = [_routing(x, router, num_topk, m) for x, m in zip(x_all, mask_all)]
 
         # This rank's half: epx dispatch -> local experts -> epx combine.
@@ -368,19 +391,24 @@ def moe_grad_case(ctx, seed, expand, alignment=1, steps=1, empty_rank=None, mask
         probs = torch.softmax(x.float() @ router_p, dim=-1)
         weights = probs.gather(1, topk.clamp(min=0)).masked_fill(mask_all[rank].to(dev), 0.0)
         weights.retain_grad()
-        recv_x, recv_w, handle = F.dispatch(buffer, x, topk, weights, expand=expand,
-                                            expert_alignment=alignment)
+        options = dict(expand=expand, expert_alignment=alignment, sync_counts=sync_counts)
+        if with_aux:
+            aux = aux_all[rank].to(dev, copy=True).requires_grad_()
+            recv_x, recv_w, recv_aux, handle = F.dispatch(buffer, x, topk, weights, aux, **options)
+        else:
+            recv_x, recv_w, handle = F.dispatch(buffer, x, topk, weights, **options)
         first = rank * local_experts
         if expand:
-            offsets = handle.host_expert_offsets
-            h = torch.cat([_expert(recv_x[offsets[e]:offsets[e + 1]], experts_p[first + e])
-                           for e in range(local_experts)]).bfloat16()
-            y = F.combine(buffer, h, handle, recv_w)
+            h = _expanded_experts(recv_x, handle, experts_p, first)
+            if with_aux:
+                h = h * (1 + recv_aux).unsqueeze(1)
+            y = F.combine(buffer, h.bfloat16(), handle, recv_w)
         else:
             local_k = handle.recv_topk_idx.long()
+            scale = recv_w * (1 + recv_aux) if with_aux else recv_w
             acc = torch.zeros(recv_x.shape, dtype=torch.float32, device=dev)
             for e in range(local_experts):
-                coefficient = (recv_w * (local_k == e)).sum(1, keepdim=True)
+                coefficient = (scale * (local_k == e)).sum(1, keepdim=True)
                 acc = acc + coefficient * _expert(recv_x, experts_p[first + e])
             y = F.combine(buffer, acc.bfloat16(), handle)
         assert y.shape == x.shape and y.dtype == torch.bfloat16
@@ -392,8 +420,8 @@ def moe_grad_case(ctx, seed, expand, alignment=1, steps=1, empty_rank=None, mask
             for p in (router_p, experts_p, weights))
         dist.all_reduce(router_grad)
         dist.all_reduce(experts_grad)
-        want_x, want_w, want_router, want_experts = _dense_layer(
-            x_all, router, experts, topk_all, mask_all, grad_out_all)
+        want_x, want_w, want_router, want_experts, want_aux = _dense_layer(
+            x_all, router, experts, topk_all, mask_all, grad_out_all, aux_all)
         entry = dict(
             tokens=sizes[rank],
             router_norm=float(router_grad.norm()),
@@ -406,6 +434,10 @@ def moe_grad_case(ctx, seed, expand, alignment=1, steps=1, empty_rank=None, mask
             x_grad = torch.zeros_like(x) if x.grad is None else x.grad
             entry["x"] = _relative_error(x_grad, want_x[rank])
             entry["weights"] = _relative_error(weights_grad, want_w[rank])
+            if with_aux:
+                aux_grad = torch.zeros_like(aux) if aux.grad is None else aux.grad
+                entry["aux"] = _relative_error(aux_grad, want_aux[rank])
+                entry["aux_norm"] = float(aux_grad.norm())
         report.append(entry)
 
         # The same SGD step on both sides, then the next step reuses the buffer.
@@ -645,3 +677,244 @@ def timeout_then_unusable_case(ctx, seed):
     want_x, _, _ = dispatch_outputs(layout, xs, None, None, False)
     _same(buffer.dispatch(x, topk, w).x, want_x, "recv_x on another buffer")
     return waited
+
+
+# -- epx.nn.ExpertParallelMoE, eager, compiled and captured -------------------------------------
+
+class _MLP(torch.nn.Module):
+    """One expert: silu(x @ w_in) @ w_out."""
+
+    def __init__(self, w_in, w_out):
+        super().__init__()
+        self.w_in, self.w_out = torch.nn.Parameter(w_in.clone()), torch.nn.Parameter(w_out.clone())
+
+    def forward(self, rows):
+        return torch.nn.functional.silu(rows @ self.w_in) @ self.w_out
+
+
+class _StackedMLP(torch.nn.Module):
+    """E_l experts with stacked weights, each row through its own expert (rows of expert -1
+    through expert 0: finite, and never read)."""
+
+    def __init__(self, w_in, w_out):
+        super().__init__()
+        self.w_in, self.w_out = torch.nn.Parameter(w_in.clone()), torch.nn.Parameter(w_out.clone())
+
+    def forward(self, rows, local_expert_idx):
+        expert = local_expert_idx.clamp(min=0)
+        hidden = torch.nn.functional.silu(torch.bmm(rows.unsqueeze(1), self.w_in[expert]))
+        return torch.bmm(hidden, self.w_out[expert]).squeeze(1)
+
+
+LAYER_SIZES = dict(hidden=32, ffn=24, local_experts=2, num_topk=2, max_tokens=16)
+
+
+def _layer_weights(seed, world):
+    """The router [E, H] and every expert's w_in [E, H, F], w_out [E, F, H], from the seed."""
+    hidden, ffn = LAYER_SIZES["hidden"], LAYER_SIZES["ffn"]
+    num_experts = LAYER_SIZES["local_experts"] * world
+    g = torch.Generator().manual_seed(seed)
+    router = torch.randn(num_experts, hidden, generator=g) * 0.5
+    w_in = torch.randn(num_experts, hidden, ffn, generator=g) / math.sqrt(hidden)
+    w_out = torch.randn(num_experts, ffn, hidden, generator=g) / math.sqrt(ffn)
+    return router, w_in, w_out
+
+
+def _make_layer(ctx, buffer, seed, layout, grouped, sync_counts, renormalize=False):
+    router_w, w_in, w_out = _layer_weights(seed, ctx.world)
+    local = LAYER_SIZES["local_experts"]
+    first = ctx.rank * local
+    router = torch.nn.Linear(router_w.shape[1], router_w.shape[0], bias=False)
+    with torch.no_grad():
+        router.weight.copy_(router_w)
+    if grouped:
+        experts = _StackedMLP(w_in[first:first + local], w_out[first:first + local])
+    else:
+        experts = [_MLP(w_in[e], w_out[e]) for e in range(first, first + local)]
+    layer = epx.nn.ExpertParallelMoE(buffer, router, experts, layout=layout, expert_alignment=4,
+                                     sync_counts=sync_counts, renormalize=renormalize)
+    return layer.to(ctx.device)
+
+
+def _layer_grads(layer):
+    """(router [E, H], w_in [E_l, H, F], w_out [E_l, F, H]) gradients, missing ones as zeros."""
+    def grad(p):
+        return torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+
+    if layer.grouped:
+        w_in, w_out = grad(layer.experts.w_in), grad(layer.experts.w_out)
+    else:
+        w_in = torch.stack([grad(m.w_in) for m in layer.experts])
+        w_out = torch.stack([grad(m.w_out) for m in layer.experts])
+    return grad(layer.router.weight), w_in, w_out
+
+
+def _dense_moe(x_all, topk_all, grad_all, weights, renormalize):
+    """The layer on one device in fp64, with every rank's tokens and routing: (y per rank,
+    dL/dx per rank, dL/d router, dL/d w_in, dL/d w_out) for L = sum(y * grad)."""
+    router, w_in, w_out = (w.double().requires_grad_() for w in weights)
+    sizes = [x.shape[0] for x in x_all]
+    x = torch.cat(x_all).double().requires_grad_()
+    topk = torch.cat(topk_all)
+    probs = torch.softmax(x @ router.t(), dim=-1)
+    top_weights = probs.gather(1, topk)
+    if renormalize:
+        top_weights = top_weights / top_weights.sum(dim=1, keepdim=True)
+    hidden = torch.nn.functional.silu(torch.einsum("sh,skhf->skf", x, w_in[topk]))
+    out = torch.einsum("skf,skfh->skh", hidden, w_out[topk])
+    y = (top_weights.unsqueeze(-1) * out).sum(1)
+    (y * torch.cat(grad_all).double()).sum().backward()
+    return list(y.detach().split(sizes)), list(x.grad.split(sizes)), router.grad, w_in.grad, w_out.grad
+
+
+def moe_layer_case(ctx, seed, layout, grouped, sync_counts, compile_backend=None, steps=2,
+                   renormalize=False):
+    """epx.nn.ExpertParallelMoE (eager, or through torch.compile(fullgraph=True)) against the
+    dense layer, over `steps` batches with new routing: y and the gradients of x, the router and
+    this rank's experts within 2e-2 relative error. Compiled, also against the same layer run
+    eagerly (the same loss and gradients). Returns per step the relative errors."""
+    buffer = ctx.buffer(max_tokens_per_rank=LAYER_SIZES["max_tokens"],
+                        hidden=LAYER_SIZES["hidden"],
+                        num_experts=LAYER_SIZES["local_experts"] * ctx.world,
+                        num_topk=LAYER_SIZES["num_topk"])
+    layer = _make_layer(ctx, buffer, seed, layout, grouped, sync_counts, renormalize)
+    run = layer
+    if compile_backend is not None:
+        run = torch.compile(layer, fullgraph=True, backend=compile_backend)
+    weights = _layer_weights(seed, ctx.world)
+    local = LAYER_SIZES["local_experts"]
+    first, rank, dev = ctx.rank * local, ctx.rank, ctx.device
+    g = torch.Generator().manual_seed(seed + 1)
+    report = []
+    for step in range(steps):
+        sizes = [int(torch.randint(1, LAYER_SIZES["max_tokens"] + 1, (1,), generator=g))
+                 for _ in range(ctx.world)]
+        x_all = [torch.randn(s, LAYER_SIZES["hidden"], generator=g) for s in sizes]
+        grad_all = [torch.randn(s, LAYER_SIZES["hidden"], generator=g) for s in sizes]
+        x = x_all[rank].to(dev, copy=True).requires_grad_()
+        y = run(x)
+        loss = (y.float() * grad_all[rank].to(dev)).sum()
+        loss.backward()
+        got = (x.grad.clone(),) + _layer_grads(layer)
+        layer.zero_grad(set_to_none=True)
+        # The dense layer takes the routing each rank chose (ties decided on its device).
+        with torch.no_grad():
+            topk = layer.route(x)[1].cpu()
+        topk_all = [None] * ctx.world
+        dist.all_gather_object(topk_all, topk)
+        want_y, want_x, want_router, want_in, want_out = _dense_moe(
+            x_all, topk_all, grad_all, weights, renormalize)
+        router_grad = got[1].clone()
+        dist.all_reduce(router_grad)
+        entry = dict(y=_relative_error(y, want_y[rank]), x=_relative_error(got[0], want_x[rank]),
+                     router=_relative_error(router_grad, want_router),
+                     w_in=_relative_error(got[2], want_in[first:first + local]),
+                     w_out=_relative_error(got[3], want_out[first:first + local]))
+        if compile_backend is not None:
+            x_eager = x.detach().clone().requires_grad_()
+            y_eager = layer(x_eager)
+            loss_eager = (y_eager.float() * grad_all[rank].to(dev)).sum()
+            loss_eager.backward()
+            eager = (x_eager.grad,) + _layer_grads(layer)
+            layer.zero_grad(set_to_none=True)
+            entry["loss_vs_eager"] = abs(loss.item() - loss_eager.item()) / max(
+                abs(loss_eager.item()), 1e-30)
+            entry["grads_vs_eager"] = max(_relative_error(a, b) for a, b in zip(got, eager))
+        report.append(entry)
+    return report
+
+
+def capture_case(ctx, seed, layout):
+    """A whole forward + backward step of epx.nn.ExpertParallelMoE (sync_counts=False) captured
+    in a CUDA graph and replayed with new tokens, and so new routing: the replay's y and
+    gradients equal those of the same layer run eagerly (on a buffer of its own, so that eager
+    and replayed operations never share a sequence), bit for bit. Returns the tensors compared."""
+    sizes = dict(max_tokens_per_rank=LAYER_SIZES["max_tokens"], hidden=LAYER_SIZES["hidden"],
+                 num_experts=LAYER_SIZES["local_experts"] * ctx.world,
+                 num_topk=LAYER_SIZES["num_topk"])
+    captured = _make_layer(ctx, ctx.buffer(**sizes), seed, layout, False, False)
+    eager = _make_layer(ctx, ctx.buffer(**sizes), seed, layout, False, False)
+    tokens, hidden, dev = LAYER_SIZES["max_tokens"], LAYER_SIZES["hidden"], ctx.device
+    static_x = torch.zeros(tokens, hidden, device=dev, requires_grad=True)
+    static_grad = torch.zeros(tokens, hidden, device=dev)
+
+    def step(layer, x, grad):
+        y = layer(x)
+        (y.float() * grad).sum().backward()
+        return y
+
+    # Warm-up on a side stream before capture, as torch.cuda.graph asks (autograd's and the
+    # allocator's first-use work stays out of the graph).
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(captured, static_x, static_grad)
+            captured.zero_grad(set_to_none=True)
+            static_x.grad = None
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = step(captured, static_x, static_grad)
+    g = torch.Generator().manual_seed(seed + ctx.rank)
+    compared = 0
+    for _ in range(3):
+        x = torch.randn(tokens, hidden, generator=g).to(dev)
+        grad = torch.randn(tokens, hidden, generator=g).to(dev)
+        with torch.no_grad():
+            static_x.copy_(x)
+            static_grad.copy_(grad)
+        graph.replay()
+        x_eager = x.clone().requires_grad_()
+        y_eager = step(eager, x_eager, grad)
+        torch.cuda.synchronize()
+        pairs = [(static_y, y_eager), (static_x.grad, x_eager.grad)] + list(
+            zip(_layer_grads(captured), _layer_grads(eager)))
+        for replayed, want in pairs:
+            assert torch.equal(replayed.cpu(), want.cpu()), (replayed - want).abs().max()
+            compared += 1
+        eager.zero_grad(set_to_none=True)
+    return compared
+
+
+def opcheck_case(ctx, seed, expand):
+    """torch.library.opcheck of epx's operators on real arguments: schema, fake implementation
+    (sizes, dtypes, devices, strides of every output) and autograd registration agree with the
+    kernels. Each check runs the operator several times, the same on every rank. Not its
+    test_aot_dispatch_dynamic: it compares two calls' outputs, and a dispatch's handle tensor
+    names a new handle each time (the compiled layer's tests cover AOT tracing)."""
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    buffer, num_experts, (xs, topks, ws, auxs) = _setup(ctx, seed)
+    rank, dev = ctx.rank, ctx.device
+    dispatch_args = (xs[rank].to(dev), topks[rank].to(dev), ws[rank].to(dev),
+                     auxs[rank].to(dev), buffer._op_id, expand, 4, True, False)
+    torch.library.opcheck(torch.ops.epx.dispatch, dispatch_args, test_utils=checks)
+    outputs = torch.ops.epx.dispatch(*dispatch_args)
+    recv_x, recv_w, handle = outputs[0].requires_grad_(), outputs[1].requires_grad_(), outputs[7]
+    weights = recv_w if expand else None
+    combine_args = (recv_x, handle, None, weights, recv_w, None, buffer._op_id, xs[rank].shape[0])
+    torch.library.opcheck(torch.ops.epx.combine, combine_args, test_utils=checks)
+    grad_y = xs[rank].to(dev)
+    if expand:
+        torch.library.opcheck(torch.ops.epx.combine_backward,
+                              (grad_y, handle, recv_x, recv_w, buffer._op_id), test_utils=checks)
+    torch.library.opcheck(torch.ops.epx.cached_dispatch,
+                          (grad_y, handle, buffer._op_id, recv_x.shape[0]), test_utils=checks)
+    return True
+
+
+def compile_synced_case(ctx, seed):
+    """torch.compile of a layer that syncs its counts: every rank raises, before any exchange,
+    an error saying that dispatch needs sync_counts=False there."""
+    buffer = ctx.buffer(max_tokens_per_rank=LAYER_SIZES["max_tokens"],
+                        hidden=LAYER_SIZES["hidden"],
+                        num_experts=LAYER_SIZES["local_experts"] * ctx.world,
+                        num_topk=LAYER_SIZES["num_topk"])
+    layer = _make_layer(ctx, buffer, seed, "expanded", False, True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    try:
+        compiled(torch.randn(4, LAYER_SIZES["hidden"], device=ctx.device))
+    except Exception as error:  # noqa: BLE001 - torch.compile wraps it in its own exception
+        assert "sync_counts=False" in str(error), error
+        return str(error)
+    raise AssertionError("a compiled dispatch with sync_counts=True did not raise")

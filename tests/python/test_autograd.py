@@ -1,6 +1,7 @@
 """epx.functional through an expert-parallel MoE layer against the same layer on one device
-(router linear -> softmax top-k weights -> experts -> weighted sum): gradients of the input,
-the top-k (router) weights, the router and the experts agree within 2e-2 relative error."""
+(router linear -> softmax top-k weights -> experts -> weighted sum, optionally each term scaled
+by 1 + aux): gradients of the input, the top-k (router) weights, the router, the experts and aux
+agree within 2e-2 relative error, in both layouts, with counts synced or kept on the device."""
 
 import pytest
 
@@ -14,7 +15,7 @@ def check(reports, steps=1):
     for rank, report in enumerate(reports):
         assert len(report) == steps
         for step, entry in enumerate(report):
-            for name in ("x", "weights", "router", "experts"):
+            for name in ("x", "weights", "router", "experts", "aux"):
                 if name in entry:
                     assert entry[name] <= TOLERANCE, (
                         f"rank {rank} step {step}: {name} gradient relative error "
@@ -74,3 +75,24 @@ def test_empty_ranks_and_experts_without_grad(run_ranks, backend, expand, loss):
     tokens = run_ranks(3, backend, rank_cases.autograd_losses_case, seed=105, expand=expand,
                        loss=loss)
     assert tokens[0] == 0 and tokens[1] > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("expand", [True, False], ids=["expanded", "compact"])
+def test_aux_gets_its_gradient(run_ranks, backend, expand):
+    """aux's gradient comes home through dispatch's second scalar pass, next to the weights'."""
+    reports = check(run_ranks(2, backend, rank_cases.moe_grad_case, seed=106, expand=expand,
+                              alignment=4, mask_fraction=0.2, with_aux=True))
+    for report in reports:
+        assert "aux" in report[0] and report[0]["aux_norm"] > 0, report
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("expand,alignment", [(True, 4), (False, 1)],
+                         ids=["expanded-align4", "compact"])
+def test_unsynced_counts_gradients(run_ranks, backend, expand, alignment):
+    """sync_counts=False: worst-case rows, experts picked by handle.local_expert_idx (no host
+    offsets); rows past the counts get no gradient and change nothing. A rank without tokens."""
+    check(run_ranks(3, backend, rank_cases.moe_grad_case, seed=107, expand=expand,
+                    alignment=alignment, mask_fraction=0.2, empty_rank=1, with_aux=True,
+                    sync_counts=False, steps=2), steps=2)
