@@ -918,3 +918,57 @@ def compile_synced_case(ctx, seed):
         assert "sync_counts=False" in str(error), error
         return str(error)
     raise AssertionError("a compiled dispatch with sync_counts=True did not raise")
+
+
+def transformers_case(ctx, seed, folder):
+    """A tiny random Qwen3-MoE from transformers, loaded with expert parallelism through epx's
+    EPImplementation (DistributedConfig(ep_size=R, fsdp_size=R, ep_implementation="epx"):
+    each rank its own batch and E/R experts, FSDP2 over the rest), against the same model on
+    one device: each rank's logits and loss, and the gradient of every parameter (FSDP averages
+    them over the ranks). Returns the relative errors."""
+    import os
+
+    import epx.integrations
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers.distributed.configuration_utils import DistributedConfig
+
+    epx.integrations.register_transformers(max_tokens_per_rank=16)
+    config = Qwen3MoeConfig(vocab_size=96, hidden_size=32, intermediate_size=48,
+                            moe_intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=16, num_experts=2 * ctx.world,
+                            num_experts_per_tok=2, decoder_sparse_step=1,
+                            max_position_embeddings=64)
+    torch.manual_seed(seed)  # the same random model on every rank; rank 0 saves it
+    reference = Qwen3MoeForCausalLM(config)
+    path = os.path.join(folder, "model")
+    if ctx.rank == 0:
+        reference.save_pretrained(path)
+    dist.barrier()
+    model = Qwen3MoeForCausalLM.from_pretrained(
+        path, distributed_config=DistributedConfig(ep_size=ctx.world, fsdp_size=ctx.world,
+                                                   ep_implementation="epx"))
+    g = torch.Generator().manual_seed(seed + 1)
+    batches = [torch.randint(0, config.vocab_size, (1, 12), generator=g) for _ in range(ctx.world)]
+    out = model(batches[ctx.rank], labels=batches[ctx.rank])
+    out.loss.backward()
+    want_losses = []
+    for r, batch in enumerate(batches):
+        want = reference(batch, labels=batch)
+        (want.loss / ctx.world).backward()
+        want_losses.append(want.loss)
+        if r == ctx.rank:
+            want_logits = want.logits
+    report = dict(logits=_relative_error(out.logits, want_logits),
+                  loss=abs(out.loss.item() - want_losses[ctx.rank].item()))
+    want_grads = dict(reference.named_parameters())
+    worst = ("", 0.0)
+    for name, parameter in model.named_parameters():
+        grad = parameter.grad
+        grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+        error = _relative_error(grad, want_grads[name].grad)
+        worst = max(worst, (name, error), key=lambda item: item[1])
+    report["worst_grad"] = worst
+    report["local_experts"] = model.model.layers[0].mlp.experts.num_experts
+    # The layers ran through epx: they made (and share) one buffer.
+    report["epx_buffers"] = len(epx.integrations._SHARED_BUFFERS)
+    return report

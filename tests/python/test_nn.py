@@ -32,3 +32,31 @@ def test_layer_matches_dense(run_ranks, backend, layout, grouped, sync_counts):
 def test_layer_on_three_ranks_renormalized(run_ranks, backend):
     check(run_ranks(3, backend, rank_cases.moe_layer_case, seed=301, layout="expanded",
                     grouped=False, sync_counts=True, renormalize=True))
+
+
+def _transformers_skip_reason():
+    try:
+        from transformers.distributed import expert_parallel
+    except ImportError as error:
+        return f"transformers with expert parallelism is not installed ({error})"
+    if not hasattr(expert_parallel, "EPImplementationInterface"):
+        return "this transformers has no EPImplementationInterface"
+    try:
+        import accelerate  # noqa: F401 - from_pretrained(distributed_config=...) needs it
+    except ImportError:
+        return "accelerate is not installed (transformers' distributed loading needs it)"
+    return None
+
+
+@pytest.mark.skipif(_transformers_skip_reason() is not None,
+                    reason=str(_transformers_skip_reason()))
+def test_transformers_expert_parallel_model(run_ranks, tmp_path):
+    """epx as transformers' EPImplementation in a tiny random Qwen3-MoE on 2 ranks (gloo, host
+    transport): the logits, loss and every parameter's gradient of the same model on one
+    device."""
+    reports = run_ranks(2, "gloo", rank_cases.transformers_case, seed=310, folder=str(tmp_path),
+                        timeout=300)
+    for rank, report in enumerate(reports):
+        assert report["local_experts"] == 2 and report["epx_buffers"] == 1, report
+        assert report["logits"] <= TOLERANCE and report["loss"] <= TOLERANCE, (rank, report)
+        assert report["worst_grad"][1] <= TOLERANCE, (rank, report)
