@@ -1,13 +1,17 @@
-"""Trains an expert-parallel mixture-of-experts layer for a few steps with epx.
+"""Trains a small mixture-of-experts model with epx.nn.ExpertParallelMoE, next to the same
+model on one device, and prints both loss curves.
 
-Each rank holds a slice of the experts; the router and the input projection are replicated
-(their gradients are averaged over the ranks, as data-parallel weights would be). Tokens go to
-their experts with epx.functional.dispatch and come back with epx.functional.combine; backward
-runs through both, so the router learns through its top-k weights. The task is a toy
-regression onto a fixed random "teacher" MoE, so the loss goes down within a few steps.
+Each rank holds a slice of the experts; the input projection and the router are replicated
+(their gradients are summed over the ranks, as data-parallel weights would be). Tokens reach
+their experts through epx's dispatch and come back through its combine; backward runs through
+both, so the router learns through its top-k weights. The task is a toy regression onto a fixed
+random "teacher". Rank 0 also trains the dense twin (every expert, every rank's tokens, fp32 on
+one device) from the same initial weights with the same batches: the two curves differ only by
+epx's bf16 rows, and the run fails when they drift apart by more than --tolerance.
 
     python3 examples/train_moe.py                 # GPUs with NCCL when >= 2 are visible, else gloo
-    python3 examples/train_moe.py --backend gloo --world 4 --layout compact
+    python3 examples/train_moe.py --backend gloo --world 4 --layout compact --steps 100
+    python3 examples/train_moe.py --compile       # torch.compile(fullgraph=True), PyTorch >= 2.4
     torchrun --nproc-per-node 2 examples/train_moe.py
 
 Needs the epx package (pip install --no-build-isolation ., or a CMake build and
@@ -17,6 +21,7 @@ PYTHONPATH=python:build/python, see python/README.md).
 import argparse
 import datetime
 import os
+import sys
 import tempfile
 
 import torch
@@ -24,45 +29,60 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import epx
-import epx.functional as F
 
 
-class ExpertParallelMoE(torch.nn.Module):
-    """Router (linear -> softmax -> top-k, weights renormalised) and SiLU-MLP experts, of which
-    this rank holds experts [rank * E_l, (rank + 1) * E_l)."""
+class Expert(torch.nn.Module):
+    """silu(x @ w_in) @ w_out."""
 
-    def __init__(self, buffer, hidden, ffn, num_experts, top_k, layout, alignment):
+    def __init__(self, w_in, w_out):
         super().__init__()
-        self.buffer, self.top_k = buffer, top_k
-        self.expand, self.alignment = layout == "expanded", alignment
-        self.local_experts = num_experts // buffer.num_ranks
-        self.router = torch.nn.Linear(hidden, num_experts, bias=False)
-        self.w_in = torch.nn.Parameter(torch.randn(self.local_experts, hidden, ffn) * hidden ** -0.5)
-        self.w_out = torch.nn.Parameter(torch.randn(self.local_experts, ffn, hidden) * ffn ** -0.5)
+        self.w_in, self.w_out = torch.nn.Parameter(w_in.clone()), torch.nn.Parameter(w_out.clone())
 
-    def expert(self, e, rows):
-        return torch.nn.functional.silu(rows.float() @ self.w_in[e]) @ self.w_out[e]
+    def forward(self, rows):
+        return torch.nn.functional.silu(rows @ self.w_in) @ self.w_out
 
-    def forward(self, x):  # x: [S, H] bf16 -> [S, H] bf16
-        probs = torch.softmax(self.router(x.float()), dim=-1)
+
+class DenseMoE(torch.nn.Module):
+    """The same layer on one device: every expert, the router's renormalised top-k weights."""
+
+    def __init__(self, router, experts, top_k):
+        super().__init__()
+        self.router, self.experts, self.top_k = router, torch.nn.ModuleList(experts), top_k
+
+    def forward(self, x):
+        probs = torch.softmax(self.router(x).float(), dim=-1)
         weights, topk_idx = probs.topk(self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
-        recv_x, recv_w, handle = F.dispatch(self.buffer, x, topk_idx, weights,
-                                            expand=self.expand, expert_alignment=self.alignment)
-        if self.expand:
-            # Rows grouped by local expert, each segment padded to `alignment` rows: one GEMM
-            # per expert over its segment (padding rows are zero and get no gradient).
-            offsets = handle.host_expert_offsets
-            h = torch.cat([self.expert(e, recv_x[offsets[e]:offsets[e + 1]])
-                           for e in range(self.local_experts)])
-            return F.combine(self.buffer, h.bfloat16(), handle, recv_w)
-        # Compact: one row per (token, rank); this rank applies its experts' weights itself.
-        local_k = handle.recv_topk_idx.long()
-        h = torch.zeros(recv_x.shape, dtype=torch.float32, device=recv_x.device)
-        for e in range(self.local_experts):
-            coefficient = (recv_w * (local_k == e)).sum(dim=1, keepdim=True)
-            h = h + coefficient * self.expert(e, recv_x)
-        return F.combine(self.buffer, h.bfloat16(), handle)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            coefficient = (weights * (topk_idx == e)).sum(dim=-1, keepdim=True)
+            y = y + coefficient * expert(x)
+        return y
+
+
+def initial_weights(args):
+    """Every weight of the model, the same on every rank (seeded)."""
+    g = torch.Generator().manual_seed(1234)
+    hidden, ffn, experts = args.hidden, args.ffn, args.experts
+    return dict(embed=torch.randn(hidden, hidden, generator=g) * hidden ** -0.5,
+                teacher=torch.randn(hidden, hidden, generator=g) * hidden ** -0.5,
+                router=torch.randn(experts, hidden, generator=g) * hidden ** -0.5,
+                w_in=torch.randn(experts, hidden, ffn, generator=g) * hidden ** -0.5,
+                w_out=torch.randn(experts, ffn, hidden, generator=g) * ffn ** -0.5)
+
+
+def linear(weight):
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    return layer
+
+
+def batch(args, world, rank, step):
+    """Rank `rank`'s tokens at `step` (rank 1 holds none on odd steps), the same wherever made."""
+    g = torch.Generator().manual_seed(99 + 1000 * step + rank)
+    tokens = 0 if (world > 1 and rank == 1 and step % 2) else max(1, args.tokens - 7 * (rank % 2))
+    return torch.randn(tokens, args.hidden, generator=g)
 
 
 def train(rank, world, args, init_method):
@@ -75,34 +95,41 @@ def train(rank, world, args, init_method):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group(args.backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
-    # Replicated weights start equal on every rank; experts differ per rank.
-    torch.manual_seed(1234)
-    embed = torch.nn.Linear(args.hidden, args.hidden).to(device)
-    teacher = torch.nn.Linear(args.hidden, args.hidden).to(device)
+    weights = initial_weights(args)
     buffer = epx.Buffer(dist.group.WORLD, max_tokens_per_rank=args.tokens, hidden=args.hidden,
                         num_experts=args.experts, num_topk=args.topk)
-    torch.manual_seed(1234 + rank)
-    moe = ExpertParallelMoE(buffer, args.hidden, args.ffn, args.experts, args.topk, args.layout,
-                            args.alignment).to(device)
+    local = buffer.local_experts
+    first = rank * local
+    embed, teacher = linear(weights["embed"]).to(device), linear(weights["teacher"]).to(device)
+    moe = epx.nn.ExpertParallelMoE(
+        buffer, linear(weights["router"]),
+        [Expert(weights["w_in"][e], weights["w_out"][e]) for e in range(first, first + local)],
+        layout=args.layout, expert_alignment=args.alignment,
+        sync_counts=not args.compile, renormalize=True).to(device)
+    step_moe = torch.compile(moe, fullgraph=True) if args.compile else moe
     replicated = list(embed.parameters()) + list(moe.router.parameters())
-    for p in replicated:
-        dist.broadcast(p.data, src=0)
     optimizer = torch.optim.Adam(list(embed.parameters()) + list(moe.parameters()), lr=args.lr)
+    dense = None
     if rank == 0:
+        dense_embed = linear(weights["embed"]).to(device)
+        dense = DenseMoE(linear(weights["router"]),
+                         [Expert(weights["w_in"][e], weights["w_out"][e])
+                          for e in range(args.experts)], args.topk).to(device)
+        dense_optimizer = torch.optim.Adam(list(dense_embed.parameters()) +
+                                           list(dense.parameters()), lr=args.lr)
         print(f"{world} ranks, {args.backend} -> epx {buffer.transport} transport; "
-              f"{args.experts} experts ({moe.local_experts} per rank), top-{args.topk}, "
-              f"{args.layout} layout", flush=True)
+              f"{args.experts} experts ({local} per rank), top-{args.topk}, {args.layout} layout"
+              f"{', compiled' if args.compile else ''}\n"
+              f"{'step':>5}  {'epx (expert parallel)':>22}  {'one device':>12}", flush=True)
 
-    generator = torch.Generator().manual_seed(99 + rank)
+    worst = 0.0
     for step in range(args.steps):
-        # Ranks may hold different token counts (rank 1 holds none on odd steps).
-        tokens = 0 if (world > 1 and rank == 1 and step % 2) else max(1, args.tokens - 7 * (rank % 2))
-        inputs = torch.randn(tokens, args.hidden, generator=generator).to(device)
+        inputs = batch(args, world, rank, step).to(device)
         with torch.no_grad():
             target = torch.tanh(teacher(inputs))
-        y = moe(embed(inputs).bfloat16())
-        squared = (y.float() - target).pow(2).sum()
-        count = torch.tensor([float(tokens * args.hidden)], device=device)
+        y = step_moe(embed(inputs))
+        squared = (y - target).pow(2).sum()
+        count = torch.tensor([float(inputs.shape[0] * args.hidden)], device=device)
         dist.all_reduce(count)
         loss = squared / count  # this rank's share of the global mean
         optimizer.zero_grad(set_to_none=False)
@@ -112,9 +139,24 @@ def train(rank, world, args, init_method):
         optimizer.step()
         total = loss.detach().clone()
         dist.all_reduce(total)
-        if rank == 0:
-            print(f"step {step:3d}  loss {total.item():.5f}", flush=True)
+        if dense is not None:
+            every = torch.cat([batch(args, world, r, step) for r in range(world)]).to(device)
+            with torch.no_grad():
+                dense_target = torch.tanh(teacher(every))
+            dense_loss = (dense(dense_embed(every)) - dense_target).pow(2).mean()
+            dense_optimizer.zero_grad()
+            dense_loss.backward()
+            dense_optimizer.step()
+            drift = abs(total.item() - dense_loss.item()) / dense_loss.item()
+            worst = max(worst, drift)
+            if step % args.print_every == 0 or step == args.steps - 1:
+                print(f"{step:5d}  {total.item():22.5f}  {dense_loss.item():12.5f}", flush=True)
     dist.destroy_process_group()
+    if dense is not None:
+        print(f"largest relative difference between the curves: {worst:.2e} "
+              f"(tolerance {args.tolerance:g})", flush=True)
+        if worst > args.tolerance:
+            sys.exit(1)
 
 
 def main():
@@ -123,15 +165,20 @@ def main():
                         help="default: nccl with >= 2 GPUs (epx built with CUDA), else gloo "
                              "(epx host transport)")
     parser.add_argument("--world", type=int, default=None, help="ranks to spawn (default 2)")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--print-every", type=int, default=25)
     parser.add_argument("--tokens", type=int, default=64, help="max tokens per rank")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--ffn", type=int, default=128)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--topk", type=int, default=2)
-    parser.add_argument("--layout", choices=["expanded", "compact"], default="expanded")
+    parser.add_argument("--layout", choices=list(epx.nn.LAYOUTS), default="expanded")
     parser.add_argument("--alignment", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the MoE layer (fullgraph; counts kept on the device)")
+    parser.add_argument("--tolerance", type=float, default=0.05,
+                        help="largest relative difference allowed between the two loss curves")
     args = parser.parse_args()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if args.backend is None:

@@ -10,11 +10,11 @@
 Chained, the router's top-k weights get dL/dw[t,k] = dot(dL/dy[t], expert_k(x[t])) in either
 layout. Backward passes reuse the forward's handle (no routing is recomputed).
 
-With PyTorch >= 2.4 the four exchanges are custom operators (torch.ops.epx.dispatch, combine,
-combine_backward, cached_dispatch) with fake implementations and registered autograd, so that
-torch.compile(fullgraph=True) traces an MoE layer through them; a buffer crosses the operator
-boundary as an int and a handle as an int64 tensor naming it (epx.buffer.handle_tensor). Older
-PyTorch runs the same kernels through torch.autograd.Function.
+With PyTorch >= 2.5 the four exchanges are custom operators (torch.ops.epx.dispatch, combine,
+combine_backward, cached_dispatch) with fake implementations, registered autograd and an
+ordered effect, so that torch.compile(fullgraph=True) traces an MoE layer through them; a
+buffer crosses the operator boundary as an int and a handle as an int64 tensor naming it
+(epx.buffer.handle_tensor). Older PyTorch runs the same kernels through torch.autograd.Function.
 
 Every backward is itself a collective: all ranks must run the same graph (same functions, and
 the same inputs requiring grad), as they run the same forward.
@@ -29,9 +29,31 @@ from . import _C
 from .buffer import Buffer, Handle, _compiling, _Layout, buffer_of, c_handle_of, handle_tensor
 from ._tensors import as_int, error
 
-# torch.library.custom_op, register_fake and register_autograd arrived together in 2.4.
-CUSTOM_OPS = all(hasattr(torch.library, name)
-                 for name in ("custom_op", "register_fake", "register_autograd"))
+
+def _ordered_effect_registration():
+    """How this PyTorch marks an operator as having side effects in an order (so that
+    torch.compile neither drops nor reorders it: see _register_custom_ops), or None."""
+    register = getattr(torch.library, "_register_effectful_op", None)
+    if register is not None:
+        from torch._library.effects import EffectType
+
+        return lambda name: register(f"epx::{name}", EffectType.ORDERED)
+    try:
+        from torch._higher_order_ops import effects
+    except ImportError:
+        return None
+    if not hasattr(effects, "_register_effectful_op"):
+        return None
+    return lambda name: effects._register_effectful_op(getattr(torch.ops.epx, name).default,
+                                                       effects._EffectType.ORDERED)
+
+
+# torch.library.custom_op, register_fake and register_autograd arrived in 2.4; ordered effects
+# in a compiled backward (where combine_backward and cached_dispatch run) in 2.5.
+_REGISTER_ORDERED = _ordered_effect_registration()
+CUSTOM_OPS = (torch.__version__ >= (2, 5) and _REGISTER_ORDERED is not None
+              and all(hasattr(torch.library, name)
+                      for name in ("custom_op", "register_fake", "register_autograd")))
 
 
 # -- kernels: the exchanges themselves, on tensors and ints only ----------------------------------
@@ -252,6 +274,13 @@ def _register_custom_ops():
 
     dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
     combine.register_autograd(_combine_backward, setup_context=_combine_setup)
+    # Every exchange is a collective, but its schema says it is a pure function: a compiler
+    # may then drop one whose outputs it finds unused (inductor does, for a rank whose batch is
+    # empty in a graph specialised to 0 tokens: the peers then wait in vain) or reorder two
+    # that no data orders (the aux pass, layers of separate branches). An ordered effect
+    # threads a token through all four, in program order, forward and backward.
+    for name in ("dispatch", "combine", "combine_backward", "cached_dispatch"):
+        _REGISTER_ORDERED(name)
     ops = torch.ops.epx
     return _Ops(ops.dispatch, ops.combine, ops.combine_backward, ops.cached_dispatch)
 

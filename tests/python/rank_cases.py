@@ -768,11 +768,12 @@ def _dense_moe(x_all, topk_all, grad_all, weights, renormalize):
 
 
 def moe_layer_case(ctx, seed, layout, grouped, sync_counts, compile_backend=None, steps=2,
-                   renormalize=False):
+                   renormalize=False, empty_rank=None):
     """epx.nn.ExpertParallelMoE (eager, or through torch.compile(fullgraph=True)) against the
-    dense layer, over `steps` batches with new routing: y and the gradients of x, the router and
-    this rank's experts within 2e-2 relative error. Compiled, also against the same layer run
-    eagerly (the same loss and gradients). Returns per step the relative errors."""
+    dense layer, over `steps` batches with new routing (`empty_rank` holds no tokens on odd
+    steps: compiled, its graph is specialised to 0 tokens): y and the gradients of x, the
+    router and this rank's experts within 2e-2 relative error. Compiled, also against the same
+    layer run eagerly (the same loss and gradients). Returns per step the relative errors."""
     buffer = ctx.buffer(max_tokens_per_rank=LAYER_SIZES["max_tokens"],
                         hidden=LAYER_SIZES["hidden"],
                         num_experts=LAYER_SIZES["local_experts"] * ctx.world,
@@ -789,6 +790,8 @@ def moe_layer_case(ctx, seed, layout, grouped, sync_counts, compile_backend=None
     for step in range(steps):
         sizes = [int(torch.randint(1, LAYER_SIZES["max_tokens"] + 1, (1,), generator=g))
                  for _ in range(ctx.world)]
+        if empty_rank is not None and step % 2:
+            sizes[empty_rank] = 0
         x_all = [torch.randn(s, LAYER_SIZES["hidden"], generator=g) for s in sizes]
         grad_all = [torch.randn(s, LAYER_SIZES["hidden"], generator=g) for s in sizes]
         x = x_all[rank].to(dev, copy=True).requires_grad_()
@@ -806,7 +809,8 @@ def moe_layer_case(ctx, seed, layout, grouped, sync_counts, compile_backend=None
             x_all, topk_all, grad_all, weights, renormalize)
         router_grad = got[1].clone()
         dist.all_reduce(router_grad)
-        entry = dict(y=_relative_error(y, want_y[rank]), x=_relative_error(got[0], want_x[rank]),
+        entry = dict(y=_relative_error(y, want_y[rank]) if sizes[rank] else 0.0,
+                     x=_relative_error(got[0], want_x[rank]) if sizes[rank] else 0.0,
                      router=_relative_error(router_grad, want_router),
                      w_in=_relative_error(got[2], want_in[first:first + local]),
                      w_out=_relative_error(got[3], want_out[first:first + local]))

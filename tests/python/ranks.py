@@ -72,6 +72,9 @@ class RankContext:
 def _worker(rank, world, backend, store_path, commands, results):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    # torch.compile's caches, fresh per pool: their keys do not cover how an operator is
+    # registered (its effects), so a graph cached by another build of epx could be reused.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.path.dirname(store_path), "inductor")
     try:
         import datetime
 

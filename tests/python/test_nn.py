@@ -60,3 +60,23 @@ def test_transformers_expert_parallel_model(run_ranks, tmp_path):
         assert report["local_experts"] == 2 and report["epx_buffers"] == 1, report
         assert report["logits"] <= TOLERANCE and report["loss"] <= TOLERANCE, (rank, report)
         assert report["worst_grad"][1] <= TOLERANCE, (rank, report)
+
+
+def test_training_example_follows_the_dense_model():
+    """examples/train_moe.py on 2 ranks (gloo, host transport): its loss curve stays within the
+    example's tolerance of the same model trained on one device (it exits non-zero otherwise)."""
+    import os
+    import subprocess
+    import sys
+
+    import epx
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    package_roots = [os.path.dirname(folder) for folder in epx.__path__]
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        package_roots + [os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, os.path.join(root, "examples", "train_moe.py"),
+                          "--backend", "gloo", "--steps", "40", "--print-every", "10"],
+                         env=environment, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "largest relative difference between the curves" in run.stdout, run.stdout
