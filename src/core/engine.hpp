@@ -11,6 +11,8 @@
 
 namespace epx::detail {
 
+class LowLatencyEngine;  // core/low_latency_engine.hpp
+
 class Engine {
  public:
   virtual ~Engine() = default;
@@ -40,6 +42,9 @@ class Engine {
   // This rank's buffer failed (a timeout): mark it in every peer's records, so that their next
   // operation raises instead of waiting for this rank.
   virtual void poison(void* stream) = 0;
+  // The low-latency mode's half (Buffer asks only when the mode is on). The default raises:
+  // the transport does not support it.
+  virtual LowLatencyEngine& low_latency();
 };
 
 // Everything an engine is built from.

@@ -17,6 +17,8 @@ struct DeviceOps {
   // Copies `bytes` of host data into new device memory; the shared_ptr owns it.
   std::function<std::shared_ptr<void>(const void* host, size_t bytes)> upload;
   std::function<void(void* host, const void* device, size_t bytes)> download;
+  // Copies `bytes` of host data into existing memory of the device (a workspace view).
+  std::function<void(void* device, const void* host, size_t bytes)> write;
   void* stream = nullptr;
   // Optional, called before each buffer operation: thread ranks line up there when asked to
   // (thread_ranks.hpp, EPX_TEST_ALIGN_RANKS).

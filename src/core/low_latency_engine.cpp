@@ -1,0 +1,149 @@
+#include "core/low_latency_engine.hpp"
+
+#include <sstream>
+
+#include "core/engine.hpp"
+#include "epx/error.hpp"
+#include "plan/low_latency_protocol.hpp"
+
+namespace epx::detail {
+
+plan::LowLatencyLayout low_latency_layout(const BufferConfig& config, int num_ranks,
+                                          const plan::WorkspaceLayout& workspace) {
+  plan::LowLatencyLayout layout;
+  layout.num_ranks = num_ranks;
+  layout.num_experts = static_cast<int32_t>(config.num_experts);
+  layout.num_topk = static_cast<int32_t>(config.num_topk);
+  layout.max_tokens = config.low_latency_max_tokens;
+  layout.hidden = config.hidden;
+  layout.fp8 = config.fp8_dispatch;
+  layout.base = workspace.low_latency_offset();
+  return layout;
+}
+
+const char* low_latency_phase_name(int32_t phase) {
+  static const char* const names[plan::kLowLatencyPhaseCount] = {
+      "low-latency-dispatch/send",         "low-latency-dispatch/wait",
+      "low-latency-cached-dispatch/send",  "low-latency-cached-dispatch/wait",
+      "low-latency-combine-backward/send", "low-latency-combine-backward/wait",
+      "low-latency-combine/send",          "low-latency-combine/wait"};
+  return phase >= 0 && phase < plan::kLowLatencyPhaseCount ? names[phase] : "unknown";
+}
+
+const char* low_latency_state_name(uint32_t state) {
+  switch (state) {
+    case plan::kStateIdle:
+      return "between rounds (a dispatch may start)";
+    case plan::kStateDispatchSent:
+      return "a dispatch's wait is due";
+    case plan::kStateDispatched:
+      return "dispatched (a combine must come next)";
+    case plan::kStateCombineSent:
+      return "a combine's wait is due";
+    default:
+      return "unknown";
+  }
+}
+
+std::string describe_low_latency_tags(uint32_t mine, uint32_t theirs, int rank, int peer,
+                                      bool dispatch) {
+  static const char* const kinds[] = {"a dispatch", "a cached dispatch", "a combine_backward",
+                                      "a combine"};
+  auto kind = [](uint32_t tags) {
+    return kinds[(tags & plan::kTagKindMask) >> plan::kTagKindShift];
+  };
+  std::ostringstream out;
+  auto differs = [&](uint32_t bit) { return (mine & bit) != (theirs & bit); };
+  auto given = [&](uint32_t bit, const char* what) {
+    if (!differs(bit)) return;
+    out << "; " << what << " given on rank " << ((theirs & bit) ? peer : rank) << ", not on rank "
+        << ((theirs & bit) ? rank : peer);
+  };
+  out << "rank " << peer << "'s low-latency call differs from rank " << rank << "'s";
+  if (differs(plan::kTagKindMask))
+    out << "; rank " << peer << " runs " << kind(theirs) << ", rank " << rank << " " << kind(mine);
+  if (differs(plan::kTagHalf)) {
+    out << "; they use different halves of the receive regions (their rounds are out of step: "
+           "CUDA graphs replayed differently, or a call skipped)";
+  }
+  given(plan::kTagWeights, dispatch ? "weights" : "weights (a weighted sum)");
+  given(plan::kTagSecondScalar, dispatch ? "aux" : "scalars");
+  if (dispatch) given(plan::kTagFp8, "fp8 x");
+  return out.str();
+}
+
+LowLatencyEngine& Engine::low_latency() {
+  EPX_FAIL(kInvalidArgument, "the low-latency mode is not supported by this transport");
+}
+
+void LowLatencyEngine::check_can_start(const char* operation) const {
+  EPX_CHECK(failed_.empty(), kUnusable,
+            operation << ": this buffer's low-latency mode failed earlier (" << failed_
+                      << "); build a new Buffer on every rank");
+  EPX_CHECK(!wait_due_, kInvalidArgument,
+            operation << ": the previous low-latency call returned a hook whose wait has not "
+                         "run (call Buffer::low_latency_wait first)");
+}
+
+void LowLatencyEngine::fail(const std::string& why) {
+  if (failed_.empty()) failed_ = why;
+}
+
+// Runs a transport part; an error it raises fails the mode (the ranks' LL exchanges are out of
+// step after it: docs/semantics.md), and the peers are told.
+template <typename Part>
+auto LowLatencyEngine::guarded(Part&& part, void* stream) {
+  try {
+    return part();
+  } catch (const Error& error) {
+    fail(error.what());
+    publish_failed(stream);
+    throw;
+  }
+}
+
+LowLatencyDispatchResult LowLatencyEngine::dispatch(const DispatchInputs& in,
+                                                    const LowLatencyHandle* cached,
+                                                    const LowLatencyOptions& options,
+                                                    const plan::OpFingerprint& op, void* stream) {
+  half_ ^= 1;
+  LowLatencyDispatchResult result = guarded(
+      [&] { return send_dispatch(in, cached, half_, !options.return_hook, stream); }, stream);
+  if (!cached) result.handle.origin = op.sequence;
+  wait_due_ = options.return_hook;
+  return result;
+}
+
+LowLatencyCombineResult LowLatencyEngine::combine(const LowLatencyCombineInputs& in,
+                                                  const LowLatencyHandle& handle,
+                                                  const LowLatencyOptions& options, void* stream) {
+  LowLatencyCombineResult result = guarded(
+      [&] { return send_combine(in, handle, half_, !options.return_hook, stream); }, stream);
+  wait_due_ = options.return_hook;
+  return result;
+}
+
+CombineBackwardResult LowLatencyEngine::combine_backward(const TensorView& grad_y,
+                                                         const LowLatencyHandle& handle,
+                                                         const TensorView& x,
+                                                         const TensorView& weights, void* stream) {
+  half_ ^= 1;
+  return guarded([&] { return run_combine_backward(grad_y, handle, x, weights, half_, stream); },
+                 stream);
+}
+
+void LowLatencyEngine::wait(void* stream) {
+  EPX_CHECK(failed_.empty(), kUnusable,
+            "low_latency_wait: this buffer's low-latency mode failed earlier (" << failed_ << ")");
+  EPX_CHECK(wait_due_, kInvalidArgument,
+            "low_latency_wait: no low-latency call returned a hook since the last wait");
+  wait_due_ = false;
+  guarded([&] { wait_part(stream); }, stream);
+}
+
+void LowLatencyEngine::abort(void* stream) {
+  fail("this rank rejected its input to a low-latency call");
+  publish_failed(stream);
+}
+
+}  // namespace epx::detail
