@@ -120,7 +120,8 @@ def train(rank, world, args, init_method):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["nccl", "gloo"], default=None,
-                        help="default: nccl with >= 2 GPUs, else gloo (epx host transport)")
+                        help="default: nccl with >= 2 GPUs (epx built with CUDA), else gloo "
+                             "(epx host transport)")
     parser.add_argument("--world", type=int, default=None, help="ranks to spawn (default 2)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=64, help="max tokens per rank")
@@ -134,7 +135,7 @@ def main():
     args = parser.parse_args()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if args.backend is None:
-        args.backend = "nccl" if gpus >= 2 and epx._C.built_with_cuda else "gloo"
+        args.backend = "nccl" if gpus >= 2 else "gloo"
 
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
         train(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, "env://")

@@ -2,7 +2,7 @@
 # Everything the GPU machine checks, in one call (device time is scarce): build once with CUDA
 # and the Python extension, then the steps named in EPX_STEPS (default: all of them):
 #   gpu     tools/gpu-check.sh (GPU tests bit-exact vs the reference, sanitizer, demo on GPUs)
-#   python  the pytest suite, NCCL cases included
+#   python  the pytest suite, its NCCL and IPC cases included
 #   bench   the benchmark (bench/bench.py), JSON and plot under $OUT
 #   threads bench_gpu with 2 and 4 ranks (EPX_THREAD_RANKS) as threads sharing GPU 0 (128 and
 #           4096 tokens)
@@ -10,6 +10,9 @@
 #           timeout), then memcheck with padding after every allocation (a stray write into a
 #           neighbouring allocation is invisible to plain memcheck) on the EPX_STRESS_SEEDS
 #           replays, each "base_seed:configs", and on 4 fresh configurations of every R
+#   soak    >= 1000 random scenarios in one call (EPX_SOAK_CONFIGS scales it): thread ranks
+#           R = 2, 3, 4, 8 on GPU 0, IPC processes R = 2, 3, 4 on GPU 0 and one NCCL rank, every
+#           fourth configuration at production shapes; base seeds printed for replay
 #   pyprof  bench/python_overhead.py: host time of one eager call and of its pieces
 #   micro   bench/micro/sync_costs.cu: the synchronisation pieces' costs on their own,
 #           bench/micro/copy_paths.cu: register against bulk copies of 14 KB rows, and
@@ -66,7 +69,7 @@ for step in $steps; do
       summary+=("gpu-check: exit ${PIPESTATUS[0]}")
       ;;
     python)
-      PYTHONPATH="$root/python:$EPX_BUILD_DIR/python" timeout ${EPX_PYTEST_TIMEOUT:-200} "$python" -m pytest -q ${EPX_PYTEST_ARGS:-} \
+      PYTHONPATH="$root/python:$EPX_BUILD_DIR/python" timeout ${EPX_PYTEST_TIMEOUT:-420} "$python" -m pytest -q ${EPX_PYTEST_ARGS:-} \
         "$root/tests/python" 2>&1 | tee "$out/pytest-gpu.log"
       summary+=("pytest: $(tail -n 1 "$out/pytest-gpu.log")")
       ;;
@@ -103,6 +106,18 @@ for step in $steps; do
       done 2>&1 | tee -a "$out/stress.log"
       summary+=("$(grep -E '^stress:' "$out/stress.log")" "$(grep -E '^memcheck replay' "$out/stress.log" | paste -sd ';')")
       rm -f "$out/stress-run.log"
+      ;;
+    soak)
+      configs=${EPX_SOAK_CONFIGS:-100}
+      {
+        EPX_GPU_CONFIGS=$configs timeout 560 "$EPX_BUILD_DIR/tests/test_gpu_threads" \
+          --gtest_filter='*ThreadsRandom*OneGpu*'
+        EPX_GPU_CONFIGS=$((configs * 3 / 8)) timeout 560 "$EPX_BUILD_DIR/tests/test_gpu" \
+          --gtest_filter='*GpuRandom*IpcR*:*GpuRandom*NcclR1'
+      } 2>&1 | tee "$out/soak.log" | grep -E "base seed|scenarios bit-exact|FAILED|Failure"
+      passed=$(grep -oE "[0-9]+ scenarios bit-exact" "$out/soak.log" | awk '{s += $1} END {print s + 0}')
+      echo "soak: $passed scenarios bit-exact, $(grep -c '^\[  FAILED  \]' "$out/soak.log") failed tests" | tee -a "$out/soak.log"
+      summary+=("$(tail -n 1 "$out/soak.log")")
       ;;
     profile)
       bash "$root/bench/profile-kernels.sh" "${EPX_PROFILE:-128}" 2>&1 | tee "$out/profile.log"

@@ -48,25 +48,28 @@ run() {  # run NAME COMMAND...: records PASS/FAIL with the exit code and the tim
   results+=("$(printf '%-34s %s (exit %d, %ds)' "$name" "$([ $status = 0 ] && echo PASS || echo FAIL)" $status $((SECONDS - start)))")
 }
 
-run "gpu tests (random, graph, errors)" timeout 420 "$build/tests/test_gpu"
+run "gpu tests, NCCL + IPC processes" timeout 540 "$build/tests/test_gpu"
+run "fault suite (host, IPC processes)" timeout 300 "$build/tests/test_faults"
 run "device plan vs host plan" timeout 300 "$build/tests/test_gpu_plan"
 run "device bf16 rounding, every fp32" timeout 120 "$build/tests/test_gpu_numerics"
-run "thread ranks (R=2,3,4,8 on one GPU)" timeout 200 "$build/tests/test_gpu_threads"
+run "thread ranks (R=2,3,4,8 on one GPU)" timeout 300 "$build/tests/test_gpu_threads"
 if command -v compute-sanitizer >/dev/null; then
   source "$root/tools/memcheck-flags.sh"
+  small='*SmallScenarios/NcclR1:*SmallScenarios/IpcR2'
   run "compute-sanitizer memcheck" timeout 240 "${memcheck[@]}" "$build/tests/test_gpu" \
-    --gtest_filter=GpuSmall.*
+    --gtest_filter="$small"
   # Thread ranks R = 2, 3, 4, 8 on one GPU, lined up before each operation (thread_ranks.hpp).
   run "memcheck, thread ranks (4 configs)" timeout 240 env EPX_TEST_ALIGN_RANKS=1 EPX_GPU_CONFIGS=4 \
     "${memcheck[@]}" "$build/tests/test_gpu_threads" --gtest_filter='*OneGpu*'
   run "compute-sanitizer racecheck" timeout 240 compute-sanitizer --tool racecheck --target-processes all \
-    --error-exitcode 9 "$build/tests/test_gpu" --gtest_filter=GpuSmall.*
+    --error-exitcode 9 "$build/tests/test_gpu" --gtest_filter="$small"
 fi
 # First-look timings (every visible GPU one rank): the headline case, then the small one.
 run "bench 4096 x 7168, top-8 of 256, 24 SMs" timeout 150 "$build/bench/bench_gpu"
 run "bench 128 x 7168, top-8 of 256, 24 SMs" timeout 90 "$build/bench/bench_gpu" --tokens 128
-run "demo (default: GPUs when present)" timeout 120 "$build/examples/epx-demo"
-run "demo, host transport" timeout 120 "$build/examples/epx-demo" --transport host
+run "moe check (default: GPUs when present)" timeout 120 "$build/tests/check/epx-moe-check"
+run "moe check, host transport" timeout 120 "$build/tests/check/epx-moe-check" --transport host
+run "moe layer example (GPUs)" timeout 120 "$build/examples/epx-moe-layer"
 # The GPU suites (label gpu) ran above, one at a time: several at once would share the GPU.
 run "host tests (same build)" bash -c "set -o pipefail; cd '$build' && ctest -LE gpu -j 8 --output-on-failure | tail -n 3"
 

@@ -130,7 +130,8 @@ void bind_comm(py::module_& m) {
                   "Host transport over POSIX shared memory; every rank passes the same name.")
       .def_static(
           "nccl",
-          [](int rank, int num_ranks, const py::bytes& id_bytes, int cuda_device) {
+          [](int rank, int num_ranks, const py::bytes& id_bytes, int cuda_device,
+             double timeout_seconds) {
             const std::string bytes = id_bytes;
             UniqueId id;
             EPX_CHECK(bytes.size() == id.bytes.size(), kInvalidArgument,
@@ -138,10 +139,18 @@ void bind_comm(py::module_& m) {
                                                << bytes.size());
             std::memcpy(id.bytes.data(), bytes.data(), bytes.size());
             py::gil_scoped_release nogil;  // collective: waits for every rank
-            return Comm::nccl(rank, num_ranks, id, cuda_device);
+            return Comm::nccl(rank, num_ranks, id, cuda_device, timeout_seconds);
           },
           py::arg("rank"), py::arg("num_ranks"), py::arg("unique_id"), py::arg("cuda_device"),
+          py::arg("timeout_seconds") = 100.0,
           "CUDA transport over a new NCCL communicator made from rank 0's unique id.")
+      .def_static(
+          "ipc",
+          [](int rank, int num_ranks, const std::string& name, int cuda_device) {
+            return Comm::ipc(rank, num_ranks, name, cuda_device);
+          },
+          py::arg("rank"), py::arg("num_ranks"), py::arg("name"), py::arg("cuda_device"),
+          "CUDA transport over CUDA IPC; every rank passes the same name (one per job).")
       .def_static("cuda_available", &Comm::cuda_available)
       .def_property_readonly("rank", &Comm::rank)
       .def_property_readonly("num_ranks", &Comm::num_ranks)
@@ -158,6 +167,7 @@ void bind_comm(py::module_& m) {
 void bind_handle(py::module_& m) {
   py::class_<Handle, HandlePtr>(m, "Handle")
       .def_readonly("buffer_id", &Handle::buffer_id)
+      .def_readonly("origin", &Handle::origin)
       .def_readonly("rank", &Handle::rank)
       .def_readonly("num_ranks", &Handle::num_ranks)
       .def_readonly("expand", &Handle::expand)
@@ -268,6 +278,11 @@ void bind_buffer(py::module_& m) {
           },
           py::arg("grad_y"), py::arg("handle"), py::arg("x"), py::arg("weights"),
           py::arg("stream"))
+      .def(
+          "abort",
+          [](Buffer& buffer, uintptr_t stream) { buffer.abort(as_stream(stream)); },
+          py::arg("stream"),
+          "Rejects this rank's part of the operation its peers are entering (they raise at once).")
       .def(
           "synchronize",
           [](Buffer& buffer, uintptr_t stream) {

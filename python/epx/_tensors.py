@@ -6,6 +6,7 @@ back as (base, byte_offset, dtype, shape): `base` itself, or a view of its bytes
 """
 
 import math
+import operator
 
 import torch
 
@@ -43,6 +44,28 @@ def error(message, code=_C.ErrorCode.INVALID_ARGUMENT):
     exception = _C.EpxError(f"epx {str(code.name).lower().replace('_', ' ')}: {message}")
     exception.code = code
     return exception
+
+
+def as_int(value, name):
+    """`value` as an int when it is an integer (int, or an integer numpy/torch scalar); a float
+    such as 4.7, a bool or anything else is refused rather than truncated."""
+    if isinstance(value, bool):
+        raise error(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise error(f"{name} must be an integer, got {value!r} ({type(value).__name__})") from None
+
+
+def as_float(value, name):
+    """`value` as a finite float."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise error(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise error(f"{name} must be finite, got {value!r}")
+    return number
 
 
 def describe(tensor, name):

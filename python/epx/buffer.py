@@ -8,14 +8,16 @@ Index outputs are int32 tensors (the layout epx computes in): `DispatchResult.to
 `Handle.recv_topk_idx`, `src_token`, `expanded_rows`, `expert_offsets`.
 """
 
+import contextlib
 import secrets
+import socket
 from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
 from . import _C
-from ._tensors import describe, error, from_c, stream_of, torch_device
+from ._tensors import as_float, as_int, describe, error, from_c, stream_of, torch_device
 from ._tensors import allocate as _allocate
 
 
@@ -118,13 +120,13 @@ class CombineResult(NamedTuple):
 def _config(max_tokens_per_rank, hidden, num_experts, num_topk, fp8_dispatch, timeout_seconds,
             num_sms):
     config = _C.BufferConfig()
-    config.max_tokens_per_rank = int(max_tokens_per_rank)
-    config.hidden = int(hidden)
-    config.num_experts = int(num_experts)
-    config.num_topk = int(num_topk)
+    config.max_tokens_per_rank = as_int(max_tokens_per_rank, "max_tokens_per_rank")
+    config.hidden = as_int(hidden, "hidden")
+    config.num_experts = as_int(num_experts, "num_experts")
+    config.num_topk = as_int(num_topk, "num_topk")
     config.fp8_dispatch = bool(fp8_dispatch)
-    config.timeout_seconds = float(timeout_seconds)
-    config.num_sms = int(num_sms)
+    config.timeout_seconds = as_float(timeout_seconds, "timeout_seconds")
+    config.num_sms = as_int(num_sms, "num_sms")
     return config
 
 
@@ -148,19 +150,75 @@ def _broadcast_from_first(value, group):
     return objects[0]
 
 
+TRANSPORTS = ("auto", "nccl", "ipc", "host")
+NCCL_NEEDED = (2, 28)  # symmetric memory windows and their device API
+
+
+def _torch_nccl_version():
+    """The NCCL version PyTorch loaded, as a tuple, or None (no CUDA build, no NCCL)."""
+    try:
+        version = torch.cuda.nccl.version()
+    except Exception:  # noqa: BLE001 - PyTorch without NCCL raises various errors here
+        return None
+    if isinstance(version, int):  # PyTorch < 1.13 reports 2.28.9 as 22809
+        version = (version // 10000, version // 100 % 100, version % 100)
+    return tuple(version)
+
+
+def _device_key(device_index):
+    """What tells GPUs apart across the processes of one job: the UUID where PyTorch reports
+    it, else the host and the PCI bus (or, older still, the index)."""
+    properties = torch.cuda.get_device_properties(device_index)
+    uuid = getattr(properties, "uuid", None)
+    if uuid is not None:
+        return str(uuid)
+    bus = getattr(properties, "pci_bus_id", device_index)
+    return f"{socket.gethostname()}:{bus}"
+
+
+def choose_transport(group, transport="auto"):
+    """The transport a Buffer on `group` uses, the same on every rank (collective for "auto" on
+    an NCCL group: the ranks exchange which GPU they use and whether NCCL can serve them).
+
+    "auto": a gloo (or other CPU) group takes the host transport; an NCCL group takes "nccl"
+    when PyTorch's NCCL is >= 2.28 and every rank has a GPU of its own, else "ipc" (ranks
+    sharing a GPU, or an older NCCL)."""
+    if transport not in TRANSPORTS:
+        raise error(f"transport must be one of {', '.join(map(repr, TRANSPORTS))}, got "
+                    f"{transport!r}")
+    if transport != "auto":
+        return transport
+    if "nccl" not in str(dist.get_backend(group)).lower():
+        return "host"
+    nccl = _torch_nccl_version()
+    mine = (_device_key(torch.cuda.current_device()),
+            _C.built_with_cuda and nccl is not None and nccl >= NCCL_NEEDED)
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    devices = [device for device, _ in everyone]
+    if all(ok for _, ok in everyone) and len(set(devices)) == len(devices):
+        return "nccl"
+    return "ipc"
+
+
 class Buffer:
     """The communication buffer of one MoE layer's exchanges (collective to construct).
 
-    group: a torch.distributed process group (None: the default group). On the NCCL backend
-    epx uses its CUDA transport on torch.cuda.current_device() (with its own NCCL communicator,
-    made from a unique id that rank 0 broadcasts through the group); on any other backend
-    (gloo) the host transport over POSIX shared memory, with CPU tensors. `transport` ("host"
-    or "cuda") overrides the choice.
+    group: a torch.distributed process group (None: the default group). transport:
+      - "nccl": epx's CUDA transport over NCCL symmetric memory (NCCL >= 2.28, PyTorch's own;
+        one rank per GPU), on torch.cuda.current_device(), with an NCCL communicator of epx's
+        own made from a unique id that rank 0 broadcasts through the group;
+      - "ipc": the CUDA transport over CUDA IPC (no NCCL needed, any NCCL version, ranks of one
+        host, several ranks may share a GPU), on torch.cuda.current_device(); any group
+        backend (gloo included) carries the setup;
+      - "host": POSIX shared memory between the processes of one host, CPU tensors;
+      - "auto" (the default): see choose_transport.
+    Every rank must pass the same configuration; a rank that differs makes every rank raise.
     """
 
     def __init__(self, group=None, max_tokens_per_rank=None, hidden=None, num_experts=None,
                  num_topk=None, fp8_dispatch=False, timeout_seconds=100.0, *, num_sms=0,
-                 transport=None):
+                 transport="auto"):
         for name, value in (("max_tokens_per_rank", max_tokens_per_rank), ("hidden", hidden),
                             ("num_experts", num_experts), ("num_topk", num_topk)):
             if value is None:
@@ -169,19 +227,19 @@ class Buffer:
             raise error("Buffer needs an initialised torch.distributed process group")
         group = group if group is not None else dist.group.WORLD
         rank, num_ranks = dist.get_rank(group), dist.get_world_size(group)
-        if transport is None:
-            transport = "cuda" if str(dist.get_backend(group)).lower() == "nccl" else "host"
-        if transport not in ("host", "cuda"):
-            raise error(f'transport must be "host" or "cuda", got {transport!r}')
+        transport = choose_transport(group, transport)
         config = _config(max_tokens_per_rank, hidden, num_experts, num_topk, fp8_dispatch,
                          timeout_seconds, num_sms)
-        if transport == "cuda":
+        if transport == "nccl":
             unique_id = _C.nccl_unique_id() if rank == 0 else None
             unique_id = _broadcast_from_first(unique_id, group)
-            comm = _C.Comm.nccl(rank, num_ranks, unique_id, torch.cuda.current_device())
+            comm = _C.Comm.nccl(rank, num_ranks, unique_id, torch.cuda.current_device(),
+                                config.timeout_seconds)
         else:
             name = f"epx-{secrets.token_hex(8)}" if rank == 0 else None
-            comm = _C.Comm.host(rank, num_ranks, _broadcast_from_first(name, group))
+            name = _broadcast_from_first(name, group)
+            comm = (_C.Comm.ipc(rank, num_ranks, name, torch.cuda.current_device())
+                    if transport == "ipc" else _C.Comm.host(rank, num_ranks, name))
         self.group = group
         self._c = _C.Buffer(comm, config, _allocate)
         self._device = torch_device(self._c.device)
@@ -190,7 +248,8 @@ class Buffer:
     rank = property(lambda self: self._c.rank)
     num_ranks = property(lambda self: self._c.num_ranks)
     device = property(lambda self: self._device, doc="where every tensor of this buffer lives")
-    transport = property(lambda self: "host" if self._c.transport == _C.Transport.HOST else "cuda")
+    transport = property(lambda self: str(self._c.transport.name).lower(),
+                         doc='"host", "nccl", "ipc" or "cuda_threads"')
     max_tokens_per_rank = property(lambda self: self._c.config.max_tokens_per_rank)
     hidden = property(lambda self: self._c.config.hidden)
     num_experts = property(lambda self: self._c.config.num_experts)
@@ -208,6 +267,19 @@ class Buffer:
                 f"fp8_dispatch={config.fp8_dispatch})")
 
     # -- operations ---------------------------------------------------------------------------
+    # Each operation first turns its Python arguments into descriptions for epx._C; a check
+    # that fails there (a wrong type, a float alignment) aborts the operation for the peers, as
+    # a failed C++ check does, so that every rank raises at once instead of the peers waiting
+    # out the timeout.
+
+    @contextlib.contextmanager
+    def _collective_checks(self, stream):
+        try:
+            yield
+        except Exception:
+            self._c.abort(stream)
+            raise
+
     def dispatch(self, x, topk_idx=None, weights=None, aux=None, *, expand=False,
                  expert_alignment=1, zero_padding=False, sync_counts=True,
                  handle=None) -> DispatchResult:
@@ -219,28 +291,31 @@ class Buffer:
         With `handle` (cached dispatch) topk_idx must be omitted and the layout and options are
         the handle's, row for row.
         """
-        if isinstance(x, (tuple, list)):
-            if len(x) != 2:
-                raise error("fp8 x must be a tuple (data, scales)")
-            data, scales = x
-        else:
-            data, scales = x, None
         stream = stream_of(self._device)
+        with self._collective_checks(stream):
+            if isinstance(x, (tuple, list)):
+                if len(x) != 2:
+                    raise error("fp8 x must be a tuple (data, scales)")
+                data, scales = x
+            else:
+                data, scales = x, None
+            inputs = (describe(data, "x"), describe(scales, "x scales"))
+            channels = (describe(weights, "weights"), describe(aux, "aux"))
+            if handle is not None:
+                self._check_handle(handle)
+                if topk_idx is not None:
+                    raise error("cached dispatch takes its routing from the handle: omit topk_idx")
+            else:
+                if topk_idx is None:
+                    raise error("dispatch needs topk_idx (or a handle, for a cached dispatch)")
+                routing = describe(topk_idx, "topk_idx")
+                options = (bool(expand), as_int(expert_alignment, "expert_alignment"),
+                           bool(zero_padding), bool(sync_counts))
         if handle is not None:
-            self._check_handle(handle)
-            if topk_idx is not None:
-                raise error("cached dispatch takes its routing from the handle: omit topk_idx")
-            out = self._c.dispatch_cached(describe(data, "x"), describe(scales, "x scales"),
-                                          describe(weights, "weights"), describe(aux, "aux"),
-                                          handle._c, stream)
+            out = self._c.dispatch_cached(*inputs, *channels, handle._c, stream)
             result_handle = handle
         else:
-            if topk_idx is None:
-                raise error("dispatch needs topk_idx (or a handle, for a cached dispatch)")
-            out = self._c.dispatch(describe(data, "x"), describe(scales, "x scales"),
-                                   describe(topk_idx, "topk_idx"), describe(weights, "weights"),
-                                   describe(aux, "aux"), bool(expand), int(expert_alignment),
-                                   bool(zero_padding), bool(sync_counts), stream)
+            out = self._c.dispatch(*inputs, routing, *channels, *options, stream)
             result_handle = Handle(out["handle"])
         recv_x = from_c(out["x"])
         if scales is not None:
@@ -257,19 +332,20 @@ class Buffer:
         bias: one [S, H] bf16 tensor or a tuple of two, added in fp32 before the rounding.
         reduce_at: "expert" (one row per token and rank on the link) or "source".
         """
-        self._check_handle(handle)
-        if reduce_at not in ("expert", "source"):
-            raise error(f'reduce_at must be "expert" or "source", got {reduce_at!r}')
-        if isinstance(bias, (tuple, list)):
-            if len(bias) > 2:
-                raise error(f"bias takes at most two tensors, got {len(bias)}")
-            bias0, bias1 = (list(bias) + [None, None])[:2]
-        else:
-            bias0, bias1 = bias, None
-        y, combined_scalars = self._c.combine(
-            describe(x, "x"), describe(weights, "weights"), describe(scalars, "scalars"),
-            describe(bias0, "bias"), describe(bias1, "bias"), handle._c, reduce_at == "source",
-            stream_of(self._device))
+        stream = stream_of(self._device)
+        with self._collective_checks(stream):
+            self._check_handle(handle)
+            if reduce_at not in ("expert", "source"):
+                raise error(f'reduce_at must be "expert" or "source", got {reduce_at!r}')
+            if isinstance(bias, (tuple, list)):
+                if len(bias) > 2:
+                    raise error(f"bias takes at most two tensors, got {len(bias)}")
+                bias0, bias1 = (list(bias) + [None, None])[:2]
+            else:
+                bias0, bias1 = bias, None
+            args = (describe(x, "x"), describe(weights, "weights"), describe(scalars, "scalars"),
+                    describe(bias0, "bias"), describe(bias1, "bias"))
+        y, combined_scalars = self._c.combine(*args, handle._c, reduce_at == "source", stream)
         return CombineResult(from_c(y), from_c(combined_scalars))
 
     def combine_backward(self, grad_y, handle, *, x, weights) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -278,11 +354,18 @@ class Buffer:
         Returns (grad_x [M, H] bf16 = bf16(w_row * grad_y[t]), grad_weights [M] fp32 =
         dot(grad_y[t], x_row)); padding rows are 0.
         """
-        self._check_handle(handle)
-        grad_x, grad_weights = self._c.combine_backward(
-            describe(grad_y, "grad_y"), handle._c, describe(x, "x"),
-            describe(weights, "weights"), stream_of(self._device))
+        stream = stream_of(self._device)
+        with self._collective_checks(stream):
+            self._check_handle(handle)
+            args = (describe(grad_y, "grad_y"), handle._c, describe(x, "x"),
+                    describe(weights, "weights"))
+        grad_x, grad_weights = self._c.combine_backward(*args, stream)
         return from_c(grad_x), from_c(grad_weights)
+
+    def abort(self):
+        """Rejects this rank's part of the operation its peers are entering: they raise at once
+        instead of waiting for it (for checks of your own that fail on one rank)."""
+        self._c.abort(stream_of(self._device))
 
     def synchronize(self):
         """Waits for this buffer's work and raises errors found on the device since."""

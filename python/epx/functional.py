@@ -22,7 +22,8 @@ from ._tensors import error
 
 
 def _grad_or_zeros(grad, like_shape, dtype, device):
-    """Incoming gradients may be None (output unused) or non-contiguous."""
+    """Incoming gradients may be None (output unused), non-contiguous or expanded (stride 0,
+    as y.sum() hands them): epx takes a contiguous tensor."""
     if grad is None:
         return torch.zeros(like_shape, dtype=dtype, device=device)
     return grad.to(dtype).contiguous()
@@ -38,6 +39,12 @@ def _zero_padding_rows(grad_rows, handle):
 
 
 class _Dispatch(torch.autograd.Function):
+    """Outputs recv_x, [recv_weights,] link. `link` is an empty tensor that the handle carries
+    into combine's autograd node: combine's backward then runs on every rank whose dispatch
+    input requires grad, even where the expert outputs do not (a rank that received no rows),
+    and its gradient path leads back here, so this backward runs on every rank too. Both are
+    collectives: a rank that skipped them would leave its peers waiting."""
+
     @staticmethod
     def forward(ctx, x, weights, buffer, topk_idx, expand, expert_alignment, zero_padding,
                 handle_out):
@@ -46,17 +53,21 @@ class _Dispatch(torch.autograd.Function):
                                  expand=expand, expert_alignment=expert_alignment,
                                  zero_padding=zero_padding)
         ctx.buffer = buffer
-        ctx.handle = result.handle
+        # The C++ handle, not the Python one: the Python handle holds `link`, whose graph node
+        # holds this context (no reference cycle).
+        ctx.handle_c = result.handle._c
         ctx.has_weights = weights is not None
         ctx.recv_x_shape = result.x.shape
         ctx.recv_weights_shape = None if weights is None else result.weights.shape
         handle_out.append(result.handle)
+        link = torch.empty(0, device=result.x.device)
         if weights is None:
-            return result.x
-        return result.x, result.weights
+            return result.x, link
+        return result.x, result.weights, link
 
     @staticmethod
-    def backward(ctx, grad_recv_x, grad_recv_weights=None):
+    def backward(ctx, grad_recv_x, *grads):
+        grad_recv_weights = grads[0] if ctx.has_weights else None
         buffer = ctx.buffer
         grad_recv_x = _grad_or_zeros(grad_recv_x, ctx.recv_x_shape, torch.bfloat16,
                                      buffer.device)
@@ -66,7 +77,7 @@ class _Dispatch(torch.autograd.Function):
             # channels whatever its own requires_grad says.
             scalars = _grad_or_zeros(grad_recv_weights, ctx.recv_weights_shape, torch.float32,
                                      buffer.device)
-        result = buffer.combine(grad_recv_x, ctx.handle, scalars=scalars)
+        result = buffer.combine(grad_recv_x, Handle(ctx.handle_c), scalars=scalars)
         grad_x = result.x if ctx.needs_input_grad[0] else None
         grad_weights = result.scalars if ctx.has_weights and ctx.needs_input_grad[1] else None
         return grad_x, grad_weights, None, None, None, None, None, None
@@ -74,14 +85,16 @@ class _Dispatch(torch.autograd.Function):
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weights, buffer, handle):
+    def forward(ctx, x, weights, link, buffer, handle):
         result = buffer.combine(x.detach(), handle,
                                 weights=None if weights is None else weights.detach())
         ctx.buffer = buffer
         ctx.handle = handle
         ctx.has_weights = weights is not None
+        ctx.link = link
         if weights is not None:
             ctx.save_for_backward(x, weights)
+        ctx.x_shape = x.shape
         ctx.y_shape = result.x.shape
         return result.x
 
@@ -89,16 +102,17 @@ class _Combine(torch.autograd.Function):
     def backward(ctx, grad_y):
         buffer, handle = ctx.buffer, ctx.handle
         grad_y = _grad_or_zeros(grad_y, ctx.y_shape, torch.bfloat16, buffer.device)
+        grad_link = torch.zeros_like(ctx.link) if ctx.link is not None else None
         if ctx.has_weights:
             x, weights = ctx.saved_tensors
             grad_x, grad_weights = buffer.combine_backward(grad_y, handle, x=x.detach(),
                                                            weights=weights.detach())
             return (grad_x if ctx.needs_input_grad[0] else None,
-                    grad_weights if ctx.needs_input_grad[1] else None, None, None)
+                    grad_weights if ctx.needs_input_grad[1] else None, grad_link, None, None)
         grad_x = buffer.dispatch(grad_y, handle=handle).x
         if handle.expand and not handle.zero_padding:
             grad_x = _zero_padding_rows(grad_x, handle)
-        return grad_x, None, None, None
+        return grad_x if ctx.needs_input_grad[0] else None, None, grad_link, None, None
 
 
 def dispatch(buffer: Buffer, x: torch.Tensor, topk_idx: torch.Tensor,
@@ -116,13 +130,16 @@ def dispatch(buffer: Buffer, x: torch.Tensor, topk_idx: torch.Tensor,
     """
     handle_out = []
     if weights is None:
-        recv_x = _Dispatch.apply(x, None, buffer, topk_idx, expand, expert_alignment,
-                                 zero_padding, handle_out)
+        recv_x, link = _Dispatch.apply(x, None, buffer, topk_idx, expand, expert_alignment,
+                                       zero_padding, handle_out)
         recv_weights = None
     else:
-        recv_x, recv_weights = _Dispatch.apply(x, weights, buffer, topk_idx, expand,
-                                               expert_alignment, zero_padding, handle_out)
-    return recv_x, recv_weights, handle_out[0]
+        recv_x, recv_weights, link = _Dispatch.apply(x, weights, buffer, topk_idx, expand,
+                                                     expert_alignment, zero_padding, handle_out)
+    handle = handle_out[0]
+    if link.requires_grad:
+        handle._autograd_link = link
+    return recv_x, recv_weights, handle
 
 
 def combine(buffer: Buffer, x: torch.Tensor, handle: Handle,
@@ -136,4 +153,4 @@ def combine(buffer: Buffer, x: torch.Tensor, handle: Handle,
     if weights is not None and not handle.expand:
         raise error("combine: weights cannot be given with a compact handle (the expert side "
                     "applies them when it reduces its local experts)")
-    return _Combine.apply(x, weights, buffer, handle)
+    return _Combine.apply(x, weights, getattr(handle, "_autograd_link", None), buffer, handle)

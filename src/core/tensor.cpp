@@ -41,8 +41,12 @@ int64_t TensorView::numel() const {
   return count;
 }
 
+// Any strides of an empty tensor describe the same (no) memory, as PyTorch also says.
 bool TensorView::is_contiguous() const {
   if (strides.empty()) return true;
+  for (int64_t extent : shape) {
+    if (extent == 0) return true;
+  }
   if (strides.size() != shape.size()) return false;
   int64_t expected = 1;
   for (size_t d = shape.size(); d-- > 0;) {

@@ -36,6 +36,10 @@ std::string dtypes_string(std::initializer_list<DType> dtypes) {
 
 void check_tensor(const TensorView& tensor, const TensorSpec& spec, Device device) {
   EPX_CHECK(tensor.defined(), kInvalidArgument, spec.name << " is required");
+  for (int64_t extent : tensor.shape) {
+    EPX_CHECK(extent >= 0, kInvalidArgument,
+              spec.name << " has a negative extent: shape " << shape_string(tensor.shape));
+  }
   bool dtype_ok = false;
   for (DType dtype : spec.dtypes) dtype_ok = dtype_ok || dtype == tensor.dtype;
   EPX_CHECK(dtype_ok, kInvalidArgument,
@@ -66,13 +70,21 @@ void check_config(const BufferConfig& config, int num_ranks) {
   EPX_CHECK(config.hidden > 0, kInvalidArgument, "hidden must be positive, got " << config.hidden);
   EPX_CHECK(config.num_topk > 0, kInvalidArgument,
             "num_topk must be positive, got " << config.num_topk);
+  // A token may name one expert twice (it then gets two rows), but a top-k over fewer experts
+  // than k is a configuration mistake.
+  EPX_CHECK(config.num_topk <= config.num_experts, kInvalidArgument,
+            "num_topk (" << config.num_topk << ") must not exceed num_experts ("
+                         << config.num_experts << ")");
   EPX_CHECK(config.num_experts > 0 && config.num_experts % num_ranks == 0, kInvalidArgument,
             "num_experts (" << config.num_experts << ") must be a positive multiple of the "
                             << num_ranks << " ranks");
   EPX_CHECK(!config.fp8_dispatch || config.hidden % 128 == 0, kInvalidArgument,
             "fp8 dispatch needs hidden to be a multiple of 128, got " << config.hidden);
-  EPX_CHECK(config.timeout_seconds > 0, kInvalidArgument,
-            "timeout_seconds must be positive, got " << config.timeout_seconds);
+  // Finite and at most 11.6 days: the CUDA kernels count it in nanoseconds of a 64-bit timer.
+  EPX_CHECK(config.timeout_seconds > 0 && config.timeout_seconds <= 1e6, kInvalidArgument,
+            "timeout_seconds must be in (0, 1e6], got " << config.timeout_seconds);
+  EPX_CHECK(config.low_latency_max_tokens >= 0, kInvalidArgument,
+            "low_latency_max_tokens must be >= 0, got " << config.low_latency_max_tokens);
   EPX_CHECK(config.num_sms >= 0, kInvalidArgument, "num_sms must be >= 0, got " << config.num_sms);
   // Global token ids g = rank * S_max + t and row indices are int32 on the wire.
   EPX_CHECK(config.max_tokens_per_rank * num_ranks * config.num_topk < (int64_t(1) << 31),
@@ -101,7 +113,7 @@ void check_tokens(const DispatchInputs& in, const BufferConfig& config, Device d
 
 void check_dispatch(const DispatchInputs& in, const DispatchOptions& options,
                     const BufferConfig& config, Device device) {
-  EPX_CHECK(in.x.defined() && in.x.dim() == 2, kInvalidArgument,
+  EPX_CHECK(in.x.defined() && in.x.dim() == 2 && in.x.size(0) >= 0, kInvalidArgument,
             "x must be a 2-D [tokens, hidden] tensor");
   const int64_t num_tokens = in.x.size(0);
   EPX_CHECK(num_tokens <= config.max_tokens_per_rank, kInvalidArgument,

@@ -24,9 +24,7 @@ SourcePlan plan_source(const int32_t* topk_idx32, const int64_t* topk_idx64, int
       if (e < -1 || e >= num_experts) {
         if (plan.status == kRoutingOk) {
           plan.status = kRoutingBadExpert;
-          plan.bad_value = static_cast<int32_t>(e < INT32_MIN ? INT32_MIN
-                                                : e > INT32_MAX ? INT32_MAX
-                                                                : e);
+          plan.bad_value = e;
         }
       }
     }

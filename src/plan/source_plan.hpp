@@ -19,7 +19,7 @@ struct SourcePlan {
   std::vector<int32_t> rank_counts;    // [R] tokens sent to each rank
   std::vector<int32_t> expert_counts;  // [E] rows sent to each (global) expert
   int32_t status = kRoutingOk;         // kRoutingBadExpert when an index is outside [-1, E)
-  int32_t bad_value = 0;               // the first offending index
+  int64_t bad_value = 0;               // the first offending index
 };
 
 // topk_idx is [S][K], given as int32 (topk_idx32) or int64 (topk_idx64); exactly one non-null.

@@ -130,7 +130,7 @@ RandomConfig draw_config(uint64_t seed, int32_t num_ranks) {
   const int64_t local =
       chance(rng, 0.3) ? uniform(rng, 1, std::min(2, max_local)) : uniform(rng, 1, max_local);
   c.num_experts = int32_t(num_ranks * local);
-  c.num_topk = int32_t(uniform(rng, 1, 9));
+  c.num_topk = int32_t(std::min<int64_t>(uniform(rng, 1, 9), c.num_experts));
   c.with_weights = chance(rng, 0.6);
   c.with_aux = chance(rng, 0.4);
   c.with_scalars = chance(rng, 0.5);
@@ -162,7 +162,7 @@ RandomConfig draw_production_config(uint64_t seed, int32_t num_ranks) {
   while (local > max_local) local /= 2;
   c.num_experts = int32_t(num_ranks * std::max<int64_t>(1, local));
   static const int32_t kTopk[] = {8, 8, 8, 6, 4};
-  c.num_topk = pick(rng, kTopk);
+  c.num_topk = std::min(pick(rng, kTopk), c.num_experts);
   c.saturate = false;  // the saturated worst case is exercised at small sizes
   return c;
 }
@@ -181,8 +181,9 @@ RandomConfig other_layout_config(const RandomConfig& config) {
 
 RandomConfig saturated_config(uint64_t seed, int32_t num_ranks, int32_t expert_alignment) {
   RandomConfig config = draw_config(seed, num_ranks);
-  config.num_experts = num_ranks;
+  // The fewest local experts with at least K experts in all: E_l < K from two ranks up.
   config.num_topk = 5;
+  config.num_experts = num_ranks * ((5 + num_ranks - 1) / num_ranks);
   config.max_tokens = 7;
   config.expand = true;
   config.sync_counts = false;

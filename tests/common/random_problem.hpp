@@ -63,9 +63,9 @@ RandomConfig draw_suite_config(uint64_t seed, int32_t num_ranks, int index);
 // sizes, another seed, the other layout and the other sync_counts choice.
 RandomConfig other_layout_config(const RandomConfig& config);
 
-// The unsynced expanded worst case, reached exactly: E_l = 1 < K = 5, S_max = 7, every k of every
-// token names one expert (so its rows come from duplicates), sync_counts off; the other fields
-// as draw_config(seed) draws them.
+// The unsynced expanded worst case, reached exactly: K = 5 (more than E_l from two ranks up),
+// S_max = 7, every k of every token names one expert (so its rows come from duplicates),
+// sync_counts off; the other fields as draw_config(seed) draws them.
 RandomConfig saturated_config(uint64_t seed, int32_t num_ranks, int32_t expert_alignment);
 
 // Every rank's dispatch inputs: uneven token counts (some ranks 0, sometimes all S_max),

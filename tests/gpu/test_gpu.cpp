@@ -128,7 +128,7 @@ TEST_P(GpuFixed, FourThousandTokensAtHidden7168) {
     RandomConfig config = draw_production_config(base_seed() ^ 0x4096, c.num_ranks);
     config.max_tokens = 4096;
     config.hidden = 7168;
-    config.num_experts = 256;
+    config.num_experts = 256 - 256 % c.num_ranks;  // the experts must split evenly
     config.num_topk = 8;
     config.fp8 = false;
     Buffer buffer(ctx.comm, buffer_config_for(config), poisoned_cuda_allocator());

@@ -93,7 +93,7 @@ std::string check_one(uint64_t seed) {
   p.topk32 = to_device(std::vector<int32_t>(tokens * topk, 0));
   p.rank_counts = to_device(std::vector<int32_t>(ranks, -5));
   p.expert_counts = to_device(std::vector<int32_t>(experts, -5));
-  p.plan_status = to_device(std::vector<int32_t>(2, -5));
+  p.plan_status = to_device(std::vector<int64_t>(2, -5));
   p.tile_counts = to_device(std::vector<int32_t>(
       int64_t(cuda::plan_tiles(tokens, topk)) * (experts + ranks), -5));
   p.first_bad = to_device(std::vector<unsigned long long>(1, ~0ull));
@@ -103,9 +103,8 @@ std::string check_one(uint64_t seed) {
     cuda::launch_plan(p, nullptr);
     check_cuda(cudaDeviceSynchronize(), "plan");
     const auto status = to_host(p.plan_status, 2);
-    failure = first_difference("status", status, std::vector<int32_t>{want.status, want.status
-                                                                          ? want.bad_value
-                                                                          : 0});
+    failure = first_difference("status", status,
+                               std::vector<int64_t>{want.status, want.status ? want.bad_value : 0});
     if (!failure.empty() || want.status != plan::kRoutingOk) continue;
     for (const std::string& f :
          {first_difference("send_slot", to_host(p.send_slot, tokens * ranks), want.send_slot),

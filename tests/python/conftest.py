@@ -1,8 +1,9 @@
 """pytest wiring: rank pools shared by the whole session, and the backends to run on.
 
-Every multi-rank test is parametrised over the backend: "gloo" (epx's host transport, CPU
-tensors; runs everywhere) and "nccl" (epx's CUDA transport, one GPU per rank; skipped with the
-reason when this machine or this build cannot run it).
+Every multi-rank test is parametrised over the backend (ranks.py): "gloo" (epx's host transport,
+CPU tensors; runs everywhere), "nccl" (epx's NCCL transport, one GPU per rank) and "ipc" (epx's
+CUDA-IPC transport, every rank count on one GPU); a backend this machine or build cannot run is
+skipped with the reason.
 """
 
 import pytest

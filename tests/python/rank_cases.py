@@ -34,7 +34,7 @@ def make_inputs(seed, world, max_tokens, hidden, num_experts, num_topk, *, empty
 
 
 def _same(actual, expected, what):
-    actual = actual.cpu()
+    actual, expected = actual.cpu(), expected.cpu()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     if not torch.equal(actual, expected):
@@ -444,7 +444,7 @@ def sm_budget_case(ctx, seed):
     default min(24, SMs)); 0 on the host transport, which runs no kernels."""
     sizes = dict(max_tokens_per_rank=4, hidden=SIZES["hidden"], num_experts=ctx.world, num_topk=1)
     by_default, chosen = ctx.buffer(**sizes).num_sms, ctx.buffer(num_sms=5, **sizes).num_sms
-    if ctx.backend == "nccl":
+    if ctx.on_gpu:
         sms = torch.cuda.get_device_properties(ctx.device).multi_processor_count
         assert (by_default, chosen) == (min(24, sms), 5), (by_default, chosen, sms)
     else:
@@ -482,7 +482,7 @@ def allocation_calls_case(ctx, seed, sync_counts):
     scalars = torch.rand(result.x.shape[0], SIZES["num_topk"], device=dev)
     combined = buffer.combine(result.x, result.handle, scalars=scalars)
     assert calls == [[tuple(combined.x.shape), tuple(combined.scalars.shape)]], calls
-    if ctx.backend == "nccl":
+    if ctx.on_gpu:
         assert len(dispatch_calls) == (2 if sync_counts else 1), dispatch_calls
     return dispatch_calls
 
@@ -516,3 +516,132 @@ def one_rank_invalid_case(ctx, seed):
     except epx.EpxError as error:
         return error.code.name
     return None
+
+
+# -- collective safety and autograd edge cases --------------------------------------------------
+
+def python_check_on_one_rank_case(ctx, seed):
+    """Rank 0 passes arguments that fail the Python layer's own checks (a float alignment, a
+    list instead of a tensor); its peers pass valid ones. Every rank raises within a second
+    (the check aborts the operation for the peers), and the buffer works afterwards."""
+    import time
+
+    buffer, num_experts, (xs, topks, ws, _) = _setup(ctx, seed)
+    rank, dev = ctx.rank, ctx.device
+    x, topk, w = xs[rank].to(dev), topks[rank].to(dev), ws[rank].to(dev)
+    timings = []
+    for bad in ({"expert_alignment": 4.7}, {"x": [[1.0]]}):
+        kwargs = {"expert_alignment": 1, "x": x}
+        if rank == 0:
+            kwargs.update(bad)
+        start = time.monotonic()
+        try:
+            buffer.dispatch(kwargs.pop("x"), topk, w, expand=True, **kwargs)
+        except epx.EpxError as error:
+            assert error.code == epx.ErrorCode.INVALID_ARGUMENT, error
+            timings.append(time.monotonic() - start)
+        else:
+            raise AssertionError(f"rank {rank}: no error for {bad}")
+    assert max(timings) < 1.0, timings
+    layout = receive_layout(topks, rank, num_experts, 1)
+    want_x, _, _ = dispatch_outputs(layout, xs, None, None, False)
+    _same(buffer.dispatch(x, topk, w).x, want_x, "recv_x after the aborted calls")
+    return max(timings)
+
+
+def mismatch_case(ctx, seed, what):
+    """Ranks that disagree about a call all raise INVALID_ARGUMENT naming what differs, and the
+    buffer works afterwards (nothing was exchanged, nothing is left half done):
+      layout: expand=True on rank 0 only; weights: combine weights on rank 0 only;
+      operation: rank 0 dispatches while the others combine."""
+    buffer, num_experts, (xs, topks, ws, _) = _setup(ctx, seed)
+    rank, dev = ctx.rank, ctx.device
+    x, topk, w = xs[rank].to(dev), topks[rank].to(dev), ws[rank].to(dev)
+    handle = buffer.dispatch(x, topk, w, expand=True).handle
+    rows = torch.randn(handle.num_rows, SIZES["hidden"]).bfloat16().to(dev)
+    row_w = torch.rand(handle.num_rows, device=dev)
+    if what == "layout":
+        call, needle = (lambda: buffer.dispatch(x, topk, w, expand=rank == 0)), "expanded"
+    elif what == "weights":
+        call = lambda: buffer.combine(rows, handle, weights=row_w if rank == 0 else None)
+        needle = "weights given on rank 0"
+    else:
+        call = ((lambda: buffer.dispatch(x, topk, w)) if rank == 0 else
+                (lambda: buffer.combine(rows, handle)))
+        needle = "calls"
+    message = _expect_error(epx.ErrorCode.INVALID_ARGUMENT,
+                            lambda: (call(), buffer.synchronize()))
+    assert "disagree" in message and needle in message, message
+    out = buffer.combine(rows, handle, weights=row_w)
+    assert out.x.shape == (x.shape[0], SIZES["hidden"])
+    return message
+
+
+def config_mismatch_case(ctx, seed):
+    """Buffers built with different hidden sizes: every rank raises at setup, naming the field,
+    well before the timeout."""
+    hidden = SIZES["hidden"] * (2 if ctx.rank == 0 else 1)
+    message = _expect_error(epx.ErrorCode.INVALID_ARGUMENT, ctx.buffer, max_tokens_per_rank=4,
+                            hidden=hidden, num_experts=ctx.world, num_topk=1,
+                            timeout_seconds=20.0)
+    assert "hidden" in message, message
+    return message
+
+
+def autograd_losses_case(ctx, seed, expand, loss):
+    """A rank without tokens and another whose experts return a constant (no grad) for its rows,
+    through forward and backward with y.sum(), y.mean() or an MSE loss: every rank takes part in
+    both backward collectives (nobody waits for a peer), gradients have the inputs' shapes, and
+    a second step on the same buffer works."""
+    rank, dev = ctx.rank, ctx.device
+    buffer, num_experts, (xs, topks, ws, _) = _setup(ctx, seed, empty_rank=0)
+    for step in range(2):
+        x = xs[rank].to(dev, copy=True).requires_grad_()
+        w = ws[rank].to(dev, copy=True).requires_grad_()
+        recv_x, recv_w, handle = F.dispatch(buffer, x, topks[rank].to(dev), w, expand=expand,
+                                            expert_alignment=4)
+        if rank == ctx.world - 1:
+            h = torch.zeros_like(recv_x)  # no grad: as a MoE block that skips its experts
+        else:
+            h = (recv_x.float() * 1.5).bfloat16()
+        if not expand:  # the compact layout: the expert side applies the weights itself
+            h = (h.float() * recv_w.sum(1, keepdim=True)).bfloat16()
+        y = F.combine(buffer, h, handle, recv_w if expand else None)
+        if loss == "sum":
+            value = y.sum()
+        elif loss == "mean":
+            value = y.float().mean()
+        else:
+            value = torch.nn.functional.mse_loss(y.float(), torch.ones_like(y, dtype=torch.float))
+        value.backward()
+        assert x.grad is not None and x.grad.shape == x.shape, (step, x.grad)
+        assert w.grad is not None and w.grad.shape == w.shape, (step, w.grad)
+        assert bool(torch.isfinite(x.grad.float()).all())
+    return x.shape[0]
+
+
+def timeout_then_unusable_case(ctx, seed):
+    """Rank 0 runs an operation alone (a backward its peers skipped) and times out; from then on
+    the buffer is unusable on every rank: rank 0's next call and each peer's next call raise
+    UNUSABLE at once (no silently wrong result, no second timeout); a new buffer works."""
+    import time
+
+    buffer, num_experts, (xs, topks, ws, _) = _setup(ctx, seed)
+    rank, dev = ctx.rank, ctx.device
+    x, topk, w = xs[rank].to(dev), topks[rank].to(dev), ws[rank].to(dev)
+    short = ctx.buffer(max_tokens_per_rank=SIZES["max_tokens"], hidden=SIZES["hidden"],
+                       num_experts=num_experts, num_topk=SIZES["num_topk"], timeout_seconds=1.0)
+    handle = short.dispatch(x, topk, w).handle
+    if rank == 0:
+        _expect_error(epx.ErrorCode.TIMEOUT, lambda: (short.dispatch(x, handle=handle),
+                                                      short.synchronize()))
+    dist.barrier()
+    start = time.monotonic()
+    _expect_error(epx.ErrorCode.UNUSABLE, lambda: (short.dispatch(x, topk, w),
+                                                   short.synchronize()))
+    waited = time.monotonic() - start
+    assert waited < 0.9, waited
+    layout = receive_layout(topks, rank, num_experts, 1)
+    want_x, _, _ = dispatch_outputs(layout, xs, None, None, False)
+    _same(buffer.dispatch(x, topk, w).x, want_x, "recv_x on another buffer")
+    return waited

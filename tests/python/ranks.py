@@ -1,5 +1,9 @@
 """Runs test code on several ranks: a pool of spawned processes, one per rank, each with a
-torch.distributed group (gloo on 127.0.0.1 through a FileStore, or NCCL with one GPU per rank).
+torch.distributed group through a FileStore. Backends:
+  - "gloo": epx's host transport, CPU tensors (runs everywhere);
+  - "nccl": an NCCL group and epx's NCCL transport, one GPU per rank;
+  - "ipc": a gloo group and epx's CUDA-IPC transport, CUDA tensors, rank r on GPU r % GPUs
+    (so every rank count runs on one GPU).
 
 A pool is started once per (world size, backend) and reused by every test: a test sends the
 name of a module-level function to all ranks and gets back each rank's return value. Starting
@@ -24,12 +28,12 @@ BUFFER_TIMEOUT_SECONDS = 30.0
 JOB_TIMEOUT_SECONDS = 150.0
 
 
-BACKENDS = ["gloo", "nccl"]
+BACKENDS = ["gloo", "nccl", "ipc"]
 
 
 def backend_skip_reason(backend, world):
     """Why `backend` cannot run `world` ranks here, or None."""
-    if backend != "nccl":
+    if backend == "gloo":
         return None
     import torch
 
@@ -39,7 +43,7 @@ def backend_skip_reason(backend, world):
         return "epx was built without the CUDA transport"
     if not torch.cuda.is_available():
         return "torch.cuda is not available"
-    if torch.cuda.device_count() < world:
+    if backend == "nccl" and torch.cuda.device_count() < world:
         return f"needs {world} GPUs, {torch.cuda.device_count()} visible"
     return None
 
@@ -53,10 +57,15 @@ class RankContext:
     backend: str
     device: object  # torch.device
 
+    @property
+    def on_gpu(self):
+        return self.backend != "gloo"
+
     def buffer(self, **kwargs):
         import epx
 
         kwargs.setdefault("timeout_seconds", BUFFER_TIMEOUT_SECONDS)
+        kwargs.setdefault("transport", {"gloo": "host", "nccl": "nccl", "ipc": "ipc"}[self.backend])
         return epx.Buffer(None, **kwargs)
 
 
@@ -70,12 +79,14 @@ def _worker(rank, world, backend, store_path, commands, results):
         import torch.distributed as dist
 
         torch.set_num_threads(1)
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-            device = torch.device("cuda", rank)
-        else:
+        if backend == "gloo":
             device = torch.device("cpu")
-        dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank,
+        else:
+            index = rank if backend == "nccl" else rank % torch.cuda.device_count()
+            torch.cuda.set_device(index)
+            device = torch.device("cuda", index)
+        dist.init_process_group("nccl" if backend == "nccl" else "gloo",
+                                init_method=f"file://{store_path}", rank=rank,
                                 world_size=world, timeout=datetime.timedelta(seconds=120))
         context = RankContext(rank, world, backend, device)
     except BaseException:

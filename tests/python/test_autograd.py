@@ -65,3 +65,12 @@ def test_router_weight_gradient_is_not_dropped(run_ranks, backend, expand):
 def test_unused_output_noncontiguous_grad_and_padding(run_ranks, backend):
     padding_rows = run_ranks(2, backend, rank_cases.autograd_edges_case, seed=104)
     assert sum(padding_rows) > 0  # the case exercises padding rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("expand", [True, False], ids=["expanded", "compact"])
+@pytest.mark.parametrize("loss", ["sum", "mean", "mse"])
+def test_empty_ranks_and_experts_without_grad(run_ranks, backend, expand, loss):
+    tokens = run_ranks(3, backend, rank_cases.autograd_losses_case, seed=105, expand=expand,
+                       loss=loss)
+    assert tokens[0] == 0 and tokens[1] > 0

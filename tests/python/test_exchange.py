@@ -13,7 +13,7 @@ LAYOUT_IDS = ["compact", "expanded", "expanded-align16"]
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("expand,alignment", LAYOUTS, ids=LAYOUT_IDS)
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_dispatch_matches_reference(run_ranks, backend, world, expand, alignment):
     received = run_ranks(world, backend, rank_cases.dispatch_case, seed=10 + world,
                          expand=expand, alignment=alignment)
@@ -41,8 +41,9 @@ def test_combine_matches_reference(run_ranks, backend, expand, alignment):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_combine_three_ranks_masked_and_empty(run_ranks, backend):
-    run_ranks(3, backend, rank_cases.combine_case, seed=21, expand=True, alignment=4,
+@pytest.mark.parametrize("world", [3, 4])
+def test_combine_masked_and_empty(run_ranks, backend, world):
+    run_ranks(world, backend, rank_cases.combine_case, seed=21, expand=True, alignment=4,
               empty_rank=0, mask_fraction=0.4)
 
 
@@ -69,14 +70,15 @@ def test_errors_raise_epx_error_on_every_rank(run_ranks, backend):
     run_ranks(2, backend, rank_cases.errors_case, seed=60)
 
 
-def test_missing_peer_times_out(run_ranks):
-    # Host transport only: on GPUs a timed-out kernel is exercised by tests/gpu.
-    messages = run_ranks(2, "gloo", rank_cases.timeout_case, seed=70)
+@pytest.mark.parametrize("backend", ["gloo", "ipc"])
+def test_missing_peer_times_out(run_ranks, backend):
+    messages = run_ranks(2, backend, rank_cases.timeout_case, seed=70)
     assert "timeout" in messages[0]
 
 
-def test_invalid_input_on_one_rank_does_not_strand_peers(run_ranks):
-    codes = run_ranks(2, "gloo", rank_cases.one_rank_invalid_case, seed=71)
+@pytest.mark.parametrize("backend", ["gloo", "ipc"])
+def test_invalid_input_on_one_rank_does_not_strand_peers(run_ranks, backend):
+    codes = run_ranks(2, backend, rank_cases.one_rank_invalid_case, seed=71)
     assert codes[0] == "INVALID_ARGUMENT"
     assert codes[1] is not None and codes[1] != "TIMEOUT", codes
 
@@ -93,3 +95,28 @@ def test_one_allocator_callback_per_call(run_ranks, backend, sync_counts):
     calls = run_ranks(2, backend, rank_cases.allocation_calls_case, seed=73,
                       sync_counts=sync_counts)
     assert all(calls)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_python_check_on_one_rank_aborts_the_peers(run_ranks, backend):
+    timings = run_ranks(2, backend, rank_cases.python_check_on_one_rank_case, seed=80)
+    assert max(timings) < 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("what", ["layout", "weights", "operation"])
+def test_ranks_that_disagree_all_raise(run_ranks, backend, what):
+    messages = run_ranks(3, backend, rank_cases.mismatch_case, seed=81, what=what)
+    assert all("disagree" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_configurations_that_differ_raise_at_setup(run_ranks, backend):
+    messages = run_ranks(2, backend, rank_cases.config_mismatch_case, seed=82)
+    assert all("hidden" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_timeout_makes_the_buffer_unusable_everywhere(run_ranks, backend):
+    waits = run_ranks(2, backend, rank_cases.timeout_then_unusable_case, seed=83)
+    assert max(waits) < 0.9

@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(kThreads) send_kernel(SendParams p) {
     for (int r = threadIdx.x; r < num_ranks; r += blockDim.x) {
       *layout.header(p.topo.peers[r], rank) =
           plan::SourceHeader{.num_tokens = routing_ok ? p.rank_counts[r] : 0,
-                             .status = p.plan_status[0],
+                             .status = static_cast<int32_t>(p.plan_status[0]),
                              .channels = p.channels,
                              .bad_value = p.plan_status[1]};
     }
@@ -160,7 +160,8 @@ __device__ bool block_receive_counts(const ReceiveCountsParams& p, int32_t* smem
       }
       if (code != kDeviceOk) {
         record_error(p.topo, code, kPhaseDispatchExit, s,
-                     code == kDeviceBadRouting ? header.bad_value : header.channels);
+                     code == kDeviceBadRouting ? 0 : header.channels,
+                     static_cast<uint64_t>(header.bad_value));
         ok = 0;
       }
     }

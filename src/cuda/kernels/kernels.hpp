@@ -94,7 +94,7 @@ struct PlanParams {
   int32_t* topk32 = nullptr;         // [S, K] int32 copy of the routing
   int32_t* rank_counts = nullptr;    // [R]
   int32_t* expert_counts = nullptr;  // [E]
-  int32_t* plan_status = nullptr;    // [2]: RoutingStatus, bad value
+  int64_t* plan_status = nullptr;    // [2]: RoutingStatus, bad value
   int32_t* tile_counts = nullptr;    // scratch [plan_tiles][E + R]
   unsigned long long* first_bad = nullptr;  // scratch: first invalid entry; ~0 between plans
   // With publish_entry: block 0 of the first plan kernel publishes the operation's entry
@@ -127,7 +127,7 @@ struct SendParams {
   bool with_meta = false;
   bool write_headers = false;
   int32_t channels = 0;
-  const int32_t* plan_status = nullptr;
+  const int64_t* plan_status = nullptr;
   const int32_t* rank_counts = nullptr;
   const int32_t* expert_counts = nullptr;
   int32_t entry_phase = 0;  // the operation's entry barrier is part of this kernel

@@ -58,9 +58,7 @@ __device__ void write_status(const PlanParams& p, unsigned long long bad) {
   if (bad != ~0ull) {
     const int64_t value = p.topk_int64 ? static_cast<const int64_t*>(p.topk_idx)[bad]
                                        : static_cast<const int32_t*>(p.topk_idx)[bad];
-    p.plan_status[1] = value < INT32_MIN   ? INT32_MIN
-                       : value > INT32_MAX ? INT32_MAX
-                                           : static_cast<int32_t>(value);
+    p.plan_status[1] = value;
   } else {
     p.plan_status[1] = 0;
   }

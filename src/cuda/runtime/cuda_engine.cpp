@@ -47,7 +47,7 @@ class CudaEngine final : public Engine {
     scratch_.host_counts = MappedArray<int64_t>(2 + 2 * layout_.local_experts() + 1);
     scratch_.rank_counts = DeviceArray<int32_t>(num_ranks_);
     scratch_.expert_counts = DeviceArray<int32_t>(layout_.num_experts);
-    scratch_.plan_status = DeviceArray<int32_t>(2);
+    scratch_.plan_status = DeviceArray<int64_t>(2);
     scratch_.plan_tile_counts = DeviceArray<int32_t>(
         int64_t(cuda::plan_tiles(layout_.max_tokens, layout_.num_topk)) *
         (layout_.num_experts + num_ranks_));
@@ -317,7 +317,7 @@ class CudaEngine final : public Engine {
                                    << ", saw " << status.seen << ")");
       case cuda::kDeviceBadRouting:
         EPX_FAIL(kInvalidRouting, "rank " << rank_ << ": dispatch aborted: rank " << status.peer
-                                          << " passed topk_idx value " << status.value
+                                          << " passed topk_idx value " << static_cast<int64_t>(status.expected)
                                           << " outside [-1, " << layout_.num_experts << ")");
       case cuda::kDeviceChannelMismatch:
         EPX_FAIL(kInvalidArgument, "rank " << rank_ << ": rank " << status.peer
@@ -485,7 +485,7 @@ class CudaEngine final : public Engine {
     MappedArray<int64_t> host_counts;     // sync_counts: N, M, tokens per expert, offsets
     DeviceArray<int32_t> rank_counts;     // the routing plan's counts and scratch
     DeviceArray<int32_t> expert_counts;
-    DeviceArray<int32_t> plan_status;
+    DeviceArray<int64_t> plan_status;
     DeviceArray<int32_t> plan_tile_counts;
     DeviceArray<unsigned long long> plan_first_bad;
   } scratch_;

@@ -1,5 +1,7 @@
-// epx-demo: one expert-parallel MoE layer, forward and backward, over R ranks (one process per
-// rank), every output checked against the reference bit for bit.
+// epx-moe-check: one expert-parallel MoE layer, forward and backward, over R ranks (one process
+// per rank), every output checked against the reference (src/reference) bit for bit. It links
+// the test harness and the oracle: the example that uses the public API alone is
+// examples/moe_layer.cpp.
 //
 //   forward:  recv = dispatch(x, topk, w, expand)   -> expert h_row = bf16(x_row * scale_e)
 //             y = combine(h, handle, weights=recv_w)
@@ -7,8 +9,6 @@
 //             dx_rows = bf16(dh_row * scale_e)       (the expert's backward)
 //             (dx, dw) = combine(dx_rows, handle, scalars=dw_rows)   (dispatch's backward)
 //
-// Usage: epx-demo [--ranks R] [--tokens S] [--hidden H] [--experts E] [--topk K]
-//                 [--transport auto|host|cuda] [--seed N]
 // With --transport auto (the default) it runs on the GPUs when epx was built with CUDA and GPUs
 // are visible (one rank per GPU unless --ranks says otherwise, which then needs that many GPUs),
 // else on the host transport with --ranks ranks (default 4).
@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -42,6 +43,17 @@ using namespace epx;
 using testing::RandomConfig;
 using Clock = std::chrono::steady_clock;
 
+constexpr const char* kUsage =
+    "usage: epx-moe-check [--ranks R] [--tokens S] [--hidden H] [--experts E] [--topk K]\n"
+    "                     [--transport auto|host|cuda] [--seed N] [--help]\n"
+    "  --ranks R        processes, one rank each (default: one per GPU, or 4 on the host)\n"
+    "  --tokens S       tokens per rank at most; ranks draw their own counts (default 96)\n"
+    "  --hidden H       hidden size (default 256)\n"
+    "  --experts E      experts, rounded up to a multiple of R (default 16)\n"
+    "  --topk K         experts per token (default 4)\n"
+    "  --transport T    auto (GPUs when built with CUDA and visible), host or cuda\n"
+    "  --seed N         the random problem's seed (default 2026)\n";
+
 struct Options {
   int ranks = 0;  // 0: one per GPU, or 4 on the host transport
   int64_t tokens = 96;
@@ -50,26 +62,57 @@ struct Options {
   int32_t topk = 4;
   std::string transport = "auto";
   uint64_t seed = 2026;
+  bool help = false;
 };
+
+// A mistake on the command line: main prints it with the usage and exits with 2.
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+template <typename T>
+T parse_number(const std::string& option, const char* text, T min, T max) {
+  T value{};
+  const char* end = text + std::strlen(text);
+  const auto [stop, status] = std::from_chars(text, end, value);
+  if (status != std::errc() || stop != end || value < min || value > max) {
+    throw UsageError(option + " takes an integer in [" + std::to_string(min) + ", " +
+                     std::to_string(max) + "], not '" + text + "'");
+  }
+  return value;
+}
 
 Options parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string key = argv[i];
-    const std::string value = argv[i + 1];
-    if (key == "--ranks") o.ranks = std::stoi(value);
-    else if (key == "--tokens") o.tokens = std::stoll(value);
-    else if (key == "--hidden") o.hidden = std::stoll(value);
-    else if (key == "--experts") o.experts = std::stoi(value);
-    else if (key == "--topk") o.topk = std::stoi(value);
-    else if (key == "--transport") o.transport = value;
-    else if (key == "--seed") o.seed = std::stoull(value);
-    else throw std::runtime_error("unknown option " + key);
+  for (int i = 1; i < argc; ++i) {
+    const std::string option = argv[i];
+    if (option == "--help" || option == "-h") {
+      o.help = true;
+      continue;
+    }
+    auto value = [&] {
+      if (i + 1 >= argc) throw UsageError(option + " needs a value");
+      return argv[++i];
+    };
+    if (option == "--ranks") o.ranks = parse_number(option, value(), 1, 64);
+    else if (option == "--tokens") o.tokens = parse_number<int64_t>(option, value(), 1, 1 << 20);
+    else if (option == "--hidden") o.hidden = parse_number<int64_t>(option, value(), 1, 1 << 16);
+    else if (option == "--experts") o.experts = parse_number(option, value(), 1, 1 << 16);
+    else if (option == "--topk") o.topk = parse_number(option, value(), 1, 64);
+    else if (option == "--seed") o.seed = parse_number(option, value(), uint64_t(0), ~uint64_t(0));
+    else if (option == "--transport") {
+      o.transport = value();
+      if (o.transport != "auto" && o.transport != "host" && o.transport != "cuda") {
+        throw UsageError("--transport takes auto, host or cuda, not '" + o.transport + "'");
+      }
+    } else {
+      throw UsageError("unknown option " + option);
+    }
   }
   return o;
 }
 
-// The demo's expert: a per-expert scale, so its forward and backward are exact and cheap.
+// The layer's expert: a per-expert scale, so its forward and backward are exact and cheap.
 float expert_scale(int32_t global_expert) { return 0.5f + 0.125f * float(global_expert % 11); }
 
 uint16_t scale_bits(uint16_t x, float scale) {
@@ -262,9 +305,13 @@ int main(int argc, char** argv) {
   Options options;
   try {
     options = parse(argc, argv);
-  } catch (const std::exception& error) {
-    std::fprintf(stderr, "epx-demo: %s\n", error.what());
+  } catch (const UsageError& error) {
+    std::fprintf(stderr, "epx-moe-check: %s\n%s", error.what(), kUsage);
     return 2;
+  }
+  if (options.help) {
+    std::fputs(kUsage, stdout);
+    return 0;
   }
   const int gpus = options.transport == "host" ? 0 : visible_gpus();
   const bool use_cuda =
@@ -272,7 +319,12 @@ int main(int argc, char** argv) {
       (options.transport == "auto" && gpus > 0 && (options.ranks == 0 || options.ranks <= gpus));
   if (options.ranks == 0) options.ranks = use_cuda ? std::max(gpus, 1) : 4;
   // Experts must split evenly over the ranks (any GPU count works with the defaults).
-  options.experts = (options.experts + options.ranks - 1) / options.ranks * options.ranks;
+  const int32_t experts = (options.experts + options.ranks - 1) / options.ranks * options.ranks;
+  if (experts != options.experts) {
+    std::printf("epx-moe-check: --experts %d -> %d (experts split evenly over the %d ranks)\n",
+                options.experts, experts, options.ranks);
+    options.experts = experts;
+  }
   RandomConfig config = testing::draw_config(options.seed, options.ranks);
   config.max_tokens = options.tokens;
   config.hidden = options.hidden;
@@ -284,14 +336,14 @@ int main(int argc, char** argv) {
   config.expert_alignment = 4;
   config.sync_counts = true;
 
-  std::printf("epx-demo: MoE layer forward + backward, %d ranks (%s transport), up to %lld "
+  std::printf("epx-moe-check: MoE layer forward + backward, %d ranks (%s transport), up to %lld "
               "tokens/rank, hidden %lld, top-%d of %d experts\n",
               options.ranks, use_cuda ? "cuda" : "host", (long long)options.tokens,
               (long long)options.hidden, options.topk, options.experts);
   std::fflush(stdout);
 
-  const std::string name = "demo-" + std::to_string(getpid());
-  const std::string id_file = "/tmp/epx-demo-" + std::to_string(getpid()) + ".id";
+  const std::string name = "moe-check-" + std::to_string(getpid());
+  const std::string id_file = "/tmp/epx-moe-check-" + std::to_string(getpid()) + ".id";
   std::vector<int> pipes(options.ranks);
   std::vector<pid_t> pids(options.ranks);
   for (int rank = 0; rank < options.ranks; ++rank) {
@@ -347,7 +399,7 @@ int main(int argc, char** argv) {
                 got ? report.failure : "(rank died)");
   }
   std::remove(id_file.c_str());
-  std::printf("epx-demo: %s (every output compared with the reference bit for bit; router "
+  std::printf("epx-moe-check: %s (every output compared with the reference bit for bit; router "
               "gradients within 1e-5 relative)\n",
               ok ? "PASS" : "FAIL");
   return ok ? 0 : 1;
