@@ -21,15 +21,6 @@ plan::LowLatencyLayout low_latency_layout(const BufferConfig& config, int num_ra
   return layout;
 }
 
-const char* low_latency_phase_name(int32_t phase) {
-  static const char* const names[plan::kLowLatencyPhaseCount] = {
-      "low-latency-dispatch/send",         "low-latency-dispatch/wait",
-      "low-latency-cached-dispatch/send",  "low-latency-cached-dispatch/wait",
-      "low-latency-combine-backward/send", "low-latency-combine-backward/wait",
-      "low-latency-combine/send",          "low-latency-combine/wait"};
-  return phase >= 0 && phase < plan::kLowLatencyPhaseCount ? names[phase] : "unknown";
-}
-
 const char* low_latency_state_name(uint32_t state) {
   switch (state) {
     case plan::kStateIdle:
@@ -70,6 +61,56 @@ std::string describe_low_latency_tags(uint32_t mine, uint32_t theirs, int rank, 
   given(plan::kTagSecondScalar, dispatch ? "aux" : "scalars");
   if (dispatch) given(plan::kTagFp8, "fp8 x");
   return out.str();
+}
+
+void raise_low_latency_failure(const LowLatencyFailure& f, int rank,
+                               const plan::LowLatencyLayout& layout, double timeout_seconds) {
+  std::ostringstream out;
+  out << "rank " << rank << ": phase " << plan::low_latency_phase_name(f.phase);
+  ErrorCode code = ErrorCode::kInvalidArgument;
+  switch (f.kind) {
+    case LowLatencyFailure::kTimeout:
+      code = ErrorCode::kTimeout;
+      out << " timed out after " << timeout_seconds << " s waiting for rank " << f.peer
+          << " (expected epoch " << f.expected << ", saw " << f.seen << ")";
+      break;
+    case LowLatencyFailure::kPeerDropped:
+      out << ": rank " << f.peer << " dropped its part of this low-latency round (its "
+          << "low-latency mode failed; see that rank's error)";
+      break;
+    case LowLatencyFailure::kPeerBufferFailed:
+      code = ErrorCode::kUnusable;
+      out << ": rank " << f.peer << "'s buffer failed earlier (see that rank's error); build a "
+          << "new Buffer on every rank";
+      break;
+    case LowLatencyFailure::kBadRouting:
+      code = ErrorCode::kInvalidRouting;
+      if (f.peer == rank) {
+        out << ": this rank passed topk_idx value " << f.value;
+      } else {
+        out << ": rank " << f.peer << " passed a topk_idx value";
+      }
+      out << " outside [-1, " << layout.num_experts << "); this round delivered nothing usable";
+      break;
+    case LowLatencyFailure::kOrder:
+      out << ": out of turn: low-latency dispatches and combines must alternate, and this rank "
+          << "is " << low_latency_state_name(static_cast<uint32_t>(f.value));
+      break;
+    case LowLatencyFailure::kOverflow:
+      code = ErrorCode::kInvalidRouting;
+      out << ": expert " << int64_t(rank) * layout.local_experts() + f.value << " received "
+          << f.seen << " rows, more than its region's " << layout.expert_rows()
+          << " (R * low_latency_max_tokens; a token naming one expert twice takes two rows)";
+      break;
+    case LowLatencyFailure::kMismatch: {
+      const bool combine = f.phase >= plan::low_latency_send_phase(plan::kKindCombine);
+      out << ": "
+          << describe_low_latency_tags(static_cast<uint32_t>(f.expected),
+                                       static_cast<uint32_t>(f.seen), rank, f.peer, !combine);
+      break;
+    }
+  }
+  throw_error(code, __FILE__, __LINE__, out.str());
 }
 
 LowLatencyEngine& Engine::low_latency() {

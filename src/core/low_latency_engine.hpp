@@ -18,12 +18,33 @@ namespace epx::detail {
 plan::LowLatencyLayout low_latency_layout(const BufferConfig& config, int num_ranks,
                                           const plan::WorkspaceLayout& workspace);
 
-// Names for the LL errors, the same on both transports: a phase ("low-latency-dispatch/wait",
-// a plan::LowLatencyPhase), a state word, and what differs between two ranks' flag tags.
-const char* low_latency_phase_name(int32_t phase);
+// Words for the LL errors, the same on both transports (phases: plan::low_latency_phase_name):
+// a state word, and what differs between two ranks' flag tags.
 const char* low_latency_state_name(uint32_t state);
 std::string describe_low_latency_tags(uint32_t mine, uint32_t theirs, int rank, int peer,
                                       bool dispatch);
+
+// An LL error as both transports raise it (the CUDA transport's kernels record these).
+struct LowLatencyFailure {
+  enum Kind {
+    kTimeout,           // a peer's flag did not come (expected, seen: epochs)
+    kPeerDropped,       // the peer's LL mode failed: it dropped its part of the round
+    kPeerBufferFailed,  // the peer's buffer failed (its poison mark)
+    kBadRouting,        // a topk_idx value outside [-1, E): this rank's (value) or the peer's
+    kOrder,             // a call out of turn (value: the state word)
+    kOverflow,          // local expert `value` received `seen` rows, more than its region holds
+    kMismatch,          // the peer's call differs (expected, seen: this rank's tags, the peer's)
+  };
+  Kind kind;
+  int32_t phase;  // a plan::LowLatencyPhase
+  int peer;
+  int64_t value = 0;
+  uint64_t expected = 0;
+  uint64_t seen = 0;
+};
+[[noreturn]] void raise_low_latency_failure(const LowLatencyFailure& failure, int rank,
+                                            const plan::LowLatencyLayout& layout,
+                                            double timeout_seconds);
 
 class LowLatencyEngine {
  public:

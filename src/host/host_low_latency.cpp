@@ -194,10 +194,12 @@ class HostLowLatency final : public LowLatencyEngine {
     }
     enter(pending_.kind, true);
     const int32_t phase = plan::low_latency_send_phase(pending_.kind) + 1;
-    EPX_CHECK(pending_.bad_value == 0, kInvalidRouting,
-              "rank " << rank_ << ": phase " << low_latency_phase_name(phase)
-                      << ": this rank passed topk_idx value " << pending_.bad_value
-                      << " outside [-1, " << layout_.num_experts << ")");
+    if (pending_.bad_value != 0) {
+      raise({.kind = LowLatencyFailure::kBadRouting,
+             .phase = phase,
+             .peer = rank_,
+             .value = pending_.bad_value});
+    }
     wait_for_peers(false, phase);
     char* ws = local();
     const int32_t local_experts = layout_.local_experts();
@@ -243,12 +245,14 @@ class HostLowLatency final : public LowLatencyEngine {
   void enter(uint32_t kind, bool wait_part) {
     const plan::LowLatencyStep step = plan::low_latency_step(kind == plan::kKindCombine, wait_part);
     if (state_ == step.before) return;
-    const int32_t phase = plan::low_latency_send_phase(kind) + (wait_part ? 1 : 0);
-    EPX_FAIL(kInvalidArgument,
-             "rank " << rank_ << ": phase " << low_latency_phase_name(phase)
-                     << ": out of turn: low-latency dispatches and combines must alternate, "
-                        "and this rank is "
-                     << low_latency_state_name(state_));
+    raise({.kind = LowLatencyFailure::kOrder,
+           .phase = plan::low_latency_send_phase(kind) + (wait_part ? 1 : 0),
+           .peer = rank_,
+           .value = state_});
+  }
+
+  [[noreturn]] void raise(const LowLatencyFailure& failure) const {
+    raise_low_latency_failure(failure, rank_, layout_, context_.config.timeout_seconds);
   }
 
   LowLatencyHandle new_handle(int64_t num_tokens) {
@@ -336,16 +340,19 @@ class HostLowLatency final : public LowLatencyEngine {
       uint64_t* flag = ready ? layout_.ready_flag(local(), p) : layout_.sent_flag(local(), p);
       uint64_t seen = atomic(*flag).load(std::memory_order_acquire);
       for (int spins = 0; plan::low_latency_epoch(seen) < epoch; ++spins) {
-        EPX_CHECK(atomic(*layout_.failed_flag(local(), p)).load(std::memory_order_acquire) == 0,
-                  kInvalidArgument,
-                  "rank " << rank_ << ": phase " << low_latency_phase_name(phase) << ": rank " << p
-                          << " dropped its part of this low-latency round (its low-latency mode "
-                             "failed; see that rank's error)");
+        // A peer that failed sets its failed flag after any flag it did publish: the flag is
+        // read again after it, so a flag that arrived is never overruled.
+        if (atomic(*layout_.failed_flag(local(), p)).load(std::memory_order_acquire) != 0) {
+          seen = atomic(*flag).load(std::memory_order_acquire);
+          if (plan::low_latency_epoch(seen) >= epoch) break;
+          raise({.kind = LowLatencyFailure::kPeerDropped, .phase = phase, .peer = p});
+        }
         if (std::chrono::steady_clock::now() > deadline) {
-          EPX_FAIL(kTimeout, "rank " << rank_ << ": phase " << low_latency_phase_name(phase)
-                                     << " timed out after " << context_.config.timeout_seconds
-                                     << " s waiting for rank " << p << " (expected epoch " << epoch
-                                     << ", saw " << plan::low_latency_epoch(seen) << ")");
+          raise({.kind = LowLatencyFailure::kTimeout,
+                 .phase = phase,
+                 .peer = p,
+                 .expected = epoch,
+                 .seen = plan::low_latency_epoch(seen)});
         }
         // Spin briefly, then give the core away (CI machines run many ranks on two cores).
         if (spins < 64) {
@@ -362,14 +369,16 @@ class HostLowLatency final : public LowLatencyEngine {
   }
 
   void check_tags(uint32_t theirs, int peer, int32_t phase, bool dispatch) const {
-    const char* name = low_latency_phase_name(phase);
-    EPX_CHECK(!dispatch || !(theirs & plan::kTagBadRouting), kInvalidRouting,
-              "rank " << rank_ << ": phase " << name << ": rank " << peer
-                      << " passed a topk_idx value outside [-1, " << layout_.num_experts
-                      << "); this round delivered nothing usable");
-    EPX_CHECK(plan::low_latency_tags_agree(pending_.tags, theirs, dispatch), kInvalidArgument,
-              "rank " << rank_ << ": phase " << name << ": "
-                      << describe_low_latency_tags(pending_.tags, theirs, rank_, peer, dispatch));
+    if (dispatch && (theirs & plan::kTagBadRouting)) {
+      raise({.kind = LowLatencyFailure::kBadRouting, .phase = phase, .peer = peer});
+    }
+    if (!plan::low_latency_tags_agree(pending_.tags, theirs, dispatch)) {
+      raise({.kind = LowLatencyFailure::kMismatch,
+             .phase = phase,
+             .peer = peer,
+             .expected = pending_.tags,
+             .seen = theirs});
+    }
   }
 
   // The round's counts into the counts view (and a routing dispatch's handle); weights, aux
@@ -392,12 +401,13 @@ class HostLowLatency final : public LowLatencyEngine {
       layout_.counts(ws, half)[e] = count;
       if (pending_.kind == plan::kKindDispatch) pending_.counts[e] = count;
     }
-    EPX_CHECK(overflowing < 0, kInvalidRouting,
-              "rank " << rank_ << ": phase " << low_latency_phase_name(phase) << ": expert "
-                      << rank_ * layout_.local_experts() + overflowing << " received "
-                      << counts[overflowing] << " rows, more than its region's " << capacity
-                      << " (R * low_latency_max_tokens; a token naming one expert twice takes "
-                         "two rows)");
+    if (overflowing >= 0) {
+      raise({.kind = LowLatencyFailure::kOverflow,
+             .phase = phase,
+             .peer = rank_,
+             .value = overflowing,
+             .seen = static_cast<uint64_t>(counts[overflowing])});
+    }
   }
 
   void wait_combine() {

@@ -81,7 +81,7 @@ EPX_HD LowLatencyStep low_latency_step(bool combine, bool wait_part) {
 }
 
 // Where a rank is when an LL error is recorded (the CUDA transport's phases are these after
-// its own: cuda::kPhaseLowLatency + a LowLatencyPhase). Names: core/low_latency_engine.hpp.
+// its own: cuda::kPhaseLowLatency + a LowLatencyPhase).
 enum LowLatencyPhase : int32_t {
   kPhaseDispatchSend,
   kPhaseDispatchWait,
@@ -96,6 +96,16 @@ enum LowLatencyPhase : int32_t {
 // The phases of a call of `kind` (a LowLatencyKind): its send part; its wait part is next.
 EPX_HD int32_t low_latency_send_phase(uint32_t kind) {
   return 2 * int32_t(kind);
+}
+
+// The phase's name in errors ("low-latency-dispatch/wait"), the same on both transports.
+inline const char* low_latency_phase_name(int32_t phase) {
+  static const char* const names[kLowLatencyPhaseCount] = {
+      "low-latency-dispatch/send",         "low-latency-dispatch/wait",
+      "low-latency-cached-dispatch/send",  "low-latency-cached-dispatch/wait",
+      "low-latency-combine-backward/send", "low-latency-combine-backward/wait",
+      "low-latency-combine/send",          "low-latency-combine/wait"};
+  return phase >= 0 && phase < kLowLatencyPhaseCount ? names[phase] : "unknown";
 }
 
 }  // namespace epx::plan
