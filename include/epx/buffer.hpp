@@ -134,6 +134,10 @@ class Buffer {
   // [E_l, R*S_ll, H] bf16, a view of this rank's combine region: expert outputs written here
   // (after the round's dispatch has completed) are combined without a copy.
   Tensor low_latency_combine_input();
+  // Rejects this rank's part of the LL call its peers are in (a check of a binding layer
+  // failed before the call reached epx): they raise instead of waiting, and the LL mode fails.
+  // Counts as an operation of the sequence, as the peers' calls do.
+  void low_latency_abort(void* stream = nullptr);
 
   // Waits for the stream and raises any error a device-side check recorded (invalid routing
   // found on the device, a peer timeout inside a kernel, ranks that disagreed about an

@@ -160,6 +160,12 @@ void Buffer::low_latency_wait(void* stream) {
                   {.run = [&](const plan::OpFingerprint&) { low_latency.wait(stream); }});
 }
 
+void Buffer::low_latency_abort(void* stream) {
+  detail::check_low_latency_on(config_, "low_latency_abort");
+  ++sequence_;
+  engine_->low_latency().abort(stream);
+}
+
 Tensor Buffer::low_latency_combine_input() {
   detail::check_low_latency_on(config_, "low_latency_combine_input");
   return engine_->low_latency().combine_input();

@@ -167,8 +167,7 @@ struct CachedTerms {
 // expert-side sum over several ranks (-9% at 2 thread ranks, -13% at 4), not where they
 // are present (the ballot costs ~25 us per 4 096 rows; docs/performance.md).
 template <bool SkipAbsent, typename Term>
-__device__ __forceinline__ int cache_terms(CachedTerms& cache, int num_terms, int lane,
-                                           Term term) {
+__device__ __forceinline__ int cache_terms(CachedTerms& cache, int num_terms, int lane, Term term) {
   if (num_terms > kCachedTerms) return -1;
   __syncwarp();  // the previous row's reads of the cache are done
   if constexpr (SkipAbsent) {
@@ -249,8 +248,7 @@ __device__ __forceinline__ void sum_row(int num_terms, int64_t begin, int64_t en
     sum_single_term<Vec>(cache.row[0], cache.weight[0], begin, end, lane, finish);
     return;
   }
-  for (int64_t h0 = begin + int64_t(lane) * Vec; h0 < end;
-       h0 += Span * kWarpSize * Vec) {
+  for (int64_t h0 = begin + int64_t(lane) * Vec; h0 < end; h0 += Span * kWarpSize * Vec) {
     RowSpan<Vec, Span> acc{{}, h0, end};
     if (cached >= 0) {
       sum_terms<Vec, Terms, Span>(acc, cached, from_cache);
@@ -276,8 +274,8 @@ __device__ __forceinline__ float scale_and_dot_row(const uint16_t* grad, const u
   float dot = 0.0f;
   constexpr int64_t kStride = kWarpSize * Vec;
   for (int64_t h0 = int64_t(lane) * Vec; h0 < hidden; h0 += kProductBatch * kStride) {
-    // kProductBatch chunks of grad and x loaded before any is used (memory latency), held packed until
-    // then (half the registers; docs/performance.md).
+    // kProductBatch chunks of grad and x loaded before any is used (memory latency), held packed
+    // until then (half the registers; docs/performance.md).
     PackedChunk<Vec> g[kProductBatch], x[kProductBatch];
 #pragma unroll
     for (int j = 0; j < kProductBatch; ++j) {
