@@ -218,7 +218,7 @@ class Buffer:
 
     def __init__(self, group=None, max_tokens_per_rank=None, hidden=None, num_experts=None,
                  num_topk=None, fp8_dispatch=False, timeout_seconds=100.0, *, num_sms=0,
-                 transport="auto"):
+                 transport="auto", low_latency_max_tokens=0):
         for name, value in (("max_tokens_per_rank", max_tokens_per_rank), ("hidden", hidden),
                             ("num_experts", num_experts), ("num_topk", num_topk)):
             if value is None:
@@ -230,6 +230,8 @@ class Buffer:
         transport = choose_transport(group, transport)
         config = _config(max_tokens_per_rank, hidden, num_experts, num_topk, fp8_dispatch,
                          timeout_seconds, num_sms)
+        # The low-latency mode's S_ll (epx/low_latency.py); 0: off.
+        config.low_latency_max_tokens = as_int(low_latency_max_tokens, "low_latency_max_tokens")
         if transport == "nccl":
             unique_id = _C.nccl_unique_id() if rank == 0 else None
             unique_id = _broadcast_from_first(unique_id, group)
@@ -258,6 +260,8 @@ class Buffer:
     fp8_dispatch = property(lambda self: self._c.config.fp8_dispatch)
     num_sms = property(lambda self: self._c.num_sms,
                        doc="SMs (blocks per kernel) the CUDA transport uses; 0 on the host")
+    low_latency_max_tokens = property(lambda self: self._c.config.low_latency_max_tokens,
+                                      doc="S_ll of the low-latency mode (0: off)")
 
     def __repr__(self):
         config = self._c.config

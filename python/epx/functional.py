@@ -154,3 +154,8 @@ def combine(buffer: Buffer, x: torch.Tensor, handle: Handle,
         raise error("combine: weights cannot be given with a compact handle (the expert side "
                     "applies them when it reduces its local experts)")
     return _Combine.apply(x, weights, getattr(handle, "_autograd_link", None), buffer, handle)
+
+
+# The low-latency mode's autograd functions (epx/low_latency.py).
+from .low_latency import functional_combine as low_latency_combine  # noqa: E402,F401
+from .low_latency import functional_dispatch as low_latency_dispatch  # noqa: E402,F401
