@@ -32,7 +32,7 @@
 #include <string>
 #include <vector>
 
-#include "common/arena_allocator.hpp"
+#include "common/graph_replay.hpp"
 #include "common/cuda_device_ops.hpp"
 #include "common/thread_ranks.hpp"
 #include "common/multi_process.hpp"

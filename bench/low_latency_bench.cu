@@ -21,8 +21,8 @@
 #include <random>
 #include <vector>
 
-#include "common/arena_allocator.hpp"
 #include "common/cuda_device_ops.hpp"
+#include "common/graph_replay.hpp"
 #include "epx/buffer.hpp"
 #include "epx/error.hpp"
 #include "low_latency_bench.hpp"

@@ -64,7 +64,11 @@ plan::WorkspaceLayout workspace_layout(const BufferConfig& config, int num_ranks
 Handle new_handle(const EngineContext& context, const DispatchOptions& options,
                   int64_t num_tokens);
 
+// What each transport provides: its engine, and the allocator behind default_allocator() for
+// its memory (the CUDA ones throw in a build without CUDA: src/core/no_cuda.cpp).
 std::unique_ptr<Engine> make_host_engine(const EngineContext& context);
-std::unique_ptr<Engine> make_cuda_engine(const EngineContext& context);  // throws without CUDA
+std::unique_ptr<Engine> make_cuda_engine(const EngineContext& context);
+std::shared_ptr<Allocator> make_host_allocator();  // src/core/tensor.cpp
+std::shared_ptr<Allocator> make_cuda_allocator();  // src/cuda/runtime/cuda_allocator.cpp
 
 }  // namespace epx::detail

@@ -33,7 +33,7 @@ struct SourceHeader {
   int32_t num_tokens;  // tokens staged (dispatch) or rows sent (combine), for checks
   int32_t status;      // 0, or a RoutingStatus: the source found its own input invalid
   int32_t channels;    // bit 0: weights sent, bit 1: aux sent
-  int32_t unused;
+  int32_t unused = 0;
   int64_t bad_value;   // the offending topk_idx value when status != 0
 };
 

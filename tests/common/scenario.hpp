@@ -3,6 +3,7 @@
 // (expanded, weighted) combine_backward, every output element compared bit for bit.
 #pragma once
 
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <string>
@@ -43,6 +44,12 @@ class PoisonAllocator : public Allocator {
   std::function<void(void*, size_t, void*)> fill_;
 };
 constexpr unsigned char kPoisonByte = 0x7f;
+
+// The default host allocator, poisoned.
+inline std::shared_ptr<Allocator> poisoned_host_allocator() {
+  return std::make_shared<PoisonAllocator>(
+      default_allocator(), [](void* p, size_t n, void*) { std::memset(p, kPoisonByte, n); });
+}
 
 struct PhaseTimes {
   double dispatch_ms = 0, cached_ms = 0, combine_ms = 0, backward_ms = 0;

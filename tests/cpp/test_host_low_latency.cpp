@@ -15,7 +15,7 @@
 
 #include "common/low_latency_scenario.hpp"
 #include "common/multi_process.hpp"
-#include "cpp/host_fixture.hpp"
+#include "common/scenario.hpp"
 #include "epx/error.hpp"
 
 namespace epx::testing {

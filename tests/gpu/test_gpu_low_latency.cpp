@@ -21,9 +21,8 @@
 #include <iostream>
 #include <random>
 
-#include "common/arena_allocator.hpp"
 #include "common/cuda_device_ops.hpp"
-#include "common/gpu_test_support.hpp"
+#include "common/graph_replay.hpp"
 #include "common/low_latency_scenario.hpp"
 #include "common/multi_process.hpp"
 #include "common/thread_ranks.hpp"
