@@ -32,9 +32,6 @@ class LowLatencyHandle:
     def __init__(self, c_handle):
         self._c = c_handle
         self._tensors = {}
-        # Set by epx.functional.low_latency_dispatch: whether its backward (a combine) will end
-        # the round that the backward of a combine over this handle starts.
-        self.dispatch_backward = False
 
     def _tensor(self, name):
         if name not in self._tensors:
@@ -179,7 +176,9 @@ for _method in (low_latency_dispatch, low_latency_combine, low_latency_combine_b
 # The backward of a combine starts a round (combine_backward moves rows the dispatch way); the
 # dispatch's backward, a combine, ends it. When the dispatch has no backward (nothing it got
 # requires grad), the combine's backward ends the round itself with a combine whose result is
-# dropped, so that the calls keep alternating.
+# dropped, so that the calls keep alternating. As in epx.functional's dispatch, an empty `link`
+# output of the dispatch goes into the combine's node, so that both backwards run on every rank
+# whose dispatch input requires grad (they are collectives).
 
 
 def _grad_or_zeros(grad, shape, dtype, device):
@@ -189,32 +188,38 @@ def _grad_or_zeros(grad, shape, dtype, device):
 
 
 class _LowLatencyDispatch(torch.autograd.Function):
+    """Outputs recv_x, [recv_weights,] link (see above)."""
+
     @staticmethod
     def forward(ctx, x, weights, buffer, topk_idx, handle_out):
         result = buffer.low_latency_dispatch(x.detach(), topk_idx,
                                              None if weights is None else weights.detach())
-        ctx.buffer, ctx.handle = buffer, result.handle
+        ctx.buffer = buffer
+        # The C++ handle, not the Python one, which holds `link`, whose node holds this context.
+        ctx.handle_c = result.handle._c
         ctx.has_weights = weights is not None
         ctx.recv_shape = result.x.shape
         needs_grad = any(ctx.needs_input_grad[:2])
-        result.handle.dispatch_backward = needs_grad
         handle_out.append(result.handle)
         # With gradients, copies: the workspace views are overwritten by later rounds, while
         # autograd may keep them (for the experts' backward) much longer.
         recv_x = result.x.clone() if needs_grad else result.x
+        link = torch.empty(0, device=recv_x.device)
         if weights is None:
-            return recv_x
-        return recv_x, result.weights.clone() if needs_grad else result.weights
+            return recv_x, link
+        return recv_x, result.weights.clone() if needs_grad else result.weights, link
 
     @staticmethod
-    def backward(ctx, grad_recv_x, grad_recv_weights=None):
+    def backward(ctx, grad_recv_x, *grads):
+        grad_recv_weights = grads[0] if ctx.has_weights else None
         buffer = ctx.buffer
         grad_recv_x = _grad_or_zeros(grad_recv_x, ctx.recv_shape, torch.bfloat16, buffer.device)
         scalars = None
         if ctx.has_weights:  # always sent with weights, so every rank passes the same channels
             scalars = _grad_or_zeros(grad_recv_weights, ctx.recv_shape[:2], torch.float32,
                                      buffer.device)
-        result = buffer.low_latency_combine(grad_recv_x, ctx.handle, scalars=scalars)
+        result = buffer.low_latency_combine(grad_recv_x, LowLatencyHandle(ctx.handle_c),
+                                            scalars=scalars)
         grad_x = result.x if ctx.needs_input_grad[0] else None
         grad_weights = result.scalars if ctx.has_weights and ctx.needs_input_grad[1] else None
         return grad_x, grad_weights, None, None, None
@@ -222,14 +227,14 @@ class _LowLatencyDispatch(torch.autograd.Function):
 
 class _LowLatencyCombine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weights, buffer, handle):
+    def forward(ctx, x, weights, link, buffer, handle):
         result = buffer.low_latency_combine(x.detach(), handle,
                                             weights=None if weights is None else weights.detach())
-        ctx.buffer, ctx.handle = buffer, handle
+        ctx.buffer, ctx.handle, ctx.link = buffer, handle, link
         ctx.has_weights = weights is not None
         # Kept for the backward as copies: the combine region and the dispatch's views are
         # overwritten by later rounds.
-        if any(ctx.needs_input_grad[:2]):
+        if any(ctx.needs_input_grad[:3]):
             ctx.x = x.detach().clone()
             ctx.weights = (torch.ones(x.shape[:2], dtype=torch.float32, device=x.device)
                            if weights is None else weights.detach().clone())
@@ -242,10 +247,11 @@ class _LowLatencyCombine(torch.autograd.Function):
         grad_y = _grad_or_zeros(grad_y, ctx.y_shape, torch.bfloat16, buffer.device)
         grad_x, grad_weights = buffer.low_latency_combine_backward(grad_y, handle, x=ctx.x,
                                                                    weights=ctx.weights)
-        if not handle.dispatch_backward:
+        if ctx.link is None:  # the dispatch has no backward to end the round
             buffer.low_latency_combine(buffer.low_latency_combine_input(), handle)
         return (grad_x if ctx.needs_input_grad[0] else None,
-                grad_weights if ctx.has_weights and ctx.needs_input_grad[1] else None, None, None)
+                grad_weights if ctx.has_weights and ctx.needs_input_grad[1] else None,
+                None if ctx.link is None else torch.zeros_like(ctx.link), None, None)
 
 
 def functional_dispatch(buffer: Buffer, x: torch.Tensor, topk_idx: torch.Tensor,
@@ -258,16 +264,20 @@ def functional_dispatch(buffer: Buffer, x: torch.Tensor, topk_idx: torch.Tensor,
     recv_x, 0 in recv_weights. The backward combines the gradients home."""
     handle_out = []
     if weights is None:
-        recv_x = _LowLatencyDispatch.apply(x, None, buffer, topk_idx, handle_out)
+        recv_x, link = _LowLatencyDispatch.apply(x, None, buffer, topk_idx, handle_out)
         recv_weights = None
     else:
-        recv_x, recv_weights = _LowLatencyDispatch.apply(x, weights, buffer, topk_idx,
-                                                         handle_out)
-    return recv_x, recv_weights, handle_out[0]
+        recv_x, recv_weights, link = _LowLatencyDispatch.apply(x, weights, buffer, topk_idx,
+                                                               handle_out)
+    handle = handle_out[0]
+    if link.requires_grad:
+        handle._autograd_link = link
+    return recv_x, recv_weights, handle
 
 
 def functional_combine(buffer: Buffer, x: torch.Tensor, handle: LowLatencyHandle,
                        weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Differentiable LL combine: y [S, H] bf16 = sum over k of w_row * x_row; x and weights
     [E_l, R*S_ll(, H)] (weights typically the dispatch's recv_weights), differentiable."""
-    return _LowLatencyCombine.apply(x, weights, buffer, handle)
+    return _LowLatencyCombine.apply(x, weights, getattr(handle, "_autograd_link", None), buffer,
+                                    handle)
