@@ -3,6 +3,7 @@
 #include <sstream>
 
 #include "core/engine.hpp"
+#include "core/output_batch.hpp"
 #include "epx/error.hpp"
 #include "plan/low_latency_protocol.hpp"
 
@@ -111,6 +112,56 @@ void raise_low_latency_failure(const LowLatencyFailure& f, int rank,
     }
   }
   throw_error(code, __FILE__, __LINE__, out.str());
+}
+
+uint32_t LowLatencyEngine::dispatch_tags(const DispatchInputs& in, uint32_t kind, int half) {
+  return plan::low_latency_kind_tag(kind) | (half ? plan::kTagHalf : 0u) |
+         (in.weights.defined() ? plan::kTagWeights : 0u) |
+         (in.aux.defined() ? plan::kTagSecondScalar : 0u) |
+         (in.x.dtype == DType::kFloat8E4M3 ? plan::kTagFp8 : 0u);
+}
+
+uint32_t LowLatencyEngine::combine_tags(const LowLatencyCombineInputs& in, int half) {
+  return plan::low_latency_kind_tag(plan::kKindCombine) | (half ? plan::kTagHalf : 0u) |
+         (in.weights.defined() ? plan::kTagWeights : 0u) |
+         (in.scalars.defined() ? plan::kTagSecondScalar : 0u);
+}
+
+LowLatencyHandle LowLatencyEngine::new_handle(const EngineContext& context, int64_t num_tokens,
+                                              Device device, void* stream) const {
+  LowLatencyHandle handle(context.buffer_id, context.comm.rank(), context.comm.num_ranks(),
+                          num_tokens);
+  OutputBatch batch;
+  batch.pack(&handle.topk_idx, DType::kInt32, {num_tokens, layout_.num_topk});
+  batch.pack(&handle.slots, DType::kInt32, {num_tokens, layout_.num_topk});
+  batch.pack(&handle.counts, DType::kInt32, {layout_.local_experts()});
+  batch.allocate(*context.allocator, device, stream);
+  return handle;
+}
+
+LowLatencyDispatchResult LowLatencyEngine::receive_views(char* ws, int half,
+                                                         const DispatchInputs& in,
+                                                         const LowLatencyHandle& handle,
+                                                         Device device) const {
+  const int64_t experts = layout_.local_experts(), rows = layout_.expert_rows();
+  auto view = [&](void* data, DType dtype, std::vector<int64_t> shape) {
+    return Tensor{TensorView(data, dtype, std::move(shape), device), nullptr};
+  };
+  LowLatencyDispatchResult result{.handle = handle};
+  result.x = view(layout_.recv_rows(ws, half), in.x.dtype, {experts, rows, layout_.hidden});
+  if (in.x_scales.defined()) {
+    result.x_scales = view(layout_.recv_scales(ws, half), DType::kFloat32,
+                           {experts, rows, layout_.scales_per_row()});
+  }
+  if (in.weights.defined()) {
+    result.weights = view(layout_.recv_weights(ws, half), DType::kFloat32, {experts, rows});
+  }
+  if (in.aux.defined()) {
+    result.aux = view(layout_.recv_aux(ws, half), DType::kFloat32, {experts, rows});
+  }
+  result.src_info = view(layout_.src_info(ws, half), DType::kInt32, {experts, rows});
+  result.counts = view(layout_.counts(ws, half), DType::kInt32, {experts});
+  return result;
 }
 
 LowLatencyEngine& Engine::low_latency() {

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 
+#include "core/engine.hpp"
 #include "epx/buffer.hpp"
 #include "plan/low_latency_layout.hpp"
 #include "plan/op_record.hpp"
@@ -93,6 +94,17 @@ class LowLatencyEngine {
                                                      const TensorView& x, const TensorView& weights,
                                                      int half, void* stream) = 0;
   virtual void wait_part(void* stream) = 0;
+
+  // What both transports build alike. The flag tags of this rank's call
+  // (plan/low_latency_protocol.hpp): a dispatch-direction call of `kind` with `in`, a combine.
+  static uint32_t dispatch_tags(const DispatchInputs& in, uint32_t kind, int half);
+  static uint32_t combine_tags(const LowLatencyCombineInputs& in, int half);
+  // A routing dispatch's handle, its three arrays in one allocation (the call's only one).
+  LowLatencyHandle new_handle(const EngineContext& context, int64_t num_tokens, Device device,
+                              void* stream) const;
+  // A dispatch's outputs: views of half `half` of this rank's workspace at `ws`.
+  LowLatencyDispatchResult receive_views(char* ws, int half, const DispatchInputs& in,
+                                         const LowLatencyHandle& handle, Device device) const;
   // Sets this rank's line of every peer's `failed` flags (plan/low_latency_layout.hpp).
   virtual void publish_failed(void* stream) = 0;
 

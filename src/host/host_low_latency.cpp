@@ -63,8 +63,8 @@ class HostLowLatency final : public LowLatencyEngine {
                                          int half, bool wait, void*) override {
     const uint32_t kind = cached ? plan::kKindCached : plan::kKindDispatch;
     enter(kind, false);
-    LowLatencyHandle handle = cached ? *cached : new_handle(in.x.size(0));
-    const bool fp8 = in.x.dtype == DType::kFloat8E4M3;
+    LowLatencyHandle handle =
+        cached ? *cached : new_handle(context_, in.x.size(0), Device::cpu(), nullptr);
     pending_ = Pending{.kind = kind,
                        .half = half,
                        .tags = dispatch_tags(in, kind, half),
@@ -73,23 +73,7 @@ class HostLowLatency final : public LowLatencyEngine {
     publish_to_peers(/*ready=*/false,
                      pending_.tags | (pending_.bad_value ? plan::kTagBadRouting : 0u));
     state_ = plan::kStateDispatchSent;
-    const int32_t local_experts = layout_.local_experts();
-    const int64_t rows = layout_.expert_rows();
-    char* ws = local();
-    LowLatencyDispatchResult result{.handle = handle};
-    result.x = view(layout_.recv_rows(ws, half), in.x.dtype, {local_experts, rows, layout_.hidden});
-    if (fp8) {
-      result.x_scales = view(layout_.recv_scales(ws, half), DType::kFloat32,
-                             {local_experts, rows, layout_.scales_per_row()});
-    }
-    if (in.weights.defined()) {
-      result.weights = view(layout_.recv_weights(ws, half), DType::kFloat32, {local_experts, rows});
-    }
-    if (in.aux.defined()) {
-      result.aux = view(layout_.recv_aux(ws, half), DType::kFloat32, {local_experts, rows});
-    }
-    result.src_info = view(layout_.src_info(ws, half), DType::kInt32, {local_experts, rows});
-    result.counts = view(layout_.counts(ws, half), DType::kInt32, {local_experts});
+    LowLatencyDispatchResult result = receive_views(local(), half, in, handle, Device::cpu());
     if (wait) wait_part(nullptr);
     return result;
   }
@@ -123,10 +107,7 @@ class HostLowLatency final : public LowLatencyEngine {
       }
       if (in.scalars.defined()) layout_.combine_scalars(ws)[row] = in.scalars.ptr<float>()[row];
     });
-    const uint32_t tags = plan::low_latency_kind_tag(plan::kKindCombine) |
-                          (half ? plan::kTagHalf : 0u) |
-                          (in.weights.defined() ? plan::kTagWeights : 0u) |
-                          (in.scalars.defined() ? plan::kTagSecondScalar : 0u);
+    const uint32_t tags = combine_tags(in, half);
     publish_to_peers(/*ready=*/true, tags | (weights_in_recv ? plan::kTagWeightsInRecv : 0u));
     state_ = plan::kStateCombineSent;
     pending_ = Pending{.kind = plan::kKindCombine,
@@ -152,13 +133,12 @@ class HostLowLatency final : public LowLatencyEngine {
     outputs.add(&result.grad_x, DType::kBFloat16, {local_experts, rows, hidden});
     outputs.add(&result.grad_weights, DType::kFloat32, {local_experts, rows});
     outputs.allocate(*context_.allocator, Device::cpu(), nullptr);
-    pending_ = Pending{
-        .kind = plan::kKindBackward,
-        .half = half,
-        .tags = plan::low_latency_kind_tag(plan::kKindBackward) | (half ? plan::kTagHalf : 0u),
-        .counts = handle.counts.ptr<int32_t>()};
     DispatchInputs rows_in;
     rows_in.x = grad_y;
+    pending_ = Pending{.kind = plan::kKindBackward,
+                       .half = half,
+                       .tags = dispatch_tags(rows_in, plan::kKindBackward, half),
+                       .counts = handle.counts.ptr<int32_t>()};
     send_rows(rows_in, handle, half, false);
     publish_to_peers(/*ready=*/false, pending_.tags);
     state_ = plan::kStateDispatchSent;
@@ -253,23 +233,6 @@ class HostLowLatency final : public LowLatencyEngine {
 
   [[noreturn]] void raise(const LowLatencyFailure& failure) const {
     raise_low_latency_failure(failure, rank_, layout_, context_.config.timeout_seconds);
-  }
-
-  LowLatencyHandle new_handle(int64_t num_tokens) {
-    LowLatencyHandle handle(context_.buffer_id, rank_, num_ranks_, num_tokens);
-    OutputBatch batch;
-    batch.pack(&handle.topk_idx, DType::kInt32, {num_tokens, layout_.num_topk});
-    batch.pack(&handle.slots, DType::kInt32, {num_tokens, layout_.num_topk});
-    batch.pack(&handle.counts, DType::kInt32, {layout_.local_experts()});
-    batch.allocate(*context_.allocator, Device::cpu(), nullptr);
-    return handle;
-  }
-
-  uint32_t dispatch_tags(const DispatchInputs& in, uint32_t kind, int half) const {
-    return plan::low_latency_kind_tag(kind) | (half ? plan::kTagHalf : 0u) |
-           (in.weights.defined() ? plan::kTagWeights : 0u) |
-           (in.aux.defined() ? plan::kTagSecondScalar : 0u) |
-           (in.x.dtype == DType::kFloat8E4M3 ? plan::kTagFp8 : 0u);
   }
 
   // Every (t, k) with a local expert somewhere: its row (and scales, weights, aux, src_info)

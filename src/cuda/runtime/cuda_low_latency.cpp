@@ -9,13 +9,6 @@
 namespace epx::detail {
 namespace {
 
-uint32_t dispatch_tags(const DispatchInputs& in, uint32_t kind, int half) {
-  return plan::low_latency_kind_tag(kind) | (half ? plan::kTagHalf : 0u) |
-         (in.weights.defined() ? plan::kTagWeights : 0u) |
-         (in.aux.defined() ? plan::kTagSecondScalar : 0u) |
-         (in.x.dtype == DType::kFloat8E4M3 ? plan::kTagFp8 : 0u);
-}
-
 // The LL failure a kernel's record stands for.
 LowLatencyFailure failure_of(const cuda::DeviceStatus& status) {
   LowLatencyFailure failure{.kind = LowLatencyFailure::kTimeout,
@@ -102,18 +95,8 @@ LowLatencyDispatchResult CudaLowLatency::send_dispatch(const DispatchInputs& in,
   DeviceGuard guard(device_);
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const int64_t num_tokens = in.x.size(0);
-  const int32_t local_experts = layout_.local_experts();
-  const int64_t rows = layout_.expert_rows();
-  LowLatencyHandle handle = cached ? *cached
-                                   : LowLatencyHandle(context_.buffer_id, context_.comm.rank(),
-                                                      context_.comm.num_ranks(), num_tokens);
-  if (!cached) {
-    OutputBatch batch;  // the call's one allocation
-    batch.pack(&handle.topk_idx, DType::kInt32, {num_tokens, layout_.num_topk});
-    batch.pack(&handle.slots, DType::kInt32, {num_tokens, layout_.num_topk});
-    batch.pack(&handle.counts, DType::kInt32, {local_experts});
-    batch.allocate(*context_.allocator, Device::cuda(device_), stream);
-  }
+  const LowLatencyHandle handle =
+      cached ? *cached : new_handle(context_, num_tokens, Device::cuda(device_), stream);
   const uint32_t kind = cached ? plan::kKindCached : plan::kKindDispatch;
   const cuda::LowLatencyDispatchParams params{
       .ll = kernel_context(half, dispatch_tags(in, kind, half)),
@@ -137,22 +120,7 @@ LowLatencyDispatchResult CudaLowLatency::send_dispatch(const DispatchInputs& in,
     pending_dispatch_->send = false;
     pending_dispatch_->wait = true;
   }
-  char* ws = links_.local_workspace();
-  LowLatencyDispatchResult result{.handle = handle};
-  result.x = view(layout_.recv_rows(ws, half), in.x.dtype, {local_experts, rows, layout_.hidden});
-  if (in.x_scales.defined()) {
-    result.x_scales = view(layout_.recv_scales(ws, half), DType::kFloat32,
-                           {local_experts, rows, layout_.scales_per_row()});
-  }
-  if (in.weights.defined()) {
-    result.weights = view(layout_.recv_weights(ws, half), DType::kFloat32, {local_experts, rows});
-  }
-  if (in.aux.defined()) {
-    result.aux = view(layout_.recv_aux(ws, half), DType::kFloat32, {local_experts, rows});
-  }
-  result.src_info = view(layout_.src_info(ws, half), DType::kInt32, {local_experts, rows});
-  result.counts = view(layout_.counts(ws, half), DType::kInt32, {local_experts});
-  return result;
+  return receive_views(links_.local_workspace(), half, in, handle, Device::cuda(device_));
 }
 
 LowLatencyCombineResult CudaLowLatency::send_combine(const LowLatencyCombineInputs& in,
@@ -172,11 +140,8 @@ LowLatencyCombineResult CudaLowLatency::send_combine(const LowLatencyCombineInpu
     outputs.add(&result.scalars, DType::kFloat32, {handle.num_tokens, layout_.num_topk});
   }
   outputs.allocate(*context_.allocator, Device::cuda(device_), stream);
-  const uint32_t tags = plan::low_latency_kind_tag(plan::kKindCombine) |
-                        (half ? plan::kTagHalf : 0u) | (weighted ? plan::kTagWeights : 0u) |
-                        (in.scalars.defined() ? plan::kTagSecondScalar : 0u);
   const cuda::LowLatencyCombineParams params{
-      .ll = kernel_context(half, tags),
+      .ll = kernel_context(half, combine_tags(in, half)),
       .wait = wait,
       .x = x_in_place ? nullptr : in.x.ptr<const uint16_t>(),
       .weights = weighted && !weights_in_recv ? in.weights.ptr<const float>() : nullptr,
@@ -213,21 +178,22 @@ CombineBackwardResult CudaLowLatency::run_combine_backward(const TensorView& gra
   outputs.add(&result.grad_x, DType::kBFloat16, {local_experts, layout_.expert_rows(), hidden});
   outputs.add(&result.grad_weights, DType::kFloat32, {local_experts, layout_.expert_rows()});
   outputs.allocate(*context_.allocator, Device::cuda(device_), stream);
-  const uint32_t tags =
-      plan::low_latency_kind_tag(plan::kKindBackward) | (half ? plan::kTagHalf : 0u);
-  cuda::launch_low_latency_backward({.ll = kernel_context(half, tags),
-                                     .rows = {.kind = plan::kKindBackward,
-                                              .x = grad_y.ptr<const char>(),
-                                              .row_bytes = hidden * 2,
-                                              .num_tokens = handle.num_tokens,
-                                              .topk32 = handle.topk_idx.ptr<int32_t>(),
-                                              .slots = handle.slots.ptr<int32_t>()},
-                                     .counts = handle.counts.ptr<const int32_t>(),
-                                     .x = x.ptr<const uint16_t>(),
-                                     .weights = weights.ptr<const float>(),
-                                     .grad_x = result.grad_x.ptr<uint16_t>(),
-                                     .grad_weights = result.grad_weights.ptr<float>()},
-                                    stream);
+  DispatchInputs rows_in;
+  rows_in.x = grad_y;
+  cuda::launch_low_latency_backward(
+      {.ll = kernel_context(half, dispatch_tags(rows_in, plan::kKindBackward, half)),
+       .rows = {.kind = plan::kKindBackward,
+                .x = grad_y.ptr<const char>(),
+                .row_bytes = hidden * 2,
+                .num_tokens = handle.num_tokens,
+                .topk32 = handle.topk_idx.ptr<int32_t>(),
+                .slots = handle.slots.ptr<int32_t>()},
+       .counts = handle.counts.ptr<const int32_t>(),
+       .x = x.ptr<const uint16_t>(),
+       .weights = weights.ptr<const float>(),
+       .grad_x = result.grad_x.ptr<uint16_t>(),
+       .grad_weights = result.grad_weights.ptr<float>()},
+      stream);
   EPX_CUDA_CHECK(cudaGetLastError());
   return result;
 }
