@@ -75,18 +75,6 @@ inline int env_int(const char* name, int fallback) {
   return value ? std::atoi(value) : fallback;
 }
 
-// `tag` names the suite in the printed line.
-inline uint64_t base_seed(const char* tag) {
-  static const uint64_t seed = [tag] {
-    const char* env = std::getenv("EPX_TEST_SEED");
-    const uint64_t value = env ? std::strtoull(env, nullptr, 10) : std::random_device{}();
-    std::cout << "[" << tag << "] base seed " << value << " (EPX_TEST_SEED=" << value
-              << " replays this run)" << std::endl;
-    return value;
-  }();
-  return seed;
-}
-
 // Dispatches `in` on a buffer where rank `missing` never arrives and prints what was raised and
 // when (`tag` names the suite): "" when it is kTimeout naming the entry phase and that rank, in
 // bounded time.

@@ -8,10 +8,8 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
-#include <cstdlib>
 #include <functional>
 #include <iostream>
-#include <random>
 
 #include "common/low_latency_scenario.hpp"
 #include "common/multi_process.hpp"
@@ -21,16 +19,7 @@
 namespace epx::testing {
 namespace {
 
-uint64_t base_seed() {
-  static const uint64_t seed = [] {
-    const char* env = std::getenv("EPX_TEST_SEED");
-    const uint64_t value = env ? std::strtoull(env, nullptr, 10) : std::random_device{}();
-    std::cout << "[epx] host low-latency tests: base seed " << value << " (EPX_TEST_SEED=" << value
-              << " replays this run)" << std::endl;
-    return value;
-  }();
-  return seed;
-}
+uint64_t base_seed() { return ::epx::testing::base_seed("epx-host-low-latency"); }
 
 // Runs `fn` on `num_ranks` rank processes sharing one host-transport buffer built for `c`.
 std::string on_ranks(int num_ranks, const LowLatencyCase& c, double timeout_seconds,

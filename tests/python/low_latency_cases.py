@@ -1,14 +1,13 @@
 """Code that runs on every rank (through ranks.RankPool) for the low-latency mode: the exchange
-against a torch oracle (written from docs/semantics.md's low-latency section), and an
-expert-parallel MoE layer through epx.functional's LL functions against the same layer on one
-device. Every rank regenerates every rank's inputs from the seed."""
+against a torch oracle (written from docs/semantics.md's low-latency section), its errors, and
+experts that learn from inputs without grad (the MoE gradient case is rank_cases.moe_grad_case
+with low_latency=True). Every rank regenerates every rank's inputs from the seed."""
 
 import torch
-import torch.distributed as dist
 
 import epx
 import epx.functional as F
-from rank_cases import _dense_layer, _expert, _relative_error, _routing, _same, make_inputs
+from rank_cases import _expert, _same, make_inputs
 from reference import fma
 
 S_LL, HIDDEN, NUM_TOPK, LOCAL_EXPERTS = 20, 256, 3, 3
@@ -185,64 +184,6 @@ def errors_case(ctx, seed):
     except epx.EpxError as error:
         codes.append(error.code.name)
     return codes
-
-
-def moe_grad_case(ctx, seed, local_experts=2, num_topk=2, hidden=32, max_tokens=24, steps=1,
-                  mask_fraction=0.0, empty_rank=None):
-    """An expert-parallel MoE layer through epx.functional's LL functions against the dense
-    layer (rank_cases._dense_layer): gradients of the input, the top-k weights, the router and
-    the experts, over `steps` steps on one buffer. The experts run on every row of their region
-    and keep the real ones (the first counts[e])."""
-    world, rank, dev = ctx.world, ctx.rank, ctx.device
-    num_experts = local_experts * world
-    g = torch.Generator().manual_seed(seed)
-    router = torch.randn(hidden, num_experts, generator=g) * 0.5
-    experts = torch.randn(num_experts, hidden, hidden, generator=g) / hidden ** 0.5
-    buffer = ctx.buffer(max_tokens_per_rank=1, hidden=hidden, num_experts=num_experts,
-                        num_topk=num_topk, low_latency_max_tokens=max_tokens)
-    report = []
-    for _ in range(steps):
-        sizes = [0 if r == empty_rank else int(torch.randint(1, max_tokens + 1, (1,), generator=g))
-                 for r in range(world)]
-        x_all = [torch.randn(s, hidden, generator=g).bfloat16() for s in sizes]
-        grad_out_all = [torch.randn(s, hidden, generator=g) for s in sizes]
-        mask_all = [torch.rand(s, num_topk, generator=g) < mask_fraction for s in sizes]
-        topk_all = [_routing(x, router, num_topk, m) for x, m in zip(x_all, mask_all)]
-
-        x = x_all[rank].to(dev, copy=True).requires_grad_()
-        router_p = router.clone().to(dev).requires_grad_()
-        experts_p = experts.clone().to(dev).requires_grad_()
-        topk = topk_all[rank].to(dev)
-        probs = torch.softmax(x.float() @ router_p, dim=-1)
-        weights = probs.gather(1, topk.clamp(min=0)).masked_fill(mask_all[rank].to(dev), 0.0)
-        weights.retain_grad()
-        recv_x, recv_w, handle = F.low_latency_dispatch(buffer, x, topk, weights)
-        first = rank * local_experts
-        real = (torch.arange(recv_x.shape[1], device=dev).unsqueeze(0) <
-                handle.counts.to(dev).long().unsqueeze(1))  # [E_l, R*S_ll]
-        h = torch.stack([_expert(recv_x[e], experts_p[first + e]) for e in range(local_experts)])
-        h = torch.where(real.unsqueeze(-1), h, torch.zeros((), device=dev)).bfloat16()
-        y = F.low_latency_combine(buffer, h, handle, recv_w)
-        assert y.shape == x.shape and y.dtype == torch.bfloat16
-        (y.float() * grad_out_all[rank].to(dev)).sum().backward()
-
-        router_grad, experts_grad, weights_grad = (
-            torch.zeros_like(p) if p.grad is None else p.grad.clone()
-            for p in (router_p, experts_p, weights))
-        dist.all_reduce(router_grad)
-        dist.all_reduce(experts_grad)
-        want_x, want_w, want_router, want_experts = _dense_layer(
-            x_all, router, experts, topk_all, mask_all, grad_out_all)
-        entry = dict(tokens=sizes[rank], router=_relative_error(router_grad, want_router),
-                     experts=_relative_error(experts_grad, want_experts))
-        if sizes[rank] > 0:
-            x_grad = torch.zeros_like(x) if x.grad is None else x.grad
-            entry["x"] = _relative_error(x_grad, want_x[rank])
-            entry["weights"] = _relative_error(weights_grad, want_w[rank])
-        report.append(entry)
-        router = router - 0.1 * want_router.float()
-        experts = experts - 0.1 * want_experts.float()
-    return report
 
 
 def frozen_inputs_case(ctx, seed):

@@ -6,9 +6,9 @@ device within 2e-2."""
 import pytest
 
 import low_latency_cases
+import rank_cases
 from ranks import BACKENDS
-
-TOLERANCE = 2e-2
+from test_autograd import check
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -32,25 +32,16 @@ def test_errors(run_ranks, backend):
         assert codes == ["INVALID_ARGUMENT", "INVALID_ARGUMENT", "INVALID_ARGUMENT", "UNUSABLE"]
 
 
-def check(reports):
-    for rank, report in enumerate(reports):
-        for step, entry in enumerate(report):
-            for name in ("x", "weights", "router", "experts"):
-                if name in entry:
-                    assert entry[name] <= TOLERANCE, (
-                        f"rank {rank} step {step}: {name} gradient relative error "
-                        f"{entry[name]:.3g} > {TOLERANCE}: {entry}")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_moe_gradients_match_dense_layer(run_ranks, backend):
-    check(run_ranks(2, backend, low_latency_cases.moe_grad_case, seed=200, steps=2))
+    check(run_ranks(2, backend, rank_cases.moe_grad_case, seed=200, steps=2, low_latency=True),
+          steps=2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_moe_gradients_masked_experts_and_a_rank_without_tokens(run_ranks, backend):
-    check(run_ranks(3, backend, low_latency_cases.moe_grad_case, seed=201, num_topk=3,
-                    mask_fraction=0.3, empty_rank=1))
+    check(run_ranks(3, backend, rank_cases.moe_grad_case, seed=201, num_topk=3,
+                    mask_fraction=0.3, empty_rank=1, low_latency=True))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -225,15 +225,6 @@ struct BackwardVariant {
 };
 constexpr BackwardVariant kBackwardVariants[] = {{8, backward_kernel<8>}, {1, backward_kernel<1>}};
 
-// The table entry whose conditions `matches`; every combination the launchers ask for has one.
-template <typename Variant, size_t N, typename Matches>
-const Variant& pick(const Variant (&variants)[N], Matches&& matches) {
-  for (const Variant& variant : variants) {
-    if (matches(variant)) return variant;
-  }
-  return variants[N - 1];  // unreachable: the tables cover every combination
-}
-
 }  // namespace
 
 void load_combine_kernels() {
@@ -248,7 +239,7 @@ void launch_combine_send(const CombineSendParams& params, cudaStream_t stream) {
   const int vec = vector_width(layout.hidden, {params.x});
   const bool wide =
       reduce && wide_sums(vec, RowTerms::kTopkAtExpert, layout.num_topk, layout.num_ranks);
-  const SendVariant& variant = pick(kSendVariants, [&](const SendVariant& v) {
+  const SendVariant& variant = pick_variant(kSendVariants, [&](const SendVariant& v) {
     return v.vec == vec && v.reduce == reduce && v.wide == wide;
   });
   launch_chained(variant.kernel, params.num_blocks, kThreads, 0, stream, params.topo.chained,
@@ -261,7 +252,7 @@ void launch_combine_reduce(const CombineReduceParams& params, cudaStream_t strea
       vector_width(layout.hidden, {params.bias0, params.bias1, params.y, params.own_x});
   const RowTerms terms = params.at_source ? RowTerms::kTopkAtSource : RowTerms::kRanks;
   const bool wide = wide_sums(vec, terms, layout.num_topk, layout.num_ranks);
-  const ReduceVariant& variant = pick(
+  const ReduceVariant& variant = pick_variant(
       kReduceVariants, [&](const ReduceVariant& v) { return v.vec == vec && v.wide == wide; });
   launch_chained(variant.kernel, params.num_blocks, kThreads, 0, stream, params.topo.chained,
                  params);
@@ -271,7 +262,7 @@ void launch_backward(const BackwardParams& params, cudaStream_t stream) {
   const int vec =
       vector_width(params.topo.layout.hidden, {params.x, params.grad_x, params.own_grad_y});
   const BackwardVariant& variant =
-      pick(kBackwardVariants, [&](const BackwardVariant& v) { return v.vec == vec; });
+      pick_variant(kBackwardVariants, [&](const BackwardVariant& v) { return v.vec == vec; });
   launch_chained(variant.kernel, params.num_blocks, kThreads, 0, stream, params.topo.chained,
                  params);
 }

@@ -273,6 +273,17 @@ void launch_backward(const BackwardParams& params, cudaStream_t stream);
 // workspace rendezvous, when no peer kernel can be waiting for this rank yet.
 void load_kernels();
 void load_functions(std::initializer_list<const void*> kernels);  // cudaFuncGetAttributes each
+
+// The entry of a table of kernel instantiations whose conditions `matches`: the launchers pick
+// from the tables the load functions load, so no kernel is launched unloaded. Every
+// combination a launcher asks for has an entry.
+template <typename Variant, size_t N, typename Matches>
+const Variant& pick_variant(const Variant (&variants)[N], Matches&& matches) {
+  for (const Variant& variant : variants) {
+    if (matches(variant)) return variant;
+  }
+  return variants[N - 1];  // unreachable: the tables cover every combination
+}
 void load_dispatch_kernels();
 void load_combine_kernels();
 void load_plan_kernels();

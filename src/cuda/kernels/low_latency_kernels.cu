@@ -14,6 +14,7 @@
 // launched cooperatively (co-resident); a dispatch's waiting is done by its last block alone.
 #include <cub/block/block_scan.cuh>
 
+#include "cuda/device/chained_launch.hpp"
 #include "cuda/device/device_primitives.cuh"
 #include "cuda/device/low_latency_flags.cuh"
 #include "cuda/device/row_sums.cuh"
@@ -454,30 +455,15 @@ struct BackwardVariant {
 constexpr BackwardVariant kBackwardVariants[] = {{8, low_latency_backward_kernel<8>},
                                                  {1, low_latency_backward_kernel<1>}};
 
-template <typename Variant, size_t N, typename Matches>
-const Variant& pick(const Variant (&variants)[N], Matches&& matches) {
-  for (const Variant& variant : variants) {
-    if (matches(variant)) return variant;
-  }
-  return variants[N - 1];  // unreachable: the tables cover every combination
-}
-
 // Cooperative: every block resident at once (the launch fails rather than deadlock when they
 // cannot be).
 template <typename Params>
 void launch(void (*kernel)(Params), int blocks, bool cooperative, size_t smem, cudaStream_t stream,
             const Params& params) {
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(blocks);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeCooperative;
   attribute.val.cooperative = 1;
-  config.attrs = cooperative ? &attribute : nullptr;
-  config.numAttrs = cooperative ? 1 : 0;
-  cudaLaunchKernelEx(&config, kernel, params);
+  launch_with(kernel, blocks, kThreads, smem, stream, cooperative ? &attribute : nullptr, params);
 }
 
 }  // namespace
@@ -503,7 +489,7 @@ void launch_low_latency_combine(const LowLatencyCombineParams& params, cudaStrea
   const plan::LowLatencyLayout& layout = params.ll.layout;
   const int vec = vector_width(layout.hidden, {params.y});
   const bool wide = wide_sums(vec, RowTerms::kTopkAtSource, layout.num_topk, layout.num_ranks);
-  const CombineVariant& variant = pick(
+  const CombineVariant& variant = pick_variant(
       kCombineVariants, [&](const CombineVariant& v) { return v.vec == vec && v.wide == wide; });
   launch(variant.kernel, params.ll.num_blocks, params.send && params.wait,
          low_latency_smem_bytes(layout), stream, params);
@@ -512,7 +498,7 @@ void launch_low_latency_combine(const LowLatencyCombineParams& params, cudaStrea
 void launch_low_latency_backward(const LowLatencyBackwardParams& params, cudaStream_t stream) {
   const int vec = vector_width(params.ll.layout.hidden, {params.x, params.grad_x});
   const BackwardVariant& variant =
-      pick(kBackwardVariants, [&](const BackwardVariant& v) { return v.vec == vec; });
+      pick_variant(kBackwardVariants, [&](const BackwardVariant& v) { return v.vec == vec; });
   launch(variant.kernel, params.ll.num_blocks, true, low_latency_smem_bytes(params.ll.layout),
          stream, params);
 }
