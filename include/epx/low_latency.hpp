@@ -18,6 +18,9 @@
 //   - After any LL error the buffer's LL mode raises kUnusable (the ranks' LL exchanges are out
 //     of step); its normal operations keep working, and a timeout fails the whole buffer as
 //     usual.
+// The CUDA transport runs the LL kernels on BufferConfig::num_sms blocks when it is > 0, else on
+// every SM of the device; ranks sharing a GPU must set their share (their blocks wait for each
+// other).
 #pragma once
 
 #include <cstdint>
