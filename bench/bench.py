@@ -6,8 +6,9 @@
     python3 bench/bench.py --plot-only bench/baselines/h200x1.json   # redraw table and plot
 
 One process per rank, one process group, one run: epx dispatch (compact, expanded, cached
-expanded, unsynced counts, fp8), combine (compact, expanded weighted) and combine_backward, each
-checked against a torch reference before it is timed; the same routing through NCCL
+expanded, unsynced counts, fp8), combine (compact, expanded weighted) and combine_backward, the
+low-latency dispatch, combine and round (up to --low-latency-tokens tokens), each checked
+against a torch reference before it is timed; the same routing through NCCL
 all_to_all_single, alone and as the pipeline a user would write; the copy-engine peer bandwidth
 as the link limit. A run writes one current record per machine kind, replaced in place:
 OUT/MACHINE.json and OUT/MACHINE.png (MACHINE: h200x8 for eight H200s; OUT: --out).
@@ -73,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--nccl-timeout", type=float, default=300.0,
                    help="process-group timeout: a hang becomes an error after this")
     p.add_argument("--no-fp8", action="store_true", help="skip fp8 dispatch")
+    p.add_argument("--low-latency-tokens", type=int, default=256,
+                   help="the buffers' low_latency_max_tokens: the LL ops run at the token "
+                        "counts up to it (0: no LL ops)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the NCCL timings (the checks still run)")
     p.add_argument("--quick", action="store_true",

@@ -19,6 +19,7 @@
 //
 // Usage: bench_gpu [--tokens S] [--hidden H] [--experts E] [--topk K] [--sms N] [--iters N]
 //                  [--thread-ranks R]   (R ranks as threads on GPU 0 instead of one per GPU)
+//                  [--low-latency 0]    (without the low-latency rows: low_latency_bench.hpp)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -31,13 +32,14 @@
 #include <string>
 #include <vector>
 
-#include "common/arena_allocator.hpp"
+#include "common/graph_replay.hpp"
 #include "common/cuda_device_ops.hpp"
 #include "common/thread_ranks.hpp"
 #include "common/multi_process.hpp"
 #include "cuda/kernels/phase_clock.hpp"
 #include "epx/buffer.hpp"
 #include "epx/error.hpp"
+#include "low_latency_bench.hpp"
 
 namespace {
 
@@ -90,6 +92,7 @@ struct Options {
   int sms = 24;
   int iters = 20;
   int thread_ranks = 0;  // > 0: that many ranks as threads sharing GPU 0 (no NCCL)
+  int low_latency = 1;   // the low-latency rows too (low_latency_bench.hpp)
 };
 
 Options parse(int argc, char** argv) {
@@ -104,6 +107,7 @@ Options parse(int argc, char** argv) {
     else if (key == "--sms") o.sms = static_cast<int>(value);
     else if (key == "--iters") o.iters = static_cast<int>(value);
     else if (key == "--thread-ranks") o.thread_ranks = static_cast<int>(value);
+    else if (key == "--low-latency") o.low_latency = static_cast<int>(value);
     else throw std::runtime_error("unknown option " + key);
   }
   return o;
@@ -345,6 +349,16 @@ std::string run_rank(int rank, int num_ranks, const Options& o, const Comm& comm
     std::snprintf(line, sizeof(line), "rank %d:   %-40s %10.1f us %8.1f GB/s\n", rank, row.name,
                   row.us, row.us > 0 ? bytes / (row.us * 1e3) : 0.0);
     report += line;
+  }
+  if (o.low_latency) {
+    report += bench::low_latency_report({.rank = rank,
+                                         .num_ranks = num_ranks,
+                                         .hidden = o.hidden,
+                                         .experts = o.experts,
+                                         .topk = o.topk,
+                                         .iters = o.iters,
+                                         .shares_gpu = o.thread_ranks > 0},
+                                        comm, stream);
   }
   std::fputs(report.c_str(), stdout);
   std::fflush(stdout);

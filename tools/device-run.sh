@@ -32,14 +32,13 @@
 #           dispatch at 128, 512 and 4096 tokens (src/cuda/kernels/phase_clock.hpp)
 # Logs go to $OUT (the device tool brings them back) and a summary is printed last.
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export PYTHONUNBUFFERED=1
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-$root/build-gpu/out}
 mkdir -p "$out"
 steps=${EPX_STEPS:-gpu python bench}
 python=$(command -v python3)
-nccl_root=$(bash "$root/tools/nccl-root.sh" "$python")
+source "$root/tools/gpu-env.sh"  # nccl_root, memcheck, no multicast
 export EPX_BUILD_DIR=${EPX_BUILD_DIR:-$root/build-gpu}
 # The commit under test: pass EPX_COMMIT=$(git rev-parse HEAD) from the machine that sends the
 # tree; the device machine's copy of the repository has reported a stale HEAD.
@@ -95,7 +94,6 @@ for step in $steps; do
       done 2>&1 | tee "$out/stress.log"
       echo "stress: $(grep -c -- '-- run' "$out/stress.log") of $runs R=8 runs failed" | tee -a "$out/stress.log"
       # Under the sanitizer the ranks issue each operation together (EPX_TEST_ALIGN_RANKS).
-      source "$root/tools/memcheck-flags.sh"
       for replay in ${EPX_STRESS_SEEDS:-} any:4; do
         filter='*R8OneGpu*'; seed=${replay%%:*}
         [ "$seed" = any ] && { filter='*OneGpu*'; seed=; }

@@ -4,7 +4,6 @@
 # configuration under compute-sanitizer (memcheck, racecheck) and the demo on the GPUs.
 # Writes its log to $OUT/gpu-check.log when $OUT is set; prints a summary last.
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${EPX_BUILD_DIR:-$root/build-gpu}
 log=${OUT:+$OUT/gpu-check.log}
@@ -13,7 +12,7 @@ mkdir -p "$(dirname "$log")" "$build"
 exec > >(tee "$log") 2>&1
 
 python=$(command -v python3 || true)
-nccl_root=$(bash "$root/tools/nccl-root.sh" "$python")
+source "$root/tools/gpu-env.sh"  # nccl_root, memcheck, no multicast
 gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | wc -l)
 echo "== epx gpu-check $(date -u +%FT%TZ)"
 # $EPX_COMMIT first: the device machine's copy of the repository can report a stale HEAD.
@@ -54,7 +53,6 @@ run "device plan vs host plan" timeout 300 "$build/tests/test_gpu_plan"
 run "device bf16 rounding, every fp32" timeout 120 "$build/tests/test_gpu_numerics"
 run "thread ranks (R=2,3,4,8 on one GPU)" timeout 300 "$build/tests/test_gpu_threads"
 if command -v compute-sanitizer >/dev/null; then
-  source "$root/tools/memcheck-flags.sh"
   small='*SmallScenarios/NcclR1:*SmallScenarios/IpcR2'
   run "compute-sanitizer memcheck" timeout 240 "${memcheck[@]}" "$build/tests/test_gpu" \
     --gtest_filter="$small"

@@ -2,6 +2,7 @@
 
     routing.py  every rank's top-k routing and what one rank sends and receives under it
     cases.py    the configurations' inputs and what each timed op does (epx and NCCL)
+    low_latency.py  the low-latency ops: their samples, bytes and check
     oracle.py   what every epx op must return, computed with torch (the `check` column)
     timing.py   events, warm-up, barrier, medians, CUDA-graph replays, input rotation
     sweep.py    the per-rank worker: buffers, the sweep over configurations, the records

@@ -20,6 +20,7 @@ ROUTING_ORDER = ("uniform", "skewed")
 OP_ORDER = ("dispatch_compact", "dispatch_compact_nosync", "dispatch_expanded",
             "dispatch_expanded_nosync", "dispatch_cached", "dispatch_compact_fp8",
             "dispatch_expanded_fp8", "combine_compact", "combine_expanded", "combine_backward",
+            "ll_dispatch", "ll_dispatch_fp8", "ll_combine", "ll_round",
             "nccl_a2a_fwd", "nccl_a2a_back", "nccl_a2a_fwd_fp8", "nccl_dispatch_compact_pipeline",
             "nccl_dispatch_expanded_pipeline", "nccl_combine_compact_pipeline",
             "nccl_combine_expanded_pipeline", "nccl_combine_backward_pipeline")

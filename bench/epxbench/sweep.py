@@ -16,6 +16,7 @@ import torch.distributed as dist
 from . import REPO, describe_error, say
 from .cases import (BASELINE_OF, EPX_OPS, GRAPH_OPS, NCCL_OPS, Config, epx_ops, time_nccl,
                     unfused_backward)
+from .low_latency import LL_BASELINE_OF, LL_GRAPH_OPS, LL_OPS, LowLatency
 from .report import HEADER, table_row, write_json
 from .timing import Runner, link_limit
 
@@ -134,6 +135,45 @@ def run_config(args, runner, buf, buf8, routing_name, tokens, seed, record):
                 case["vs_unfused"] = round(unfused["median"] / stats["median"], 3)
         record(case)
 
+    if buf.low_latency_max_tokens >= tokens:
+        time_low_latency(cfg, buf, buf8 if buf8 is not None and
+                         buf8.low_latency_max_tokens >= tokens else None, times, record)
+
+
+def time_low_latency(cfg, buf, buf8, times, record):
+    """The low-latency ops (epxbench/low_latency.py): checked by one round, then timed; the
+    NCCL all-to-all of the same run beside them (its rows once per token and rank, the LL
+    rows once per (token, k))."""
+    runner, world = cfg.runner, cfg.world
+    ll = LowLatency(cfg, buf, buf8)
+    verdicts = ll.verify(runner)
+    for op, (fn, before, after) in ll.ops().items():
+        if op not in verdicts:
+            continue
+        stats = runner.timed(op, fn, before, after)
+        if stats is None:
+            continue
+        dtype = LL_OPS[op][0]
+        case = {"impl": "epx", "op": op, "routing": cfg.routing_name,
+                "tokens_per_rank": cfg.tokens, "dtype": dtype, "check": verdicts[op],
+                **timing_fields(stats, ll.nbytes(op, max), ll.nbytes(op, statistics.mean),
+                                world),
+                "low_latency_max_tokens": ll.capacity}
+        case["bytes_counted"] = ("(token, k) rows into the busiest rank from other ranks"
+                                 if world > 1 else "local (one rank: every (token, k) row)")
+        base = times.get(LL_BASELINE_OF.get(op))
+        if base:
+            nccl_bytes = cfg.nbytes("back" if op == "ll_combine" else "fwd", dtype, False, max)
+            case["nccl_time_us"] = round(base["median"], 2)
+            case["nccl_bytes"] = nccl_bytes
+            case["nccl_gbps"] = gbps(nccl_bytes, base["median"])
+            case["vs_nccl"] = round(base["median"] / stats["median"], 3)
+        if cfg.args.graphs and op in LL_GRAPH_OPS:
+            graph_us = runner.timed_graph(op, fn)
+            if graph_us:
+                case["graph_time_us"] = round(graph_us, 2)
+        record(case)
+
 
 # ---- the worker --------------------------------------------------------------------------------
 
@@ -152,6 +192,8 @@ def make_buffer(epx, args, fp8):
                    timeout_seconds=args.epx_timeout)
     if args.num_sms:
         options["num_sms"] = args.num_sms
+    if args.low_latency_tokens and min(args.tokens) <= args.low_latency_tokens:
+        options["low_latency_max_tokens"] = args.low_latency_tokens
     return epx.Buffer(dist.group.WORLD, **options)
 
 

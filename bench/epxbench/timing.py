@@ -86,11 +86,15 @@ class Runner:
             error = describe_error(caught)
         return None if self.failed(what, error) else result
 
-    def worst_samples(self, run):
+    def worst_samples(self, run, before=None, after=None):
         """--iters samples of run(i), each after a barrier (CUDA events on the GPU, the host
-        clock on the CPU): the slowest rank's time of each sample in us, sorted."""
+        clock on the CPU): the slowest rank's time of each sample in us, sorted. before(i) and
+        after(i), where given, run untimed around sample i (ops that must alternate with
+        another: the low-latency dispatch and combine)."""
         samples = []
         for i in range(self.args.iters):
+            if before:
+                before(i)
             self.barrier()
             if self.cuda:
                 self._start.record()
@@ -102,14 +106,21 @@ class Runner:
                 begin = time.perf_counter()
                 run(i)
                 samples.append((time.perf_counter() - begin) * 1e6)
+            if after:
+                after(i)
         return sorted(self.max_over_ranks(samples))
 
-    def measure(self, fn):
-        """Per-sample max over ranks -> (median, min, p90) in us; fn(i) runs sample i."""
+    def measure(self, fn, before=None, after=None):
+        """Per-sample max over ranks -> (median, min, p90) in us; fn(i) runs sample i, between
+        the untimed before(i) and after(i) where given (warm-up calls too)."""
         for i in range(self.args.warmup):
+            if before:
+                before(i)
             fn(i)
+            if after:
+                after(i)
         self.sync()
-        worst = self.worst_samples(fn)
+        worst = self.worst_samples(fn, before, after)
         return {"median": statistics.median(worst), "min": worst[0],
                 "p90": worst[min(len(worst) - 1, int(math.ceil(0.9 * len(worst))) - 1)]}
 
@@ -127,9 +138,10 @@ class Runner:
         self.sync()
         return statistics.median(self.worst_samples(lambda i: graph.replay()))
 
-    def timed(self, name, fn):
-        """measure(fn), or None on every rank (with a note) if it raised on any rank."""
-        return self.attempt(name, lambda: self.measure(fn))
+    def timed(self, name, fn, before=None, after=None):
+        """measure(fn, before, after), or None on every rank (with a note) if it raised on any
+        rank."""
+        return self.attempt(name, lambda: self.measure(fn, before, after))
 
     def timed_graph(self, name, fn):
         """measure_graph(fn) in us, or None on every rank (with a note) if any rank failed;

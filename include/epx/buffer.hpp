@@ -22,12 +22,15 @@
 #include "epx/config.hpp"
 #include "epx/error.hpp"
 #include "epx/handle.hpp"
+#include "epx/low_latency.hpp"
 #include "epx/tensor.hpp"
 
 namespace epx {
 
 namespace detail {
 class Engine;
+class LowLatencyEngine;
+struct LowLatencyCall;  // core/low_latency_call.hpp
 }
 
 struct DispatchInputs {
@@ -102,6 +105,40 @@ class Buffer {
                                          const TensorView& x, const TensorView& weights,
                                          void* stream = nullptr);
 
+  // --- Low-latency mode (epx/low_latency.hpp: semantics and rules; BufferConfig::
+  // low_latency_max_tokens > 0, else these raise). ---
+  // Routing dispatch: x [S, H] (S <= S_ll), topk_idx [S, K], optional weights and aux.
+  LowLatencyDispatchResult low_latency_dispatch(const DispatchInputs& inputs,
+                                                const LowLatencyOptions& options = {},
+                                                void* stream = nullptr);
+  // Cached dispatch: `handle`'s rows again, with new x (bf16 also on an fp8 buffer), weights,
+  // aux; topk_idx must be omitted. Counts come from the handle.
+  LowLatencyDispatchResult low_latency_dispatch(const DispatchInputs& inputs,
+                                                const LowLatencyHandle& handle,
+                                                const LowLatencyOptions& options = {},
+                                                void* stream = nullptr);
+  LowLatencyCombineResult low_latency_combine(const LowLatencyCombineInputs& inputs,
+                                              const LowLatencyHandle& handle,
+                                              const LowLatencyOptions& options = {},
+                                              void* stream = nullptr);
+  // Backward of y = low_latency_combine({x, weights}, handle): grad_x [E_l, R*S_ll, H] bf16 =
+  // bf16(w_row * grad_y[t]) and grad_weights [E_l, R*S_ll] fp32 = dot(grad_y[t], x_row), 0
+  // beyond counts. It starts a round, like a dispatch (an LL combine must follow).
+  CombineBackwardResult low_latency_combine_backward(const TensorView& grad_y,
+                                                     const LowLatencyHandle& handle,
+                                                     const TensorView& x,
+                                                     const TensorView& weights,
+                                                     void* stream = nullptr);
+  // The wait of the last LL call made with return_hook (and, for a combine, its reduction).
+  void low_latency_wait(void* stream = nullptr);
+  // [E_l, R*S_ll, H] bf16, a view of this rank's combine region: expert outputs written here
+  // (after the round's dispatch has completed) are combined without a copy.
+  Tensor low_latency_combine_input();
+  // Rejects this rank's part of the LL call its peers are in (a check of a binding layer
+  // failed before the call reached epx): they raise instead of waiting, and the LL mode fails.
+  // Counts as an operation of the sequence, as the peers' calls do.
+  void low_latency_abort(void* stream = nullptr);
+
   // Waits for the stream and raises any error a device-side check recorded (invalid routing
   // found on the device, a peer timeout inside a kernel, ranks that disagreed about an
   // operation). Every operation also raises, at its start, an error recorded by an earlier one
@@ -127,6 +164,9 @@ class Buffer {
   template <typename Check, typename Run>
   auto run_operation(const char* operation, void* stream, Check&& check, Run&& run);
   void check_usable(const char* operation) const;
+  // An LL call through run_operation (its wait part without numbering it: src/core/buffer.cpp).
+  void run_low_latency(const char* operation, void* stream, const detail::LowLatencyCall& call);
+  detail::LowLatencyEngine& low_latency_engine(const char* operation);
   // A timeout or a peer's failure makes the buffer unusable (and tells the peers).
   void note_failure(const Error& error, void* stream);
 

@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "bridge.hpp"
@@ -120,7 +121,8 @@ void bind_config(py::module_& m) {
       .def_readwrite("num_topk", &BufferConfig::num_topk)
       .def_readwrite("fp8_dispatch", &BufferConfig::fp8_dispatch)
       .def_readwrite("timeout_seconds", &BufferConfig::timeout_seconds)
-      .def_readwrite("num_sms", &BufferConfig::num_sms);
+      .def_readwrite("num_sms", &BufferConfig::num_sms)
+      .def_readwrite("low_latency_max_tokens", &BufferConfig::low_latency_max_tokens);
   m.def("workspace_bytes", &workspace_bytes, py::arg("config"), py::arg("num_ranks"),
         "Bytes of the symmetric buffer each rank allocates for `config`, without allocating.");
   m.def(
@@ -314,6 +316,112 @@ void bind_buffer(py::module_& m) {
       });
 }
 
+// --- the low-latency mode (epx/low_latency.hpp): its handle and Buffer's LL calls ------------
+
+using LowLatencyHandlePtr = std::shared_ptr<LowLatencyHandle>;
+
+// Workspace views cross as DLPack capsules (tensor_to_py): no copy, valid as the C++ API says.
+py::dict low_latency_dispatch_to_py(LowLatencyDispatchResult&& result, LowLatencyHandlePtr handle) {
+  py::dict out;
+  out["x"] = tensor_to_py(result.x);
+  out["x_scales"] = tensor_to_py(result.x_scales);
+  out["weights"] = tensor_to_py(result.weights);
+  out["aux"] = tensor_to_py(result.aux);
+  out["src_info"] = tensor_to_py(result.src_info);
+  out["counts"] = tensor_to_py(result.counts);
+  out["handle"] = handle ? py::cast(std::move(handle))
+                         : py::cast(std::make_shared<LowLatencyHandle>(std::move(result.handle)));
+  return out;
+}
+
+void bind_low_latency(py::module_& m) {
+  py::class_<LowLatencyHandle, LowLatencyHandlePtr>(m, "LowLatencyHandle")
+      .def_readonly("buffer_id", &LowLatencyHandle::buffer_id)
+      .def_readonly("rank", &LowLatencyHandle::rank)
+      .def_readonly("num_ranks", &LowLatencyHandle::num_ranks)
+      .def_readonly("num_tokens", &LowLatencyHandle::num_tokens)
+      .def_property_readonly("topk_idx",
+                             [](const LowLatencyHandle& h) { return tensor_to_py(h.topk_idx); })
+      .def_property_readonly("slots", [](const LowLatencyHandle& h) { return tensor_to_py(h.slots); })
+      .def_property_readonly("counts",
+                             [](const LowLatencyHandle& h) { return tensor_to_py(h.counts); });
+  auto buffer = py::reinterpret_borrow<py::class_<Buffer, std::shared_ptr<Buffer>>>(m.attr("Buffer"));
+  buffer
+      .def(
+          "low_latency_dispatch",
+          [](Buffer& buffer, py::object x, py::object x_scales, py::object topk_idx,
+             py::object weights, py::object aux, LowLatencyHandlePtr handle, bool return_hook,
+             uintptr_t stream) {
+            const DispatchInputs inputs{view_from_py(x), view_from_py(x_scales),
+                                        view_from_py(topk_idx), view_from_py(weights),
+                                        view_from_py(aux)};
+            const LowLatencyOptions options{.return_hook = return_hook};
+            std::optional<LowLatencyDispatchResult> result;
+            {
+              py::gil_scoped_release nogil;
+              result.emplace(handle ? buffer.low_latency_dispatch(inputs, *handle, options,
+                                                                  as_stream(stream))
+                                    : buffer.low_latency_dispatch(inputs, options,
+                                                                  as_stream(stream)));
+            }
+            return low_latency_dispatch_to_py(std::move(*result), std::move(handle));
+          },
+          py::arg("x"), py::arg("x_scales"), py::arg("topk_idx"), py::arg("weights"),
+          py::arg("aux"), py::arg("handle"), py::arg("return_hook"), py::arg("stream"))
+      .def(
+          "low_latency_combine",
+          [](Buffer& buffer, py::object x, py::object weights, py::object scalars,
+             LowLatencyHandlePtr handle, bool return_hook, uintptr_t stream) {
+            EPX_CHECK(handle != nullptr, kInvalidArgument, "low_latency_combine needs a handle");
+            const LowLatencyCombineInputs inputs{view_from_py(x), view_from_py(weights),
+                                                 view_from_py(scalars)};
+            LowLatencyCombineResult result;
+            {
+              py::gil_scoped_release nogil;
+              result = buffer.low_latency_combine(inputs, *handle, {.return_hook = return_hook},
+                                                  as_stream(stream));
+            }
+            return py::make_tuple(tensor_to_py(result.x), tensor_to_py(result.scalars));
+          },
+          py::arg("x"), py::arg("weights"), py::arg("scalars"), py::arg("handle"),
+          py::arg("return_hook"), py::arg("stream"))
+      .def(
+          "low_latency_combine_backward",
+          [](Buffer& buffer, py::object grad_y, LowLatencyHandlePtr handle, py::object x,
+             py::object weights, uintptr_t stream) {
+            EPX_CHECK(handle != nullptr, kInvalidArgument,
+                      "low_latency_combine_backward needs a handle");
+            const TensorView grad_y_view = view_from_py(grad_y);
+            const TensorView x_view = view_from_py(x);
+            const TensorView weights_view = view_from_py(weights);
+            CombineBackwardResult result;
+            {
+              py::gil_scoped_release nogil;
+              result = buffer.low_latency_combine_backward(grad_y_view, *handle, x_view,
+                                                           weights_view, as_stream(stream));
+            }
+            return py::make_tuple(tensor_to_py(result.grad_x), tensor_to_py(result.grad_weights));
+          },
+          py::arg("grad_y"), py::arg("handle"), py::arg("x"), py::arg("weights"),
+          py::arg("stream"))
+      .def(
+          "low_latency_wait",
+          [](Buffer& buffer, uintptr_t stream) {
+            py::gil_scoped_release nogil;
+            buffer.low_latency_wait(as_stream(stream));
+          },
+          py::arg("stream"))
+      .def("low_latency_combine_input",
+           [](Buffer& buffer) { return tensor_to_py(buffer.low_latency_combine_input()); })
+      .def(
+          "low_latency_abort",
+          [](Buffer& buffer, uintptr_t stream) {
+            py::gil_scoped_release nogil;
+            buffer.low_latency_abort(as_stream(stream));
+          },
+          py::arg("stream"));
+}
+
 }  // namespace
 }  // namespace epx::python
 
@@ -326,6 +434,7 @@ PYBIND11_MODULE(_C, m) {
   bind_comm(m);
   bind_handle(m);
   bind_buffer(m);
+  bind_low_latency(m);
 #if defined(EPX_WITH_CUDA)
   m.attr("built_with_cuda") = true;
 #else

@@ -32,6 +32,8 @@ except ModuleNotFoundError as _error:  # pragma: no cover - depends on the insta
 
 from ._C import EpxError, ErrorCode  # noqa: E402
 from .buffer import Buffer, CombineResult, DispatchResult, Handle, workspace_bytes  # noqa: E402
+from .low_latency import (LowLatencyCombineResult, LowLatencyDispatchResult,  # noqa: E402
+                          LowLatencyHandle)
 from . import functional, nn  # noqa: E402
 
 __version__ = "0.1.0"
@@ -43,6 +45,9 @@ __all__ = [
     "EpxError",
     "ErrorCode",
     "Handle",
+    "LowLatencyCombineResult",
+    "LowLatencyDispatchResult",
+    "LowLatencyHandle",
     "functional",
     "nn",
     "workspace_bytes",

@@ -84,7 +84,8 @@ class Handle:
         if self._c is None:
             raise error(f"handle {what} needs the handle's C++ record, which torch.compile cannot "
                         "trace: inside a compiled region use expert_offsets, "
-                        "tokens_per_expert_tensor, device_counts, local_expert_idx or recv_topk_idx")
+                        "tokens_per_expert_tensor, device_counts, local_expert_idx or "
+                        "recv_topk_idx")
         return self._c
 
     def _op_handle(self):
@@ -185,7 +186,8 @@ def _local_expert_idx(expert_offsets, tokens_per_expert, num_rows):
     # The segment of row r: the number of experts that start at or before it, less one.
     expert = torch.searchsorted(offsets[1:].contiguous(), rows, right=True)
     inside = expert.clamp(max=offsets.shape[0] - 2)
-    real = (expert < offsets.shape[0] - 1) & (rows - offsets[inside] < tokens_per_expert.long()[inside])
+    real = ((expert < offsets.shape[0] - 1)
+            & (rows - offsets[inside] < tokens_per_expert.long()[inside]))
     return torch.where(real, expert, torch.full_like(expert, -1))
 
 
@@ -360,7 +362,7 @@ class Buffer:
 
     def __init__(self, group=None, max_tokens_per_rank=None, hidden=None, num_experts=None,
                  num_topk=None, fp8_dispatch=False, timeout_seconds=100.0, *, num_sms=0,
-                 transport="auto"):
+                 transport="auto", low_latency_max_tokens=0):
         for name, value in (("max_tokens_per_rank", max_tokens_per_rank), ("hidden", hidden),
                             ("num_experts", num_experts), ("num_topk", num_topk)):
             if value is None:
@@ -372,6 +374,8 @@ class Buffer:
         transport = choose_transport(group, transport)
         config = _config(max_tokens_per_rank, hidden, num_experts, num_topk, fp8_dispatch,
                          timeout_seconds, num_sms)
+        # The low-latency mode's S_ll (epx/low_latency.py); 0: off.
+        config.low_latency_max_tokens = as_int(low_latency_max_tokens, "low_latency_max_tokens")
         if transport == "nccl":
             unique_id = _C.nccl_unique_id() if rank == 0 else None
             unique_id = _broadcast_from_first(unique_id, group)
@@ -407,6 +411,8 @@ class Buffer:
     fp8_dispatch = property(lambda self: self._sizes.fp8_dispatch)
     num_sms = property(lambda self: self._c.num_sms,
                        doc="SMs (blocks per kernel) the CUDA transport uses; 0 on the host")
+    low_latency_max_tokens = property(lambda self: self._c.config.low_latency_max_tokens,
+                                      doc="S_ll of the low-latency mode (0: off)")
 
     def receive_rows(self, *, expand, expert_alignment=1) -> int:
         """Rows of a dispatch's receive-side outputs when the counts stay on the device

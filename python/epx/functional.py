@@ -1,11 +1,11 @@
 """Differentiable dispatch and combine (docs/semantics.md, "Gradients").
 
-    forward                                   backward
-    recv = dispatch(x, idx, w, aux)           dx, dw = combine(d_recv_x, handle, scalars=d_recv_w)
-                                              daux = combine(d_recv_x, handle, scalars=d_recv_aux)
-    y = combine(h, handle, w_rows) expanded   dh, dw_rows = combine_backward(dy, handle, x=h, weights=w_rows)
-    y = combine(h, handle) compact            dh = dispatch(dy, handle=handle).x (cached)
-    y = combine(h, handle) expanded           dh = dispatch(dy, handle=handle).x (cached)
+    forward                             backward
+    recv = dispatch(x, idx, w, aux)     dx, dw = combine(d_recv_x, handle, scalars=d_recv_w)
+                                        daux = combine(d_recv_x, handle, scalars=d_recv_aux)
+    y = combine(h, handle, w) expanded  dh, dw = combine_backward(dy, handle, x=h, weights=w)
+    y = combine(h, handle) compact      dh = dispatch(dy, handle=handle).x (cached)
+    y = combine(h, handle) expanded     dh = dispatch(dy, handle=handle).x (cached)
 
 Chained, the router's top-k weights get dL/dw[t,k] = dot(dL/dy[t], expert_k(x[t])) in either
 layout. Backward passes reuse the forward's handle (no routing is recomputed).
@@ -394,3 +394,8 @@ def combine(buffer: Buffer, x: Tensor, handle: Handle, weights: Optional[Tensor]
     y, _, _ = _ops.combine(x, handle._op_handle(), handle._link, weights, None, None,
                            buffer._op_id, handle.num_tokens)
     return y
+
+
+# The low-latency mode's autograd functions (epx/low_latency.py).
+from .low_latency import functional_combine as low_latency_combine  # noqa: E402,F401
+from .low_latency import functional_dispatch as low_latency_dispatch  # noqa: E402,F401

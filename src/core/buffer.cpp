@@ -6,6 +6,8 @@
 
 #include "core/comm_state.hpp"
 #include "core/engine.hpp"
+#include "core/low_latency_call.hpp"
+#include "core/low_latency_engine.hpp"
 #include "core/op_fingerprint.hpp"
 #include "core/validate.hpp"
 #include "epx/error.hpp"
@@ -166,6 +168,23 @@ void Buffer::synchronize(void* stream) {
   }
 }
 
+// The low-latency calls (src/core/buffer_low_latency.cpp) go through run_operation too; the
+// wait of a hook is part of a call already numbered.
+void Buffer::run_low_latency(const char* operation, void* stream,
+                             const detail::LowLatencyCall& call) {
+  if (call.check) {
+    run_operation(operation, stream, call.check, call.run);
+    return;
+  }
+  check_usable(operation);
+  try {
+    call.run(plan::OpFingerprint{});
+  } catch (const Error& error) {
+    note_failure(error, stream);
+    throw;
+  }
+}
+
 size_t workspace_bytes(const BufferConfig& config, int num_ranks) {
   detail::check_config(config, num_ranks);
   return static_cast<size_t>(detail::workspace_layout(config, num_ranks).total_bytes());
@@ -180,6 +199,9 @@ plan::WorkspaceLayout workspace_layout(const BufferConfig& config, int num_ranks
   layout.max_tokens = config.max_tokens_per_rank;
   layout.hidden = config.hidden;
   layout.fp8 = config.fp8_dispatch;
+  if (config.low_latency_max_tokens > 0) {
+    layout.low_latency_bytes = low_latency_layout(config, num_ranks, layout).bytes();
+  }
   return layout;
 }
 

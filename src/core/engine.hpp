@@ -11,6 +11,8 @@
 
 namespace epx::detail {
 
+class LowLatencyEngine;  // core/low_latency_engine.hpp
+
 class Engine {
  public:
   virtual ~Engine() = default;
@@ -40,6 +42,9 @@ class Engine {
   // This rank's buffer failed (a timeout): mark it in every peer's records, so that their next
   // operation raises instead of waiting for this rank.
   virtual void poison(void* stream) = 0;
+  // The low-latency mode's half (Buffer asks only when the mode is on). The default raises:
+  // the transport does not support it.
+  virtual LowLatencyEngine& low_latency();
 };
 
 // Everything an engine is built from.
@@ -59,7 +64,11 @@ plan::WorkspaceLayout workspace_layout(const BufferConfig& config, int num_ranks
 Handle new_handle(const EngineContext& context, const DispatchOptions& options,
                   int64_t num_tokens);
 
+// What each transport provides: its engine, and the allocator behind default_allocator() for
+// its memory (the CUDA ones throw in a build without CUDA: src/core/no_cuda.cpp).
 std::unique_ptr<Engine> make_host_engine(const EngineContext& context);
-std::unique_ptr<Engine> make_cuda_engine(const EngineContext& context);  // throws without CUDA
+std::unique_ptr<Engine> make_cuda_engine(const EngineContext& context);
+std::shared_ptr<Allocator> make_host_allocator();  // src/core/tensor.cpp
+std::shared_ptr<Allocator> make_cuda_allocator();  // src/cuda/runtime/cuda_allocator.cpp
 
 }  // namespace epx::detail

@@ -1,7 +1,6 @@
 // What a build without the CUDA transport provides in its place: every CUDA entry point of the
 // public API and of the engine factory, raising a clear error. Compiled only when epx is built
 // without CUDA (CMakeLists.txt), so the real definitions and these never meet.
-#include "core/allocators.hpp"
 #include "core/engine.hpp"
 #include "epx/comm.hpp"
 #include "epx/error.hpp"

@@ -120,11 +120,14 @@ ShmSegments::ShmSegments(const std::string& name, int rank, int num_ranks, size_
     map_payloads();
     barrier("buffer-setup");
   } catch (...) {
-    unlink_dead_peers();
+    unlink_peers();  // this setup failed for every rank: a dead peer's segment goes too
     release();
     throw;
   }
-  // Every rank has mapped every segment: the names are no longer needed.
+  // Every rank has mapped every segment: the names are no longer needed. Each rank unlinks all
+  // of them (a second unlink of a name finds nothing), so a rank killed right after the barrier
+  // leaves nothing behind either.
+  unlink_peers();
   shm_unlink(segment_name(rank_).c_str());
   own_unlinked_ = true;
 }
@@ -240,12 +243,9 @@ void ShmSegments::map_payloads() {
   }
 }
 
-void ShmSegments::unlink_dead_peers() {
+void ShmSegments::unlink_peers() {
   for (int p = 0; p < num_ranks_; ++p) {
-    if (p == rank_) continue;
-    const std::string segment = segment_name(p);
-    const uint64_t owner = creator_of(segment);
-    if (owner != 0 && !process_alive(owner)) shm_unlink(segment.c_str());
+    if (p != rank_) shm_unlink(segment_name(p).c_str());
   }
 }
 

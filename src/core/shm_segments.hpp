@@ -10,9 +10,10 @@
 //   2. each rank reads every peer's record and marks that it has read them all; once every
 //      rank has, each compares the records, so a configuration mismatch raises on every rank
 //      (naming both ranks and the fields) rather than some timing out;
-//   3. each rank maps every payload and passes a first barrier; the names are then unlinked, so
-//      a process killed later leaves nothing in /dev/shm. A setup that fails also unlinks the
-//      segments of peers that are no longer alive.
+//   3. each rank maps every payload and passes a first barrier; every name is then unlinked (by
+//      every rank), so a process killed later leaves nothing in /dev/shm. A setup that fails
+//      unlinks every rank's segment too: it failed for all of them, and a peer killed during it
+//      cannot clean up after itself.
 #pragma once
 
 #include <chrono>
@@ -66,7 +67,7 @@ class ShmSegments {
   Mapping open_header(int peer, std::chrono::steady_clock::time_point deadline);
   void check_records(const SetupRecord& mine, std::chrono::steady_clock::time_point deadline);
   void map_payloads();
-  void unlink_dead_peers();
+  void unlink_peers();
   void release();
   char* lines(int rank) const;  // the barrier area of rank's header
 

@@ -3,7 +3,7 @@
 #include <cstring>
 #include <new>
 
-#include "core/allocators.hpp"
+#include "core/engine.hpp"
 #include "epx/error.hpp"
 
 namespace epx {

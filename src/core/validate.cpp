@@ -2,6 +2,7 @@
 
 #include <sstream>
 
+#include "core/validate_low_latency.hpp"
 #include "epx/error.hpp"
 
 namespace epx::detail {
@@ -88,9 +89,8 @@ void check_config(const BufferConfig& config, int num_ranks) {
   // Global token ids g = rank * S_max + t and row indices are int32 on the wire.
   EPX_CHECK(config.max_tokens_per_rank * num_ranks * config.num_topk < (int64_t(1) << 31),
             kInvalidArgument, "max_tokens_per_rank * ranks * num_topk must stay below 2^31");
+  check_low_latency_config(config, num_ranks);
 }
-
-namespace {
 
 void check_tokens(const DispatchInputs& in, const BufferConfig& config, Device device,
                   int64_t num_tokens) {
@@ -110,8 +110,6 @@ void check_tokens(const DispatchInputs& in, const BufferConfig& config, Device d
   check_optional_tensor(in.weights, {"weights", {DType::kFloat32}, {num_tokens, topk}}, device);
   check_optional_tensor(in.aux, {"aux", {DType::kFloat32}, {num_tokens, topk}}, device);
 }
-
-}  // namespace
 
 void check_dispatch(const DispatchInputs& in, const DispatchOptions& options,
                     const BufferConfig& config, Device device) {

@@ -20,6 +20,9 @@ void check_tensor(const TensorView& tensor, const TensorSpec& spec, Device devic
 void check_optional_tensor(const TensorView& tensor, const TensorSpec& spec, Device device);
 
 void check_config(const BufferConfig& config, int num_ranks);
+// x (and x_scales), weights and aux of `num_tokens` tokens as the buffer takes them.
+void check_tokens(const DispatchInputs& in, const BufferConfig& config, Device device,
+                  int64_t num_tokens);
 void check_dispatch(const DispatchInputs& in, const DispatchOptions& options,
                     const BufferConfig& config, Device device);
 void check_cached_dispatch(const DispatchInputs& in, const Handle& handle,

@@ -11,6 +11,7 @@
 #include "core/shm_segments.hpp"
 #include "epx/error.hpp"
 #include "host/host_comm.hpp"
+#include "host/host_low_latency.hpp"
 #include "plan/numerics.hpp"
 #include "plan/routing.hpp"
 #include "plan/source_plan.hpp"
@@ -35,9 +36,17 @@ class HostEngine final : public Engine {
         num_ranks_(context.comm.num_ranks()),
         segments_(buffer_name(context), rank_, num_ranks_,
                   static_cast<size_t>(layout_.total_bytes()), context.setup,
-                  context.config.timeout_seconds) {}
+                  context.config.timeout_seconds) {
+    if (context.config.low_latency_max_tokens > 0) {
+      low_latency_ = make_host_low_latency(
+          context_, segments_, low_latency_layout(context.config, num_ranks_, layout_));
+    }
+  }
 
   Device device() const override { return Device::cpu(); }
+  LowLatencyEngine& low_latency() override {
+    return low_latency_ ? *low_latency_ : Engine::low_latency();
+  }
   void synchronize(void*) override {}
   void abort(const plan::OpFingerprint&, void*) override { segments_.abort(); }
   void poison(void*) override { segments_.poison(); }
@@ -496,6 +505,7 @@ class HostEngine final : public Engine {
   int32_t rank_;
   int32_t num_ranks_;
   ShmSegments segments_;
+  std::unique_ptr<LowLatencyEngine> low_latency_;  // host/host_low_latency.cpp; null when off
 };
 
 }  // namespace

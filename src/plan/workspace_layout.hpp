@@ -33,7 +33,7 @@ struct SourceHeader {
   int32_t num_tokens;  // tokens staged (dispatch) or rows sent (combine), for checks
   int32_t status;      // 0, or a RoutingStatus: the source found its own input invalid
   int32_t channels;    // bit 0: weights sent, bit 1: aux sent
-  int32_t unused;
+  int32_t unused = 0;
   int64_t bad_value;   // the offending topk_idx value when status != 0
 };
 
@@ -51,6 +51,7 @@ struct WorkspaceLayout {
   int64_t max_tokens = 0;
   int64_t hidden = 0;
   bool fp8 = false;
+  int64_t low_latency_bytes = 0;  // the low-latency region after these (plan/low_latency_layout.hpp)
 
   static constexpr int64_t kRegionAlignment = 256;
   static constexpr int64_t kScaleBlock = 128;  // fp8: one fp32 scale per 128 elements
@@ -92,9 +93,10 @@ struct WorkspaceLayout {
     return align_up(row_scales_offset() + 4 * scales_per_row() * num_ranks * max_tokens,
                     kRegionAlignment);
   }
-  EPX_HD int64_t total_bytes() const {
+  EPX_HD int64_t low_latency_offset() const {
     return align_up(rows_offset() + staging_rows() * row_bytes(), kRegionAlignment);
   }
+  EPX_HD int64_t total_bytes() const { return low_latency_offset() + low_latency_bytes; }
 
   // Typed addresses inside one rank's workspace starting at `base`.
   // The flag peer `peer` publishes its barrier epochs into. Packed eight to a line, flags of

@@ -16,7 +16,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -27,6 +26,7 @@
 
 #include "common/random_problem.hpp"
 #include "common/scenario.hpp"
+#include "moe_layer_options.hpp"
 #include "epx/buffer.hpp"
 #include "epx/error.hpp"
 #include "plan/numerics.hpp"
@@ -65,22 +65,9 @@ struct Options {
   bool help = false;
 };
 
-// A mistake on the command line: main prints it with the usage and exits with 2.
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-template <typename T>
-T parse_number(const std::string& option, const char* text, T min, T max) {
-  T value{};
-  const char* end = text + std::strlen(text);
-  const auto [stop, status] = std::from_chars(text, end, value);
-  if (status != std::errc() || stop != end || value < min || value > max) {
-    throw UsageError(option + " takes an integer in [" + std::to_string(min) + ", " +
-                     std::to_string(max) + "], not '" + text + "'");
-  }
-  return value;
-}
+// The example's strict number parsing (a bad value is a UsageError: the usage, exit code 2).
+using moe_layer::parse_number;
+using moe_layer::UsageError;
 
 Options parse(int argc, char** argv) {
   Options o;

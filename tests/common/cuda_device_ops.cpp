@@ -57,6 +57,11 @@ DeviceOps cuda_device_ops(int device, void* stream) {
     check_cuda(cudaMemcpyAsync(host, device_memory, bytes, cudaMemcpyDeviceToHost, s), "download");
     check_cuda(cudaStreamSynchronize(s), "download sync");
   };
+  ops.write = [stream](void* device_memory, const void* host, size_t bytes) {
+    auto s = static_cast<cudaStream_t>(stream);
+    check_cuda(cudaMemcpyAsync(device_memory, host, bytes, cudaMemcpyHostToDevice, s), "write");
+    check_cuda(cudaStreamSynchronize(s), "write sync");
+  };
   return ops;
 }
 

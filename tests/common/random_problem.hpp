@@ -6,6 +6,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <iostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -86,6 +88,19 @@ std::vector<std::vector<uint16_t>> draw_grad_y(const RandomConfig& config,
 // A finite, non-zero bf16 of either sign with an exponent spread over about 2^-10..2^4, so
 // sums round in varied places.
 uint16_t random_bf16(std::mt19937_64& rng);
+
+// The run's base seed, fresh each run and printed (`tag` names the suite in the line), or
+// EPX_TEST_SEED's, which replays a run.
+inline uint64_t base_seed(const char* tag) {
+  static const uint64_t seed = [tag] {
+    const char* env = std::getenv("EPX_TEST_SEED");
+    const uint64_t value = env ? std::strtoull(env, nullptr, 10) : std::random_device{}();
+    std::cout << "[" << tag << "] base seed " << value << " (EPX_TEST_SEED=" << value
+              << " replays this run)" << std::endl;
+    return value;
+  }();
+  return seed;
+}
 
 // "" when the arrays are equal bytewise; otherwise names the first differing element (index,
 // got and want in hex) and how many elements differ.

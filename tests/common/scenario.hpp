@@ -3,6 +3,7 @@
 // (expanded, weighted) combine_backward, every output element compared bit for bit.
 #pragma once
 
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <string>
@@ -17,6 +18,8 @@ struct DeviceOps {
   // Copies `bytes` of host data into new device memory; the shared_ptr owns it.
   std::function<std::shared_ptr<void>(const void* host, size_t bytes)> upload;
   std::function<void(void* host, const void* device, size_t bytes)> download;
+  // Copies `bytes` of host data into existing memory of the device (a workspace view).
+  std::function<void(void* device, const void* host, size_t bytes)> write;
   void* stream = nullptr;
   // Optional, called before each buffer operation: thread ranks line up there when asked to
   // (thread_ranks.hpp, EPX_TEST_ALIGN_RANKS).
@@ -41,6 +44,12 @@ class PoisonAllocator : public Allocator {
   std::function<void(void*, size_t, void*)> fill_;
 };
 constexpr unsigned char kPoisonByte = 0x7f;
+
+// The default host allocator, poisoned.
+inline std::shared_ptr<Allocator> poisoned_host_allocator() {
+  return std::make_shared<PoisonAllocator>(
+      default_allocator(), [](void* p, size_t n, void*) { std::memset(p, kPoisonByte, n); });
+}
 
 struct PhaseTimes {
   double dispatch_ms = 0, cached_ms = 0, combine_ms = 0, backward_ms = 0;

@@ -21,7 +21,7 @@
 #include <thread>
 
 #include "common/multi_process.hpp"
-#include "cpp/host_fixture.hpp"
+#include "common/scenario.hpp"
 #include "epx/error.hpp"
 #if defined(EPX_WITH_CUDA)
 #include "common/cuda_device_ops.hpp"

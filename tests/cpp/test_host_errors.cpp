@@ -7,7 +7,7 @@
 #include <cstring>
 #include <functional>
 
-#include "cpp/host_fixture.hpp"
+#include "common/scenario.hpp"
 #include "common/multi_process.hpp"
 #include "epx/error.hpp"
 

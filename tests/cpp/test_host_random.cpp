@@ -8,7 +8,7 @@
 #include <iostream>
 #include <random>
 
-#include "cpp/host_fixture.hpp"
+#include "common/scenario.hpp"
 #include "common/multi_process.hpp"
 
 namespace epx::testing {

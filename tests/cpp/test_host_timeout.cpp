@@ -6,7 +6,7 @@
 
 #include <chrono>
 
-#include "cpp/host_fixture.hpp"
+#include "common/scenario.hpp"
 #include "common/multi_process.hpp"
 #include "epx/error.hpp"
 

@@ -10,6 +10,7 @@
 
 #include "common/random_problem.hpp"
 #include "plan/numerics.hpp"
+#include "reference/low_latency_reference.hpp"
 #include "reference/reference.hpp"
 
 namespace epx::reference {
@@ -68,10 +69,15 @@ RankInputs one_token(const Problem& p, const std::vector<int64_t>& topk) {
   return make_rank(p, 0, Topk{topk}, false);
 }
 
-std::vector<uint16_t> row_bits(const DispatchOutput& out, int64_t row, int64_t hidden) {
+// Row `row` of bf16 rows stored as bytes.
+std::vector<uint16_t> row_bits_of(const std::vector<uint8_t>& rows, int64_t row, int64_t hidden) {
   std::vector<uint16_t> bits(static_cast<size_t>(hidden));
-  std::memcpy(bits.data(), &out.x[size_t(row * hidden * 2)], size_t(hidden * 2));
+  std::memcpy(bits.data(), &rows[size_t(row * hidden * 2)], size_t(hidden * 2));
   return bits;
+}
+
+std::vector<uint16_t> row_bits(const DispatchOutput& out, int64_t row, int64_t hidden) {
+  return row_bits_of(out.x, row, hidden);
 }
 
 std::vector<uint16_t> tags(int32_t s, int64_t t, int64_t hidden) {
@@ -462,6 +468,75 @@ TEST(RandomProblem, FirstMismatchNamesTheElement) {
     const float value = plan::bf16_bits_to_float(bits);
     ASSERT_TRUE(std::isfinite(value) && value != 0.0f);
   }
+}
+
+// The low-latency oracle: R = 2, E_l = 2, K = 2, S_ll = 3. Rank 0 routes token 0 to {1, 2},
+// token 1 to {3, 3}, token 2 to {-1, 0}; rank 1 its token 0 to {2, 0}. Regions hold R * S_ll = 6
+// rows per expert; src_info is (s * 3 + t) * 2 + k, the canonical order is its ascending order.
+TEST(ReferenceLowLatency, CanonicalRowsCombineAndBackward) {
+  const Problem p = make_problem(2, 3, 1, 4, 2);
+  const std::vector<RankInputs> in = {make_rank(p, 0, {{1, 2}, {3, 3}, {-1, 0}}, true),
+                                      make_rank(p, 1, {{2, 0}}, true)};
+  const auto out = low_latency_dispatch(p, in);
+  ASSERT_EQ(out.size(), 2u);
+  auto region = [&](I expert0, I expert1) {  // src_info of both experts, -1 past the counts
+    expert0.resize(6, -1);
+    expert1.resize(6, -1);
+    expert0.insert(expert0.end(), expert1.begin(), expert1.end());
+    return expert0;
+  };
+  EXPECT_EQ(out[0].counts, (I{2, 1}));
+  EXPECT_EQ(out[0].src_info, region({5, 7}, {0}));
+  EXPECT_EQ(out[1].counts, (I{2, 2}));
+  EXPECT_EQ(out[1].src_info, region({1, 6}, {2, 3}));  // token 1 names expert 3 twice: two rows
+  F w0(12, 0.0f), w1(12, 0.0f);
+  w0[0] = 22, w0[1] = 102, w0[6] = 1;
+  w1[0] = 2, w1[1] = 101, w1[6] = 11, w1[7] = 12;
+  EXPECT_EQ(out[0].weights, w0);
+  EXPECT_EQ(out[1].weights, w1);
+  EXPECT_TRUE(out[0].aux.empty());
+  EXPECT_EQ(row_bits_of(out[1].x, 7, 1), tags(0, 1, 1));  // expert 3's second row: token 1 again
+  EXPECT_EQ(row_bits_of(out[0].x, 1, 1), tags(1, 0, 1));
+
+  // Expert outputs and per-row weights: y[t] = sum over k of w_row * x_row, one rounding.
+  std::vector<LowLatencyCombineRankInputs> cin(2);
+  cin[0].x.assign(12, 0);
+  cin[1].x.assign(12, 0);
+  cin[0].weights.assign(12, 0.0f);
+  cin[1].weights.assign(12, 0.0f);
+  cin[0].scalars.assign(12, 0.0f);
+  cin[1].scalars.assign(12, 0.0f);
+  cin[0].x[0] = 0x3f80, cin[0].x[1] = 0x4000, cin[0].x[6] = 0x4080;  // 1, 2, 4
+  cin[1].x[0] = 0x4100, cin[1].x[1] = 0x4180, cin[1].x[6] = 0x3f00, cin[1].x[7] = 0x3e80;
+  cin[0].weights[0] = 1, cin[0].weights[1] = 2, cin[0].weights[6] = 3;
+  cin[1].weights[0] = 1, cin[1].weights[1] = -1, cin[1].weights[6] = 2, cin[1].weights[7] = 4;
+  cin[0].scalars[0] = 0.5f, cin[0].scalars[1] = 0.25f, cin[0].scalars[6] = 0.125f;
+  cin[1].scalars[0] = 10, cin[1].scalars[1] = 20, cin[1].scalars[6] = 30, cin[1].scalars[7] = 40;
+  const auto y = low_latency_combine(p, in, out, cin);
+  EXPECT_EQ(y[0].x, (std::vector<uint16_t>{0x41a0, 0x4000, 0x3f80}));  // 4*3 + 8*1, 1 + 1, 1
+  EXPECT_EQ(y[1].x, (std::vector<uint16_t>{0xc140}));                  // 16*-1 + 2*2
+  EXPECT_EQ(y[0].scalars, (F{0.125f, 10, 30, 40, 0, 0.5f}));
+  EXPECT_EQ(y[1].scalars, (F{20, 0.25f}));
+
+  // Backward: grad_x = bf16(w_row * grad_y[t]), grad_weights = grad_y[t] * x_row (H = 1).
+  const std::vector<std::vector<uint16_t>> grad_y = {{0x3f80, 0x4000, 0x4080}, {0x4100}};
+  const auto back = low_latency_combine_backward(p, in, out, grad_y, cin);
+  EXPECT_EQ(back[0].grad_x[0], 0x4080);  // (0, 2): 1 * 4
+  EXPECT_EQ(back[0].grad_x[1], 0x4180);  // (1, 0): 2 * 8
+  EXPECT_EQ(back[0].grad_x[6], 0x4040);  // (0, 0): 3 * 1
+  EXPECT_EQ(back[0].grad_x[2], 0);
+  EXPECT_EQ(back[0].grad_weights[0], 4.0);
+  EXPECT_EQ(back[0].grad_weights[1], 16.0);
+  EXPECT_EQ(back[0].grad_weights[6], 4.0);
+  EXPECT_EQ(back[1].grad_x[7], 0x4100);  // (0, 1, k 1): 4 * 2
+  EXPECT_EQ(back[1].grad_weights[7], 0.5);
+}
+
+TEST(ReferenceLowLatency, AnExpertPastItsRegionIsInvalid) {
+  const Problem p = make_problem(1, 1, 1, 1, 2);  // one expert, R * S_ll = 1 row
+  EXPECT_THROW(low_latency_dispatch(p, {make_rank(p, 0, {{0, 0}}, false)}),
+               std::invalid_argument);
+  EXPECT_NO_THROW(low_latency_dispatch(p, {make_rank(p, 0, {{0, -1}}, false)}));
 }
 
 }  // namespace

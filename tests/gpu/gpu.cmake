@@ -12,6 +12,8 @@ epx_gpu_test(test_gpu_plan)     # the device routing plan against the host plan 
 # Several ranks as threads of one process (Comm::cuda_threads), sharing one GPU (or spread over
 # the visible GPUs): the multi-rank protocol on a single-GPU machine.
 epx_gpu_test(test_gpu_threads)
+# The low-latency mode: thread ranks on one GPU (R = 1-8), one NCCL rank, graph replays.
+epx_gpu_test(test_gpu_low_latency)
 # Device-side numerics against plan/numerics.hpp, exhaustively (a CUDA source of its own).
 add_executable(test_gpu_numerics ${CMAKE_CURRENT_LIST_DIR}/test_gpu_numerics.cu)
 target_compile_options(test_gpu_numerics PRIVATE -gencode=arch=compute_90a,code=sm_90a)

@@ -24,9 +24,9 @@
 #include <random>
 #include <thread>
 
-#include "common/arena_allocator.hpp"
+#include "common/graph_replay.hpp"
 #include "common/cuda_device_ops.hpp"
-#include "common/gpu_test_support.hpp"
+#include "common/cuda_device_ops.hpp"
 #include "common/graph_replay.hpp"
 #include "common/random_problem.hpp"
 #include "common/scenario.hpp"

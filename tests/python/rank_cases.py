@@ -345,6 +345,17 @@ def _relative_error(actual, expected):
     return float((actual - expected).norm() / expected.norm().clamp(min=1e-30))
 
 
+def _low_latency_layer(buffer, x, topk, weights, local_weights):
+    """The layer's exchange and experts through epx.functional's LL functions: each expert runs
+    on every row of its region [R*S_ll, H] and keeps its first counts[e] (the real rows)."""
+    recv_x, recv_w, handle = F.low_latency_dispatch(buffer, x, topk, weights)
+    real = (torch.arange(recv_x.shape[1], device=x.device).unsqueeze(0) <
+            handle.counts.to(x.device).long().unsqueeze(1))  # [E_l, R*S_ll]
+    h = torch.stack([_expert(recv_x[e], w) for e, w in enumerate(local_weights)])
+    h = torch.where(real.unsqueeze(-1), h, torch.zeros((), device=x.device)).bfloat16()
+    return F.low_latency_combine(buffer, h, handle, recv_w)
+
+
 def _expanded_experts(recv_x, handle, expert_weights, first):
     """Each local expert on its rows of an expanded dispatch: by the host offsets when the
     counts were synced, else by handle.local_expert_idx (no host synchronisation)."""
@@ -359,20 +370,22 @@ def _expanded_experts(recv_x, handle, expert_weights, first):
     return out
 
 
-def moe_grad_case(ctx, seed, expand, alignment=1, steps=1, empty_rank=None, mask_fraction=0.0,
-                  local_experts=2, num_topk=2, hidden=32, max_tokens=24, with_aux=False,
-                  sync_counts=True):
+def moe_grad_case(ctx, seed, expand=False, alignment=1, steps=1, empty_rank=None,
+                  mask_fraction=0.0, local_experts=2, num_topk=2, hidden=32, max_tokens=24,
+                  with_aux=False, sync_counts=True, low_latency=False):
     """An expert-parallel MoE layer through epx.functional against the dense layer: gradients
     of the input, the top-k weights, the router, the experts and (with_aux: each term scaled by
     1 + aux[t, k], aux a leaf tensor) aux, over `steps` steps reusing one buffer, with the
-    counts synced or kept on the device. Returns per step the norms and relative errors."""
+    counts synced or kept on the device. Returns per step the norms and relative errors. With
+    `low_latency` through the LL functions (_low_latency_layer)."""
     world, rank, dev = ctx.world, ctx.rank, ctx.device
     num_experts = local_experts * world
     g = torch.Generator().manual_seed(seed)
     router = torch.randn(hidden, num_experts, generator=g) * 0.5
     experts = torch.randn(num_experts, hidden, hidden, generator=g) / math.sqrt(hidden)
-    buffer = ctx.buffer(max_tokens_per_rank=max_tokens, hidden=hidden, num_experts=num_experts,
-                        num_topk=num_topk)
+    sizes = (dict(max_tokens_per_rank=1, low_latency_max_tokens=max_tokens) if low_latency
+             else dict(max_tokens_per_rank=max_tokens))
+    buffer = ctx.buffer(hidden=hidden, num_experts=num_experts, num_topk=num_topk, **sizes)
     report = []
     for step in range(steps):
         sizes = [0 if r == empty_rank else int(torch.randint(1, max_tokens + 1, (1,), generator=g))
@@ -391,26 +404,30 @@ def moe_grad_case(ctx, seed, expand, alignment=1, steps=1, empty_rank=None, mask
         probs = torch.softmax(x.float() @ router_p, dim=-1)
         weights = probs.gather(1, topk.clamp(min=0)).masked_fill(mask_all[rank].to(dev), 0.0)
         weights.retain_grad()
-        options = dict(expand=expand, expert_alignment=alignment, sync_counts=sync_counts)
-        if with_aux:
-            aux = aux_all[rank].to(dev, copy=True).requires_grad_()
-            recv_x, recv_w, recv_aux, handle = F.dispatch(buffer, x, topk, weights, aux, **options)
-        else:
-            recv_x, recv_w, handle = F.dispatch(buffer, x, topk, weights, **options)
         first = rank * local_experts
-        if expand:
-            h = _expanded_experts(recv_x, handle, experts_p, first)
-            if with_aux:
-                h = h * (1 + recv_aux).unsqueeze(1)
-            y = F.combine(buffer, h.bfloat16(), handle, recv_w)
+        if low_latency:
+            y = _low_latency_layer(buffer, x, topk, weights, experts_p[first:first + local_experts])
         else:
-            local_k = handle.recv_topk_idx.long()
-            scale = recv_w * (1 + recv_aux) if with_aux else recv_w
-            acc = torch.zeros(recv_x.shape, dtype=torch.float32, device=dev)
-            for e in range(local_experts):
-                coefficient = (scale * (local_k == e)).sum(1, keepdim=True)
-                acc = acc + coefficient * _expert(recv_x, experts_p[first + e])
-            y = F.combine(buffer, acc.bfloat16(), handle)
+            options = dict(expand=expand, expert_alignment=alignment, sync_counts=sync_counts)
+            if with_aux:
+                aux = aux_all[rank].to(dev, copy=True).requires_grad_()
+                recv_x, recv_w, recv_aux, handle = F.dispatch(buffer, x, topk, weights, aux,
+                                                              **options)
+            else:
+                recv_x, recv_w, handle = F.dispatch(buffer, x, topk, weights, **options)
+            if expand:
+                h = _expanded_experts(recv_x, handle, experts_p, first)
+                if with_aux:
+                    h = h * (1 + recv_aux).unsqueeze(1)
+                y = F.combine(buffer, h.bfloat16(), handle, recv_w)
+            else:
+                local_k = handle.recv_topk_idx.long()
+                scale = recv_w * (1 + recv_aux) if with_aux else recv_w
+                acc = torch.zeros(recv_x.shape, dtype=torch.float32, device=dev)
+                for e in range(local_experts):
+                    coefficient = (scale * (local_k == e)).sum(1, keepdim=True)
+                    acc = acc + coefficient * _expert(recv_x, experts_p[first + e])
+                y = F.combine(buffer, acc.bfloat16(), handle)
         assert y.shape == x.shape and y.dtype == torch.bfloat16
         (y.float() * grad_out_all[rank].to(dev)).sum().backward()
 
@@ -764,7 +781,8 @@ def _dense_moe(x_all, topk_all, grad_all, weights, renormalize):
     out = torch.einsum("skf,skfh->skh", hidden, w_out[topk])
     y = (top_weights.unsqueeze(-1) * out).sum(1)
     (y * torch.cat(grad_all).double()).sum().backward()
-    return list(y.detach().split(sizes)), list(x.grad.split(sizes)), router.grad, w_in.grad, w_out.grad
+    return (list(y.detach().split(sizes)), list(x.grad.split(sizes)), router.grad, w_in.grad,
+            w_out.grad)
 
 
 def moe_layer_case(ctx, seed, layout, grouped, sync_counts, compile_backend=None, steps=2,

@@ -26,20 +26,29 @@ __device__ __forceinline__ void chain_start() {
   chain_release();
 }
 
+// A launch with at most one launch attribute (null: a plain launch); also the low-latency
+// kernels' cooperative launches (cuda/kernels/low_latency_kernels.cu).
 template <typename... Params, typename... Args>
-void launch_chained(void (*kernel)(Params...), int blocks, int threads, size_t smem,
-                    cudaStream_t stream, bool chained, Args&&... args) {
+void launch_with(void (*kernel)(Params...), int blocks, int threads, size_t smem,
+                 cudaStream_t stream, const cudaLaunchAttribute* attribute, Args&&... args) {
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(blocks);
   config.blockDim = dim3(threads);
   config.dynamicSmemBytes = smem;
   config.stream = stream;
+  config.attrs = const_cast<cudaLaunchAttribute*>(attribute);
+  config.numAttrs = attribute ? 1 : 0;
+  cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+template <typename... Params, typename... Args>
+void launch_chained(void (*kernel)(Params...), int blocks, int threads, size_t smem,
+                    cudaStream_t stream, bool chained, Args&&... args) {
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = chained ? &attribute : nullptr;
-  config.numAttrs = chained ? 1 : 0;
-  cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  launch_with(kernel, blocks, threads, smem, stream, chained ? &attribute : nullptr,
+              std::forward<Args>(args)...);
 }
 
 }  // namespace epx::cuda

@@ -109,12 +109,15 @@ struct RowParts {
   int64_t bytes;  // bytes per part (the last one may be shorter)
 };
 
-__device__ __forceinline__ RowParts row_parts(int64_t rows, int64_t row_bytes) {
-  const int64_t warps = total_warps();
+// Over `warps` warps (the grid's, or a block's for a block's own rows).
+__device__ __forceinline__ RowParts row_parts(int64_t rows, int64_t row_bytes, int64_t warps) {
   int64_t count = rows >= warps || rows == 0 ? 1 : (warps + rows - 1) / rows;
   count = max(int64_t(1), min(count, row_bytes / 512));
   const int64_t bytes = ((row_bytes + count - 1) / count + 15) / 16 * 16;
   return RowParts{(row_bytes + bytes - 1) / bytes, bytes};
+}
+__device__ __forceinline__ RowParts row_parts(int64_t rows, int64_t row_bytes) {
+  return row_parts(rows, row_bytes, total_warps());
 }
 
 // A warp copies part `part` of a row (bytes [part * parts.bytes, +parts.bytes), clipped).

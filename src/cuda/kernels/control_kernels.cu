@@ -13,10 +13,11 @@
 namespace epx::cuda {
 
 const char* phase_name(int32_t phase) {
-  static const char* const names[kPhaseCount] = {
+  static const char* const names[kPhaseLowLatency] = {
       "dispatch/entry", "dispatch/exit",  "cached-dispatch/entry", "cached-dispatch/exit",
       "combine/entry",  "combine/exit",   "combine-backward/entry", "combine-backward/exit"};
-  return phase >= 0 && phase < kPhaseCount ? names[phase] : "unknown";
+  if (phase >= kPhaseLowLatency) return plan::low_latency_phase_name(phase - kPhaseLowLatency);
+  return phase >= 0 ? names[phase] : "unknown";
 }
 
 namespace {
@@ -63,6 +64,7 @@ void load_kernels() {
   load_plan_kernels();
   load_dispatch_kernels();
   load_combine_kernels();
+  load_low_latency_kernels();
   load_functions({reinterpret_cast<const void*>(abort_kernel),
                   reinterpret_cast<const void*>(poison_kernel)});
   cudaGetLastError();  // a kernel that fails to load raises at its launch instead

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "plan/low_latency_protocol.hpp"
 #include "plan/op_record.hpp"
 #include "plan/workspace_layout.hpp"
 
@@ -29,6 +30,10 @@ enum DeviceErrorCode : int32_t {
   kDevicePeerAborted = 4,
   kDeviceOpMismatch = 5,  // a peer entered another operation: value = the differing field
   kDevicePeerFailed = 6,  // a peer's buffer failed earlier (its poison mark)
+  // The low-latency mode (cuda/kernels/low_latency.hpp).
+  kDeviceLowLatencyOrder = 7,     // a call out of turn was dropped: value = the state word seen
+  kDeviceLowLatencyOverflow = 8,  // value = the local expert, seen = the rows it received
+  kDeviceLowLatencyMismatch = 9,  // a peer's call differs: expected/seen = my tags, theirs
 };
 
 struct DeviceStatus {
@@ -49,7 +54,7 @@ enum Phase : int32_t {
   kPhaseCombineExit,
   kPhaseBackwardEntry,
   kPhaseBackwardExit,
-  kPhaseCount
+  kPhaseLowLatency,  // kPhaseLowLatency + a plan::LowLatencyPhase: the low-latency calls'
 };
 const char* phase_name(int32_t phase);
 
@@ -268,9 +273,21 @@ void launch_backward(const BackwardParams& params, cudaStream_t stream);
 // workspace rendezvous, when no peer kernel can be waiting for this rank yet.
 void load_kernels();
 void load_functions(std::initializer_list<const void*> kernels);  // cudaFuncGetAttributes each
+
+// The entry of a table of kernel instantiations whose conditions `matches`: the launchers pick
+// from the tables the load functions load, so no kernel is launched unloaded. Every
+// combination a launcher asks for has an entry.
+template <typename Variant, size_t N, typename Matches>
+const Variant& pick_variant(const Variant (&variants)[N], Matches&& matches) {
+  for (const Variant& variant : variants) {
+    if (matches(variant)) return variant;
+  }
+  return variants[N - 1];  // unreachable: the tables cover every combination
+}
 void load_dispatch_kernels();
 void load_combine_kernels();
 void load_plan_kernels();
+void load_low_latency_kernels();  // cuda/kernels/low_latency_kernels.cu
 
 // Writes every rank's workspace base pointer (ncclGetLsaPointer) into peers[R].
 void fetch_peer_pointers(void* window, int num_ranks, char** peers, cudaStream_t stream);

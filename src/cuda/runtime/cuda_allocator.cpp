@@ -14,7 +14,7 @@
 #include <map>
 #include <mutex>
 
-#include "core/allocators.hpp"
+#include "core/engine.hpp"
 #include "cuda/runtime/cuda_check.hpp"
 #include "epx/error.hpp"
 

@@ -13,6 +13,7 @@
 #include "cuda/runtime/device_memory.hpp"
 #include "cuda/kernels/kernels.hpp"
 #include "cuda/runtime/cuda_comm.hpp"
+#include "cuda/runtime/cuda_low_latency.hpp"
 #include "plan/routing.hpp"
 
 namespace epx::detail {
@@ -53,6 +54,14 @@ class CudaEngine final : public Engine {
         (layout_.num_experts + num_ranks_));
     scratch_.plan_first_bad = DeviceArray<unsigned long long>(1);
     EPX_CUDA_CHECK(cudaMemset(scratch_.plan_first_bad.get(), 0xff, sizeof(unsigned long long)));
+    if (context.config.low_latency_max_tokens > 0) {
+      // Every SM unless num_sms says otherwise: the LL kernels are latency-bound.
+      low_latency_ = std::make_unique<CudaLowLatency>(
+          context_, low_latency_layout(context.config, num_ranks_, layout_), state_.device,
+          context.config.num_sms > 0 ? context.config.num_sms : properties.multiProcessorCount,
+          CudaLowLatency::EngineLinks{[this] { return topology(); },
+                                      [this] { return workspace_->local(); }});
+    }
     cuda::load_kernels();
     EPX_CUDA_CHECK(cudaGetLastError());
     EPX_CUDA_CHECK(cudaDeviceSynchronize());
@@ -83,6 +92,9 @@ class CudaEngine final : public Engine {
 
   Device device() const override { return Device::cuda(state_.device); }
   int num_sms() const override { return num_blocks_; }
+  LowLatencyEngine& low_latency() override {
+    return low_latency_ ? *low_latency_ : Engine::low_latency();
+  }
 
   void synchronize(void* stream) override {
     DeviceGuard guard(state_.device);
@@ -308,6 +320,9 @@ class CudaEngine final : public Engine {
     std::memset(scratch_.status.host(), 0, sizeof(cuda::DeviceStatus));
     EPX_CUDA_CHECK(cudaMemsetAsync(scratch_.failed.get(), 0, sizeof(int32_t), stream));
     EPX_CUDA_CHECK(cudaStreamSynchronize(stream));
+    if (status.phase >= cuda::kPhaseLowLatency && low_latency_) {
+      low_latency_->raise_device_error(status);
+    }
     const char* phase = cuda::phase_name(status.phase);
     switch (status.code) {
       case cuda::kDeviceTimeout:
@@ -476,6 +491,7 @@ class CudaEngine final : public Engine {
   std::unique_ptr<PeerWorkspace> workspace_;
   bool poisoned_ = false;  // the buffer failed (poison())
   char* const* peers_ = nullptr;
+  std::unique_ptr<CudaLowLatency> low_latency_;  // cuda_low_latency.cpp; null when the mode is off
   // The engine's own memory (only this rank uses it).
   struct Scratch {
     DeviceArray<uint64_t> epoch;          // barriers passed (cuda/device/operation_sync.cuh)

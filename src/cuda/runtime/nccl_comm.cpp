@@ -1,9 +1,16 @@
+// Comm::nccl and the NCCL workspace (nccl_comm.hpp).
 #include "cuda/runtime/nccl_comm.hpp"
+
+#include <nccl.h>
+#include <nccl_device.h>
 
 #include <cstring>
 #include <thread>
+#include <vector>
 
+#include "cuda/kernels/kernels.hpp"
 #include "cuda/runtime/cuda_check.hpp"
+#include "epx/error.hpp"
 
 namespace epx {
 
@@ -104,3 +111,141 @@ bool Comm::cuda_available() {
 }
 
 }  // namespace epx
+
+// The NCCL workspace: the ranks' setup records compared (one all-gather), then ncclMemAlloc + a
+// symmetric window (NCCL_WIN_COLL_SYMMETRIC), a device communicator, and the peers' bases from
+// ncclGetLsaPointer (NVLink load/store addresses). Every NCCL call is waited for with the
+// buffer's timeout (a communicator epx created is non-blocking: nccl_comm.cpp).
+namespace epx::detail {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+class NcclWorkspace final : public PeerWorkspace {
+ public:
+  NcclWorkspace(NcclCommState& state, size_t bytes, const SetupRecord& record,
+                double timeout_seconds)
+      : comm_(state.comm), rank_(state.rank), timeout_seconds_(timeout_seconds),
+        deadline_(Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                     std::chrono::duration<double>(timeout_seconds))) {
+    const int num_ranks = state.num_ranks;
+    EPX_CHECK(comm_ != nullptr, kUnusable,
+              "rank " << rank_ << ": the NCCL communicator was aborted after an earlier setup "
+                         "timed out; make a new one");
+    check_records(state, record);
+    void* memory = nullptr;
+    EPX_NCCL_CHECK(ncclMemAlloc(&memory, bytes));
+    local_ = static_cast<char*>(memory);
+    try {
+      EPX_CUDA_CHECK(cudaMemset(local_, 0, bytes));
+      EPX_CUDA_CHECK(cudaDeviceSynchronize());
+      call(ncclCommWindowRegister(comm_, local_, bytes, &window_, NCCL_WIN_COLL_SYMMETRIC),
+           "window registration");
+      ncclDevCommRequirements requirements = {};
+      requirements.lsaBarrierCount = 1;
+      call(ncclDevCommCreate(comm_, &requirements, &dev_comm_), "device communicator setup");
+      dev_comm_created_ = true;
+      EPX_CHECK(dev_comm_.lsaSize == num_ranks, kInvalidArgument,
+                "the NCCL transport needs every rank in one NVLink domain: "
+                    << dev_comm_.lsaSize << " of " << num_ranks << " ranks are");
+      // The kernels index peers by communicator rank through ncclGetLsaPointer, which takes the
+      // LSA rank: with every rank in one LSA team the two agree, checked here once.
+      EPX_CHECK(dev_comm_.lsaRank == rank_, kInternal,
+                "rank " << rank_ << " has LSA rank " << dev_comm_.lsaRank
+                        << "; the NCCL transport expects them equal");
+      EPX_CUDA_CHECK(cudaMalloc(&peers_, sizeof(char*) * num_ranks));
+      cuda::fetch_peer_pointers(window_, num_ranks, peers_, nullptr);
+      EPX_CUDA_CHECK(cudaGetLastError());
+      EPX_CUDA_CHECK(cudaDeviceSynchronize());
+    } catch (...) {
+      release();
+      throw;
+    }
+  }
+
+  ~NcclWorkspace() override { release(); }
+
+ private:
+  // A call of a (possibly non-blocking) communicator, completed within the deadline.
+  void call(ncclResult_t result, const char* step) {
+    EPX_CHECK(result == ncclSuccess || result == ncclInProgress, kTransport,
+              "rank " << rank_ << ": " << step << " failed: " << ncclGetErrorString(result));
+    wait_for_nccl(comm_, deadline_, rank_, step, timeout_seconds_);
+  }
+
+  // Every rank's record, all-gathered; each rank compares all of them, so all raise alike. If
+  // the all-gather does not complete in time (a rank never builds its Buffer), a communicator
+  // epx owns is aborted (which ends the collective), and the caller's is left as it is, with
+  // the collective's memory and stream (freeing them would wait for it).
+  void check_records(NcclCommState& state, const SetupRecord& mine) {
+    const int num_ranks = state.num_ranks;
+    SetupRecord* records = nullptr;
+    cudaStream_t stream = nullptr;
+    EPX_CUDA_CHECK(cudaMalloc(&records, sizeof(SetupRecord) * num_ranks));
+    EPX_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    std::vector<SetupRecord> all(num_ranks);
+    try {
+      EPX_CUDA_CHECK(cudaMemcpyAsync(records + rank_, &mine, sizeof(mine),
+                                     cudaMemcpyHostToDevice, stream));
+      call(ncclAllGather(records + rank_, records, sizeof(SetupRecord), ncclUint8, comm_, stream),
+           "buffer setup");
+      EPX_CUDA_CHECK(cudaMemcpyAsync(all.data(), records, sizeof(SetupRecord) * num_ranks,
+                                     cudaMemcpyDeviceToHost, stream));
+      for (;;) {
+        const cudaError_t done = cudaStreamQuery(stream);
+        if (done == cudaSuccess) break;
+        EPX_CHECK(done == cudaErrorNotReady, kTransport,
+                  "rank " << rank_ << ": buffer setup failed: " << cudaGetErrorString(done));
+        wait_for_nccl(comm_, deadline_, rank_, "buffer setup", timeout_seconds_);
+        EPX_CHECK(Clock::now() < deadline_, kTimeout,
+                  "rank " << rank_ << ": phase buffer setup timed out after " << timeout_seconds_
+                          << " s waiting for the other ranks to build their Buffer");
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+      }
+    } catch (...) {
+      if (state.owned) {
+        ncclCommAbort(state.comm);
+        state.comm = comm_ = nullptr;
+        cudaStreamDestroy(stream);
+        cudaFree(records);
+      }
+      throw;
+    }
+    cudaStreamDestroy(stream);
+    cudaFree(records);
+    for (int p = 0; p < num_ranks; ++p) {
+      const std::string mismatch = setup_mismatch(mine, rank_, all[p], p);
+      EPX_CHECK(mismatch.empty(), kInvalidArgument, "rank " << rank_ << ": buffer setup: "
+                                                            << mismatch);
+    }
+  }
+
+  void release() {
+    if (peers_) cudaFree(peers_);
+    if (dev_comm_created_) ncclDevCommDestroy(comm_, &dev_comm_);
+    if (window_) ncclCommWindowDeregister(comm_, window_);
+    if (local_) ncclMemFree(local_);
+    peers_ = nullptr;
+    local_ = nullptr;
+    window_ = nullptr;
+    dev_comm_created_ = false;
+  }
+
+  ncclComm_t comm_;
+  int rank_;
+  double timeout_seconds_;
+  Clock::time_point deadline_;
+  ncclWindow_t window_ = nullptr;
+  ncclDevComm dev_comm_{};
+  bool dev_comm_created_ = false;
+};
+
+}  // namespace
+
+std::unique_ptr<PeerWorkspace> NcclCommState::open_workspace(size_t bytes,
+                                                             const SetupRecord& record,
+                                                             double timeout_seconds) {
+  return std::make_unique<NcclWorkspace>(*this, bytes, record, timeout_seconds);
+}
+
+}  // namespace epx::detail

@@ -1,0 +1,281 @@
+// bench_gpu's low-latency rows (low_latency_bench.hpp). For each token count S (S_ll = 256):
+//
+//   graph   each part captured in a graph of its own (dispatch; combine), the two graphs replayed
+//           alternately (the calls must alternate), a pair of events around each replay: the
+//           median per part; and a graph of dispatch + combine replayed N times between two
+//           events: the mean per round;
+//   eager   the same calls made directly, events around each: the median per part;
+//   normal  the normal path's compact dispatch (sync_counts=false) and combine, graphs as above;
+//   copy    a plain SM copy of the bytes a dispatch writes (S * K rows), on the LL kernels' SMs,
+//           replayed in a graph: the LL figures are given as multiples of it.
+//
+// Combines are zero-copy: the expert outputs are taken to be in low_latency_combine_input() and
+// the weights are the dispatch's own view (what an expert GEMM writing in place gives).
+// Routing: top-K distinct experts per token, uniform; bytes are those of bf16 rows (fp8 rows
+// and scales for the fp8 dispatch).
+#include <algorithm>
+#include <cstdio>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <random>
+#include <vector>
+
+#include "common/cuda_device_ops.hpp"
+#include "common/graph_replay.hpp"
+#include "epx/buffer.hpp"
+#include "epx/error.hpp"
+#include "low_latency_bench.hpp"
+
+namespace epx::bench {
+namespace {
+
+using testing::check_cuda;
+
+constexpr int64_t kTokenCounts[] = {1, 8, 32, 128, 256};
+constexpr int64_t kMaxTokens = 256;
+constexpr int kCopyThreads = 512;
+
+__global__ void copy_kernel(const int4* src, int4* dst, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    dst[i] = src[i];
+  }
+}
+
+// Top-K distinct experts per token, uniform; a pure function of (rank, tokens).
+std::vector<int64_t> uniform_routing(int rank, int64_t tokens, int32_t experts, int32_t topk) {
+  std::mt19937_64 rng(0x11a7e5c7ull + uint64_t(rank) * 7919 + uint64_t(tokens));
+  std::vector<int64_t> routing(size_t(tokens * topk));
+  std::vector<int32_t> pool(static_cast<size_t>(experts));
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int32_t e = 0; e < experts; ++e) pool[size_t(e)] = e;
+    for (int32_t k = 0; k < topk; ++k) {
+      std::uniform_int_distribution<int32_t> pick(k, experts - 1);
+      std::swap(pool[size_t(k)], pool[size_t(pick(rng))]);
+      routing[size_t(t * topk + k)] = pool[size_t(k)];
+    }
+  }
+  return routing;
+}
+
+class Graph {
+ public:
+  Graph(cudaStream_t stream, const std::function<void()>& record) : stream_(stream) {
+    check_cuda(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "capture");
+    record();
+    cudaGraph_t graph;
+    check_cuda(cudaStreamEndCapture(stream, &graph), "end capture");
+    check_cuda(cudaGraphInstantiate(&exec_, graph, 0), "instantiate");
+    cudaGraphDestroy(graph);
+  }
+  ~Graph() { cudaGraphExecDestroy(exec_); }
+  Graph(const Graph&) = delete;
+  Graph& operator=(const Graph&) = delete;
+  void launch() const { check_cuda(cudaGraphLaunch(exec_, stream_), "graph launch"); }
+
+ private:
+  cudaStream_t stream_;
+  cudaGraphExec_t exec_{};
+};
+
+class Timer {
+ public:
+  explicit Timer(cudaStream_t stream) : stream_(stream) {
+    for (cudaEvent_t& event : events_) check_cuda(cudaEventCreate(&event), "event");
+  }
+  ~Timer() {
+    for (cudaEvent_t event : events_) cudaEventDestroy(event);
+  }
+  // Medians of the two parts of `first(); second();` repeated `iters` times, events around each.
+  std::pair<double, double> alternating_us(int iters, const std::function<void()>& first,
+                                           const std::function<void()>& second) {
+    std::vector<double> a, b;
+    for (int i = 0; i < iters + 3; ++i) {  // three warm-ups
+      check_cuda(cudaEventRecord(events_[0], stream_), "record");
+      first();
+      check_cuda(cudaEventRecord(events_[1], stream_), "record");
+      second();
+      check_cuda(cudaEventRecord(events_[2], stream_), "record");
+      check_cuda(cudaEventSynchronize(events_[2]), "sync");
+      if (i < 3) continue;
+      a.push_back(elapsed_us(events_[0], events_[1]));
+      b.push_back(elapsed_us(events_[1], events_[2]));
+    }
+    return {median(a), median(b)};
+  }
+  // Mean of `iters` calls of `op` between two events, after three warm-ups.
+  double mean_us(int iters, const std::function<void()>& op) {
+    for (int i = 0; i < 3; ++i) op();
+    check_cuda(cudaEventRecord(events_[0], stream_), "record");
+    for (int i = 0; i < iters; ++i) op();
+    check_cuda(cudaEventRecord(events_[1], stream_), "record");
+    check_cuda(cudaEventSynchronize(events_[1]), "sync");
+    return elapsed_us(events_[0], events_[1]) / iters;
+  }
+
+ private:
+  static double elapsed_us(cudaEvent_t from, cudaEvent_t to) {
+    float ms = 0;
+    check_cuda(cudaEventElapsedTime(&ms, from, to), "elapsed");
+    return 1000.0 * ms;
+  }
+  static double median(std::vector<double> samples) {
+    std::sort(samples.begin(), samples.end());
+    return samples[samples.size() / 2];
+  }
+  cudaStream_t stream_;
+  cudaEvent_t events_[3]{};
+};
+
+}  // namespace
+
+std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm,
+                               cudaStream_t stream) {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "device");
+  cudaDeviceProp properties{};
+  check_cuda(cudaGetDeviceProperties(&properties, device), "properties");
+  const int sms = o.shares_gpu ? std::max(1, properties.multiProcessorCount / o.num_ranks)
+                               : properties.multiProcessorCount;
+  BufferConfig config{.max_tokens_per_rank = kMaxTokens,
+                      .hidden = o.hidden,
+                      .num_experts = o.experts,
+                      .num_topk = o.topk,
+                      .timeout_seconds = 60,
+                      .num_sms = o.shares_gpu ? sms : 0,
+                      .low_latency_max_tokens = kMaxTokens};
+  // Fixed addresses for the graphs' outputs (reset between rounds of eager calls: each round's
+  // outputs are dead once the next starts).
+  auto arena = std::make_shared<testing::ArenaAllocator>(size_t(1) << 27);
+  Buffer buffer(comm, config, arena);
+  BufferConfig fp8_config = config;
+  fp8_config.fp8_dispatch = true;
+  auto fp8_arena = std::make_shared<testing::ArenaAllocator>(size_t(1) << 27);
+  Buffer fp8_buffer(comm, fp8_config, fp8_arena);
+  const testing::DeviceOps ops = testing::cuda_device_ops(device, stream);
+  const Device where = buffer.device();
+  const int64_t row_bytes = o.hidden * 2;
+
+  std::mt19937 rng(uint32_t(o.rank));
+  std::vector<uint16_t> x_host(size_t(kMaxTokens * o.hidden));
+  for (uint16_t& v : x_host) v = static_cast<uint16_t>(0x3c00 + rng() % 0x0800);
+  std::vector<uint8_t> fp8_host(size_t(kMaxTokens * o.hidden));
+  for (uint8_t& v : fp8_host) v = static_cast<uint8_t>(rng() % 0x7e);
+  const std::vector<float> scales_host(size_t(kMaxTokens * o.hidden / 128), 1.0f);
+  const std::vector<float> w_host(size_t(kMaxTokens * o.topk), 1.0f / o.topk);
+  auto x = ops.upload(x_host.data(), x_host.size() * 2);
+  auto x_fp8 = ops.upload(fp8_host.data(), fp8_host.size());
+  auto scales = ops.upload(scales_host.data(), scales_host.size() * 4);
+  auto weights = ops.upload(w_host.data(), w_host.size() * 4);
+  const std::vector<uint8_t> copy_host(size_t(kMaxTokens * o.topk * row_bytes));
+  auto copy_src = ops.upload(copy_host.data(), copy_host.size());
+  auto copy_dst = ops.upload(copy_host.data(), copy_host.size());
+
+  Timer timer(stream);
+  std::string report;
+  char line[256];
+  std::snprintf(line, sizeof(line),
+                "rank %d: low-latency mode, hidden %lld, top-%d of %d, %d ranks, %d SMs (LL "
+                "kernels and the copy), normal path on %d; zero-copy combines\n",
+                o.rank, static_cast<long long>(o.hidden), o.topk, o.experts, o.num_ranks, sms,
+                buffer.num_sms());
+  report += line;
+  auto row = [&](int64_t tokens, const char* name, double us, double copy_us) {
+    std::snprintf(line, sizeof(line), "rank %d:   %4lld tokens  %-34s %8.1f us", o.rank,
+                  static_cast<long long>(tokens), name, us);
+    report += line;
+    if (copy_us > 0) {
+      std::snprintf(line, sizeof(line), "  %5.2fx the copy", us / copy_us);
+      report += line;
+    }
+    report += "\n";
+  };
+
+  for (int64_t tokens : kTokenCounts) {
+    const std::vector<int64_t> routing = uniform_routing(o.rank, tokens, o.experts, o.topk);
+    auto topk = ops.upload(routing.data(), routing.size() * 8);
+    DispatchInputs in;
+    in.x = TensorView(x.get(), DType::kBFloat16, {tokens, o.hidden}, where);
+    in.topk_idx = TensorView(topk.get(), DType::kInt64, {tokens, o.topk}, where);
+    in.weights = TensorView(weights.get(), DType::kFloat32, {tokens, o.topk}, where);
+    DispatchInputs in_fp8 = in;
+    in_fp8.x = TensorView(x_fp8.get(), DType::kFloat8E4M3, {tokens, o.hidden}, where);
+    in_fp8.x_scales = TensorView(scales.get(), DType::kFloat32, {tokens, o.hidden / 128}, where);
+
+    // The copy of the bytes a dispatch writes, on the same SMs.
+    const int64_t vectors = tokens * o.topk * row_bytes / 16;
+    const Graph copy(stream, [&] {
+      copy_kernel<<<sms, kCopyThreads, 0, stream>>>(static_cast<const int4*>(copy_src.get()),
+                                                    static_cast<int4*>(copy_dst.get()), vectors);
+    });
+    const double copy_us = timer.mean_us(o.iters, [&] { copy.launch(); });
+
+    // Eager: calls alternate; the arena restarts with each round.
+    std::optional<LowLatencyDispatchResult> recv;
+    auto dispatch = [&](Buffer& b, const DispatchInputs& i) {
+      recv.emplace(b.low_latency_dispatch(i, {}, stream));
+    };
+    auto combine = [&](Buffer& b) {
+      (void)b.low_latency_combine(
+          {.x = b.low_latency_combine_input().view, .weights = recv->weights.view}, recv->handle,
+          {}, stream);
+    };
+    const auto [eager_dispatch, eager_combine] = timer.alternating_us(
+        o.iters,
+        [&] {
+          arena->reset();
+          dispatch(buffer, in);
+        },
+        [&] { combine(buffer); });
+    buffer.synchronize(stream);
+
+    // Graphs: a dispatch and a combine of their own, replayed alternately; a round.
+    arena->reset();
+    const Graph dispatch_graph(stream, [&] { dispatch(buffer, in); });
+    const Graph combine_graph(stream, [&] { combine(buffer); });
+    const auto [graph_dispatch, graph_combine] = timer.alternating_us(
+        o.iters, [&] { dispatch_graph.launch(); }, [&] { combine_graph.launch(); });
+    const Graph round_graph(stream, [&] {
+      dispatch(buffer, in);
+      combine(buffer);
+    });
+    const double graph_round = timer.mean_us(o.iters, [&] { round_graph.launch(); });
+    buffer.synchronize(stream);
+
+    fp8_arena->reset();
+    const Graph fp8_dispatch_graph(stream, [&] { dispatch(fp8_buffer, in_fp8); });
+    const Graph fp8_combine_graph(stream, [&] { combine(fp8_buffer); });
+    const auto fp8_times = timer.alternating_us(
+        o.iters, [&] { fp8_dispatch_graph.launch(); }, [&] { fp8_combine_graph.launch(); });
+    fp8_buffer.synchronize(stream);
+
+    // The normal path, compact, without a host synchronisation.
+    DispatchOptions unsynced;
+    unsynced.sync_counts = false;
+    std::optional<DispatchResult> routed;
+    const Graph normal_dispatch(stream,
+                                [&] { routed.emplace(buffer.dispatch(in, unsynced, stream)); });
+    const Graph normal_combine(stream, [&] {
+      CombineInputs back;
+      back.x = routed->x.view;
+      (void)buffer.combine(back, routed->handle, {}, stream);
+    });
+    const auto normal_times = timer.alternating_us(
+        o.iters, [&] { normal_dispatch.launch(); }, [&] { normal_combine.launch(); });
+    buffer.synchronize(stream);
+
+    row(tokens, "ll dispatch (graph)", graph_dispatch, copy_us);
+    row(tokens, "ll combine (graph)", graph_combine, copy_us);
+    row(tokens, "ll dispatch + combine (one graph)", graph_round, copy_us);
+    row(tokens, "ll dispatch fp8 (graph)", fp8_times.first, copy_us);
+    row(tokens, "ll dispatch (eager)", eager_dispatch, copy_us);
+    row(tokens, "ll combine (eager)", eager_combine, copy_us);
+    row(tokens, "normal dispatch compact (graph)", normal_times.first, copy_us);
+    row(tokens, "normal combine compact (graph)", normal_times.second, copy_us);
+    row(tokens, "copy of the dispatch's bytes (graph)", copy_us, 0);
+  }
+  return report;
+}
+
+}  // namespace epx::bench

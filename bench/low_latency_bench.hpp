@@ -1,0 +1,29 @@
+// bench_gpu's low-latency rows (low_latency_bench.cu): LL dispatch, combine (zero-copy) and
+// both, next to the normal path (compact, sync_counts=false), at 1, 8, 32, 128 and 256 tokens
+// per rank, as CUDA-graph replays and eager calls, and a plain SM copy of the same bytes with
+// the same SMs (the ratio is printed).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "epx/comm.hpp"
+
+namespace epx::bench {
+
+struct LowLatencyBenchOptions {
+  int rank = 0;
+  int num_ranks = 1;
+  int64_t hidden = 7168;
+  int32_t experts = 256;
+  int32_t topk = 8;
+  int iters = 20;
+  bool shares_gpu = false;  // thread ranks on one GPU: each takes its share of the SMs
+};
+
+// The report of this rank (collective: every rank runs it). Raises epx::Error on failure.
+std::string low_latency_report(const LowLatencyBenchOptions& options, const Comm& comm,
+                               cudaStream_t stream);
+
+}  // namespace epx::bench

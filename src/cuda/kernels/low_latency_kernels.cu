@@ -1,0 +1,511 @@
+// The low-latency mode on the device (docs/protocol.md, "Low-latency mode"):
+//
+//   dispatch          every block claims the slots of its tokens' (t, k) on the owners' counters
+//                     (system-scope atomics through the peer pointers), copies each token's row
+//                     once into every destination row, and hands off; the last block raises its
+//                     sent flags, waits for every source's, and settles the round's counts.
+//   combine           the expert side copies what is not in the combine region yet, the last
+//                     block raises the ready flags; then every block waits for every owner's and
+//                     sums its tokens' rows, pulled from the owners' combine regions.
+//   combine_backward  the grad_y rows go the dispatch way to the handle's slots; every block
+//                     waits for every source, then computes the expert side's rows.
+//
+// A combine's and a combine_backward's blocks wait for their own grid's handoff, so they are
+// launched cooperatively (co-resident); a dispatch's waiting is done by its last block alone.
+#include <cub/block/block_scan.cuh>
+
+#include "cuda/device/chained_launch.hpp"
+#include "cuda/device/device_primitives.cuh"
+#include "cuda/device/low_latency_flags.cuh"
+#include "cuda/device/row_sums.cuh"
+#include "cuda/kernels/low_latency.hpp"
+
+namespace epx::cuda {
+namespace {
+
+constexpr int kThreads = kBlockThreads;
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kFanoutLoads = 4;  // 16-byte loads in flight per lane while a part fans out
+
+// Where one (t, k) of a block's tokens goes: the owner and the row in its region; owner -1:
+// nowhere (a masked k, or a row past the region).
+struct Destination {
+  int32_t owner;
+  int32_t row;
+};
+
+// The block's tokens are t = blockIdx.x + j * gridDim.x, j < block_tokens().
+__device__ __forceinline__ int64_t block_tokens(int64_t num_tokens) {
+  return num_tokens > blockIdx.x ? (num_tokens - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+}
+
+// The destination of entry (t, k), one thread: a routing dispatch checks the value, claims a
+// slot on the owner's counter and fills the handle; the others read the handle. The row's
+// scalars (weights, aux, src_info) go with it; a combine_backward moves rows only.
+__device__ Destination claim(const LowLatencyContext& c, const LowLatencyRows& r, int64_t t, int k,
+                             int32_t phase) {
+  const plan::LowLatencyLayout& layout = c.layout;
+  const int64_t i = t * layout.num_topk + k;
+  const bool routing = r.kind == plan::kKindDispatch;
+  int32_t e;
+  if (routing) {
+    const int64_t value = r.topk_int64 ? static_cast<const int64_t*>(r.topk_idx)[i]
+                                       : static_cast<const int32_t*>(r.topk_idx)[i];
+    const bool valid = value >= -1 && value < layout.num_experts;
+    if (!valid) {
+      // Recorded here; the peers learn of it from the sent flags' tags.
+      c.scratch->bad_routing = 1;
+      record_error(c.topo, kDeviceBadRouting, kPhaseLowLatency + phase, c.topo.rank,
+                   static_cast<int32_t>(value));
+    }
+    e = valid ? static_cast<int32_t>(value) : -1;
+    r.topk32[i] = e;
+  } else {
+    e = r.topk32[i];
+  }
+  if (e < 0) {
+    if (routing) r.slots[i] = -1;
+    return {-1, 0};
+  }
+  const int local_experts = layout.local_experts();
+  const int owner = e / local_experts;
+  const int32_t local = e % local_experts;
+  char* ws = c.topo.peers[owner];
+  int32_t slot;
+  if (routing) {
+    slot = atomicAdd_system(layout.counters(ws) + local, 1);
+    if (slot >= layout.expert_rows()) slot = -1;  // past the region: dropped, the owner raises
+    r.slots[i] = slot;
+  } else {
+    slot = r.slots[i];
+  }
+  if (slot < 0) return {-1, 0};
+  const int64_t row = layout.row_index(local, slot);
+  if (r.kind != plan::kKindBackward) {
+    if (r.weights) layout.recv_weights(ws, c.half)[row] = r.weights[i];
+    if (r.aux) layout.recv_aux(ws, c.half)[row] = r.aux[i];
+    layout.src_info(ws, c.half)[row] = layout.source_id(c.topo.rank, t, k);
+  }
+  return {owner, static_cast<int32_t>(row)};
+}
+
+// The warp copies elements [begin, end) (of type V) of `src` into the same elements of each
+// destination row of `dests` (K of them, owner -1 skipped): loaded once, stored to each.
+template <typename V, int Loads>
+__device__ __forceinline__ void fan_out(const char* src, int64_t begin, int64_t end,
+                                        const Destination* dests, int num_dests,
+                                        const LowLatencyContext& c, int64_t row_bytes, int lane) {
+  const V* s = reinterpret_cast<const V*>(src);
+  for (int64_t i = begin + lane; i < end; i += Loads * kWarpSize) {
+    V v[Loads];
+#pragma unroll
+    for (int j = 0; j < Loads; ++j) {
+      if (i + j * kWarpSize < end) v[j] = s[i + j * kWarpSize];
+    }
+    for (int d = 0; d < num_dests; ++d) {
+      if (dests[d].owner < 0) continue;
+      V* dst = reinterpret_cast<V*>(c.layout.recv_rows(c.topo.peers[dests[d].owner], c.half) +
+                                    int64_t(dests[d].row) * row_bytes);
+#pragma unroll
+      for (int j = 0; j < Loads; ++j) {
+        if (i + j * kWarpSize < end) dst[i + j * kWarpSize] = v[j];
+      }
+    }
+  }
+}
+
+// The send part of a dispatch-direction call, every block: batches of its tokens, a thread per
+// (t, k) claiming destinations, then a warp per (token, row part) fanning the part out (16-byte
+// vectors when rows and input are aligned, else 2-byte elements, else bytes).
+__device__ void send_rows(const LowLatencyContext& c, const LowLatencyRows& r, int32_t phase) {
+  __shared__ Destination dests[kThreads];
+  const int num_topk = c.layout.num_topk;
+  const int64_t tokens = block_tokens(r.num_tokens);
+  const int batch = kThreads / num_topk;  // tokens whose destinations fit in `dests`
+  const int lane = lane_id(), warp = warp_in_block();
+  const uintptr_t bits = reinterpret_cast<uintptr_t>(r.x) | static_cast<uintptr_t>(r.row_bytes);
+  const int64_t scales = r.scales ? c.layout.scales_per_row() : 0;
+  for (int64_t j0 = 0; j0 < tokens; j0 += batch) {
+    const int n = static_cast<int>(min(int64_t(batch), tokens - j0));
+    if (threadIdx.x < n * num_topk) {
+      const int jt = threadIdx.x / num_topk, k = threadIdx.x % num_topk;
+      dests[threadIdx.x] = claim(c, r, blockIdx.x + (j0 + jt) * gridDim.x, k, phase);
+    }
+    __syncthreads();
+    const RowParts parts = row_parts(n, r.row_bytes, kWarps);
+    for (int64_t item = warp; item < n * parts.count; item += kWarps) {
+      const int jt = static_cast<int>(item / parts.count);
+      const int64_t part = item % parts.count;
+      const int64_t t = blockIdx.x + (j0 + jt) * gridDim.x;
+      const char* src = r.x + t * r.row_bytes;
+      const Destination* d = dests + jt * num_topk;
+      const int64_t begin = part * parts.bytes, end = min(r.row_bytes, begin + parts.bytes);
+      if ((bits & 15) == 0) {
+        fan_out<int4, kFanoutLoads>(src, begin / 16, end / 16, d, num_topk, c, r.row_bytes, lane);
+      } else if ((bits & 1) == 0) {
+        fan_out<uint16_t, 8>(src, begin / 2, end / 2, d, num_topk, c, r.row_bytes, lane);
+      } else {
+        fan_out<uint8_t, 8>(src, begin, end, d, num_topk, c, r.row_bytes, lane);
+      }
+      if (part != 0 || !scales) continue;  // a row's first part carries its scales
+      for (int k = 0; k < num_topk; ++k) {
+        if (d[k].owner < 0) continue;
+        float* out = c.layout.recv_scales(c.topo.peers[d[k].owner], c.half) + d[k].row * scales;
+        for (int64_t i = lane; i < scales; i += kWarpSize) out[i] = r.scales[t * scales + i];
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// The wait part of a dispatch (cached or not), one block: every source's sent flag, then the
+// round's counts (a routing dispatch's from the counters, reset for the next round; past the
+// region: an error, clamped) into the counts view and the handle, and the scalars of rows past
+// them cleared where this half's last round had rows.
+__device__ void settle_dispatch(const LowLatencyDispatchParams& p, uint64_t epoch, int32_t phase,
+                                int32_t* counts) {
+  const LowLatencyContext& c = p.ll;
+  const plan::LowLatencyLayout& layout = c.layout;
+  bool ok;
+  (void)low_latency_wait(c, false, epoch, phase, ok);
+  __syncthreads();  // the sources' rows and claims are done
+  char* local = c.topo.peers[c.topo.rank];
+  const int local_experts = layout.local_experts();
+  const int64_t capacity = layout.expert_rows();
+  const bool routing = p.rows.kind == plan::kKindDispatch;
+  for (int e = threadIdx.x; e < local_experts; e += blockDim.x) {
+    int32_t count;
+    if (routing) {
+      volatile int32_t* counter = layout.counters(local) + e;
+      count = *counter;
+      *counter = 0;
+    } else {
+      count = p.counts[e];
+    }
+    if (count > capacity) {
+      low_latency_error(c, kDeviceLowLatencyOverflow, phase, c.topo.rank, e, capacity, count);
+      count = static_cast<int32_t>(capacity);
+    }
+    counts[e] = count;
+  }
+  __syncthreads();
+  const int lane = lane_id();
+  int32_t* old_counts = c.old_counts + c.half * local_experts;
+  for (int e = warp_in_block(); e < local_experts; e += warps_per_block()) {
+    for (int64_t slot = counts[e] + lane; slot < old_counts[e]; slot += kWarpSize) {
+      const int64_t row = layout.row_index(e, slot);
+      layout.recv_weights(local, c.half)[row] = 0.0f;
+      layout.recv_aux(local, c.half)[row] = 0.0f;
+      layout.src_info(local, c.half)[row] = -1;
+    }
+    __syncwarp();
+    if (lane == 0) {
+      old_counts[e] = counts[e];
+      layout.counts(local, c.half)[e] = counts[e];
+      if (routing) p.counts[e] = counts[e];
+    }
+  }
+  if (threadIdx.x == 0) c.scratch->state = plan::kStateDispatched;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    low_latency_dispatch_kernel(LowLatencyDispatchParams p) {
+  extern __shared__ int32_t counts[];  // [E_l]
+  const LowLatencyContext& c = p.ll;
+  const int32_t phase = plan::low_latency_send_phase(p.rows.kind);
+  const uint64_t epoch = c.scratch->round + 1;
+  if (!low_latency_enter(c, plan::low_latency_step(false, !p.send), phase + (p.send ? 0 : 1))) {
+    return;
+  }
+  if (p.send) {
+    send_rows(c, p.rows, phase);
+    if (!low_latency_last_block(&c.scratch->blocks_sent)) return;
+    __shared__ uint32_t tags;
+    if (threadIdx.x == 0) {
+      tags = c.tags | (c.scratch->bad_routing ? uint32_t(plan::kTagBadRouting) : 0u);
+      c.scratch->bad_routing = 0;
+      c.scratch->state = plan::kStateDispatchSent;
+    }
+    __syncthreads();
+    low_latency_publish(c, false, epoch, tags);
+    if (!p.wait) return;
+  }
+  settle_dispatch(p, epoch, phase + 1, counts);
+}
+
+// The exclusive prefix of `counts` [E_l] into prefix [E_l + 1] (shared memory), the block.
+__device__ void block_prefix(const int32_t* counts, int local_experts, int32_t* prefix) {
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage storage;
+  __shared__ int running;
+  if (threadIdx.x == 0) running = 0;
+  __syncthreads();
+  for (int base = 0; base < local_experts; base += kThreads) {
+    const int e = base + threadIdx.x;
+    int start = 0, total = 0;
+    Scan(storage).ExclusiveSum(e < local_experts ? counts[e] : 0, start, total);
+    if (e < local_experts) prefix[e] = running + start;
+    __syncthreads();
+    if (threadIdx.x == 0) running += total;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) prefix[local_experts] = running;
+  __syncthreads();
+}
+
+// The region row of the n-th real row of the experts (prefix from block_prefix).
+__device__ __forceinline__ int64_t real_row(const int32_t* prefix, int local_experts, int64_t n,
+                                            int64_t expert_rows) {
+  int lo = 0, hi = local_experts;  // the last e with prefix[e] <= n
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (prefix[mid] <= n) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo * expert_rows + (n - prefix[lo]);
+}
+
+// The expert side of a combine: what is not in the combine region yet goes there, row for row.
+__device__ void copy_expert_side(const LowLatencyCombineParams& p, int32_t* prefix) {
+  const LowLatencyContext& c = p.ll;
+  const plan::LowLatencyLayout& layout = c.layout;
+  const int local_experts = layout.local_experts();
+  block_prefix(p.counts, local_experts, prefix);
+  char* local = c.topo.peers[c.topo.rank];
+  const int64_t row_bytes = layout.hidden * 2, total = prefix[local_experts];
+  const RowParts parts = row_parts(total, row_bytes);
+  const int lane = lane_id();
+  for (int64_t item = global_warp(); item < total * parts.count; item += total_warps()) {
+    const int64_t n = item / parts.count, part = item % parts.count;
+    const int64_t row = real_row(prefix, local_experts, n, layout.expert_rows());
+    if (p.x) {
+      warp_copy_part(reinterpret_cast<char*>(layout.combine_rows(local)) + row * row_bytes,
+                     reinterpret_cast<const char*>(p.x) + row * row_bytes, row_bytes, parts, part,
+                     lane);
+    }
+    if (part != 0 || lane != 0) continue;
+    if (p.weights) layout.combine_weights(local)[row] = p.weights[row];
+    if (p.scalars) layout.combine_scalars(local)[row] = p.scalars[row];
+  }
+}
+
+// The last of the blocks to get here (no fence: what it does next, advancing the round, orders
+// after nothing the others stored; they read the round counter at their start).
+__device__ __forceinline__ bool last_to_finish(uint32_t* counter) {
+  __shared__ int last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    if (last) *counter = 0;
+  }
+  __syncthreads();
+  return last != 0;
+}
+
+// Where a combine reads an owner's rows, weights and scalars (its combine region, or its
+// receive region for weights the dispatch delivered).
+struct OwnerRegions {
+  const uint16_t* rows;
+  const float* weights;
+  const float* scalars;
+};
+
+template <int Vec, int Terms, int Span>
+__global__ void __launch_bounds__(kThreads) low_latency_combine_kernel(LowLatencyCombineParams p) {
+  extern __shared__ int32_t smem[];  // prefix [E_l + 1], then (8-aligned) the owners' regions [R]
+  const LowLatencyContext& c = p.ll;
+  const plan::LowLatencyLayout& layout = c.layout;
+  const int local_experts = layout.local_experts(), num_topk = layout.num_topk;
+  const int32_t phase = plan::low_latency_send_phase(plan::kKindCombine);
+  const uint64_t epoch = c.scratch->round + 1;
+  if (!low_latency_enter(c, plan::low_latency_step(true, !p.send), phase + (p.send ? 0 : 1))) {
+    return;
+  }
+  const uint32_t ready_tags = c.tags | (p.weights_in_recv ? uint32_t(plan::kTagWeightsInRecv) : 0u);
+  if (p.send) {
+    if (p.x || p.weights || p.scalars) {
+      copy_expert_side(p, smem);
+      if (low_latency_last_block(&c.scratch->blocks_sent)) {
+        if (!p.wait && threadIdx.x == 0) c.scratch->state = plan::kStateCombineSent;
+        low_latency_publish(c, true, epoch, ready_tags);
+      }
+    } else if (blockIdx.x == 0) {
+      // Nothing to copy: the rows are where the sources read them (earlier kernels wrote
+      // them, and the release is cumulative over those).
+      if (!p.wait && threadIdx.x == 0) c.scratch->state = plan::kStateCombineSent;
+      low_latency_publish(c, true, epoch, ready_tags);
+    }
+    if (!p.wait) return;
+  }
+  // Every block waits for every owner (its own grid's last block among them).
+  OwnerRegions* owners = reinterpret_cast<OwnerRegions*>(smem + (local_experts + 2) / 2 * 2);
+  bool ok;
+  const uint32_t theirs = low_latency_wait(c, true, epoch, phase + 1, ok);
+  if (threadIdx.x < layout.num_ranks) {
+    char* ws = c.topo.peers[threadIdx.x];
+    owners[threadIdx.x] = {layout.combine_rows(ws),
+                           (theirs & plan::kTagWeightsInRecv) ? layout.recv_weights(ws, c.half)
+                                                              : layout.combine_weights(ws),
+                           layout.combine_scalars(ws)};
+  }
+  if (__syncthreads_and(ok) != 0) {
+    const int64_t hidden = layout.hidden;
+    const int lane = lane_id();
+    const RowParts parts = row_parts(p.num_tokens, hidden * 2);
+    for (int64_t item = global_warp(); item < p.num_tokens * parts.count; item += total_warps()) {
+      const int64_t t = item / parts.count, part = item % parts.count;
+      const int64_t end = min(hidden, (part + 1) * parts.bytes / 2);
+      // Term k: the row (t, k) took on its owner, weighted by the owner's weight of it.
+      auto term = [&](int k, float& w) -> const uint16_t* {
+        const int64_t i = t * num_topk + k;
+        const int32_t e = p.topk32[i], slot = p.slots[i];
+        if (e < 0 || slot < 0) return nullptr;
+        const OwnerRegions& owner = owners[e / local_experts];
+        const int64_t row = layout.row_index(e % local_experts, slot);
+        w = p.weighted ? owner.weights[row] : 1.0f;
+        return owner.rows + row * hidden;
+      };
+      sum_row<Vec, Terms, Span, false, Terms == kNarrowTerms>(
+          num_topk, part * parts.bytes / 2, end, lane, term,
+          [&](int64_t h, const Chunk<Vec>& sum) { sum.store(p.y + t * hidden + h); });
+      if (part != 0 || !p.scalars_out) continue;
+      for (int k = lane; k < num_topk; k += kWarpSize) {
+        const int64_t i = t * num_topk + k;
+        const int32_t e = p.topk32[i], slot = p.slots[i];
+        p.scalars_out[i] =
+            e < 0 || slot < 0
+                ? 0.0f
+                : owners[e / local_experts].scalars[layout.row_index(e % local_experts, slot)];
+      }
+    }
+  }
+  if (last_to_finish(&c.scratch->blocks_done) && threadIdx.x == 0) {
+    c.scratch->round = epoch;
+    c.scratch->state = plan::kStateIdle;
+  }
+}
+
+template <int Vec>
+__global__ void __launch_bounds__(kThreads)
+    low_latency_backward_kernel(LowLatencyBackwardParams p) {
+  extern __shared__ int32_t prefix[];  // [E_l + 1]
+  const LowLatencyContext& c = p.ll;
+  const plan::LowLatencyLayout& layout = c.layout;
+  const int32_t phase = plan::low_latency_send_phase(plan::kKindBackward);
+  const uint64_t epoch = c.scratch->round + 1;
+  if (!low_latency_enter(c, plan::low_latency_step(false, false), phase)) return;
+  send_rows(c, p.rows, phase);
+  if (low_latency_last_block(&c.scratch->blocks_sent)) low_latency_publish(c, false, epoch, c.tags);
+  // Every block waits for every source (its own grid's last block among them).
+  bool ok;
+  (void)low_latency_wait(c, false, epoch, phase + 1, ok);
+  if (__syncthreads_and(ok) != 0) {
+    const int local_experts = layout.local_experts();
+    const int64_t hidden = layout.hidden, expert_rows = layout.expert_rows();
+    block_prefix(p.counts, local_experts, prefix);
+    const auto* grads =
+        reinterpret_cast<const uint16_t*>(layout.recv_rows(c.topo.peers[c.topo.rank], c.half));
+    const int lane = lane_id();
+    for (int64_t n = global_warp(); n < prefix[local_experts]; n += total_warps()) {
+      const int64_t row = real_row(prefix, local_experts, n, expert_rows);
+      const float dot =
+          scale_and_dot_row<Vec>(grads + row * hidden, p.x + row * hidden, p.weights[row],
+                                 p.grad_x + row * hidden, hidden, lane);
+      if (lane == 0) p.grad_weights[row] = dot;
+    }
+    // The rows past the counts are 0.
+    for (int64_t row = global_warp(); row < layout.rows(); row += total_warps()) {
+      const int e = static_cast<int>(row / expert_rows);
+      if (row % expert_rows < prefix[e + 1] - prefix[e]) continue;
+      warp_zero(p.grad_x + row * hidden, hidden * 2, lane);
+      if (lane == 0) p.grad_weights[row] = 0.0f;
+    }
+  }
+  if (last_to_finish(&c.scratch->blocks_done) && threadIdx.x == 0) {
+    c.scratch->state = plan::kStateDispatched;
+  }
+}
+
+__global__ void low_latency_fail_kernel(LowLatencyContext c) {
+  const int peer = threadIdx.x;
+  if (peer >= c.layout.num_ranks) return;
+  *static_cast<volatile uint64_t*>(c.layout.failed_flag(c.topo.peers[peer], c.topo.rank)) = 1;
+  __threadfence_system();
+}
+
+// Every instantiation, with the conditions under which each is picked: the launchers pick from
+// these tables and load_low_latency_kernels loads exactly them (docs/decisions.md: lazy loading).
+struct CombineVariant {
+  int vec;
+  bool wide;
+  void (*kernel)(LowLatencyCombineParams);
+};
+constexpr CombineVariant kCombineVariants[] = {
+    {8, true, low_latency_combine_kernel<8, kWideTerms, kWideSpan>},
+    {8, false, low_latency_combine_kernel<8, kNarrowTerms, kNarrowSpan>},
+    {1, false, low_latency_combine_kernel<1, kNarrowTerms, kNarrowSpan>},
+};
+struct BackwardVariant {
+  int vec;
+  void (*kernel)(LowLatencyBackwardParams);
+};
+constexpr BackwardVariant kBackwardVariants[] = {{8, low_latency_backward_kernel<8>},
+                                                 {1, low_latency_backward_kernel<1>}};
+
+// Cooperative: every block resident at once (the launch fails rather than deadlock when they
+// cannot be).
+template <typename Params>
+void launch(void (*kernel)(Params), int blocks, bool cooperative, size_t smem, cudaStream_t stream,
+            const Params& params) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeCooperative;
+  attribute.val.cooperative = 1;
+  launch_with(kernel, blocks, kThreads, smem, stream, cooperative ? &attribute : nullptr, params);
+}
+
+}  // namespace
+
+size_t low_latency_smem_bytes(const plan::LowLatencyLayout& layout) {
+  return static_cast<size_t>((layout.local_experts() + 2) / 2 * 2) * sizeof(int32_t) +
+         layout.num_ranks * sizeof(OwnerRegions);
+}
+
+void load_low_latency_kernels() {
+  load_functions({reinterpret_cast<const void*>(low_latency_dispatch_kernel),
+                  reinterpret_cast<const void*>(low_latency_fail_kernel)});
+  for (const auto& v : kCombineVariants) load_functions({reinterpret_cast<const void*>(v.kernel)});
+  for (const auto& v : kBackwardVariants) load_functions({reinterpret_cast<const void*>(v.kernel)});
+}
+
+void launch_low_latency_dispatch(const LowLatencyDispatchParams& params, cudaStream_t stream) {
+  launch(low_latency_dispatch_kernel, params.send ? params.ll.num_blocks : 1, false,
+         low_latency_smem_bytes(params.ll.layout), stream, params);
+}
+
+void launch_low_latency_combine(const LowLatencyCombineParams& params, cudaStream_t stream) {
+  const plan::LowLatencyLayout& layout = params.ll.layout;
+  const int vec = vector_width(layout.hidden, {params.y});
+  const bool wide = wide_sums(vec, RowTerms::kTopkAtSource, layout.num_topk, layout.num_ranks);
+  const CombineVariant& variant = pick_variant(
+      kCombineVariants, [&](const CombineVariant& v) { return v.vec == vec && v.wide == wide; });
+  launch(variant.kernel, params.ll.num_blocks, params.send && params.wait,
+         low_latency_smem_bytes(layout), stream, params);
+}
+
+void launch_low_latency_backward(const LowLatencyBackwardParams& params, cudaStream_t stream) {
+  const int vec = vector_width(params.ll.layout.hidden, {params.x, params.grad_x});
+  const BackwardVariant& variant =
+      pick_variant(kBackwardVariants, [&](const BackwardVariant& v) { return v.vec == vec; });
+  launch(variant.kernel, params.ll.num_blocks, true, low_latency_smem_bytes(params.ll.layout),
+         stream, params);
+}
+
+void launch_low_latency_fail(const LowLatencyContext& context, cudaStream_t stream) {
+  const int threads = ((context.layout.num_ranks + 31) / 32) * 32;
+  low_latency_fail_kernel<<<1, threads, 0, stream>>>(context);
+}
+
+}  // namespace epx::cuda
