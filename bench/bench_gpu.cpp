@@ -32,11 +32,9 @@
 #include <string>
 #include <vector>
 
-#include "common/graph_replay.hpp"
 #include "common/cuda_device_ops.hpp"
-#include "common/thread_ranks.hpp"
 #include "common/multi_process.hpp"
-#include "cuda/kernels/phase_clock.hpp"
+#include "cuda/kernels/kernels.hpp"
 #include "epx/buffer.hpp"
 #include "epx/error.hpp"
 #include "low_latency_bench.hpp"

@@ -22,7 +22,6 @@
 #include <vector>
 
 #include "common/cuda_device_ops.hpp"
-#include "common/graph_replay.hpp"
 #include "epx/buffer.hpp"
 #include "epx/error.hpp"
 #include "low_latency_bench.hpp"

@@ -1,7 +1,7 @@
 // epx-moe-layer: one expert-parallel MoE layer, forward and backward, through epx's public API
 // (include/epx), over R ranks, one process each. Every rank:
 //
-//   route     its tokens x [S, H] to K of E experts (toy_moe.hpp: topk_idx, weights [S, K])
+//   route     its tokens x [S, H] to K of E experts (moe_layer.hpp: topk_idx, weights [S, K])
 //   dispatch  each (token, k) to the rank holding expert topk_idx[t, k], expanded: rows grouped
 //             by local expert, each group padded to a multiple of --alignment
 //   experts   h_row = x_row * scale_e + bias_e on the rows of local expert e
@@ -28,8 +28,7 @@
 
 #include "epx/buffer.hpp"
 #include "epx/error.hpp"
-#include "moe_layer_options.hpp"
-#include "toy_moe.hpp"
+#include "moe_layer.hpp"
 #if defined(EPX_WITH_CUDA)
 #include <cuda_runtime.h>
 #endif

@@ -1,9 +1,9 @@
 """The Python benchmark of epx (bench/bench.py is its command line, bench/report.py its reader).
 
-    routing.py  every rank's top-k routing and what one rank sends and receives under it
+    routing.py  every rank's top-k routing, what one rank sends and receives under it, and
+                the oracle: what every epx op must return, computed with torch (`check`)
     cases.py    the configurations' inputs and what each timed op does (epx and NCCL)
     low_latency.py  the low-latency ops: their samples, bytes and check
-    oracle.py   what every epx op must return, computed with torch (the `check` column)
     timing.py   events, warm-up, barrier, medians, CUDA-graph replays, input rotation
     sweep.py    the per-rank worker: buffers, the sweep over configurations, the records
     report.py   the JSON record, the stdout table and the markdown table

@@ -9,7 +9,7 @@ and permutation indices are precomputed, untimed.
 import torch
 import torch.distributed as dist
 
-from .oracle import Oracle
+from .routing import Oracle
 from .routing import Routing, random_bf16, random_fp8
 from .timing import rotation
 

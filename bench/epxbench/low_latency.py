@@ -19,7 +19,7 @@ one rounding to bf16.
 import torch
 import torch.distributed as dist
 
-from .oracle import difference, fma
+from .routing import difference, fma
 from .routing import random_fp8
 
 # op -> (dtype of the dispatched rows, directions whose rows it moves)

@@ -5,7 +5,7 @@
 #include "core/engine.hpp"
 #include "core/output_batch.hpp"
 #include "epx/error.hpp"
-#include "plan/low_latency_protocol.hpp"
+#include "plan/low_latency_layout.hpp"
 
 namespace epx::detail {
 

@@ -11,6 +11,7 @@
 #include "epx/buffer.hpp"
 #include "plan/low_latency_layout.hpp"
 #include "plan/op_record.hpp"
+#include <functional>
 
 namespace epx::detail {
 
@@ -117,6 +118,21 @@ class LowLatencyEngine {
   int half_ = 1;           // the last dispatch's half (the first one uses half 0)
   bool wait_due_ = false;  // a send returned a hook and its wait has not run
   std::string failed_;     // why the mode failed ("" while it works)
+};
+
+}  // namespace epx::detail
+
+// One low-latency call as Buffer runs it (Buffer::run_low_latency, src/core/buffer.cpp): the
+// calls are in src/core/buffer_low_latency.cpp, the numbering, failure and abort rules of every
+// operation in buffer.cpp's run_operation.
+namespace epx::detail {
+
+struct LowLatencyCall {
+  // The fingerprint of a call given its number; empty for the wait of a hook, part of a call
+  // already numbered. Its input checks run in `run`: a rejected LL call tells the peers through
+  // the LL flags (LowLatencyEngine::abort), not through the entry barrier of the other calls.
+  std::function<plan::OpFingerprint(uint64_t sequence)> check{};
+  std::function<void(const plan::OpFingerprint&)> run{};
 };
 
 }  // namespace epx::detail

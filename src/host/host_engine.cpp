@@ -11,7 +11,6 @@
 #include "core/shm_segments.hpp"
 #include "epx/error.hpp"
 #include "host/host_comm.hpp"
-#include "host/host_low_latency.hpp"
 #include "plan/numerics.hpp"
 #include "plan/routing.hpp"
 #include "plan/source_plan.hpp"

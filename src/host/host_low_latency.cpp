@@ -2,7 +2,7 @@
 // workspaces, in plain loops: slots are claimed with atomics on the owners' counters
 // (std::atomic_ref on shared memory, so row order inside an expert is by arrival), flags are
 // raised with releases and read with acquires, every wait is bounded by the timeout.
-#include "host/host_low_latency.hpp"
+#include "host/host_comm.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -13,7 +13,7 @@
 
 #include "core/output_batch.hpp"
 #include "epx/error.hpp"
-#include "plan/low_latency_protocol.hpp"
+#include "plan/low_latency_layout.hpp"
 #include "plan/numerics.hpp"
 
 namespace epx::detail {

@@ -26,7 +26,7 @@
 
 #include "common/random_problem.hpp"
 #include "common/scenario.hpp"
-#include "moe_layer_options.hpp"
+#include "moe_layer.hpp"
 #include "epx/buffer.hpp"
 #include "epx/error.hpp"
 #include "plan/numerics.hpp"

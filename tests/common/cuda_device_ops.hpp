@@ -17,6 +17,8 @@
 #include "epx/buffer.hpp"
 #include "epx/comm.hpp"
 #include "epx/error.hpp"
+#include <barrier>
+#include <functional>
 
 namespace epx::testing {
 
@@ -108,3 +110,81 @@ inline std::string dispatch_expecting_missing_peer(Buffer& buffer, const Dispatc
     GTEST_SKIP() << "needs " << (n) << " GPU(s), " << ::epx::testing::gpu_count() \
                  << " visible";                                                  \
   }
+
+// Ranks as threads of one process (ThreadGroup, Comm::cuda_threads) for the GPU tests and
+// bench_gpu: R ranks on a single GPU, or spread over the visible ones.
+// The calling process stays CUDA-free (a process that has initialised CUDA cannot fork rank
+// processes afterwards): the threads run in one forked child.
+namespace epx::testing {
+
+// Where the ranks run: all on device 0, or rank r on device r % (visible devices).
+enum class Placement { kOneGpu, kSpread };
+
+// A rank thread's context.
+struct ThreadRank {
+  int rank;
+  int num_ranks;
+  int device;
+  int ranks_on_device;  // ranks sharing this rank's device (their blocks must all fit)
+  cudaStream_t stream;
+  Comm comm;
+  // Set when EPX_TEST_ALIGN_RANKS=1: ops().before_operation waits for every rank. For runs
+  // under compute-sanitizer: there, eight ranks that reach an operation at different times
+  // (each first checks the previous one against the reference on the host) time out in it
+  // every time; lined up they pass
+  // (tests/gpu/logs/2026-11-29-h200x1-stress-cc2470e.log); presumably the tool holds a rank's
+  // CUDA calls while a peer's kernel spins waiting for that rank.
+  std::barrier<>* align = nullptr;
+  DeviceOps ops() const;
+};
+
+// Runs fn on `num_ranks` threads of one forked child (a ThreadGroup with `group_timeout`);
+// "" when every rank returned "", else one line per failing rank. The child is killed after
+// `timeout_seconds`, so a deadlock fails the test instead of hanging it.
+std::string run_threads(int num_ranks, Placement placement, double group_timeout,
+                        const std::function<std::string(const ThreadRank&)>& fn,
+                        double timeout_seconds);
+
+}  // namespace epx::testing
+
+// The CUDA-graph scenario of the GPU tests, shared by the NCCL ranks (test_gpu) and the thread
+// ranks (test_gpu_threads): sync_counts=false expanded dispatch + weighted combine, captured once
+// on the rank's stream, then replayed three times with new values written into the captured
+// inputs; every replay's combined output must equal the reference.
+namespace epx::testing {
+
+// A bump allocator over one cudaMalloc'd arena: outputs allocated during a CUDA-graph capture
+// keep fixed addresses that every replay writes again (what a framework's graph memory pool
+// provides). reset() reuses the arena from the start.
+class ArenaAllocator : public Allocator {
+ public:
+  explicit ArenaAllocator(size_t bytes) : bytes_(bytes) {
+    EPX_CHECK(cudaMalloc(&base_, bytes) == cudaSuccess, kOutOfMemory, "arena");
+  }
+  ~ArenaAllocator() override { cudaFree(base_); }
+  Tensor allocate(DType dtype, const std::vector<int64_t>& shape, Device device,
+                  void*) override {
+    TensorView view(nullptr, dtype, shape, device);
+    const size_t bytes = (view.nbytes() + 255) / 256 * 256;
+    EPX_CHECK(used_ + bytes <= bytes_, kOutOfMemory, "arena exhausted");
+    view.data = static_cast<char*>(base_) + used_;
+    used_ += bytes;
+    return Tensor{view, nullptr};
+  }
+  void reset() { used_ = 0; }
+
+ private:
+  void* base_ = nullptr;
+  size_t bytes_ = 0;
+  size_t used_ = 0;
+};
+
+// The configuration the graph scenario runs (a random one made capturable).
+RandomConfig graph_config(uint64_t seed, int num_ranks);
+
+// Runs the scenario on this rank; `buffer` must allocate its outputs from fixed memory (e.g. an
+// ArenaAllocator: a graph replay writes the captured addresses again). "" when it matches.
+std::string graph_replay_scenario(Buffer& buffer, const RandomConfig& config, int rank,
+                                  void* stream, const DeviceOps& ops);
+
+}  // namespace epx::testing

@@ -7,9 +7,9 @@
 #include <sstream>
 #include <unordered_map>
 
-#include "common/device_data.hpp"
+#include "scenario.hpp"
 #include "epx/error.hpp"
-#include "reference/low_latency_reference.hpp"
+#include "reference/reference.hpp"
 
 namespace epx::testing {
 namespace {

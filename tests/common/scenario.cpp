@@ -5,7 +5,7 @@
 #include <random>
 #include <sstream>
 
-#include "common/device_data.hpp"
+#include "scenario.hpp"
 #include "epx/error.hpp"
 #include "reference/reference.hpp"
 

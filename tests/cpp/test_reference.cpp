@@ -10,7 +10,6 @@
 
 #include "common/random_problem.hpp"
 #include "plan/numerics.hpp"
-#include "reference/low_latency_reference.hpp"
 #include "reference/reference.hpp"
 
 namespace epx::reference {

@@ -21,10 +21,7 @@
 #include <random>
 #include <thread>
 
-#include "common/graph_replay.hpp"
 #include "common/cuda_device_ops.hpp"
-#include "common/cuda_device_ops.hpp"
-#include "common/graph_replay.hpp"
 #include "common/multi_process.hpp"
 #include "common/random_problem.hpp"
 #include "common/scenario.hpp"

@@ -22,12 +22,10 @@
 #include <random>
 
 #include "common/cuda_device_ops.hpp"
-#include "common/graph_replay.hpp"
 #include "common/low_latency_scenario.hpp"
 #include "common/multi_process.hpp"
-#include "common/thread_ranks.hpp"
 #include "epx/error.hpp"
-#include "reference/low_latency_reference.hpp"
+#include "reference/reference.hpp"
 
 namespace epx::testing {
 namespace {

@@ -13,7 +13,6 @@
 #include <vector>
 
 #include "common/cuda_device_ops.hpp"
-#include "common/cuda_device_ops.hpp"
 #include "common/multi_process.hpp"
 #include "cuda/kernels/kernels.hpp"
 #include "plan/source_plan.hpp"

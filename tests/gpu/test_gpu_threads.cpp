@@ -24,13 +24,9 @@
 #include <random>
 #include <thread>
 
-#include "common/graph_replay.hpp"
 #include "common/cuda_device_ops.hpp"
-#include "common/cuda_device_ops.hpp"
-#include "common/graph_replay.hpp"
 #include "common/random_problem.hpp"
 #include "common/scenario.hpp"
-#include "common/thread_ranks.hpp"
 #include "common/multi_process.hpp"
 #include "epx/error.hpp"
 #include "reference/reference.hpp"

@@ -4,7 +4,7 @@
 #pragma once
 
 #include "cuda/device/device_primitives.cuh"
-#include "cuda/kernels/phase_clock.hpp"
+#include "cuda/kernels/kernels.hpp"
 
 namespace epx::cuda {
 

@@ -11,7 +11,6 @@
 
 #include "cuda/kernels/kernels.hpp"
 #include "plan/low_latency_layout.hpp"
-#include "plan/low_latency_protocol.hpp"
 
 namespace epx::cuda {
 

@@ -1,6 +1,6 @@
-// The state behind a CUDA Comm, whatever joins the ranks (an NCCL communicator: nccl_comm.hpp;
-// processes sharing workspaces through CUDA IPC: ipc_comm.hpp; the threads of one process:
-// thread_comm.hpp): the rank's device, and how a zeroed symmetric workspace is made on every
+// The state behind a CUDA Comm, whatever joins the ranks (an NCCL communicator: nccl_comm.cpp;
+// processes sharing workspaces through CUDA IPC: ipc_comm.cpp; the threads of one process:
+// thread_comm.cpp): the rank's device, and how a zeroed symmetric workspace is made on every
 // rank.
 #pragma once
 
@@ -9,7 +9,29 @@
 
 #include "core/comm_state.hpp"
 #include "core/setup_record.hpp"
-#include "cuda/runtime/peer_workspace.hpp"
+
+// A CUDA rank's symmetric workspace: its own base and a device array with every rank's base
+// (all the kernels know of peers). Made collectively by the communicator
+// (CudaCommState::open_workspace) and freed collectively by its destructor, so every rank
+// creates and destroys its workspaces in the same order. Implementations: an NCCL symmetric
+// window (nccl_workspace.cpp), a thread group's cudaMalloc (thread_workspace.cpp).
+namespace epx::detail {
+
+class PeerWorkspace {
+ public:
+  virtual ~PeerWorkspace() = default;
+  char* local() const { return local_; }
+  char* const* device_peers() const { return peers_; }  // [R] in device memory
+  // Another rank of the group runs on this rank's device (a thread group on one GPU).
+  bool shares_device() const { return shares_device_; }
+
+ protected:
+  char* local_ = nullptr;
+  char** peers_ = nullptr;
+  bool shares_device_ = false;
+};
+
+}  // namespace epx::detail
 
 namespace epx::detail {
 

@@ -8,7 +8,6 @@
 // memory freed (a peer may write into this workspace until its last operation is done). A
 // teardown round that times out (a peer died) leaves the memory allocated rather than freeing
 // it under a peer's feet.
-#include "cuda/runtime/ipc_comm.hpp"
 
 #include <cstring>
 #include <vector>
@@ -16,6 +15,24 @@
 #include "core/shm_segments.hpp"
 #include "cuda/runtime/cuda_check.hpp"
 #include "epx/error.hpp"
+#include <string>
+#include "cuda/runtime/cuda_comm.hpp"
+
+// CUDA transport over CUDA IPC (Comm::ipc): one process per rank on one host, each rank's
+// workspace a cudaMalloc whose IPC handle its peers open (below). The ranks meet through
+// POSIX shared-memory segments named after the communicator (core/shm_segments.hpp) for every
+// setup and teardown step, all bounded by the buffer's timeout. No NCCL is involved, so it
+// works with any NCCL a process has loaded (or none), and ranks may share a GPU.
+namespace epx::detail {
+
+struct IpcCommState final : CudaCommState {
+  std::string name;
+  Transport transport() const override { return Transport::kIpc; }
+  std::unique_ptr<PeerWorkspace> open_workspace(size_t bytes, const SetupRecord& record,
+                                                double timeout_seconds) override;
+};
+
+}  // namespace epx::detail
 
 namespace epx {
 namespace detail {

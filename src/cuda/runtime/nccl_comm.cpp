@@ -1,5 +1,4 @@
-// Comm::nccl and the NCCL workspace (nccl_comm.hpp).
-#include "cuda/runtime/nccl_comm.hpp"
+// Comm::nccl, its state and the NCCL workspace.
 
 #include <nccl.h>
 #include <nccl_device.h>
@@ -11,6 +10,30 @@
 #include "cuda/kernels/kernels.hpp"
 #include "cuda/runtime/cuda_check.hpp"
 #include "epx/error.hpp"
+#include <chrono>
+#include "cuda/runtime/cuda_comm.hpp"
+
+// CUDA transport over NCCL: a communicator (created by epx from a unique id, or the caller's)
+// on one CUDA device per rank; workspaces are NCCL symmetric windows (below).
+namespace epx::detail {
+
+struct NcclCommState final : CudaCommState {
+  ncclComm_t comm = nullptr;
+  bool owned = false;        // created by epx (destroyed with the last Comm copy)
+  bool nonblocking = false;  // created by epx in NCCL's non-blocking mode: calls are polled
+  Transport transport() const override { return Transport::kNccl; }
+  std::unique_ptr<PeerWorkspace> open_workspace(size_t bytes, const SetupRecord& record,
+                                                double timeout_seconds) override;
+  ~NcclCommState() override;
+};
+
+// Waits until `comm`'s last call has completed (non-blocking mode: ncclInProgress until then),
+// at most until `deadline`; raises kTimeout naming `rank` and `step`, or kTransport with NCCL's
+// error. A blocking communicator has completed every call already.
+void wait_for_nccl(ncclComm_t comm, std::chrono::steady_clock::time_point deadline, int rank,
+                   const char* step, double timeout_seconds);
+
+}  // namespace epx::detail
 
 namespace epx {
 

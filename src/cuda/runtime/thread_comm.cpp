@@ -1,5 +1,4 @@
-// Comm::cuda_threads and the thread group's workspace (thread_comm.hpp).
-#include "cuda/runtime/thread_comm.hpp"
+// Comm::cuda_threads, its state and the thread group's workspace.
 
 #include <algorithm>
 #include <cstdlib>
@@ -9,6 +8,23 @@
 #include "cuda/runtime/cuda_check.hpp"
 #include "epx/comm.hpp"
 #include "epx/error.hpp"
+#include <memory>
+#include "core/thread_group.hpp"
+#include "cuda/runtime/cuda_comm.hpp"
+
+// CUDA transport for ranks that are threads of one process (Comm::cuda_threads): the ranks of
+// a ThreadGroup meet in its rendezvous to exchange their workspaces (below).
+namespace epx::detail {
+
+struct ThreadCommState final : CudaCommState {
+  std::shared_ptr<ThreadGroupState> group;
+  Transport transport() const override { return Transport::kCudaThreads; }
+  // The rendezvous waits are bounded by the group's timeout.
+  std::unique_ptr<PeerWorkspace> open_workspace(size_t bytes, const SetupRecord& record,
+                                                double timeout_seconds) override;
+};
+
+}  // namespace epx::detail
 
 namespace epx {
 
