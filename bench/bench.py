@@ -4,6 +4,8 @@
     python3 bench/bench.py --tokens 4096 128 --quick        # a subset (uniform, bf16 only)
     python3 bench/bench.py --smoke --out /tmp/bench-smoke   # tiny, gloo + host transport
     python3 bench/bench.py --plot-only bench/baselines/h200x1.json   # redraw table and plot
+    python3 bench/bench.py report [--markdown [--update-doc DOC]] bench/baselines/h200x1.json
+    python3 bench/bench.py ncu-stalls prof.source-sass.csv [top]     # a profile's stalls
 
 One process per rank, one process group, one run: epx dispatch (compact, expanded, cached
 expanded, unsynced counts, fp8), combine (compact, expanded weighted) and combine_backward, the
@@ -101,6 +103,17 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:  # a record's figures (epxbench/report.py; no PyTorch needed)
+        from epxbench.report import main as report
+        return report(argv[1:])
+    if argv[:1] == ["ncu-stalls"]:
+        from epxbench.report import print_ncu_stalls
+        if len(argv) not in (2, 3):
+            say("usage: bench.py ncu-stalls PROFILE.source-sass.csv [top]")
+            return 2
+        print_ncu_stalls(argv[1], *(int(a) for a in argv[2:]))
+        return 0
     args = parse_args(argv)
     if args.plot_only:
         from epxbench.plot import plot

@@ -28,7 +28,7 @@ profile() {  # profile NAME NCU-FILTER...  (of "${program[@]}")
   ncu -i "$out/prof-$name.ncu-rep" --page details > "$out/prof-$name.details.txt" 2>&1
   ncu -i "$out/prof-$name.ncu-rep" --page source --csv --print-source sass \
     > "$build/prof-$name.source-sass.csv" 2>&1
-  python3 "$root/bench/ncu_stalls.py" "$build/prof-$name.source-sass.csv" 16 \
+  python3 "$root/bench/bench.py" ncu-stalls "$build/prof-$name.source-sass.csv" 16 \
     > "$out/prof-$name.stalls.txt" 2>&1
   # The report and the per-instruction table stay on the machine (too many or too large to
   # bring back); the details page and the stall summary come back.

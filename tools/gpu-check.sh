@@ -56,7 +56,7 @@ if command -v compute-sanitizer >/dev/null; then
   small='*SmallScenarios/NcclR1:*SmallScenarios/IpcR2'
   run "compute-sanitizer memcheck" timeout 240 "${memcheck[@]}" "$build/tests/test_gpu" \
     --gtest_filter="$small"
-  # Thread ranks R = 2, 3, 4, 8 on one GPU, lined up before each operation (thread_ranks.hpp).
+  # Thread ranks R = 2, 3, 4, 8 on one GPU, lined up before each operation (tests/common/cuda_device_ops.hpp).
   run "memcheck, thread ranks (4 configs)" timeout 240 env EPX_TEST_ALIGN_RANKS=1 EPX_GPU_CONFIGS=4 \
     "${memcheck[@]}" "$build/tests/test_gpu_threads" --gtest_filter='*OneGpu*'
   run "compute-sanitizer racecheck" timeout 240 compute-sanitizer --tool racecheck --target-processes all \

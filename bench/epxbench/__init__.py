@@ -1,4 +1,5 @@
-"""The Python benchmark of epx (bench/bench.py is its command line, bench/report.py its reader).
+"""The Python benchmark of epx (bench/bench.py is its command line; `bench.py report` reads a
+record).
 
     routing.py  every rank's top-k routing, what one rank sends and receives under it, and
                 the oracle: what every epx op must return, computed with torch (`check`)
@@ -6,7 +7,7 @@
     low_latency.py  the low-latency ops: their samples, bytes and check
     timing.py   events, warm-up, barrier, medians, CUDA-graph replays, input rotation
     sweep.py    the per-rank worker: buffers, the sweep over configurations, the records
-    report.py   the JSON record, the stdout table and the markdown table
+    report.py   the JSON record, the stdout table and the markdown table; ncu stall summaries
     plot.py     the PNG beside the JSON
 
 Only report.py and plot.py are imported without PyTorch (they read a finished record).

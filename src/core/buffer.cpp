@@ -4,7 +4,6 @@
 #include <chrono>
 #include <random>
 
-#include "core/comm_state.hpp"
 #include "core/engine.hpp"
 #include "core/low_latency_engine.hpp"
 #include "core/op_fingerprint.hpp"

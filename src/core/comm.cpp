@@ -2,7 +2,7 @@
 // src/host/host_comm.cpp, src/cuda/runtime/*_comm.cpp).
 #include "epx/comm.hpp"
 
-#include "core/comm_state.hpp"
+#include "core/engine.hpp"
 #include "core/thread_group.hpp"
 #include <algorithm>
 #include <chrono>

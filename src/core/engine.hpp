@@ -4,12 +4,24 @@
 // report them on every rank without writing rows to any peer.
 #pragma once
 
+#include <cstdint>
+
 #include "epx/buffer.hpp"
+#include "epx/comm.hpp"
 #include "core/setup_record.hpp"
 #include "plan/op_record.hpp"
 #include "plan/workspace_layout.hpp"
 
 namespace epx::detail {
+
+// The transport-specific state behind an epx::Comm. Each transport derives its own.
+struct CommState {
+  virtual ~CommState() = default;
+  int rank = 0;
+  int num_ranks = 1;
+  uint64_t next_buffer = 0;  // buffers are created in the same order on every rank
+  virtual Transport transport() const = 0;
+};
 
 class LowLatencyEngine;  // core/low_latency_engine.hpp
 

@@ -1,11 +1,10 @@
 // Host transport communicator: the ranks are processes on one machine that meet through POSIX
-// shared-memory segments whose names start with `name`.
+// shared-memory segments whose names start with `name`. Comm::host is in host_engine.cpp.
 #pragma once
 
+#include <memory>
 #include <string>
 
-#include "core/comm_state.hpp"
-#include <memory>
 #include "core/engine.hpp"
 #include "core/low_latency_engine.hpp"
 #include "core/shm_segments.hpp"
@@ -17,12 +16,8 @@ struct HostCommState final : CommState {
   Transport transport() const override { return Transport::kHost; }
 };
 
-}  // namespace epx::detail
-
 // The host transport's low-latency mode (host_low_latency.cpp): docs/protocol.md's LL protocol
 // in plain loops over the shared-memory workspaces.
-namespace epx::detail {
-
 std::unique_ptr<LowLatencyEngine> make_host_low_latency(const EngineContext& context,
                                                         const ShmSegments& segments,
                                                         const plan::LowLatencyLayout& layout);

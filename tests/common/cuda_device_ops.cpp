@@ -137,7 +137,7 @@ int count_cuda_devices() {
 
 }  // namespace epx::testing
 
-// The thread-rank runner (thread_ranks.hpp).
+// The thread-rank runner (cuda_device_ops.hpp).
 namespace epx::testing {
 
 DeviceOps ThreadRank::ops() const {

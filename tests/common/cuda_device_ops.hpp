@@ -131,9 +131,8 @@ struct ThreadRank {
   // Set when EPX_TEST_ALIGN_RANKS=1: ops().before_operation waits for every rank. For runs
   // under compute-sanitizer: there, eight ranks that reach an operation at different times
   // (each first checks the previous one against the reference on the host) time out in it
-  // every time; lined up they pass
-  // (tests/gpu/logs/2026-11-29-h200x1-stress-cc2470e.log); presumably the tool holds a rank's
-  // CUDA calls while a peer's kernel spins waiting for that rank.
+  // every time; lined up they pass (seen on one H200 at cc2470e, in git history); presumably
+  // the tool holds a rank's CUDA calls while a peer's kernel spins waiting for that rank.
   std::barrier<>* align = nullptr;
   DeviceOps ops() const;
 };

@@ -25,7 +25,7 @@ struct DeviceOps {
   std::function<void(void* device, const void* host, size_t bytes)> write;
   void* stream = nullptr;
   // Optional, called before each buffer operation: thread ranks line up there when asked to
-  // (thread_ranks.hpp, EPX_TEST_ALIGN_RANKS).
+  // (cuda_device_ops.hpp: ThreadRank, EPX_TEST_ALIGN_RANKS).
   std::function<void()> before_operation;
 };
 

@@ -134,7 +134,7 @@ TEST_P(GpuFixed, FourThousandTokensAtHidden7168) {
 }
 
 // sync_counts=false dispatch + combine captured once in a CUDA graph and replayed with new
-// inputs (tests/common/graph_replay.hpp).
+// inputs (tests/common/cuda_device_ops.hpp).
 TEST_P(GpuFixed, GraphCaptureAndReplay) {
   const GpuCase c = GetParam();
   REQUIRE_CASE(c);

@@ -152,7 +152,7 @@ TEST(GpuThreadsProduction, FourThousandTokensAtHidden7168) {
   EXPECT_EQ(failed, "");
 }
 
-// The graph scenario (tests/common/graph_replay.hpp) on every rank thread, each capturing its
+// The graph scenario (tests/common/cuda_device_ops.hpp) on every rank thread, each capturing its
 // own stream (thread-local capture mode: the other threads keep issuing work meanwhile).
 class ThreadsGraph : public ::testing::TestWithParam<int> {};
 

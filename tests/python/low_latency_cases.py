@@ -1,13 +1,14 @@
 """Code that runs on every rank (through ranks.RankPool) for the low-latency mode: the exchange
 against a torch oracle (written from docs/semantics.md's low-latency section), its errors, and
-experts that learn from inputs without grad (the MoE gradient case is rank_cases.moe_grad_case
+experts that learn from inputs without grad (the MoE gradient case is gradient_cases.moe_grad_case
 with low_latency=True). Every rank regenerates every rank's inputs from the seed."""
 
 import torch
 
 import epx
 import epx.functional as F
-from rank_cases import _expert, _same, make_inputs
+from gradient_cases import _expert
+from rank_cases import _same, make_inputs
 from reference import fma
 
 S_LL, HIDDEN, NUM_TOPK, LOCAL_EXPERTS = 20, 256, 3, 3

@@ -10,7 +10,7 @@ a transformers model and the training example."""
 import pytest
 
 import epx
-import rank_cases
+import gradient_cases
 from ranks import BACKENDS
 
 TOLERANCE = 2e-2
@@ -30,13 +30,13 @@ def check(reports):
 @pytest.mark.parametrize("grouped", [False, True], ids=["module-list", "stacked"])
 @pytest.mark.parametrize("sync_counts", [True, False], ids=["synced", "unsynced"])
 def test_layer_matches_dense(run_ranks, backend, layout, grouped, sync_counts):
-    check(run_ranks(2, backend, rank_cases.moe_layer_case, seed=300, layout=layout,
+    check(run_ranks(2, backend, gradient_cases.moe_layer_case, seed=300, layout=layout,
                     grouped=grouped, sync_counts=sync_counts))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layer_on_three_ranks_renormalized(run_ranks, backend):
-    check(run_ranks(3, backend, rank_cases.moe_layer_case, seed=301, layout="expanded",
+    check(run_ranks(3, backend, gradient_cases.moe_layer_case, seed=301, layout="expanded",
                     grouped=False, sync_counts=True, renormalize=True))
 
 
@@ -49,7 +49,7 @@ needs_custom_ops = pytest.mark.skipif(
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("expand", [True, False], ids=["expanded", "compact"])
 def test_operators_pass_opcheck(run_ranks, backend, expand):
-    run_ranks(2, backend, rank_cases.opcheck_case, seed=400, expand=expand)
+    run_ranks(2, backend, gradient_cases.opcheck_case, seed=400, expand=expand)
 
 
 def check_compiled(reports, loss_tolerance, grad_tolerance):
@@ -68,8 +68,9 @@ def check_compiled(reports, loss_tolerance, grad_tolerance):
 def test_compiled_layer_matches_eager(run_ranks, backend, layout, grouped):
     """aot_eager: the graph torch.compile traces (custom ops, fake sizes, registered autograd)
     run as traced, so eager and compiled agree bit for bit."""
-    check_compiled(run_ranks(2, backend, rank_cases.moe_layer_case, seed=401, layout=layout,
-                    grouped=grouped, sync_counts=False, compile_backend="aot_eager"), 0.0, 0.0)
+    reports = run_ranks(2, backend, gradient_cases.moe_layer_case, seed=401, layout=layout,
+                        grouped=grouped, sync_counts=False, compile_backend="aot_eager")
+    check_compiled(reports, 0.0, 0.0)
 
 
 @needs_custom_ops
@@ -79,22 +80,23 @@ def test_inductor_compiled_layer(run_ranks, backend):
     differ from eager in the last bits; the loss is the combine's bf16 output, the same. In the
     second step rank 1 holds no tokens: its graph, specialised to 0 tokens, must still run
     every exchange (a compiler that drops one leaves the peer waiting)."""
-    check_compiled(run_ranks(2, backend, rank_cases.moe_layer_case, seed=402, layout="expanded",
-                    grouped=False, sync_counts=False, compile_backend="inductor",
-                    empty_rank=1, timeout=300), 1e-6, 1e-5)
+    reports = run_ranks(2, backend, gradient_cases.moe_layer_case, seed=402, layout="expanded",
+                        grouped=False, sync_counts=False, compile_backend="inductor",
+                        empty_rank=1, timeout=300)
+    check_compiled(reports, 1e-6, 1e-5)
 
 
 @needs_custom_ops
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compile_refuses_synced_counts(run_ranks, backend):
-    messages = run_ranks(2, backend, rank_cases.compile_synced_case, seed=403)
+    messages = run_ranks(2, backend, gradient_cases.compile_synced_case, seed=403)
     assert all("sync_counts=False" in message for message in messages), messages
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "gloo"])
 @pytest.mark.parametrize("layout", ["expanded", "compact"])
 def test_cuda_graph_replays_forward_and_backward(run_ranks, backend, layout):
-    assert all(run_ranks(2, backend, rank_cases.capture_case, seed=404, layout=layout))
+    assert all(run_ranks(2, backend, gradient_cases.capture_case, seed=404, layout=layout))
 
 
 def _transformers_skip_reason():
@@ -117,7 +119,7 @@ def test_transformers_expert_parallel_model(run_ranks, tmp_path):
     """epx as transformers' EPImplementation in a tiny random Qwen3-MoE on 2 ranks (gloo, host
     transport): the logits, loss and every parameter's gradient of the same model on one
     device."""
-    reports = run_ranks(2, "gloo", rank_cases.transformers_case, seed=310, folder=str(tmp_path),
+    reports = run_ranks(2, "gloo", gradient_cases.transformers_case, seed=310, folder=str(tmp_path),
                         timeout=300)
     for rank, report in enumerate(reports):
         assert report["local_experts"] == 2 and report["epx_buffers"] == 1, report

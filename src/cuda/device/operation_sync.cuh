@@ -19,7 +19,7 @@
 // entry barrier only, which is what an aborting peer does (abort_kernel), so epochs stay paired.
 #pragma once
 
-#include "cuda/device/device_errors.cuh"
+#include "cuda/device/device_records.cuh"
 #include "cuda/device/device_primitives.cuh"
 #include "cuda/kernels/kernels.hpp"
 

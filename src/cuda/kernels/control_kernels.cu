@@ -4,7 +4,7 @@
 #include <nccl.h>
 #include <nccl_device.h>
 
-#include "cuda/device/device_errors.cuh"
+#include "cuda/device/device_records.cuh"
 #include "cuda/device/device_primitives.cuh"
 #include "cuda/device/operation_sync.cuh"
 #include "cuda/kernels/kernels.hpp"

@@ -1,20 +1,20 @@
 // Dispatch on the device: the send into every destination's staging (also used by cached
 // dispatch and combine_backward; it holds the operation's entry barrier and hands off its exit
 // barrier), the receive-side counts, and the receive epilogue (which waits for the exit).
-// This unit holds the phase clock's stamps (cuda/device/phase_clock.cuh; before any include of it).
+// This unit holds the phase clock's stamps (cuda/device/device_records.cuh; defined before any
+// include of it).
 #define EPX_PHASE_CLOCK_STORAGE
 #include <cub/block/block_scan.cuh>
 
 #include <cstdint>
 #include <vector>
 
-#include "cuda/device/device_errors.cuh"
+#include "cuda/device/device_records.cuh"
 #include "cuda/device/chained_launch.hpp"
 #include "cuda/device/device_primitives.cuh"
 #include "cuda/kernels/kernels.hpp"
 #include "cuda/device/operation_sync.cuh"
 #include "cuda/device/padding.cuh"
-#include "cuda/device/phase_clock.cuh"
 #include "plan/routing.hpp"
 
 namespace epx::cuda {

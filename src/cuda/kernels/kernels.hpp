@@ -15,7 +15,7 @@
 
 // Opt-in timestamps of a dispatch's phases on the device, to see where a small batch's time
 // goes (docs/performance.md). Configure with -DEPX_PHASE_CLOCK=ON: thread 0 of every block
-// of the dispatch kernels stamps the global timer at each mark (cuda/device/phase_clock.cuh), and
+// of the dispatch kernels stamps the global timer at each mark (cuda/device/device_records.cuh), and
 // bench_gpu prints the marks of one dispatch. Off (the default) the marks compile to nothing and
 // read_phase_clock returns false.
 namespace epx::cuda {

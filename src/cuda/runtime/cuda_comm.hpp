@@ -7,7 +7,7 @@
 #include <cstddef>
 #include <memory>
 
-#include "core/comm_state.hpp"
+#include "core/engine.hpp"
 #include "core/setup_record.hpp"
 
 // A CUDA rank's symmetric workspace: its own base and a device array with every rank's base
