@@ -10,7 +10,8 @@
 //            device time without the host's launches and allocations;
 //   host     host time per call of an op that does not wait on the host (100 calls back to
 //            back on the host clock, fewer than the launch queue holds): what the C++ API
-//            costs the caller's thread, to set against the Python layer's (bench/python_overhead.py).
+//            costs the caller's thread, to set against the Python layer's
+//            (bench/python_overhead.py).
 //
 // GB/s counts the token rows (H * 2 bytes each) that cross NVLink into this rank: for
 // dispatch the rows other ranks send it, for combine (and combine_backward, whose grad_y rows
@@ -42,8 +43,8 @@
 namespace {
 
 // With a build configured -DEPX_PHASE_CLOCK=ON: the phase marks of one unsynced compact
-// dispatch (src/cuda/kernels/phase_clock.hpp), per mark the blocks that stamped it and the earliest and
-// latest stamp in us from the earliest kernel start. Nothing otherwise.
+// dispatch (src/cuda/kernels/phase_clock.hpp), per mark the blocks that stamped it and the earliest
+// and latest stamp in us from the earliest kernel start. Nothing otherwise.
 void print_phase_clock(int rank, const std::function<void()>& dispatch,
                        const std::function<void()>& synchronize) {
   std::vector<uint64_t> stamps;
@@ -61,8 +62,10 @@ void print_phase_clock(int rank, const std::function<void()>& dispatch,
       if (t) origin = std::min(origin, t);
     }
   }
-  std::printf("rank %d: phase clock of one dispatch compact (sync_counts=false), us from the "
-              "first kernel start:\n", rank);
+  std::printf(
+      "rank %d: phase clock of one dispatch compact (sync_counts=false), us from the "
+      "first kernel start:\n",
+      rank);
   for (int m = 0; m < epx::cuda::kMarkCount; ++m) {
     uint64_t first = UINT64_MAX, last = 0;
     int blocks = 0;
@@ -98,19 +101,27 @@ Options parse(int argc, char** argv) {
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string key = argv[i];
     const long long value = std::stoll(argv[i + 1]);
-    if (key == "--tokens") o.tokens = value;
-    else if (key == "--hidden") o.hidden = value;
-    else if (key == "--experts") o.experts = static_cast<int32_t>(value);
-    else if (key == "--topk") o.topk = static_cast<int32_t>(value);
-    else if (key == "--sms") o.sms = static_cast<int>(value);
-    else if (key == "--iters") o.iters = static_cast<int>(value);
-    else if (key == "--thread-ranks") o.thread_ranks = static_cast<int>(value);
-    else if (key == "--low-latency") o.low_latency = static_cast<int>(value);
-    else throw std::runtime_error("unknown option " + key);
+    if (key == "--tokens")
+      o.tokens = value;
+    else if (key == "--hidden")
+      o.hidden = value;
+    else if (key == "--experts")
+      o.experts = static_cast<int32_t>(value);
+    else if (key == "--topk")
+      o.topk = static_cast<int32_t>(value);
+    else if (key == "--sms")
+      o.sms = static_cast<int>(value);
+    else if (key == "--iters")
+      o.iters = static_cast<int>(value);
+    else if (key == "--thread-ranks")
+      o.thread_ranks = static_cast<int>(value);
+    else if (key == "--low-latency")
+      o.low_latency = static_cast<int>(value);
+    else
+      throw std::runtime_error("unknown option " + key);
   }
   return o;
 }
-
 
 // Top-k distinct experts per token, uniform; a pure function of (rank, options).
 std::vector<int64_t> routing_of(int rank, const Options& o) {
@@ -181,8 +192,8 @@ std::string run_rank(int rank, int num_ranks, const Options& o, const Comm& comm
 
   // Inputs rotated over copies that together exceed twice the 60 MB L2.
   const int64_t row_bytes = o.hidden * 2;
-  const int copies = static_cast<int>(std::max<int64_t>(1, 2 * 64'000'000 / std::max<int64_t>(
-                                                               1, o.tokens * row_bytes) + 1));
+  const int copies = static_cast<int>(
+      std::max<int64_t>(1, 2 * 64'000'000 / std::max<int64_t>(1, o.tokens * row_bytes) + 1));
   std::vector<uint16_t> x_host(o.tokens * o.hidden);
   std::mt19937 rng(rank);
   for (auto& v : x_host) v = static_cast<uint16_t>(0x3c00 + rng() % 0x0800);  // ~[2^-7, 2)
@@ -239,48 +250,54 @@ std::string run_rank(int rank, int num_ranks, const Options& o, const Comm& comm
     bool host = false;  // host time per call, no bytes
   };
   std::vector<Row> rows;
-  rows.push_back({"dispatch compact (sync_counts=false)", measure(true, [&] {
-                    (void)buffer.dispatch(inputs(true), compact_async, stream);
-                  }), false});
-  rows.push_back({"dispatch compact (sync_counts=true)", measure(false, [&] {
-                    (void)buffer.dispatch(inputs(true), compact_sync, stream);
-                  }), false});
-  rows.push_back({"dispatch expanded, align 128 (synced)", measure(false, [&] {
-                    (void)buffer.dispatch(inputs(true), expanded, stream);
-                  }), false});
+  rows.push_back(
+      {"dispatch compact (sync_counts=false)",
+       measure(true, [&] { (void)buffer.dispatch(inputs(true), compact_async, stream); }), false});
+  rows.push_back(
+      {"dispatch compact (sync_counts=true)",
+       measure(false, [&] { (void)buffer.dispatch(inputs(true), compact_sync, stream); }), false});
+  rows.push_back({"dispatch expanded, align 128 (synced)",
+                  measure(false, [&] { (void)buffer.dispatch(inputs(true), expanded, stream); }),
+                  false});
   const DispatchResult compact = buffer.dispatch(inputs(true), compact_sync, stream);
   const DispatchResult wide = buffer.dispatch(inputs(true), expanded, stream);
-  rows.push_back({"cached dispatch expanded", measure(true, [&] {
-                    (void)buffer.dispatch(inputs(false), wide.handle, stream);
-                  }), false});
+  rows.push_back({"cached dispatch expanded",
+                  measure(true, [&] { (void)buffer.dispatch(inputs(false), wide.handle, stream); }),
+                  false});
   CombineInputs combine_compact;
   combine_compact.x = compact.x.view;
-  rows.push_back({"combine compact", measure(true, [&] {
-                    (void)buffer.combine(combine_compact, compact.handle, {}, stream);
-                  }), true});
+  rows.push_back(
+      {"combine compact",
+       measure(true, [&] { (void)buffer.combine(combine_compact, compact.handle, {}, stream); }),
+       true});
   CombineInputs combine_wide;
   combine_wide.x = wide.x.view;
   combine_wide.weights = wide.weights.view;
-  rows.push_back({"combine expanded, weighted", measure(true, [&] {
-                    (void)buffer.combine(combine_wide, wide.handle, {}, stream);
-                  }), true});
+  rows.push_back(
+      {"combine expanded, weighted",
+       measure(true, [&] { (void)buffer.combine(combine_wide, wide.handle, {}, stream); }), true});
   CombineOptions at_source;
   at_source.reduce_at = ReduceAt::kSource;
-  rows.push_back({"combine expanded, weighted, at source", measure(true, [&] {
-                    (void)buffer.combine(combine_wide, wide.handle, at_source, stream);
-                  }), true});
-  rows.push_back({"host: dispatch compact (sync_counts=false)", host_us([&] {
-                    (void)buffer.dispatch(inputs(true), compact_async, stream);
-                  }), false, true});
+  rows.push_back(
+      {"combine expanded, weighted, at source",
+       measure(true, [&] { (void)buffer.combine(combine_wide, wide.handle, at_source, stream); }),
+       true});
+  rows.push_back({"host: dispatch compact (sync_counts=false)",
+                  host_us([&] { (void)buffer.dispatch(inputs(true), compact_async, stream); }),
+                  false, true});
   rows.push_back({"host: combine compact", host_us([&] {
                     (void)buffer.combine(combine_compact, compact.handle, {}, stream);
-                  }), true, true});
+                  }),
+                  true, true});
   auto grad_y = ops.upload(x_host.data(), x_host.size() * 2);
   const TensorView grad_view(grad_y.get(), DType::kBFloat16, {o.tokens, o.hidden}, device);
-  rows.push_back({"combine_backward", measure(true, [&] {
-                    (void)buffer.combine_backward(grad_view, wide.handle, wide.x.view,
-                                                  wide.weights.view, stream);
-                  }), false});
+  rows.push_back({"combine_backward",
+                  measure(true,
+                          [&] {
+                            (void)buffer.combine_backward(grad_view, wide.handle, wide.x.view,
+                                                          wide.weights.view, stream);
+                          }),
+                  false});
 
   // The same small ops captured once in a CUDA graph (outputs in an arena) and replayed: the
   // time without host overhead (launches, allocations). The input is not rotated here.
@@ -300,30 +317,32 @@ std::string run_rank(int rank, int num_ranks, const Options& o, const Comm& comm
       op();
       testing::check_cuda(cudaStreamEndCapture(stream, &graph), "end capture");
       testing::check_cuda(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
-      const double us = measure(true, [&] {
-        testing::check_cuda(cudaGraphLaunch(exec, stream), "graph launch");
-      });
+      const double us = measure(
+          true, [&] { testing::check_cuda(cudaGraphLaunch(exec, stream), "graph launch"); });
       graph_buffer.synchronize(stream);
       cudaGraphExecDestroy(exec);
       cudaGraphDestroy(graph);
       return us;
     };
-    rows.push_back({"graph: dispatch compact (sync_counts=false)", replay_us([&] {
-                      (void)graph_buffer.dispatch(fixed, compact_async, stream);
-                    }), false});
+    rows.push_back({"graph: dispatch compact (sync_counts=false)",
+                    replay_us([&] { (void)graph_buffer.dispatch(fixed, compact_async, stream); }),
+                    false});
     rows.push_back({"graph: combine compact", replay_us([&] {
                       (void)graph_buffer.combine(combine_routed, routed.handle, {}, stream);
-                    }), true});
+                    }),
+                    true});
     rows.push_back({"graph: dispatch + combine compact", replay_us([&] {
                       const DispatchResult r = graph_buffer.dispatch(fixed, compact_async, stream);
                       CombineInputs c;
                       c.x = r.x.view;
                       (void)graph_buffer.combine(c, r.handle, {}, stream);
-                    }), false});
+                    }),
+                    false});
   }
 
-  print_phase_clock(rank, [&] { (void)buffer.dispatch(inputs(true), compact_async, stream); },
-                    [&] { buffer.synchronize(stream); });
+  print_phase_clock(
+      rank, [&] { (void)buffer.dispatch(inputs(true), compact_async, stream); },
+      [&] { buffer.synchronize(stream); });
 
   int64_t rows_in = 0, rows_back = 0;
   for (int peer = 0; peer < num_ranks; ++peer) {

@@ -15,6 +15,8 @@
 //
 // Transports: the host transport (POSIX shared memory) runs anywhere; when epx was built with
 // CUDA and GPUs are visible, the CUDA transport runs one rank per GPU (--transport picks).
+#include "moe_layer.hpp"
+
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -28,7 +30,6 @@
 
 #include "epx/buffer.hpp"
 #include "epx/error.hpp"
-#include "moe_layer.hpp"
 #if defined(EPX_WITH_CUDA)
 #include <cuda_runtime.h>
 #endif

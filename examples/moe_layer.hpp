@@ -3,14 +3,14 @@
 // and the toy MoE model (router, experts, the dense computation the layer is checked against).
 #pragma once
 
+#include <algorithm>
 #include <charconv>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <stdexcept>
 #include <string>
-#include <algorithm>
-#include <cmath>
-#include <numeric>
 #include <vector>
 
 // The toy mixture-of-experts layer that epx-moe-layer runs through epx, in plain C++ on the

@@ -33,10 +33,10 @@ struct Args {
   const char* src;
   char* dst;
   int rows;
-  int parts;    // parts per row
-  int fanout;   // destinations per row (row r, copy j goes to dst row r * fanout + j)
-  int chunk;    // bulk: bytes per stage
-  int stages;   // bulk: buffers per warp (2-4)
+  int parts;   // parts per row
+  int fanout;  // destinations per row (row r, copy j goes to dst row r * fanout + j)
+  int chunk;   // bulk: bytes per stage
+  int stages;  // bulk: buffers per warp (2-4)
 };
 
 __device__ __forceinline__ int part_bytes(const Args& a) {
@@ -59,7 +59,8 @@ __global__ void __launch_bounds__(kThreads) regs_kernel(Args a) {
         if (i + j * 32 < n) v[j] = __ldg(s + i + j * 32);
       }
       for (int f = 0; f < a.fanout; ++f) {
-        int4* d = reinterpret_cast<int4*>(a.dst + (int64_t(row) * a.fanout + f) * kRowBytes + begin);
+        int4* d =
+            reinterpret_cast<int4*>(a.dst + (int64_t(row) * a.fanout + f) * kRowBytes + begin);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           if (i + j * 32 < n) d[i + j * 32] = v[j];
@@ -78,7 +79,8 @@ __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, int byt
                : "memory");
   asm volatile(
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
-          "r"(dst), "l"(src), "r"(bytes), "r"(bar)
+          "r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
       : "memory");
 }
 
@@ -86,7 +88,8 @@ __device__ __forceinline__ void bulk_wait(uint32_t bar, uint32_t parity) {
   uint32_t done = 0;
   while (!done) {
     asm volatile(
-        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, "
+        "p; }"
         : "=r"(done)
         : "r"(bar), "r"(parity)
         : "memory");
@@ -228,8 +231,7 @@ int main() {
           std::free(y);
           return static_cast<int>(diff == 0);
         }();
-        const float us =
-            mean_us(s, 20, [&] { bulk_kernel<<<kBlocks, kThreads, smem, s>>>(a); });
+        const float us = mean_us(s, 20, [&] { bulk_kernel<<<kBlocks, kThreads, smem, s>>>(a); });
         char name[16];
         std::snprintf(name, sizeof name, "bulk%dx%d", chunk / 1024, stages);
         std::printf("%-8s %6d %6d %9s %10.2f %9.1f  %s\n", shape, rows, parts, name, us,

@@ -115,20 +115,45 @@ __device__ __forceinline__ void handoff_to_peers(const Args& a) {
   if (threadIdx.x < 2) {
     if (!Lean) __threadfence_system();
     asm volatile("red.release.sys.global.max.u64 [%0], %1;" ::"l"(a.flag + 16 * threadIdx.x),
-                 "l"(uint64_t(1)) : "memory");
+                 "l"(uint64_t(1))
+                 : "memory");
   }
 }
 
 enum Variant {
-  kEmpty, kFenceAll, kFenceOne, kFenceGpuAll, kPoll, kHandoff, kHandoffSc, kHandoffLean,
-  kCopy, kCopyFenceAll, kCopyFenceOne, kCopyHandoff, kCopyHandoffSc, kCopyHandoffLean, kVariants
+  kEmpty,
+  kFenceAll,
+  kFenceOne,
+  kFenceGpuAll,
+  kPoll,
+  kHandoff,
+  kHandoffSc,
+  kHandoffLean,
+  kCopy,
+  kCopyFenceAll,
+  kCopyFenceOne,
+  kCopyHandoff,
+  kCopyHandoffSc,
+  kCopyHandoffLean,
+  kVariants
 };
-const char* const kNames[] = {"empty",        "fence_all",      "fence_one",
-                              "fence_gpu_all", "poll",          "handoff",
-                              "handoff_sc",   "handoff_lean",   "copy",
-                              "copy_fence_all", "copy_fence_one", "copy_handoff",
-                              "copy_handoff_sc", "copy_handoff_lean"};
-__host__ __device__ constexpr bool copies(int v) { return v >= kCopy; }
+const char* const kNames[] = {"empty",
+                              "fence_all",
+                              "fence_one",
+                              "fence_gpu_all",
+                              "poll",
+                              "handoff",
+                              "handoff_sc",
+                              "handoff_lean",
+                              "copy",
+                              "copy_fence_all",
+                              "copy_fence_one",
+                              "copy_handoff",
+                              "copy_handoff_sc",
+                              "copy_handoff_lean"};
+__host__ __device__ constexpr bool copies(int v) {
+  return v >= kCopy;
+}
 
 template <int V>
 __global__ void __launch_bounds__(kThreads) variant_kernel(Args a) {
@@ -175,8 +200,8 @@ int main() {
   check(cudaMemset(const_cast<int4*>(a.src), 1, bytes), "memset");
   check(cudaMemset(a.flag, 0, 256), "memset");
   check(cudaMemset(a.counter, 0, 64), "memset");
-  std::printf("%-16s %12s %14s %12s   (us; 24 blocks x 512 threads; copy = %.1f MB)\n",
-              "variant", "alone", "back-to-back", "graph node", bytes / 1e6);
+  std::printf("%-16s %12s %14s %12s   (us; 24 blocks x 512 threads; copy = %.1f MB)\n", "variant",
+              "alone", "back-to-back", "graph node", bytes / 1e6);
   for (int v = 0; v < kVariants; ++v) {
     const Launch run = kLaunches[v];
     for (int i = 0; i < 20; ++i) run(a, s);

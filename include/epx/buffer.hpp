@@ -31,7 +31,7 @@ namespace detail {
 class Engine;
 class LowLatencyEngine;
 struct LowLatencyCall;  // core/low_latency_call.hpp
-}
+}  // namespace detail
 
 struct DispatchInputs {
   TensorView x;         // [S, H] bf16, or fp8-e4m3 with x_scales (buffer built with fp8_dispatch)
@@ -126,8 +126,7 @@ class Buffer {
   // beyond counts. It starts a round, like a dispatch (an LL combine must follow).
   CombineBackwardResult low_latency_combine_backward(const TensorView& grad_y,
                                                      const LowLatencyHandle& handle,
-                                                     const TensorView& x,
-                                                     const TensorView& weights,
+                                                     const TensorView& x, const TensorView& weights,
                                                      void* stream = nullptr);
   // The wait of the last LL call made with return_hook (and, for a combine, its reduction).
   void low_latency_wait(void* stream = nullptr);

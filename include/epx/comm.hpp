@@ -20,7 +20,9 @@ namespace epx {
 
 enum class Transport { kHost, kNccl, kIpc, kCudaThreads };
 const char* to_string(Transport transport);
-inline bool is_cuda(Transport transport) { return transport != Transport::kHost; }
+inline bool is_cuda(Transport transport) {
+  return transport != Transport::kHost;
+}
 
 // An NCCL unique id, made by one rank and distributed by the caller (a file, a pipe, a
 // torch.distributed broadcast).

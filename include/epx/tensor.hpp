@@ -41,7 +41,10 @@ struct TensorView {
   TensorView() = default;
   TensorView(void* data, DType dtype, std::vector<int64_t> shape, Device device,
              std::vector<int64_t> strides = {})
-      : data(data), dtype(dtype), shape(std::move(shape)), strides(std::move(strides)),
+      : data(data),
+        dtype(dtype),
+        shape(std::move(shape)),
+        strides(std::move(strides)),
         device(device) {}
 
   bool defined() const { return data != nullptr || !shape.empty(); }
@@ -51,7 +54,9 @@ struct TensorView {
   size_t nbytes() const { return static_cast<size_t>(numel()) * element_size(dtype); }
   bool is_contiguous() const;
   template <typename T>
-  T* ptr() const { return static_cast<T*>(data); }
+  T* ptr() const {
+    return static_cast<T*>(data);
+  }
 };
 
 // An output owned by epx's caller: the view plus whatever keeps its memory alive (a CUDA
@@ -62,7 +67,9 @@ struct Tensor {
 
   bool defined() const { return view.defined(); }
   template <typename T>
-  T* ptr() const { return view.ptr<T>(); }
+  T* ptr() const {
+    return view.ptr<T>();
+  }
   int64_t size(int64_t d) const { return view.size(d); }
 };
 

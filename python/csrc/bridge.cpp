@@ -62,9 +62,8 @@ py::object dlpack_bytes(const Tensor& tensor) {
   auto* context = new DlpackContext{tensor, static_cast<int64_t>(tensor.view.nbytes()), {}};
   DLTensor& dl = context->managed.dl_tensor;
   dl.data = tensor.view.data;
-  dl.device = tensor.view.device.kind == DeviceKind::kCuda
-                  ? DLDevice{2, tensor.view.device.index}
-                  : DLDevice{1, 0};
+  dl.device = tensor.view.device.kind == DeviceKind::kCuda ? DLDevice{2, tensor.view.device.index}
+                                                           : DLDevice{1, 0};
   dl.ndim = 1;
   dl.dtype = DLDataType{1, 8, 1};
   dl.shape = &context->num_bytes;
@@ -178,9 +177,8 @@ py::object tensor_to_py(const Tensor& tensor) {
   if (auto* deleter = std::get_deleter<PyObjectDeleter>(tensor.owner)) {
     (void)deleter;
     const auto& owned = *static_cast<const PyOwned*>(tensor.owner.get());
-    const uintptr_t offset = tensor.view.nbytes() == 0
-                                 ? 0
-                                 : reinterpret_cast<uintptr_t>(tensor.view.data) - owned.data;
+    const uintptr_t offset =
+        tensor.view.nbytes() == 0 ? 0 : reinterpret_cast<uintptr_t>(tensor.view.data) - owned.data;
     return py::make_tuple(owned.object, offset, dtype, shape);
   }
   return py::make_tuple(dlpack_bytes(tensor), 0, dtype, shape);

@@ -24,7 +24,9 @@ namespace {
 
 using HandlePtr = std::shared_ptr<Handle>;
 
-void* as_stream(uintptr_t stream) { return reinterpret_cast<void*>(stream); }
+void* as_stream(uintptr_t stream) {
+  return reinterpret_cast<void*>(stream);
+}
 
 py::dict dispatch_to_py(DispatchResult&& result, HandlePtr handle) {
   py::dict out;
@@ -103,8 +105,8 @@ void bind_error(py::module_& m) {
     try {
       if (pointer) std::rethrow_exception(pointer);
     } catch (const Error& error) {
-      py::object instance = py::reinterpret_steal<py::object>(
-          PyObject_CallFunction(error_type, "s", error.what()));
+      py::object instance =
+          py::reinterpret_steal<py::object>(PyObject_CallFunction(error_type, "s", error.what()));
       if (!instance) return;  // the Python error of the failed call stays set
       instance.attr("code") = py::cast(error.code());
       PyErr_SetObject(error_type, instance.ptr());
@@ -148,9 +150,9 @@ void bind_comm(py::module_& m) {
              double timeout_seconds) {
             const std::string bytes = id_bytes;
             UniqueId id;
-            EPX_CHECK(bytes.size() == id.bytes.size(), kInvalidArgument,
-                      "an NCCL unique id has " << id.bytes.size() << " bytes, got "
-                                               << bytes.size());
+            EPX_CHECK(
+                bytes.size() == id.bytes.size(), kInvalidArgument,
+                "an NCCL unique id has " << id.bytes.size() << " bytes, got " << bytes.size());
             std::memcpy(id.bytes.data(), bytes.data(), bytes.size());
             py::gil_scoped_release nogil;  // collective: waits for every rank
             return Comm::nccl(rank, num_ranks, id, cuda_device, timeout_seconds);
@@ -236,12 +238,12 @@ void bind_buffer(py::module_& m) {
             return dispatch_to_py(std::move(result), nullptr);
           },
           py::arg("x"), py::arg("x_scales"), py::arg("topk_idx"), py::arg("weights"),
-          py::arg("aux"), py::arg("expand"), py::arg("expert_alignment"),
-          py::arg("zero_padding"), py::arg("sync_counts"), py::arg("stream"))
+          py::arg("aux"), py::arg("expand"), py::arg("expert_alignment"), py::arg("zero_padding"),
+          py::arg("sync_counts"), py::arg("stream"))
       .def(
           "dispatch_cached",
-          [](Buffer& buffer, py::object x, py::object x_scales, py::object weights,
-             py::object aux, HandlePtr handle, uintptr_t stream) {
+          [](Buffer& buffer, py::object x, py::object x_scales, py::object weights, py::object aux,
+             HandlePtr handle, uintptr_t stream) {
             EPX_CHECK(handle != nullptr, kInvalidArgument, "cached dispatch needs a handle");
             const DispatchInputs inputs{view_from_py(x), view_from_py(x_scales), TensorView(),
                                         view_from_py(weights), view_from_py(aux)};
@@ -252,13 +254,12 @@ void bind_buffer(py::module_& m) {
             }
             return dispatch_to_py(std::move(result), handle);
           },
-          py::arg("x"), py::arg("x_scales"), py::arg("weights"), py::arg("aux"),
-          py::arg("handle"), py::arg("stream"))
+          py::arg("x"), py::arg("x_scales"), py::arg("weights"), py::arg("aux"), py::arg("handle"),
+          py::arg("stream"))
       .def(
           "combine",
-          [](Buffer& buffer, py::object x, py::object weights, py::object scalars,
-             py::object bias0, py::object bias1, HandlePtr handle, bool reduce_at_source,
-             uintptr_t stream) {
+          [](Buffer& buffer, py::object x, py::object weights, py::object scalars, py::object bias0,
+             py::object bias1, HandlePtr handle, bool reduce_at_source, uintptr_t stream) {
             EPX_CHECK(handle != nullptr, kInvalidArgument, "combine needs a handle");
             const CombineInputs inputs{view_from_py(x), view_from_py(weights),
                                        view_from_py(scalars), view_from_py(bias0),
@@ -272,12 +273,12 @@ void bind_buffer(py::module_& m) {
             }
             return py::make_tuple(tensor_to_py(result.x), tensor_to_py(result.scalars));
           },
-          py::arg("x"), py::arg("weights"), py::arg("scalars"), py::arg("bias0"),
-          py::arg("bias1"), py::arg("handle"), py::arg("reduce_at_source"), py::arg("stream"))
+          py::arg("x"), py::arg("weights"), py::arg("scalars"), py::arg("bias0"), py::arg("bias1"),
+          py::arg("handle"), py::arg("reduce_at_source"), py::arg("stream"))
       .def(
           "combine_backward",
-          [](Buffer& buffer, py::object grad_y, HandlePtr handle, py::object x,
-             py::object weights, uintptr_t stream) {
+          [](Buffer& buffer, py::object grad_y, HandlePtr handle, py::object x, py::object weights,
+             uintptr_t stream) {
             EPX_CHECK(handle != nullptr, kInvalidArgument, "combine_backward needs a handle");
             const TensorView grad_y_view = view_from_py(grad_y);
             const TensorView x_view = view_from_py(x);
@@ -290,11 +291,9 @@ void bind_buffer(py::module_& m) {
             }
             return py::make_tuple(tensor_to_py(result.grad_x), tensor_to_py(result.grad_weights));
           },
-          py::arg("grad_y"), py::arg("handle"), py::arg("x"), py::arg("weights"),
-          py::arg("stream"))
+          py::arg("grad_y"), py::arg("handle"), py::arg("x"), py::arg("weights"), py::arg("stream"))
       .def(
-          "abort",
-          [](Buffer& buffer, uintptr_t stream) { buffer.abort(as_stream(stream)); },
+          "abort", [](Buffer& buffer, uintptr_t stream) { buffer.abort(as_stream(stream)); },
           py::arg("stream"),
           "Rejects this rank's part of the operation its peers are entering (they raise at once).")
       .def(
@@ -342,10 +341,12 @@ void bind_low_latency(py::module_& m) {
       .def_readonly("num_tokens", &LowLatencyHandle::num_tokens)
       .def_property_readonly("topk_idx",
                              [](const LowLatencyHandle& h) { return tensor_to_py(h.topk_idx); })
-      .def_property_readonly("slots", [](const LowLatencyHandle& h) { return tensor_to_py(h.slots); })
+      .def_property_readonly("slots",
+                             [](const LowLatencyHandle& h) { return tensor_to_py(h.slots); })
       .def_property_readonly("counts",
                              [](const LowLatencyHandle& h) { return tensor_to_py(h.counts); });
-  auto buffer = py::reinterpret_borrow<py::class_<Buffer, std::shared_ptr<Buffer>>>(m.attr("Buffer"));
+  auto buffer =
+      py::reinterpret_borrow<py::class_<Buffer, std::shared_ptr<Buffer>>>(m.attr("Buffer"));
   buffer
       .def(
           "low_latency_dispatch",
@@ -359,10 +360,9 @@ void bind_low_latency(py::module_& m) {
             std::optional<LowLatencyDispatchResult> result;
             {
               py::gil_scoped_release nogil;
-              result.emplace(handle ? buffer.low_latency_dispatch(inputs, *handle, options,
-                                                                  as_stream(stream))
-                                    : buffer.low_latency_dispatch(inputs, options,
-                                                                  as_stream(stream)));
+              result.emplace(
+                  handle ? buffer.low_latency_dispatch(inputs, *handle, options, as_stream(stream))
+                         : buffer.low_latency_dispatch(inputs, options, as_stream(stream)));
             }
             return low_latency_dispatch_to_py(std::move(*result), std::move(handle));
           },
@@ -402,8 +402,7 @@ void bind_low_latency(py::module_& m) {
             }
             return py::make_tuple(tensor_to_py(result.grad_x), tensor_to_py(result.grad_weights));
           },
-          py::arg("grad_y"), py::arg("handle"), py::arg("x"), py::arg("weights"),
-          py::arg("stream"))
+          py::arg("grad_y"), py::arg("handle"), py::arg("x"), py::arg("weights"), py::arg("stream"))
       .def(
           "low_latency_wait",
           [](Buffer& buffer, uintptr_t stream) {

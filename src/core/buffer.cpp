@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <optional>
 #include <random>
 
 #include "core/engine.hpp"
@@ -9,7 +10,6 @@
 #include "core/op_fingerprint.hpp"
 #include "core/validate.hpp"
 #include "epx/error.hpp"
-#include <optional>
 
 namespace epx {
 namespace {
@@ -63,7 +63,9 @@ void Buffer::note_failure(const Error& error, void* stream) {
 }
 
 Buffer::Buffer(Comm comm, const BufferConfig& config, std::shared_ptr<Allocator> allocator)
-    : comm_(std::move(comm)), config_(config), allocator_(std::move(allocator)),
+    : comm_(std::move(comm)),
+      config_(config),
+      allocator_(std::move(allocator)),
       id_(next_buffer_id()) {
   EPX_CHECK(allocator_ != nullptr, kInvalidArgument, "the allocator must not be null");
   detail::check_config(config_, comm_.num_ranks());
@@ -72,13 +74,17 @@ Buffer::Buffer(Comm comm, const BufferConfig& config, std::shared_ptr<Allocator>
   config_hash_ = detail::config_hash(setup);
   const detail::EngineContext context{comm_, config_, allocator_, id_, setup};
   engine_ = !is_cuda(comm_.transport()) ? detail::make_host_engine(context)
-                                                  : detail::make_cuda_engine(context);
+                                        : detail::make_cuda_engine(context);
 }
 
 Buffer::~Buffer() = default;
 
-Device Buffer::device() const { return engine_->device(); }
-int Buffer::num_sms() const { return engine_->num_sms(); }
+Device Buffer::device() const {
+  return engine_->device();
+}
+int Buffer::num_sms() const {
+  return engine_->num_sms();
+}
 
 DispatchResult Buffer::dispatch(const DispatchInputs& inputs, const DispatchOptions& options,
                                 void* stream) {
@@ -97,8 +103,7 @@ DispatchResult Buffer::dispatch(const DispatchInputs& inputs, const DispatchOpti
       });
 }
 
-DispatchResult Buffer::dispatch(const DispatchInputs& inputs, const Handle& handle,
-                                void* stream) {
+DispatchResult Buffer::dispatch(const DispatchInputs& inputs, const Handle& handle, void* stream) {
   return run_operation(
       "cached dispatch", stream,
       [&](uint64_t sequence) {
@@ -124,8 +129,8 @@ CombineResult Buffer::combine(const CombineInputs& inputs, const Handle& handle,
       "combine", stream,
       [&](uint64_t sequence) {
         detail::check_handle(handle, id_, rank(), num_ranks(), "combine");
-        const plan::OpFingerprint op = detail::combine_fingerprint(
-            inputs, handle, options.reduce_at, sequence, config_hash_);
+        const plan::OpFingerprint op =
+            detail::combine_fingerprint(inputs, handle, options.reduce_at, sequence, config_hash_);
         detail::check_combine(inputs, handle, config_, device());
         return op;
       },

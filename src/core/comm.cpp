@@ -2,28 +2,39 @@
 // src/host/host_comm.cpp, src/cuda/runtime/*_comm.cpp).
 #include "epx/comm.hpp"
 
-#include "core/engine.hpp"
-#include "core/thread_group.hpp"
 #include <algorithm>
 #include <chrono>
 #include <sstream>
+
+#include "core/engine.hpp"
+#include "core/thread_group.hpp"
 #include "epx/error.hpp"
 
 namespace epx {
 
 const char* to_string(Transport transport) {
   switch (transport) {
-    case Transport::kHost: return "host";
-    case Transport::kNccl: return "nccl";
-    case Transport::kIpc: return "ipc";
-    case Transport::kCudaThreads: return "cuda threads";
+    case Transport::kHost:
+      return "host";
+    case Transport::kNccl:
+      return "nccl";
+    case Transport::kIpc:
+      return "ipc";
+    case Transport::kCudaThreads:
+      return "cuda threads";
   }
   return "unknown";
 }
 
-int Comm::rank() const { return state_->rank; }
-int Comm::num_ranks() const { return state_->num_ranks; }
-Transport Comm::transport() const { return state_->transport(); }
+int Comm::rank() const {
+  return state_->rank;
+}
+int Comm::num_ranks() const {
+  return state_->num_ranks;
+}
+Transport Comm::transport() const {
+  return state_->transport();
+}
 
 }  // namespace epx
 

@@ -6,9 +6,9 @@
 
 #include <cstdint>
 
+#include "core/setup_record.hpp"
 #include "epx/buffer.hpp"
 #include "epx/comm.hpp"
-#include "core/setup_record.hpp"
 #include "plan/op_record.hpp"
 #include "plan/workspace_layout.hpp"
 
@@ -42,8 +42,7 @@ class Engine {
                                 void* stream) = 0;
   virtual CombineBackwardResult combine_backward(const TensorView& grad_y, const Handle& handle,
                                                  const TensorView& x, const TensorView& weights,
-                                                 const plan::OpFingerprint& op,
-                                                 void* stream) = 0;
+                                                 const plan::OpFingerprint& op, void* stream) = 0;
   virtual void synchronize(void* stream) = 0;
   // Raises an error an earlier operation recorded on the device, if one has (no waiting).
   virtual void raise_recorded_error(void* stream) { (void)stream; }
@@ -73,8 +72,7 @@ plan::WorkspaceLayout workspace_layout(const BufferConfig& config, int num_ranks
 
 // A routing dispatch's handle with its identity and options filled in (src/core/buffer.cpp);
 // the engine adds the arrays.
-Handle new_handle(const EngineContext& context, const DispatchOptions& options,
-                  int64_t num_tokens);
+Handle new_handle(const EngineContext& context, const DispatchOptions& options, int64_t num_tokens);
 
 // What each transport provides: its engine, and the allocator behind default_allocator() for
 // its memory (the CUDA ones throw in a build without CUDA: src/core/no_cuda.cpp).

@@ -4,14 +4,22 @@ namespace epx {
 
 const char* to_string(ErrorCode code) {
   switch (code) {
-    case ErrorCode::kInvalidArgument: return "invalid argument";
-    case ErrorCode::kInvalidRouting: return "invalid routing";
-    case ErrorCode::kHandleMismatch: return "handle mismatch";
-    case ErrorCode::kTimeout: return "timeout";
-    case ErrorCode::kTransport: return "transport error";
-    case ErrorCode::kOutOfMemory: return "out of memory";
-    case ErrorCode::kInternal: return "internal error";
-    case ErrorCode::kUnusable: return "unusable buffer";
+    case ErrorCode::kInvalidArgument:
+      return "invalid argument";
+    case ErrorCode::kInvalidRouting:
+      return "invalid routing";
+    case ErrorCode::kHandleMismatch:
+      return "handle mismatch";
+    case ErrorCode::kTimeout:
+      return "timeout";
+    case ErrorCode::kTransport:
+      return "transport error";
+    case ErrorCode::kOutOfMemory:
+      return "out of memory";
+    case ErrorCode::kInternal:
+      return "internal error";
+    case ErrorCode::kUnusable:
+      return "unusable buffer";
   }
   return "unknown error";
 }

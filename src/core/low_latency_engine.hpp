@@ -5,13 +5,13 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "core/engine.hpp"
 #include "epx/buffer.hpp"
 #include "plan/low_latency_layout.hpp"
 #include "plan/op_record.hpp"
-#include <functional>
 
 namespace epx::detail {
 

@@ -14,16 +14,32 @@ namespace {
 
 }  // namespace
 
-UniqueId Comm::nccl_unique_id() { no_cuda("the NCCL transport"); }
-Comm Comm::nccl(int, int, const UniqueId&, int, double) { no_cuda("the NCCL transport"); }
-Comm Comm::nccl(ncclComm*, int) { no_cuda("the NCCL transport"); }
-Comm Comm::cuda_threads(const ThreadGroup&, int, int) { no_cuda("the CUDA thread transport"); }
-Comm Comm::ipc(int, int, const std::string&, int) { no_cuda("the CUDA IPC transport"); }
-bool Comm::cuda_available() { return false; }
+UniqueId Comm::nccl_unique_id() {
+  no_cuda("the NCCL transport");
+}
+Comm Comm::nccl(int, int, const UniqueId&, int, double) {
+  no_cuda("the NCCL transport");
+}
+Comm Comm::nccl(ncclComm*, int) {
+  no_cuda("the NCCL transport");
+}
+Comm Comm::cuda_threads(const ThreadGroup&, int, int) {
+  no_cuda("the CUDA thread transport");
+}
+Comm Comm::ipc(int, int, const std::string&, int) {
+  no_cuda("the CUDA IPC transport");
+}
+bool Comm::cuda_available() {
+  return false;
+}
 
 namespace detail {
-std::unique_ptr<Engine> make_cuda_engine(const EngineContext&) { no_cuda("the CUDA transport"); }
-std::shared_ptr<Allocator> make_cuda_allocator() { no_cuda("CUDA memory"); }
+std::unique_ptr<Engine> make_cuda_engine(const EngineContext&) {
+  no_cuda("the CUDA transport");
+}
+std::shared_ptr<Allocator> make_cuda_allocator() {
+  no_cuda("CUDA memory");
+}
 }  // namespace detail
 
 }  // namespace epx

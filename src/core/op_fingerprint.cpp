@@ -28,7 +28,8 @@ uint32_t layout_bits(const Handle& handle) {
 
 std::string options_text(uint32_t options) {
   std::string text = options & kOptExpand ? "expanded" : "compact";
-  if (options & kOptExpand) text += options & kOptZeroPadding ? ", zero padding" : ", no zero padding";
+  if (options & kOptExpand)
+    text += options & kOptZeroPadding ? ", zero padding" : ", no zero padding";
   text += options & kOptSyncCounts ? ", counts synced" : ", counts on the device";
   if (options & kOptReduceAtSource) text += ", reduced at the source";
   return text;
@@ -36,8 +37,9 @@ std::string options_text(uint32_t options) {
 
 std::string tensors_text(uint32_t mine, uint32_t theirs, int rank, int peer) {
   static const std::pair<uint32_t, const char*> names[] = {
-      {kTensorWeights, "weights"}, {kTensorAux, "aux"},    {kTensorScalars, "scalars"},
-      {kTensorBias0, "bias"},      {kTensorBias1, "a second bias"}, {kTensorFp8, "fp8 x"}};
+      {kTensorWeights, "weights"},     {kTensorAux, "aux"},
+      {kTensorScalars, "scalars"},     {kTensorBias0, "bias"},
+      {kTensorBias1, "a second bias"}, {kTensorFp8, "fp8 x"}};
   std::ostringstream out;
   for (const auto& [bit, name] : names) {
     if ((mine & bit) == (theirs & bit)) continue;
@@ -51,8 +53,12 @@ std::string tensors_text(uint32_t mine, uint32_t theirs, int rank, int peer) {
 }  // namespace
 
 uint64_t config_hash(const SetupRecord& record) {
-  const int64_t fields[] = {record.num_ranks,   record.max_tokens_per_rank, record.hidden,
-                            record.num_experts, record.num_topk,            record.fp8_dispatch,
+  const int64_t fields[] = {record.num_ranks,
+                            record.max_tokens_per_rank,
+                            record.hidden,
+                            record.num_experts,
+                            record.num_topk,
+                            record.fp8_dispatch,
                             record.low_latency_max_tokens};
   uint64_t hash = 0xcbf29ce484222325ull;
   for (int64_t field : fields) {
@@ -65,31 +71,31 @@ uint64_t config_hash(const SetupRecord& record) {
 
 OpFingerprint dispatch_fingerprint(const DispatchInputs& in, const DispatchOptions& options,
                                    uint64_t sequence, uint64_t config) {
-  return {.sequence = sequence,
-          .config_hash = config,
-          .kind = kOpDispatch,
-          .options = (options.expand ? uint32_t(kOptExpand) : 0u) |
-                     (options.expand && options.zero_padding ? uint32_t(kOptZeroPadding) : 0u) |
-                     (options.sync_counts ? uint32_t(kOptSyncCounts) : 0u),
-          .tensors = tensor_bits({{&in.weights, kTensorWeights}, {&in.aux, kTensorAux}}) |
-                     fp8_bit(in),
-          .alignment = options.expand ? options.expert_alignment : 1};
+  return {
+      .sequence = sequence,
+      .config_hash = config,
+      .kind = kOpDispatch,
+      .options = (options.expand ? uint32_t(kOptExpand) : 0u) |
+                 (options.expand && options.zero_padding ? uint32_t(kOptZeroPadding) : 0u) |
+                 (options.sync_counts ? uint32_t(kOptSyncCounts) : 0u),
+      .tensors = tensor_bits({{&in.weights, kTensorWeights}, {&in.aux, kTensorAux}}) | fp8_bit(in),
+      .alignment = options.expand ? options.expert_alignment : 1};
 }
 
 OpFingerprint cached_dispatch_fingerprint(const DispatchInputs& in, const Handle& handle,
                                           uint64_t sequence, uint64_t config) {
-  return {.sequence = sequence,
-          .handle_origin = handle.origin,
-          .config_hash = config,
-          .kind = kOpCachedDispatch,
-          .options = layout_bits(handle),
-          .tensors = tensor_bits({{&in.weights, kTensorWeights}, {&in.aux, kTensorAux}}) |
-                     fp8_bit(in),
-          .alignment = handle.expert_alignment};
+  return {
+      .sequence = sequence,
+      .handle_origin = handle.origin,
+      .config_hash = config,
+      .kind = kOpCachedDispatch,
+      .options = layout_bits(handle),
+      .tensors = tensor_bits({{&in.weights, kTensorWeights}, {&in.aux, kTensorAux}}) | fp8_bit(in),
+      .alignment = handle.expert_alignment};
 }
 
-OpFingerprint combine_fingerprint(const CombineInputs& in, const Handle& handle,
-                                  ReduceAt reduce_at, uint64_t sequence, uint64_t config) {
+OpFingerprint combine_fingerprint(const CombineInputs& in, const Handle& handle, ReduceAt reduce_at,
+                                  uint64_t sequence, uint64_t config) {
   const bool at_source = handle.expand && reduce_at == ReduceAt::kSource;
   return {.sequence = sequence,
           .handle_origin = handle.origin,
@@ -115,20 +121,28 @@ OpFingerprint combine_backward_fingerprint(const Handle& handle, uint64_t sequen
 
 const char* op_kind_name(uint32_t kind) {
   switch (kind) {
-    case kOpDispatch: return "dispatch";
-    case kOpCachedDispatch: return "cached dispatch";
-    case kOpCombine: return "combine";
-    case kOpCombineBackward: return "combine_backward";
-    case kOpLowLatencyDispatch: return "low_latency_dispatch";
-    case kOpLowLatencyCachedDispatch: return "cached low_latency_dispatch";
-    case kOpLowLatencyCombine: return "low_latency_combine";
-    case kOpLowLatencyCombineBackward: return "low_latency_combine_backward";
-    default: return "no operation";
+    case kOpDispatch:
+      return "dispatch";
+    case kOpCachedDispatch:
+      return "cached dispatch";
+    case kOpCombine:
+      return "combine";
+    case kOpCombineBackward:
+      return "combine_backward";
+    case kOpLowLatencyDispatch:
+      return "low_latency_dispatch";
+    case kOpLowLatencyCachedDispatch:
+      return "cached low_latency_dispatch";
+    case kOpLowLatencyCombine:
+      return "low_latency_combine";
+    case kOpLowLatencyCombineBackward:
+      return "low_latency_combine_backward";
+    default:
+      return "no operation";
   }
 }
 
-std::string describe_op_field(int32_t field, uint64_t mine, uint64_t theirs, int rank,
-                              int peer) {
+std::string describe_op_field(int32_t field, uint64_t mine, uint64_t theirs, int rank, int peer) {
   std::ostringstream out;
   out << "ranks " << rank << " and " << peer << " disagree about the operation: ";
   switch (field) {
@@ -144,8 +158,8 @@ std::string describe_op_field(int32_t field, uint64_t mine, uint64_t theirs, int
       out << "their buffers were built with different configurations";
       break;
     case kFieldOptions:
-      out << "rank " << peer << ": " << options_text(uint32_t(theirs)) << "; rank " << rank
-          << ": " << options_text(uint32_t(mine));
+      out << "rank " << peer << ": " << options_text(uint32_t(theirs)) << "; rank " << rank << ": "
+          << options_text(uint32_t(mine));
       break;
     case kFieldAlignment:
       out << "expert_alignment " << theirs << " on rank " << peer << ", " << mine << " on rank "

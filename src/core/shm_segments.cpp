@@ -36,9 +36,13 @@ size_t header_bytes_for(int num_ranks) {
   return (bytes + kPageBytes - 1) / kPageBytes * kPageBytes;
 }
 
-SegmentHeader* header_of(char* segment) { return reinterpret_cast<SegmentHeader*>(segment); }
+SegmentHeader* header_of(char* segment) {
+  return reinterpret_cast<SegmentHeader*>(segment);
+}
 
-std::atomic_ref<uint64_t> word(uint64_t& value) { return std::atomic_ref<uint64_t>(value); }
+std::atomic_ref<uint64_t> word(uint64_t& value) {
+  return std::atomic_ref<uint64_t>(value);
+}
 
 bool process_alive(uint64_t pid) {
   return pid != 0 && (kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH);
@@ -101,8 +105,7 @@ void check_segment_ranks_and_name(const char* transport, int rank, int num_ranks
   EPX_CHECK(!name.empty() && name.size() <= 128, kInvalidArgument,
             "the " << transport << " communicator name must have 1 to 128 characters");
   for (char c : name) {
-    EPX_CHECK(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_',
-              kInvalidArgument,
+    EPX_CHECK(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_', kInvalidArgument,
               "the " << transport << " communicator name may hold letters, digits, '-' and '_' "
                      << "only: '" << name << "'");
   }
@@ -110,9 +113,14 @@ void check_segment_ranks_and_name(const char* transport, int rank, int num_ranks
 
 ShmSegments::ShmSegments(const std::string& name, int rank, int num_ranks, size_t payload_bytes,
                          const SetupRecord& record, double timeout_seconds)
-    : name_(name), rank_(rank), num_ranks_(num_ranks), payload_bytes_(payload_bytes),
-      header_bytes_(header_bytes_for(num_ranks)), timeout_seconds_(timeout_seconds),
-      mappings_(num_ranks), payloads_(num_ranks, nullptr) {
+    : name_(name),
+      rank_(rank),
+      num_ranks_(num_ranks),
+      payload_bytes_(payload_bytes),
+      header_bytes_(header_bytes_for(num_ranks)),
+      timeout_seconds_(timeout_seconds),
+      mappings_(num_ranks),
+      payloads_(num_ranks, nullptr) {
   create_own_segment(record);
   try {
     const auto deadline = deadline_after(timeout_seconds_);
@@ -132,13 +140,17 @@ ShmSegments::ShmSegments(const std::string& name, int rank, int num_ranks, size_
   own_unlinked_ = true;
 }
 
-ShmSegments::~ShmSegments() { release(); }
+ShmSegments::~ShmSegments() {
+  release();
+}
 
 std::string ShmSegments::segment_name(int rank) const {
   return "/epx-" + name_ + "-r" + std::to_string(rank);
 }
 
-char* ShmSegments::lines(int rank) const { return mappings_[rank].address + kPageBytes; }
+char* ShmSegments::lines(int rank) const {
+  return mappings_[rank].address + kPageBytes;
+}
 
 void ShmSegments::create_own_segment(const SetupRecord& record) {
   const std::string segment = segment_name(rank_);
@@ -170,8 +182,8 @@ void ShmSegments::create_own_segment(const SetupRecord& record) {
   if (address == MAP_FAILED) {
     const int error = errno;
     shm_unlink(segment.c_str());
-    EPX_FAIL(kTransport, "rank " << rank_ << ": cannot map " << segment << ": "
-                                 << std::strerror(error));
+    EPX_FAIL(kTransport,
+             "rank " << rank_ << ": cannot map " << segment << ": " << std::strerror(error));
   }
   mappings_[rank_] = Mapping{static_cast<char*>(address), bytes};
   // ftruncate zero-fills: flags start at epoch 0, records empty.
@@ -221,7 +233,8 @@ void ShmSegments::check_records(const SetupRecord& mine,
     }
   }
   for (int p = 0; p < num_ranks_; ++p) {
-    const std::string mismatch = setup_mismatch(mine, rank_, header_of(mappings_[p].address)->record, p);
+    const std::string mismatch =
+        setup_mismatch(mine, rank_, header_of(mappings_[p].address)->record, p);
     EPX_CHECK(mismatch.empty(), kInvalidArgument,
               "rank " << rank_ << ": buffer setup: " << mismatch);
   }
@@ -284,8 +297,7 @@ void ShmSegments::barrier(const char* phase, const plan::OpFingerprint* op) {
                 "rank " << rank_ << ": phase " << phase << ": rank " << p
                         << "'s buffer failed earlier (see that rank's error); build a new "
                            "Buffer on every rank");
-      const uint64_t seen =
-          word(*plan::peer_flag(lines(rank_), p)).load(std::memory_order_acquire);
+      const uint64_t seen = word(*plan::peer_flag(lines(rank_), p)).load(std::memory_order_acquire);
       if (seen >= epoch) break;
       if (std::chrono::steady_clock::now() > deadline) {
         EPX_FAIL(kTimeout, "rank " << rank_ << ": phase " << phase << " timed out after "

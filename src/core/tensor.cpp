@@ -10,22 +10,32 @@ namespace epx {
 
 size_t element_size(DType dtype) {
   switch (dtype) {
-    case DType::kBFloat16: return 2;
-    case DType::kFloat8E4M3: return 1;
-    case DType::kFloat32: return 4;
-    case DType::kInt32: return 4;
-    case DType::kInt64: return 8;
+    case DType::kBFloat16:
+      return 2;
+    case DType::kFloat8E4M3:
+      return 1;
+    case DType::kFloat32:
+      return 4;
+    case DType::kInt32:
+      return 4;
+    case DType::kInt64:
+      return 8;
   }
   return 0;
 }
 
 const char* to_string(DType dtype) {
   switch (dtype) {
-    case DType::kBFloat16: return "bfloat16";
-    case DType::kFloat8E4M3: return "float8_e4m3fn";
-    case DType::kFloat32: return "float32";
-    case DType::kInt32: return "int32";
-    case DType::kInt64: return "int64";
+    case DType::kBFloat16:
+      return "bfloat16";
+    case DType::kFloat8E4M3:
+      return "float8_e4m3fn";
+    case DType::kFloat32:
+      return "float32";
+    case DType::kInt32:
+      return "int32";
+    case DType::kInt64:
+      return "int64";
   }
   return "unknown";
 }
@@ -103,7 +113,9 @@ class DefaultAllocator final : public Allocator {
 }  // namespace
 
 namespace detail {
-std::shared_ptr<Allocator> make_host_allocator() { return std::make_shared<HostAllocator>(); }
+std::shared_ptr<Allocator> make_host_allocator() {
+  return std::make_shared<HostAllocator>();
+}
 }  // namespace detail
 
 std::shared_ptr<Allocator> default_allocator() {

@@ -51,9 +51,9 @@ void check_tensor(const TensorView& tensor, const TensorSpec& spec, Device devic
   EPX_CHECK(shape_ok, kInvalidArgument,
             spec.name << " must have shape " << shape_string(spec.shape) << ", got "
                       << shape_string(tensor.shape));
-  EPX_CHECK(tensor.device == device, kInvalidArgument,
-            spec.name << " must be on " << to_string(device) << ", got "
-                      << to_string(tensor.device));
+  EPX_CHECK(
+      tensor.device == device, kInvalidArgument,
+      spec.name << " must be on " << to_string(device) << ", got " << to_string(tensor.device));
   EPX_CHECK(tensor.is_contiguous(), kInvalidArgument, spec.name << " must be contiguous");
   EPX_CHECK(tensor.data != nullptr || tensor.numel() == 0, kInvalidArgument,
             spec.name << " has no data pointer");
@@ -99,11 +99,9 @@ void check_tokens(const DispatchInputs& in, const BufferConfig& config, Device d
     EPX_CHECK(config.fp8_dispatch, kInvalidArgument,
               "x is fp8 but the buffer was built without fp8_dispatch");
     check_tensor(in.x, {"x", {DType::kFloat8E4M3}, {num_tokens, hidden}}, device);
-    check_tensor(in.x_scales, {"x_scales", {DType::kFloat32}, {num_tokens, hidden / 128}},
-                 device);
+    check_tensor(in.x_scales, {"x_scales", {DType::kFloat32}, {num_tokens, hidden / 128}}, device);
   } else {
-    check_tensor(in.x, {"x", {DType::kBFloat16, DType::kFloat8E4M3}, {num_tokens, hidden}},
-                 device);
+    check_tensor(in.x, {"x", {DType::kBFloat16, DType::kFloat8E4M3}, {num_tokens, hidden}}, device);
     EPX_CHECK(!in.x_scales.defined(), kInvalidArgument, "x_scales is only for fp8 x");
   }
   check_optional_tensor(in.weights, {"weights", {DType::kFloat32}, {num_tokens, topk}}, device);
@@ -119,12 +117,10 @@ void check_dispatch(const DispatchInputs& in, const DispatchOptions& options,
             "x has " << num_tokens << " tokens, more than max_tokens_per_rank ("
                      << config.max_tokens_per_rank << ")");
   EPX_CHECK(in.x.size(1) == config.hidden, kInvalidArgument,
-            "x has hidden size " << in.x.size(1) << ", the buffer was built for "
-                                 << config.hidden);
+            "x has hidden size " << in.x.size(1) << ", the buffer was built for " << config.hidden);
   check_tokens(in, config, device, num_tokens);
   check_tensor(in.topk_idx,
-               {"topk_idx", {DType::kInt32, DType::kInt64}, {num_tokens, config.num_topk}},
-               device);
+               {"topk_idx", {DType::kInt32, DType::kInt64}, {num_tokens, config.num_topk}}, device);
   EPX_CHECK(options.expert_alignment >= 1 && options.expert_alignment <= (1 << 16),
             kInvalidArgument,
             "expert_alignment must be in [1, 65536], got " << options.expert_alignment);
@@ -132,8 +128,7 @@ void check_dispatch(const DispatchInputs& in, const DispatchOptions& options,
 
 void check_handle(const Handle& handle, uint64_t buffer_id, int rank, int num_ranks,
                   const char* operation) {
-  EPX_CHECK(handle.buffer_id == buffer_id && handle.rank == rank &&
-                handle.num_ranks == num_ranks,
+  EPX_CHECK(handle.buffer_id == buffer_id && handle.rank == rank && handle.num_ranks == num_ranks,
             kHandleMismatch,
             operation << ": the handle was made by another buffer (or another rank)");
 }
@@ -173,14 +168,12 @@ void check_combine(const CombineInputs& in, const Handle& handle, const BufferCo
 }
 
 void check_combine_backward(const TensorView& grad_y, const Handle& handle, const TensorView& x,
-                            const TensorView& weights, const BufferConfig& config,
-                            Device device) {
+                            const TensorView& weights, const BufferConfig& config, Device device) {
   EPX_CHECK(handle.expand, kHandleMismatch,
             "combine_backward needs an expanded handle (a compact combine's backward is a "
             "cached dispatch)");
   const int64_t rows = handle.row_capacity;
-  check_tensor(grad_y, {"grad_y", {DType::kBFloat16}, {handle.num_tokens, config.hidden}},
-               device);
+  check_tensor(grad_y, {"grad_y", {DType::kBFloat16}, {handle.num_tokens, config.hidden}}, device);
   check_tensor(x, {"x", {DType::kBFloat16}, {rows, config.hidden}}, device);
   check_tensor(weights, {"weights", {DType::kFloat32}, {rows}}, device);
 }

@@ -37,8 +37,8 @@ class HostEngine final : public Engine {
                   static_cast<size_t>(layout_.total_bytes()), context.setup,
                   context.config.timeout_seconds) {
     if (context.config.low_latency_max_tokens > 0) {
-      low_latency_ = make_host_low_latency(
-          context_, segments_, low_latency_layout(context.config, num_ranks_, layout_));
+      low_latency_ = make_host_low_latency(context_, segments_,
+                                           low_latency_layout(context.config, num_ranks_, layout_));
     }
   }
 
@@ -51,8 +51,7 @@ class HostEngine final : public Engine {
   void poison(void*) override { segments_.poison(); }
 
   DispatchResult dispatch(const DispatchInputs& in, const DispatchOptions& options,
-                          const Handle* cached, const plan::OpFingerprint& op,
-                          void*) override {
+                          const Handle* cached, const plan::OpFingerprint& op, void*) override {
     const int64_t num_tokens = in.x.size(0);
     plan::SourcePlan source_plan;
     Handle handle;
@@ -298,13 +297,14 @@ class HostEngine final : public Engine {
     }
     for (int32_t s = 0; s < num_ranks_; ++s) {
       const plan::SourceHeader& header = *layout_.header(local, s);
-      EPX_CHECK(header.channels == channels, kInvalidArgument,
-                "rank " << rank_ << ": rank " << s << " dispatched "
-                        << ((header.channels & plan::kChannelWeights) ? "with" : "without")
-                        << " weights and " << ((header.channels & plan::kChannelAux) ? "with" : "without")
-                        << " aux, this rank " << ((channels & plan::kChannelWeights) ? "with" : "without")
-                        << " weights and " << ((channels & plan::kChannelAux) ? "with" : "without")
-                        << " aux: every rank must pass the same channels");
+      EPX_CHECK(
+          header.channels == channels, kInvalidArgument,
+          "rank " << rank_ << ": rank " << s << " dispatched "
+                  << ((header.channels & plan::kChannelWeights) ? "with" : "without")
+                  << " weights and " << ((header.channels & plan::kChannelAux) ? "with" : "without")
+                  << " aux, this rank " << ((channels & plan::kChannelWeights) ? "with" : "without")
+                  << " weights and " << ((channels & plan::kChannelAux) ? "with" : "without")
+                  << " aux: every rank must pass the same channels");
     }
   }
 
@@ -325,8 +325,8 @@ class HostEngine final : public Engine {
         const int32_t slot = send_slot[t * num_ranks_ + r];
         if (slot < 0) continue;
         char* dst = segments_.payload(r);
-        std::memcpy(layout_.row(dst, layout_.dispatch_row_index(rank_, slot)),
-                    rows + t * row_bytes, static_cast<size_t>(row_bytes));
+        std::memcpy(layout_.row(dst, layout_.dispatch_row_index(rank_, slot)), rows + t * row_bytes,
+                    static_cast<size_t>(row_bytes));
         if (scales_per_row > 0) {
           std::memcpy(layout_.row_scales(dst, rank_, slot),
                       x_scales.ptr<float>() + t * scales_per_row,
@@ -369,12 +369,11 @@ class HostEngine final : public Engine {
     handle.recv_token_capacity =
         options.sync_counts ? num_recv
                             : plan::worst_case_compact_rows(num_ranks_, layout_.max_tokens);
-    handle.row_capacity =
-        !options.expand ? handle.recv_token_capacity
-        : options.sync_counts
-            ? num_rows
-            : plan::worst_case_expanded_rows(num_ranks_, layout_.max_tokens, num_topk,
-                                             local_experts, options.expert_alignment);
+    handle.row_capacity = !options.expand       ? handle.recv_token_capacity
+                          : options.sync_counts ? num_rows
+                                                : plan::worst_case_expanded_rows(
+                                                      num_ranks_, layout_.max_tokens, num_topk,
+                                                      local_experts, options.expert_alignment);
     if (options.sync_counts) {
       handle.num_recv_tokens = num_recv;
       handle.num_rows = num_rows;
@@ -386,8 +385,7 @@ class HostEngine final : public Engine {
     handle.source_expert_counts = int32_tensor(source_expert_counts, {num_ranks_, local_experts});
     handle.tokens_per_expert = int32_tensor(tokens_per_expert, {local_experts});
     handle.expert_offsets = int32_tensor(expert_offsets, {local_experts + 1});
-    handle.expert_source_offsets =
-        int32_tensor(expert_source_offsets, {local_experts, num_ranks_});
+    handle.expert_source_offsets = int32_tensor(expert_source_offsets, {local_experts, num_ranks_});
     handle.device_counts = allocate(DType::kInt64, {2});
     handle.device_counts.ptr<int64_t>()[0] = num_recv;
     handle.device_counts.ptr<int64_t>()[1] = num_rows;
@@ -458,26 +456,26 @@ class HostEngine final : public Engine {
                     static_cast<size_t>(scales_per_row) * 4);
       }
     };
-    for_each_received(handle, [&](int64_t n, int32_t source, int32_t slot, const char* row,
-                                  SlotMeta meta) {
-      const float* scales = scales_out ? layout_.row_scales(local, source, slot) : nullptr;
-      if (!handle.expand) {
-        place(n, row, scales);
-        for (int32_t k = 0; k < num_topk; ++k) {
-          const bool here = recv_topk[n * num_topk + k] >= 0;
-          if (weights_out) weights_out[n * num_topk + k] = here ? meta.weight()[k] : 0.0f;
-          if (aux_out) aux_out[n * num_topk + k] = here ? meta.aux()[k] : 0.0f;
-        }
-        return;
-      }
-      for (int32_t k = 0; k < num_topk; ++k) {
-        const int32_t out_row = expanded_rows[n * num_topk + k];
-        if (out_row < 0) continue;
-        place(out_row, row, scales);
-        if (weights_out) weights_out[out_row] = meta.weight()[k];
-        if (aux_out) aux_out[out_row] = meta.aux()[k];
-      }
-    });
+    for_each_received(
+        handle, [&](int64_t n, int32_t source, int32_t slot, const char* row, SlotMeta meta) {
+          const float* scales = scales_out ? layout_.row_scales(local, source, slot) : nullptr;
+          if (!handle.expand) {
+            place(n, row, scales);
+            for (int32_t k = 0; k < num_topk; ++k) {
+              const bool here = recv_topk[n * num_topk + k] >= 0;
+              if (weights_out) weights_out[n * num_topk + k] = here ? meta.weight()[k] : 0.0f;
+              if (aux_out) aux_out[n * num_topk + k] = here ? meta.aux()[k] : 0.0f;
+            }
+            return;
+          }
+          for (int32_t k = 0; k < num_topk; ++k) {
+            const int32_t out_row = expanded_rows[n * num_topk + k];
+            if (out_row < 0) continue;
+            place(out_row, row, scales);
+            if (weights_out) weights_out[out_row] = meta.weight()[k];
+            if (aux_out) aux_out[out_row] = meta.aux()[k];
+          }
+        });
     if (handle.expand) {
       const auto* offsets = handle.expert_offsets.ptr<int32_t>();
       const auto* tokens = handle.tokens_per_expert.ptr<int32_t>();

@@ -2,8 +2,6 @@
 // workspaces, in plain loops: slots are claimed with atomics on the owners' counters
 // (std::atomic_ref on shared memory, so row order inside an expert is by arrival), flags are
 // raised with releases and read with acquires, every wait is bounded by the timeout.
-#include "host/host_comm.hpp"
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -13,6 +11,7 @@
 
 #include "core/output_batch.hpp"
 #include "epx/error.hpp"
+#include "host/host_comm.hpp"
 #include "plan/low_latency_layout.hpp"
 #include "plan/numerics.hpp"
 

@@ -70,10 +70,12 @@ enum OpField : int32_t {
 // The first field in which `a` and `b` differ, or -1; `value_a`/`value_b` get its values.
 EPX_HD int32_t first_difference(const OpFingerprint& a, const OpFingerprint& b, uint64_t& value_a,
                                 uint64_t& value_b) {
-  const uint64_t fields_a[kFieldCount] = {a.kind,      a.sequence,  a.config_hash,  a.options,
-                                          uint32_t(a.alignment), a.tensors, a.handle_origin};
-  const uint64_t fields_b[kFieldCount] = {b.kind,      b.sequence,  b.config_hash,  b.options,
-                                          uint32_t(b.alignment), b.tensors, b.handle_origin};
+  const uint64_t fields_a[kFieldCount] = {
+      a.kind,    a.sequence,     a.config_hash, a.options, uint32_t(a.alignment),
+      a.tensors, a.handle_origin};
+  const uint64_t fields_b[kFieldCount] = {
+      b.kind,    b.sequence,     b.config_hash, b.options, uint32_t(b.alignment),
+      b.tensors, b.handle_origin};
   for (int32_t f = 0; f < kFieldCount; ++f) {
     if (fields_a[f] != fields_b[f]) {
       value_a = fields_a[f];
@@ -97,7 +99,9 @@ constexpr int64_t kPeerLineBytes = 128;  // one writer per line (see WorkspaceLa
 
 // The flags [R] and records [R] lines, at `base` (the start of a workspace, or the barrier area
 // of a shared-memory header): 2 * R lines.
-EPX_HD int64_t peer_lines_bytes(int32_t num_ranks) { return 2 * kPeerLineBytes * num_ranks; }
+EPX_HD int64_t peer_lines_bytes(int32_t num_ranks) {
+  return 2 * kPeerLineBytes * num_ranks;
+}
 EPX_HD uint64_t* peer_flag(char* base, int peer) {
   return reinterpret_cast<uint64_t*>(base + peer * kPeerLineBytes);
 }

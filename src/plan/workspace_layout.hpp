@@ -34,7 +34,7 @@ struct SourceHeader {
   int32_t status;      // 0, or a RoutingStatus: the source found its own input invalid
   int32_t channels;    // bit 0: weights sent, bit 1: aux sent
   int32_t unused = 0;
-  int64_t bad_value;   // the offending topk_idx value when status != 0
+  int64_t bad_value;  // the offending topk_idx value when status != 0
 };
 
 enum RoutingStatus : int32_t { kRoutingOk = 0, kRoutingBadExpert = 1 };
@@ -51,10 +51,11 @@ struct WorkspaceLayout {
   int64_t max_tokens = 0;
   int64_t hidden = 0;
   bool fp8 = false;
-  int64_t low_latency_bytes = 0;  // the low-latency region after these (plan/low_latency_layout.hpp)
+  int64_t low_latency_bytes =
+      0;  // the low-latency region after these (plan/low_latency_layout.hpp)
 
   static constexpr int64_t kRegionAlignment = 256;
-  static constexpr int64_t kScaleBlock = 128;  // fp8: one fp32 scale per 128 elements
+  static constexpr int64_t kScaleBlock = 128;             // fp8: one fp32 scale per 128 elements
   static constexpr int64_t kFlagStride = kPeerLineBytes;  // one cache line per flag
 
   EPX_HD int32_t local_experts() const { return num_experts / num_ranks; }
@@ -72,8 +73,7 @@ struct WorkspaceLayout {
     return align_up(flags_offset() + peer_lines_bytes(num_ranks), kRegionAlignment);
   }
   EPX_HD int64_t expert_counts_offset() const {
-    return align_up(headers_offset() + int64_t(sizeof(SourceHeader)) * num_ranks,
-                    kRegionAlignment);
+    return align_up(headers_offset() + int64_t(sizeof(SourceHeader)) * num_ranks, kRegionAlignment);
   }
   EPX_HD int64_t slot_meta_offset() const {
     return align_up(expert_counts_offset() + 4 * int64_t(num_ranks) * local_experts(),
@@ -102,8 +102,8 @@ struct WorkspaceLayout {
   // The flag peer `peer` publishes its barrier epochs into. Packed eight to a line, flags of
   // ranks sharing one GPU went back to older values after their writers had read the new ones
   // back (seen in H200 stress runs; the log is in git history at 5c90d78): some write carried
-  // stale copies of its neighbours. With a line per flag, nothing one writer stores can reach another
-  // writer's flag.
+  // stale copies of its neighbours. With a line per flag, nothing one writer stores can reach
+  // another writer's flag.
   EPX_HD uint64_t* flag(char* base, int peer) const {
     return peer_flag(base + flags_offset(), peer);
   }

@@ -7,9 +7,9 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 
 #include "plan/numerics.hpp"
-#include <unordered_map>
 
 namespace epx::reference {
 namespace {

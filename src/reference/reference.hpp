@@ -33,10 +33,10 @@ struct RankInputs {
 
 // What one rank receives.
 struct DispatchOutput {
-  int64_t num_recv_tokens = 0;  // N
-  int64_t num_rows = 0;         // M (expanded) or N (compact)
-  std::vector<uint8_t> x;       // [rows][row_bytes]
-  std::vector<float> x_scales;  // fp8: [rows][H/128]
+  int64_t num_recv_tokens = 0;      // N
+  int64_t num_rows = 0;             // M (expanded) or N (compact)
+  std::vector<uint8_t> x;           // [rows][row_bytes]
+  std::vector<float> x_scales;      // fp8: [rows][H/128]
   std::vector<uint8_t> is_padding;  // [rows]: 1 for expanded padding rows
   // Compact: [N][K] local expert / weight / aux (-1 / 0 / 0 where the expert is elsewhere).
   // Expanded: topk_idx empty, weights and aux [M] (0 in padding rows).
@@ -55,11 +55,11 @@ std::vector<DispatchOutput> dispatch(const Problem& problem, const std::vector<R
 
 // One rank's combine inputs (rows indexed like that rank's dispatch output).
 struct CombineRankInputs {
-  std::vector<uint16_t> x;        // [rows][H] bf16 bits
-  std::vector<float> weights;     // expanded: [M] or empty
-  std::vector<float> scalars;     // expanded [M] / compact [N][K], or empty
-  std::vector<uint16_t> bias0;    // [S][H] of this rank as a source, or empty
-  std::vector<uint16_t> bias1;    // [S][H], or empty
+  std::vector<uint16_t> x;      // [rows][H] bf16 bits
+  std::vector<float> weights;   // expanded: [M] or empty
+  std::vector<float> scalars;   // expanded [M] / compact [N][K], or empty
+  std::vector<uint16_t> bias0;  // [S][H] of this rank as a source, or empty
+  std::vector<uint16_t> bias1;  // [S][H], or empty
 };
 
 struct CombineOutput {

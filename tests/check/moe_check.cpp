@@ -26,9 +26,9 @@
 
 #include "common/random_problem.hpp"
 #include "common/scenario.hpp"
-#include "moe_layer.hpp"
 #include "epx/buffer.hpp"
 #include "epx/error.hpp"
+#include "moe_layer.hpp"
 #include "plan/numerics.hpp"
 #include "reference/reference.hpp"
 #if defined(EPX_WITH_CUDA)
@@ -81,12 +81,18 @@ Options parse(int argc, char** argv) {
       if (i + 1 >= argc) throw UsageError(option + " needs a value");
       return argv[++i];
     };
-    if (option == "--ranks") o.ranks = parse_number(option, value(), 1, 64);
-    else if (option == "--tokens") o.tokens = parse_number<int64_t>(option, value(), 1, 1 << 20);
-    else if (option == "--hidden") o.hidden = parse_number<int64_t>(option, value(), 1, 1 << 16);
-    else if (option == "--experts") o.experts = parse_number(option, value(), 1, 1 << 16);
-    else if (option == "--topk") o.topk = parse_number(option, value(), 1, 64);
-    else if (option == "--seed") o.seed = parse_number(option, value(), uint64_t(0), ~uint64_t(0));
+    if (option == "--ranks")
+      o.ranks = parse_number(option, value(), 1, 64);
+    else if (option == "--tokens")
+      o.tokens = parse_number<int64_t>(option, value(), 1, 1 << 20);
+    else if (option == "--hidden")
+      o.hidden = parse_number<int64_t>(option, value(), 1, 1 << 16);
+    else if (option == "--experts")
+      o.experts = parse_number(option, value(), 1, 1 << 16);
+    else if (option == "--topk")
+      o.topk = parse_number(option, value(), 1, 64);
+    else if (option == "--seed")
+      o.seed = parse_number(option, value(), uint64_t(0), ~uint64_t(0));
     else if (option == "--transport") {
       o.transport = value();
       if (o.transport != "auto" && o.transport != "host" && o.transport != "cuda") {
@@ -100,7 +106,9 @@ Options parse(int argc, char** argv) {
 }
 
 // The layer's expert: a per-expert scale, so its forward and backward are exact and cheap.
-float expert_scale(int32_t global_expert) { return 0.5f + 0.125f * float(global_expert % 11); }
+float expert_scale(int32_t global_expert) {
+  return 0.5f + 0.125f * float(global_expert % 11);
+}
 
 uint16_t scale_bits(uint16_t x, float scale) {
   return plan::float_to_bf16_bits(plan::bf16_bits_to_float(x) * scale);
@@ -196,7 +204,8 @@ RankReport run_rank(Buffer& buffer, const RandomConfig& config, int rank,
   std::vector<int32_t> offsets(local_experts + 1);
   down(recv_x.data(), recv.x, recv_x.size() * 2);
   down(recv_w.data(), recv.weights, recv_w.size() * 4);
-  for (int32_t e = 0; e <= local_experts; ++e) offsets[e] = int32_t(recv.handle.host_expert_offsets[e]);
+  for (int32_t e = 0; e <= local_experts; ++e)
+    offsets[e] = int32_t(recv.handle.host_expert_offsets[e]);
   const std::vector<uint16_t> h = run_experts(recv_x, hidden, offsets, rank, local_experts);
   auto h_dev = up(h.data(), h.size() * 2);
   CombineInputs cin;
@@ -245,7 +254,8 @@ RankReport run_rank(Buffer& buffer, const RandomConfig& config, int rank,
   // fp64 reference with DESIGN's tolerance); the rows are bit-exact.
   std::vector<reference::CombineRankInputs> ref_dx_in(config.num_ranks);
   for (int32_t r = 0; r < config.num_ranks; ++r) {
-    ref_dx_in[r].x = run_experts(ref_back[r].grad_x, hidden, ref[r].expert_offsets, r, local_experts);
+    ref_dx_in[r].x =
+        run_experts(ref_back[r].grad_x, hidden, ref[r].expert_offsets, r, local_experts);
   }
   const auto ref_dx = reference::combine(problem, inputs, ref, true, ref_dx_in, false);
 
@@ -323,10 +333,11 @@ int main(int argc, char** argv) {
   config.expert_alignment = 4;
   config.sync_counts = true;
 
-  std::printf("epx-moe-check: MoE layer forward + backward, %d ranks (%s transport), up to %lld "
-              "tokens/rank, hidden %lld, top-%d of %d experts\n",
-              options.ranks, use_cuda ? "cuda" : "host", (long long)options.tokens,
-              (long long)options.hidden, options.topk, options.experts);
+  std::printf(
+      "epx-moe-check: MoE layer forward + backward, %d ranks (%s transport), up to %lld "
+      "tokens/rank, hidden %lld, top-%d of %d experts\n",
+      options.ranks, use_cuda ? "cuda" : "host", (long long)options.tokens,
+      (long long)options.hidden, options.topk, options.experts);
   std::fflush(stdout);
 
   const std::string name = "moe-check-" + std::to_string(getpid());
@@ -386,8 +397,9 @@ int main(int argc, char** argv) {
                 got ? report.failure : "(rank died)");
   }
   std::remove(id_file.c_str());
-  std::printf("epx-moe-check: %s (every output compared with the reference bit for bit; router "
-              "gradients within 1e-5 relative)\n",
-              ok ? "PASS" : "FAIL");
+  std::printf(
+      "epx-moe-check: %s (every output compared with the reference bit for bit; router "
+      "gradients within 1e-5 relative)\n",
+      ok ? "PASS" : "FAIL");
   return ok ? 0 : 1;
 }

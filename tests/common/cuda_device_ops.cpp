@@ -4,21 +4,21 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <fstream>
-#include <thread>
-
-#include "epx/error.hpp"
-#include <algorithm>
 #include <cstdlib>
-#include <exception>
-#include <string>
-#include <vector>
-#include "common/multi_process.hpp"
 #include <cstring>
+#include <exception>
+#include <fstream>
 #include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/multi_process.hpp"
 #include "common/random_problem.hpp"
+#include "epx/error.hpp"
 #include "reference/reference.hpp"
 
 namespace epx::testing {
@@ -89,16 +89,15 @@ TinyInputs tiny_inputs(const Buffer& buffer, int rank, int64_t bad_expert, int d
   in.x = ops.upload(x.data(), x.size() * 2);
   in.topk = ops.upload(topk.data(), topk.size() * 8);
   in.view.x = TensorView(in.x.get(), DType::kBFloat16, {tokens, c.hidden}, buffer.device());
-  in.view.topk_idx = TensorView(in.topk.get(), DType::kInt64, {tokens, c.num_topk},
-                                buffer.device());
+  in.view.topk_idx =
+      TensorView(in.topk.get(), DType::kInt64, {tokens, c.num_topk}, buffer.device());
   return in;
 }
 
 std::shared_ptr<Allocator> poisoned_cuda_allocator() {
   return std::make_shared<PoisonAllocator>(default_allocator(), [](void* p, size_t bytes,
                                                                    void* stream) {
-    check_cuda(cudaMemsetAsync(p, kPoisonByte, bytes, static_cast<cudaStream_t>(stream)),
-               "poison");
+    check_cuda(cudaMemsetAsync(p, kPoisonByte, bytes, static_cast<cudaStream_t>(stream)), "poison");
   });
 }
 
@@ -261,8 +260,8 @@ std::string graph_replay_scenario(Buffer& buffer, const RandomConfig& config, in
       }
     }
     check_cuda(cudaMemcpyAsync(x.get(), inputs[rank].x.data(), inputs[rank].x.size(),
-                          cudaMemcpyHostToDevice, stream),
-          "new inputs");
+                               cudaMemcpyHostToDevice, stream),
+               "new inputs");
     check_cuda(cudaGraphLaunch(exec, stream), "graph launch");
     buffer.synchronize(stream);
     const auto want = reference::dispatch(problem, inputs, true, config.expert_alignment, false);

@@ -5,9 +5,11 @@
 
 #include <cuda_runtime.h>
 
+#include <barrier>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <functional>
 #include <iostream>
 #include <memory>
 #include <random>
@@ -17,8 +19,6 @@
 #include "epx/buffer.hpp"
 #include "epx/comm.hpp"
 #include "epx/error.hpp"
-#include <barrier>
-#include <functional>
 
 namespace epx::testing {
 
@@ -105,10 +105,9 @@ inline std::string dispatch_expecting_missing_peer(Buffer& buffer, const Dispatc
 
 }  // namespace epx::testing
 
-#define EPX_REQUIRE_GPUS(n)                                                      \
-  if (::epx::testing::gpu_count() < (n)) {                                       \
-    GTEST_SKIP() << "needs " << (n) << " GPU(s), " << ::epx::testing::gpu_count() \
-                 << " visible";                                                  \
+#define EPX_REQUIRE_GPUS(n)                                                                      \
+  if (::epx::testing::gpu_count() < (n)) {                                                       \
+    GTEST_SKIP() << "needs " << (n) << " GPU(s), " << ::epx::testing::gpu_count() << " visible"; \
   }
 
 // Ranks as threads of one process (ThreadGroup, Comm::cuda_threads) for the GPU tests and
@@ -161,8 +160,7 @@ class ArenaAllocator : public Allocator {
     EPX_CHECK(cudaMalloc(&base_, bytes) == cudaSuccess, kOutOfMemory, "arena");
   }
   ~ArenaAllocator() override { cudaFree(base_); }
-  Tensor allocate(DType dtype, const std::vector<int64_t>& shape, Device device,
-                  void*) override {
+  Tensor allocate(DType dtype, const std::vector<int64_t>& shape, Device device, void*) override {
     TensorView view(nullptr, dtype, shape, device);
     const size_t bytes = (view.nbytes() + 255) / 256 * 256;
     EPX_CHECK(used_ + bytes <= bytes_, kOutOfMemory, "arena exhausted");

@@ -7,9 +7,9 @@
 #include <sstream>
 #include <unordered_map>
 
-#include "scenario.hpp"
 #include "epx/error.hpp"
 #include "reference/reference.hpp"
+#include "scenario.hpp"
 
 namespace epx::testing {
 namespace {

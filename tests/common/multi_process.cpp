@@ -107,8 +107,7 @@ std::vector<RankOutcome> run_ranks(int num_ranks, const std::function<std::strin
         failure_seen = true;
         deadline = std::min(deadline, Clock::now() + kFailureGrace);
         stop_reason = "killed " + std::to_string(kFailureGrace.count()) + " s after rank " +
-                      std::to_string(rank) +
-                      " failed (probably waiting for it)";
+                      std::to_string(rank) + " failed (probably waiting for it)";
       }
     }
     if (!alive) break;

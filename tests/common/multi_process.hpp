@@ -13,7 +13,7 @@ namespace epx::testing {
 struct RankOutcome {
   bool finished = false;  // exited on its own (not killed)
   int exit_code = -1;
-  std::string message;    // what the rank returned, or the exception it threw
+  std::string message;  // what the rank returned, or the exception it threw
 };
 
 std::vector<RankOutcome> run_ranks(int num_ranks, const std::function<std::string(int rank)>& fn,

@@ -5,9 +5,9 @@
 #include <random>
 #include <sstream>
 
-#include "scenario.hpp"
 #include "epx/error.hpp"
 #include "reference/reference.hpp"
+#include "scenario.hpp"
 
 namespace epx::testing {
 namespace {
@@ -76,8 +76,8 @@ std::string check_dispatch(const DeviceOps& ops, const RandomConfig& config,
   note(compare_rows(download<int32_t>(ops, handle.expanded_rows, n * k), want.expanded_rows, n, k,
                     nullptr, "handle.expanded_rows"));
   const int64_t local = problem.local_experts();
-  note(compare_rows(download<int32_t>(ops, handle.tokens_per_expert, local),
-                    want.tokens_per_expert, local, 1, nullptr, "handle.tokens_per_expert"));
+  note(compare_rows(download<int32_t>(ops, handle.tokens_per_expert, local), want.tokens_per_expert,
+                    local, 1, nullptr, "handle.tokens_per_expert"));
   note(compare_rows(download<int32_t>(ops, handle.expert_offsets, local + 1), want.expert_offsets,
                     local + 1, 1, nullptr, "handle.expert_offsets"));
   if (handle.counts_synced) {
@@ -194,29 +194,28 @@ std::string run_scenario_steps(Buffer& buffer, const RandomConfig& config, int r
 
   // 3. Combine.
   const auto combine_inputs = draw_combine_inputs(config, inputs, want);
-  const auto want_combine = reference::combine(problem, inputs, want, config.expand,
-                                               combine_inputs, config.reduce_at_source);
+  const auto want_combine = reference::combine(problem, inputs, want, config.expand, combine_inputs,
+                                               config.reduce_at_source);
   const reference::CombineRankInputs& cin = combine_inputs[rank];
   std::mt19937_64 rng(config.seed * 31 + rank);
   const int64_t capacity = config.expand ? handle.row_capacity : handle.recv_token_capacity;
   const int64_t k = problem.num_topk;
   const int64_t hidden = problem.hidden;
   const int64_t tokens = inputs[rank].num_tokens;
-  DeviceData cx = upload_maybe_unaligned(ops, pad_rows(cin.x, hidden, capacity, rng),
-                                        DType::kBFloat16, {capacity, hidden}, device,
-                                        config.x_unaligned);
+  DeviceData cx =
+      upload_maybe_unaligned(ops, pad_rows(cin.x, hidden, capacity, rng), DType::kBFloat16,
+                             {capacity, hidden}, device, config.x_unaligned);
   CombineInputs combine_in;
   combine_in.x = cx.view;
   DeviceData cw, cs, b0, b1;
   if (config.expand && config.with_weights) {
-    cw = upload(ops, pad_rows(cin.weights, 1, capacity, rng), DType::kFloat32, {capacity},
-                device);
+    cw = upload(ops, pad_rows(cin.weights, 1, capacity, rng), DType::kFloat32, {capacity}, device);
     combine_in.weights = cw.view;
   }
   if (config.with_scalars) {
     const int64_t elems = config.expand ? 1 : k;
-    std::vector<int64_t> shape = config.expand ? std::vector<int64_t>{capacity}
-                                               : std::vector<int64_t>{capacity, k};
+    std::vector<int64_t> shape =
+        config.expand ? std::vector<int64_t>{capacity} : std::vector<int64_t>{capacity, k};
     cs = upload(ops, pad_rows(cin.scalars, elems, capacity, rng), DType::kFloat32, shape, device);
     combine_in.scalars = cs.view;
   }
@@ -236,15 +235,15 @@ std::string run_scenario_steps(Buffer& buffer, const RandomConfig& config, int r
   CombineResult combined = buffer.combine(combine_in, handle, combine_options, ops.stream);
   buffer.synchronize(ops.stream);
   if (times) times->combine_ms = elapsed_ms(start);
-  bad = compare_rows(download<uint16_t>(ops, combined.x, tokens * hidden),
-                     want_combine[rank].x, tokens, hidden, nullptr, "combine: y");
+  bad = compare_rows(download<uint16_t>(ops, combined.x, tokens * hidden), want_combine[rank].x,
+                     tokens, hidden, nullptr, "combine: y");
   if (bad.empty() && config.with_scalars) {
     // The reference leaves scalars empty when no rank holds a row (every expert masked);
     // the picked value of a masked (t, k) is 0.
     std::vector<float> want_scalars = want_combine[rank].scalars;
     want_scalars.resize(static_cast<size_t>(tokens * k), 0.0f);
-    bad = compare_rows(download<float>(ops, combined.scalars, tokens * k), want_scalars, tokens,
-                       k, nullptr, "combine: scalars");
+    bad = compare_rows(download<float>(ops, combined.scalars, tokens * k), want_scalars, tokens, k,
+                       nullptr, "combine: scalars");
   }
   if (!bad.empty()) return describe(bad);
 
@@ -266,9 +265,9 @@ std::string run_scenario_steps(Buffer& buffer, const RandomConfig& config, int r
   const auto want_backward =
       reference::combine_backward(problem, inputs, want, grad_y, expert_x, weights);
   DeviceData gy = upload_maybe_unaligned(ops, grad_y[rank], DType::kBFloat16, {tokens, hidden},
-                                        device, config.x_unaligned);
-  DeviceData bw = upload(ops, pad_rows(weights[rank], 1, capacity, rng), DType::kFloat32,
-                         {capacity}, device);
+                                         device, config.x_unaligned);
+  DeviceData bw =
+      upload(ops, pad_rows(weights[rank], 1, capacity, rng), DType::kFloat32, {capacity}, device);
   if (ops.before_operation) ops.before_operation();
   start = Clock::now();
   CombineBackwardResult backward =
@@ -277,18 +276,15 @@ std::string run_scenario_steps(Buffer& buffer, const RandomConfig& config, int r
   if (times) times->backward_ms = elapsed_ms(start);
   const int64_t rows = want[rank].num_rows;
   bad = compare_rows(download<uint16_t>(ops, backward.grad_x, rows * hidden),
-                     want_backward[rank].grad_x, rows, hidden, nullptr,
-                     "combine_backward: grad_x");
+                     want_backward[rank].grad_x, rows, hidden, nullptr, "combine_backward: grad_x");
   if (!bad.empty()) return describe(bad);
   const auto grad_w = download<float>(ops, backward.grad_weights, rows);
   for (int64_t row = 0; row < rows; ++row) {
     const double expected = want_backward[rank].grad_weights[row];
-    if (!reference::grad_weight_ok(grad_w[row], expected,
-                                   want_backward[rank].magnitude[row])) {
+    if (!reference::grad_weight_ok(grad_w[row], expected, want_backward[rank].magnitude[row])) {
       std::ostringstream message;
-      message << "combine_backward: grad_weights row " << row << " got " << grad_w[row]
-              << " want " << expected << " (tolerance 1e-5 * "
-              << want_backward[rank].magnitude[row] << ")";
+      message << "combine_backward: grad_weights row " << row << " got " << grad_w[row] << " want "
+              << expected << " (tolerance 1e-5 * " << want_backward[rank].magnitude[row] << ")";
       return describe(message.str());
     }
   }
@@ -297,8 +293,8 @@ std::string run_scenario_steps(Buffer& buffer, const RandomConfig& config, int r
 
 }  // namespace
 
-std::string run_scenario(Buffer& buffer, const RandomConfig& config, int rank,
-                         const DeviceOps& ops, PhaseTimes* times) {
+std::string run_scenario(Buffer& buffer, const RandomConfig& config, int rank, const DeviceOps& ops,
+                         PhaseTimes* times) {
   // An error raised by an operation (a timeout, say) names the configuration too, so that a
   // failing run can be replayed from its message.
   try {

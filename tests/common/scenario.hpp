@@ -6,12 +6,12 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <sstream>
 #include <string>
+#include <vector>
 
 #include "common/random_problem.hpp"
 #include "epx/buffer.hpp"
-#include <sstream>
-#include <vector>
 #include "reference/reference.hpp"
 
 namespace epx::testing {
@@ -64,8 +64,8 @@ BufferConfig buffer_config_for(const RandomConfig& config, double timeout_second
 // Runs the scenario on this rank; returns "" on success, else a message naming the operation,
 // the output, the first mismatching element (or the error an operation raised) and the
 // configuration.
-std::string run_scenario(Buffer& buffer, const RandomConfig& config, int rank,
-                         const DeviceOps& ops, PhaseTimes* times = nullptr);
+std::string run_scenario(Buffer& buffer, const RandomConfig& config, int rank, const DeviceOps& ops,
+                         PhaseTimes* times = nullptr);
 
 }  // namespace epx::testing
 

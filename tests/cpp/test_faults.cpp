@@ -99,8 +99,10 @@ std::string expect_fault(const std::function<std::string()>& run, int faulty_ran
                      result.find("rank " + std::to_string(faulty_rank)) != std::string::npos ||
                      result.find("failed earlier") != std::string::npos;
   if (!named || result.find(needle) == std::string::npos) {
-    return "the error names neither rank " + std::to_string(faulty_rank) + " nor a failed peer, "
-           "or lacks '" + needle + "': " + result;
+    return "the error names neither rank " + std::to_string(faulty_rank) +
+           " nor a failed peer, "
+           "or lacks '" +
+           needle + "': " + result;
   }
   if (seconds > kTimeout + 1.0) return "raised after " + std::to_string(seconds) + " s: " + result;
   return "";
@@ -208,12 +210,13 @@ TEST_P(Faults, SurvivorsRaiseNameTheRankLeakNothingAndRecover) {
 #endif
   Counts counts;
   const uint64_t seed0 = env_seed();
-  std::cout << "[epx-faults] " << t.name << ": base seed " << seed0
-            << " (EPX_TEST_SEED replays)" << std::endl;
+  std::cout << "[epx-faults] " << t.name << ": base seed " << seed0 << " (EPX_TEST_SEED replays)"
+            << std::endl;
   auto run = [&](const std::string& what, int faulty_rank,
                  const std::function<std::string(int rank, const std::string& name)>& fn) {
     const std::string name = unique_name("fault");
-    const auto outcomes = run_ranks(kRanks, [&](int rank) { return fn(rank, name); }, 120);
+    const auto outcomes = run_ranks(
+        kRanks, [&](int rank) { return fn(rank, name); }, 120);
     counts.add(what, outcomes, faulty_rank,
                leaked_segments(t, name) + leaked_segments(t, name + "-again"));
   };
@@ -228,23 +231,25 @@ TEST_P(Faults, SurvivorsRaiseNameTheRankLeakNothingAndRecover) {
       const DeviceOps ops = t.ops();
       const TinyDispatch tiny = tiny_dispatch(buffer, ops, rank);
       const DispatchResult first = buffer.dispatch(tiny.in);
-      const std::string fault = expect_fault([&]() -> std::string {
-        try {
-          if (rank == 1) {
-            CombineInputs in;
-            in.x = first.x.view;
-            buffer.combine(in, first.handle, {}, ops.stream);
-          } else {
-            DispatchInputs in = tiny.in;
-            in.topk_idx = TensorView();
-            buffer.dispatch(in, first.handle, ops.stream);
-          }
-          buffer.synchronize(ops.stream);
-          return "";
-        } catch (const Error& error) {
-          return std::string("threw: ") + error.what();
-        }
-      }, -1, "disagree");
+      const std::string fault = expect_fault(
+          [&]() -> std::string {
+            try {
+              if (rank == 1) {
+                CombineInputs in;
+                in.x = first.x.view;
+                buffer.combine(in, first.handle, {}, ops.stream);
+              } else {
+                DispatchInputs in = tiny.in;
+                in.topk_idx = TensorView();
+                buffer.dispatch(in, first.handle, ops.stream);
+              }
+              buffer.synchronize(ops.stream);
+              return "";
+            } catch (const Error& error) {
+              return std::string("threw: ") + error.what();
+            }
+          },
+          -1, "disagree");
       if (!fault.empty()) return fault;
       const std::string after = scenarios(buffer, seed, rank, kRanks, ops, 1);
       return after.empty() ? "" : "the buffer failed after the mismatch: " + after;
@@ -254,28 +259,32 @@ TEST_P(Faults, SurvivorsRaiseNameTheRankLeakNothingAndRecover) {
     run("mismatched configurations", -1, [&](int rank, const std::string& name) -> std::string {
       BufferConfig mine = config;
       if (rank == 1) mine.hidden *= 2;
-      return expect_fault([&]() -> std::string {
-        try {
-          Buffer buffer(t.comm(rank, kRanks, name), mine, t.allocator());
-          return "";
-        } catch (const Error& error) {
-          return std::string("threw: ") + error.what();
-        }
-      }, rank == 1 ? 0 : 1, "hidden");
+      return expect_fault(
+          [&]() -> std::string {
+            try {
+              Buffer buffer(t.comm(rank, kRanks, name), mine, t.allocator());
+              return "";
+            } catch (const Error& error) {
+              return std::string("threw: ") + error.what();
+            }
+          },
+          rank == 1 ? 0 : 1, "hidden");
     });
 
     // Rank 1 is killed at a random moment in its first milliseconds: in its buffer setup, or
     // just after.
     run("killed during setup", 1, [&](int rank, const std::string& name) -> std::string {
       if (rank == 1) kill_self_within(0.004, seed);
-      const std::string fault = expect_fault([&]() -> std::string {
-        try {
-          Buffer buffer(t.comm(rank, kRanks, name), config, t.allocator());
-          return scenarios(buffer, seed, rank, kRanks, t.ops(), 200);
-        } catch (const Error& error) {
-          return std::string("threw: ") + error.what();
-        }
-      }, 1, "rank");
+      const std::string fault = expect_fault(
+          [&]() -> std::string {
+            try {
+              Buffer buffer(t.comm(rank, kRanks, name), config, t.allocator());
+              return scenarios(buffer, seed, rank, kRanks, t.ops(), 200);
+            } catch (const Error& error) {
+              return std::string("threw: ") + error.what();
+            }
+          },
+          1, "rank");
       return fault.empty() && rank != 1 ? survivors_recover(t, rank, name, 1, seed) : fault;
     });
 
@@ -303,8 +312,8 @@ TEST_P(Faults, SurvivorsRaiseNameTheRankLeakNothingAndRecover) {
         const std::string warm = scenarios(buffer, seed, rank, kRanks, ops, 1);
         if (!warm.empty()) return "before the fault: " + warm;
         if (rank == 1) throw std::runtime_error("the caller's own error");
-        fault = expect_fault([&] { return scenarios(buffer, seed, rank, kRanks, ops, 1); }, 1,
-                             "rank");
+        fault =
+            expect_fault([&] { return scenarios(buffer, seed, rank, kRanks, ops, 1); }, 1, "rank");
       }
       return fault.empty() ? survivors_recover(t, rank, name, 1, seed) : fault;
     });
@@ -366,26 +375,32 @@ std::string expect_timeout(const std::function<void()>& fn, const std::string& p
 TEST(HostTimeout, RankNeverStarted) {
   const std::string name = unique_name("ht");
   // Three ranks, rank 2 is never started.
-  const auto outcomes = run_ranks(3, [&](int rank) {
-    return expect_timeout([&] { Buffer buffer(Comm::host(rank, 3, name), small_config(1.0)); },
-                          "buffer-setup", "2", 10.0);
-  }, 60, {0, 1});
+  const auto outcomes = run_ranks(
+      3,
+      [&](int rank) {
+        return expect_timeout([&] { Buffer buffer(Comm::host(rank, 3, name), small_config(1.0)); },
+                              "buffer-setup", "2", 10.0);
+      },
+      60, {0, 1});
   EXPECT_TRUE(outcomes[0].finished && outcomes[0].exit_code == 0) << outcomes[0].message;
   EXPECT_TRUE(outcomes[1].finished && outcomes[1].exit_code == 0) << outcomes[1].message;
 }
 
 TEST(HostTimeout, RankDiesBeforeDispatch) {
   const std::string name = unique_name("ht");
-  const auto outcomes = run_ranks(2, [&](int rank) -> std::string {
-    Buffer buffer(Comm::host(rank, 2, name), small_config(1.0));
-    if (rank == 1) _exit(0);  // gone without a word, as a crashed process would be
-    std::vector<uint16_t> x(3 * 16, 0x3f80);
-    std::vector<int32_t> topk = {0, 5, 1, -1, 3, 4};
-    DispatchInputs in;
-    in.x = TensorView(x.data(), DType::kBFloat16, {3, 16}, Device::cpu());
-    in.topk_idx = TensorView(topk.data(), DType::kInt32, {3, 2}, Device::cpu());
-    return expect_timeout([&] { buffer.dispatch(in); }, "dispatch/entry", "1", 10.0);
-  }, 60);
+  const auto outcomes = run_ranks(
+      2,
+      [&](int rank) -> std::string {
+        Buffer buffer(Comm::host(rank, 2, name), small_config(1.0));
+        if (rank == 1) _exit(0);  // gone without a word, as a crashed process would be
+        std::vector<uint16_t> x(3 * 16, 0x3f80);
+        std::vector<int32_t> topk = {0, 5, 1, -1, 3, 4};
+        DispatchInputs in;
+        in.x = TensorView(x.data(), DType::kBFloat16, {3, 16}, Device::cpu());
+        in.topk_idx = TensorView(topk.data(), DType::kInt32, {3, 2}, Device::cpu());
+        return expect_timeout([&] { buffer.dispatch(in); }, "dispatch/entry", "1", 10.0);
+      },
+      60);
   EXPECT_TRUE(outcomes[0].finished && outcomes[0].exit_code == 0) << outcomes[0].message;
 }
 

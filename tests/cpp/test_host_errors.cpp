@@ -1,14 +1,15 @@
 // Every bad input listed under "Errors" in docs/semantics.md gets a clear epx::Error with the
-// right code, on the host transport, and leaves the buffer usable: after each rejected call a full valid scenario
-// still matches the reference bit for bit (nothing corrupted, nothing left half-done).
+// right code, on the host transport, and leaves the buffer usable: after each rejected call a full
+// valid scenario still matches the reference bit for bit (nothing corrupted, nothing left
+// half-done).
 #include <gtest/gtest.h>
 
 #include <chrono>
 #include <cstring>
 #include <functional>
 
-#include "common/scenario.hpp"
 #include "common/multi_process.hpp"
+#include "common/scenario.hpp"
 #include "epx/error.hpp"
 
 namespace epx::testing {
@@ -49,7 +50,8 @@ Inputs make_inputs(const BufferConfig& c, int rank) {
   in.x.assign(static_cast<size_t>(in.tokens * c.hidden), 0x3f80);  // 1.0
   for (size_t i = 0; i < in.x.size(); ++i) in.x[i] = static_cast<uint16_t>(0x3f80 + (i % 97));
   for (int64_t t = 0; t < in.tokens; ++t) {
-    for (int64_t k = 0; k < c.num_topk; ++k) in.topk.push_back((t * 3 + k * 5 + rank) % c.num_experts);
+    for (int64_t k = 0; k < c.num_topk; ++k)
+      in.topk.push_back((t * 3 + k * 5 + rank) % c.num_experts);
   }
   in.weights.assign(in.topk.size(), 0.5f);
   return in;
@@ -61,22 +63,25 @@ void expect_error_then_recovery(ErrorCode code, const std::string& needle,
                                 const std::function<void(Buffer&, int rank)>& bad) {
   const RandomConfig config = base_config();
   const std::string name = unique_name("he");
-  const auto outcomes = run_ranks(kRanks, [&](int rank) -> std::string {
-    Buffer buffer(Comm::host(rank, kRanks, name), buffer_config_for(config, 20),
-                  poisoned_host_allocator());
-    try {
-      bad(buffer, rank);
-      return "no error was raised";
-    } catch (const Error& error) {
-      if (error.code() != code) {
-        return std::string("wrong code ") + to_string(error.code()) + ": " + error.what();
-      }
-      if (std::string(error.what()).find(needle) == std::string::npos) {
-        return std::string("message lacks '") + needle + "': " + error.what();
-      }
-    }
-    return run_scenario(buffer, config, rank, host_device_ops());
-  }, 60);
+  const auto outcomes = run_ranks(
+      kRanks,
+      [&](int rank) -> std::string {
+        Buffer buffer(Comm::host(rank, kRanks, name), buffer_config_for(config, 20),
+                      poisoned_host_allocator());
+        try {
+          bad(buffer, rank);
+          return "no error was raised";
+        } catch (const Error& error) {
+          if (error.code() != code) {
+            return std::string("wrong code ") + to_string(error.code()) + ": " + error.what();
+          }
+          if (std::string(error.what()).find(needle) == std::string::npos) {
+            return std::string("message lacks '") + needle + "': " + error.what();
+          }
+        }
+        return run_scenario(buffer, config, rank, host_device_ops());
+      },
+      60);
   EXPECT_EQ(failures(outcomes), "");
 }
 
@@ -99,19 +104,17 @@ TEST(HostErrors, WrongHidden) {
 }
 
 TEST(HostErrors, TooManyTokens) {
-  expect_error_then_recovery(ErrorCode::kInvalidArgument, "max_tokens_per_rank",
-                             [](Buffer& b, int) {
-                               const BufferConfig& c = b.config();
-                               const int64_t tokens = c.max_tokens_per_rank + 1;
-                               std::vector<uint16_t> x(tokens * c.hidden, 0x3f80);
-                               std::vector<int32_t> topk(tokens * c.num_topk, 0);
-                               DispatchInputs in;
-                               in.x = TensorView(x.data(), DType::kBFloat16, {tokens, c.hidden},
-                                                 Device::cpu());
-                               in.topk_idx = TensorView(topk.data(), DType::kInt32,
-                                                        {tokens, c.num_topk}, Device::cpu());
-                               b.dispatch(in);
-                             });
+  expect_error_then_recovery(
+      ErrorCode::kInvalidArgument, "max_tokens_per_rank", [](Buffer& b, int) {
+        const BufferConfig& c = b.config();
+        const int64_t tokens = c.max_tokens_per_rank + 1;
+        std::vector<uint16_t> x(tokens * c.hidden, 0x3f80);
+        std::vector<int32_t> topk(tokens * c.num_topk, 0);
+        DispatchInputs in;
+        in.x = TensorView(x.data(), DType::kBFloat16, {tokens, c.hidden}, Device::cpu());
+        in.topk_idx = TensorView(topk.data(), DType::kInt32, {tokens, c.num_topk}, Device::cpu());
+        b.dispatch(in);
+      });
 }
 
 TEST(HostErrors, WrongTopk) {
@@ -168,27 +171,31 @@ TEST(HostErrors, ExpertBelowMinusOne) {
 TEST(HostErrors, BadInputOnOneRankAbortsThePeers) {
   const RandomConfig config = base_config();
   const std::string name = unique_name("he");
-  const auto outcomes = run_ranks(kRanks, [&](int rank) -> std::string {
-    Buffer buffer(Comm::host(rank, kRanks, name), buffer_config_for(config, 20),
-                  poisoned_host_allocator());
-    Inputs in = make_inputs(buffer.config(), rank);
-    DispatchInputs view = in.view(buffer.config());
-    if (rank == 0) view.x.dtype = DType::kFloat32;
-    const auto start = std::chrono::steady_clock::now();
-    try {
-      buffer.dispatch(view);
-      return "no error was raised";
-    } catch (const Error& error) {
-      const std::string what = error.what();
-      const double seconds =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      if (error.code() != ErrorCode::kInvalidArgument) return "wrong code: " + what;
-      const std::string needle = rank == 0 ? "x must be" : "rank 0 rejected its input";
-      if (what.find(needle) == std::string::npos) return "message lacks '" + needle + "': " + what;
-      if (seconds > 5) return "took " + std::to_string(seconds) + " s";
-    }
-    return run_scenario(buffer, config, rank, host_device_ops());
-  }, 60);
+  const auto outcomes = run_ranks(
+      kRanks,
+      [&](int rank) -> std::string {
+        Buffer buffer(Comm::host(rank, kRanks, name), buffer_config_for(config, 20),
+                      poisoned_host_allocator());
+        Inputs in = make_inputs(buffer.config(), rank);
+        DispatchInputs view = in.view(buffer.config());
+        if (rank == 0) view.x.dtype = DType::kFloat32;
+        const auto start = std::chrono::steady_clock::now();
+        try {
+          buffer.dispatch(view);
+          return "no error was raised";
+        } catch (const Error& error) {
+          const std::string what = error.what();
+          const double seconds =
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+          if (error.code() != ErrorCode::kInvalidArgument) return "wrong code: " + what;
+          const std::string needle = rank == 0 ? "x must be" : "rank 0 rejected its input";
+          if (what.find(needle) == std::string::npos)
+            return "message lacks '" + needle + "': " + what;
+          if (seconds > 5) return "took " + std::to_string(seconds) + " s";
+        }
+        return run_scenario(buffer, config, rank, host_device_ops());
+      },
+      60);
   EXPECT_EQ(failures(outcomes), "");
 }
 
@@ -211,17 +218,17 @@ DispatchResult valid_dispatch(Buffer& b, int rank, bool expand, Inputs& keep) {
 }
 
 TEST(HostErrors, WeightsWithCompactCombine) {
-  expect_error_then_recovery(ErrorCode::kInvalidArgument, "compact handle",
-                             [](Buffer& b, int rank) {
-                               Inputs keep;
-                               DispatchResult d = valid_dispatch(b, rank, false, keep);
-                               std::vector<float> w(d.handle.num_recv_tokens, 1.0f);
-                               CombineInputs in;
-                               in.x = d.x.view;
-                               in.weights = TensorView(w.data(), DType::kFloat32,
-                                                       {d.handle.num_recv_tokens}, Device::cpu());
-                               b.combine(in, d.handle);
-                             });
+  expect_error_then_recovery(
+      ErrorCode::kInvalidArgument, "compact handle", [](Buffer& b, int rank) {
+        Inputs keep;
+        DispatchResult d = valid_dispatch(b, rank, false, keep);
+        std::vector<float> w(d.handle.num_recv_tokens, 1.0f);
+        CombineInputs in;
+        in.x = d.x.view;
+        in.weights =
+            TensorView(w.data(), DType::kFloat32, {d.handle.num_recv_tokens}, Device::cpu());
+        b.combine(in, d.handle);
+      });
 }
 
 TEST(HostErrors, RowCountDisagreesWithHandle) {
@@ -248,22 +255,20 @@ TEST(HostErrors, HandleFromAnotherBuffer) {
 }
 
 TEST(HostErrors, CompactHandleToCombineBackward) {
-  expect_error_then_recovery(ErrorCode::kHandleMismatch, "expanded handle",
-                             [](Buffer& b, int rank) {
-                               Inputs keep;
-                               DispatchResult d = valid_dispatch(b, rank, false, keep);
-                               b.combine_backward(keep.view(b.config()).x, d.handle, d.x.view,
-                                                  TensorView());
-                             });
+  expect_error_then_recovery(
+      ErrorCode::kHandleMismatch, "expanded handle", [](Buffer& b, int rank) {
+        Inputs keep;
+        DispatchResult d = valid_dispatch(b, rank, false, keep);
+        b.combine_backward(keep.view(b.config()).x, d.handle, d.x.view, TensorView());
+      });
 }
 
 TEST(HostErrors, TopkGivenToCachedDispatch) {
-  expect_error_then_recovery(ErrorCode::kInvalidArgument, "omit topk_idx",
-                             [](Buffer& b, int rank) {
-                               Inputs keep;
-                               DispatchResult d = valid_dispatch(b, rank, true, keep);
-                               b.dispatch(keep.view(b.config()), d.handle);
-                             });
+  expect_error_then_recovery(ErrorCode::kInvalidArgument, "omit topk_idx", [](Buffer& b, int rank) {
+    Inputs keep;
+    DispatchResult d = valid_dispatch(b, rank, true, keep);
+    b.dispatch(keep.view(b.config()), d.handle);
+  });
 }
 
 TEST(HostErrors, BadConfig) {

@@ -19,7 +19,9 @@
 namespace epx::testing {
 namespace {
 
-uint64_t base_seed() { return ::epx::testing::base_seed("epx-host-low-latency"); }
+uint64_t base_seed() {
+  return ::epx::testing::base_seed("epx-host-low-latency");
+}
 
 // Runs `fn` on `num_ranks` rank processes sharing one host-transport buffer built for `c`.
 std::string on_ranks(int num_ranks, const LowLatencyCase& c, double timeout_seconds,

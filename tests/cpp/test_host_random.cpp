@@ -8,8 +8,8 @@
 #include <iostream>
 #include <random>
 
-#include "common/scenario.hpp"
 #include "common/multi_process.hpp"
+#include "common/scenario.hpp"
 
 namespace epx::testing {
 namespace {
@@ -18,8 +18,8 @@ uint64_t base_seed() {
   static const uint64_t seed = [] {
     const char* env = std::getenv("EPX_TEST_SEED");
     const uint64_t value = env ? std::strtoull(env, nullptr, 10) : std::random_device{}();
-    std::cout << "[epx] host random tests: base seed " << value
-              << " (EPX_TEST_SEED=" << value << " replays this run)" << std::endl;
+    std::cout << "[epx] host random tests: base seed " << value << " (EPX_TEST_SEED=" << value
+              << " replays this run)" << std::endl;
     return value;
   }();
   return seed;
@@ -27,11 +27,16 @@ uint64_t base_seed() {
 
 int configs_for(int num_ranks) {
   switch (num_ranks) {
-    case 1: return 40;
-    case 2: return 80;
-    case 3: return 50;
-    case 4: return 50;
-    default: return 30;
+    case 1:
+      return 40;
+    case 2:
+      return 80;
+    case 3:
+      return 50;
+    case 4:
+      return 50;
+    default:
+      return 30;
   }
 }
 
@@ -86,9 +91,8 @@ TEST(HostProduction, MatchesReferenceBitForBit) {
 TEST(HostWorstCase, DuplicateExpertsFillTheUnsyncedExpandedCapacity) {
   for (int num_ranks : {1, 2, 3}) {
     for (int32_t alignment : {1, 128}) {
-      const RandomConfig config =
-          saturated_config(base_seed() + uint64_t(num_ranks * 131 + alignment), num_ranks,
-                           alignment);
+      const RandomConfig config = saturated_config(
+          base_seed() + uint64_t(num_ranks * 131 + alignment), num_ranks, alignment);
       const std::string name = unique_name("hw");
       const auto outcomes = run_ranks(num_ranks, [&](int rank) {
         Buffer buffer(Comm::host(rank, num_ranks, name), buffer_config_for(config),

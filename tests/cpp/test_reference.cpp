@@ -533,8 +533,7 @@ TEST(ReferenceLowLatency, CanonicalRowsCombineAndBackward) {
 
 TEST(ReferenceLowLatency, AnExpertPastItsRegionIsInvalid) {
   const Problem p = make_problem(1, 1, 1, 1, 2);  // one expert, R * S_ll = 1 row
-  EXPECT_THROW(low_latency_dispatch(p, {make_rank(p, 0, {{0, 0}}, false)}),
-               std::invalid_argument);
+  EXPECT_THROW(low_latency_dispatch(p, {make_rank(p, 0, {{0, 0}}, false)}), std::invalid_argument);
   EXPECT_NO_THROW(low_latency_dispatch(p, {make_rank(p, 0, {{0, -1}}, false)}));
 }
 

@@ -3,29 +3,29 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
 #include <vector>
 
+#include "core/output_batch.hpp"
+#include "core/thread_group.hpp"
+#include "epx/comm.hpp"
+#include "epx/error.hpp"
 #include "plan/routing.hpp"
 #include "plan/source_plan.hpp"
 #include "plan/workspace_layout.hpp"
-#include <cstdint>
-#include <memory>
-#include "core/output_batch.hpp"
-#include "epx/error.hpp"
-#include <chrono>
-#include <functional>
-#include <string>
-#include <thread>
-#include "core/thread_group.hpp"
-#include "epx/comm.hpp"
 
 namespace epx::plan {
 namespace {
 
 // 3 tokens, K=2, E=4 over R=2 ranks (E_l=2): experts 0,1 on rank 0; 2,3 on rank 1.
 TEST(Plan, SourceSlotsAndCounts) {
-  const std::vector<int32_t> topk = {1, 3,    // token 0 -> ranks 0, 1
-                                     2, 2,    // token 1 -> rank 1 (expert 2 twice)
+  const std::vector<int32_t> topk = {1,  3,   // token 0 -> ranks 0, 1
+                                     2,  2,   // token 1 -> rank 1 (expert 2 twice)
                                      -1, 0};  // token 2 -> rank 0
   const SourcePlan p = plan_source(topk.data(), nullptr, 3, 2, 4, 2);
   ASSERT_EQ(p.status, kRoutingOk);
@@ -67,9 +67,9 @@ TEST(Plan, WorkspaceRegionsAreOrderedAndAligned) {
   layout.hidden = 256;
   layout.fp8 = true;
   const std::vector<int64_t> offsets = {
-      layout.flags_offset(),       layout.headers_offset(),    layout.expert_counts_offset(),
-      layout.slot_meta_offset(),   layout.scalars_offset(),    layout.row_weights_offset(),
-      layout.row_scales_offset(),  layout.rows_offset(),       layout.total_bytes()};
+      layout.flags_offset(),      layout.headers_offset(), layout.expert_counts_offset(),
+      layout.slot_meta_offset(),  layout.scalars_offset(), layout.row_weights_offset(),
+      layout.row_scales_offset(), layout.rows_offset(),    layout.total_bytes()};
   for (size_t i = 0; i < offsets.size(); ++i) {
     EXPECT_EQ(offsets[i] % WorkspaceLayout::kRegionAlignment, 0) << i;
     if (i) EXPECT_GT(offsets[i], offsets[i - 1]) << i;
@@ -130,17 +130,19 @@ class RecordingAllocator final : public Allocator {
   std::shared_ptr<Allocator> inner_ = default_allocator();
 };
 
-uintptr_t address(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.view.data); }
+uintptr_t address(const Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.view.data);
+}
 
 TEST(OutputBatch, OneCallPackedBlockFirstThenTheOthersInOrder) {
   RecordingAllocator allocator;
   detail::OutputBatch batch;
   Tensor a, b, c, x, y;
-  batch.pack(&a, DType::kInt32, {3, 5});   // 60 bytes
+  batch.pack(&a, DType::kInt32, {3, 5});  // 60 bytes
   batch.add(&x, DType::kBFloat16, {7, 9});
-  batch.pack(&b, DType::kInt64, {2});      // 16 bytes
+  batch.pack(&b, DType::kInt64, {2});  // 16 bytes
   batch.add(&y, DType::kFloat32, {4});
-  batch.pack(&c, DType::kInt32, {0});      // empty, still inside the block
+  batch.pack(&c, DType::kInt32, {0});  // empty, still inside the block
   batch.allocate(allocator, Device::cpu(), nullptr);
 
   ASSERT_EQ(allocator.batches.size(), 1u);

@@ -74,9 +74,9 @@ std::string check_one(uint64_t seed) {
   }
   if (bad) topk64[rng() % topk64.size()] = rng() % 2 ? experts + int64_t(rng() % 5) : -7;
   std::vector<int32_t> topk32(topk64.begin(), topk64.end());
-  const plan::SourcePlan want = plan::plan_source(int64 ? nullptr : topk32.data(),
-                                                  int64 ? topk64.data() : nullptr, tokens,
-                                                  topk, experts, ranks);
+  const plan::SourcePlan want =
+      plan::plan_source(int64 ? nullptr : topk32.data(), int64 ? topk64.data() : nullptr, tokens,
+                        topk, experts, ranks);
 
   const void* idx = int64 ? static_cast<const void*>(to_device(topk64))
                           : static_cast<const void*>(to_device(topk32));
@@ -93,8 +93,8 @@ std::string check_one(uint64_t seed) {
   p.rank_counts = to_device(std::vector<int32_t>(ranks, -5));
   p.expert_counts = to_device(std::vector<int32_t>(experts, -5));
   p.plan_status = to_device(std::vector<int64_t>(2, -5));
-  p.tile_counts = to_device(std::vector<int32_t>(
-      int64_t(cuda::plan_tiles(tokens, topk)) * (experts + ranks), -5));
+  p.tile_counts = to_device(
+      std::vector<int32_t>(int64_t(cuda::plan_tiles(tokens, topk)) * (experts + ranks), -5));
   p.first_bad = to_device(std::vector<unsigned long long>(1, ~0ull));
   // Twice on the same scratch: the plan must leave it ready for the next one.
   std::string failure;
@@ -107,30 +107,25 @@ std::string check_one(uint64_t seed) {
     if (!failure.empty() || want.status != plan::kRoutingOk) continue;
     for (const std::string& f :
          {first_difference("send_slot", to_host(p.send_slot, tokens * ranks), want.send_slot),
-          first_difference("expert_slot", to_host(p.expert_slot, tokens * topk),
-                           want.expert_slot),
+          first_difference("expert_slot", to_host(p.expert_slot, tokens * topk), want.expert_slot),
           first_difference("rank_counts", to_host(p.rank_counts, ranks), want.rank_counts),
-          first_difference("expert_counts", to_host(p.expert_counts, experts),
-                           want.expert_counts),
+          first_difference("expert_counts", to_host(p.expert_counts, experts), want.expert_counts),
           first_difference("topk32", to_host(p.topk32, tokens * topk), topk32)}) {
       if (failure.empty()) failure = f;
     }
   }
-  for (const void* ptr : {idx, static_cast<const void*>(p.send_slot),
-                          static_cast<const void*>(p.expert_slot),
-                          static_cast<const void*>(p.topk32),
-                          static_cast<const void*>(p.rank_counts),
-                          static_cast<const void*>(p.expert_counts),
-                          static_cast<const void*>(p.plan_status),
-                          static_cast<const void*>(p.tile_counts),
-                          static_cast<const void*>(p.first_bad)}) {
+  for (const void* ptr :
+       {idx, static_cast<const void*>(p.send_slot), static_cast<const void*>(p.expert_slot),
+        static_cast<const void*>(p.topk32), static_cast<const void*>(p.rank_counts),
+        static_cast<const void*>(p.expert_counts), static_cast<const void*>(p.plan_status),
+        static_cast<const void*>(p.tile_counts), static_cast<const void*>(p.first_bad)}) {
     cudaFree(const_cast<void*>(ptr));
   }
   if (failure.empty()) return "";
   std::ostringstream out;
-  out << "seed " << seed << " (S=" << tokens << " K=" << topk << " R=" << ranks
-      << " E=" << experts << (int64 ? " int64" : " int32") << " masked " << masked_percent
-      << "%" << (bad ? " with a bad index" : "") << "): " << failure;
+  out << "seed " << seed << " (S=" << tokens << " K=" << topk << " R=" << ranks << " E=" << experts
+      << (int64 ? " int64" : " int32") << " masked " << masked_percent << "%"
+      << (bad ? " with a bad index" : "") << "): " << failure;
   return out.str();
 }
 
@@ -138,14 +133,17 @@ TEST(GpuPlan, MatchesHostPlan) {
   EPX_REQUIRE_GPUS(1);
   const uint64_t base = base_seed("epx-gpu-plan");
   const int count = 300;
-  const auto outcomes = run_ranks(1, [&](int) -> std::string {
-    check_cuda(cudaSetDevice(0), "cudaSetDevice");
-    for (int i = 0; i < count; ++i) {
-      const std::string failure = check_one(base * 7919 + i);
-      if (!failure.empty()) return failure;
-    }
-    return "";
-  }, 300);
+  const auto outcomes = run_ranks(
+      1,
+      [&](int) -> std::string {
+        check_cuda(cudaSetDevice(0), "cudaSetDevice");
+        for (int i = 0; i < count; ++i) {
+          const std::string failure = check_one(base * 7919 + i);
+          if (!failure.empty()) return failure;
+        }
+        return "";
+      },
+      300);
   ASSERT_EQ(failures(outcomes), "");
   std::cout << "[epx-gpu-plan] " << count << " routings: device plan == host plan" << std::endl;
 }

@@ -25,19 +25,20 @@
 #include <thread>
 
 #include "common/cuda_device_ops.hpp"
+#include "common/multi_process.hpp"
 #include "common/random_problem.hpp"
 #include "common/scenario.hpp"
-#include "common/multi_process.hpp"
 #include "epx/error.hpp"
 #include "reference/reference.hpp"
 
 namespace epx::testing {
 namespace {
 
-uint64_t base_seed() { return ::epx::testing::base_seed("epx-gpu-threads"); }
+uint64_t base_seed() {
+  return ::epx::testing::base_seed("epx-gpu-threads");
+}
 
 #define REQUIRE_GPUS(n) EPX_REQUIRE_GPUS(n)
-
 
 // The buffer for a thread rank: ranks that share a device spin in kernels that wait for each
 // other, so all their blocks must be resident at once (at most one 512-thread block per SM is
@@ -266,8 +267,8 @@ TEST(ThreadsTimeout, MissingPeerTimesOut) {
         Buffer buffer(r.comm, thread_buffer_config(config, r, 2.0));
         if (r.rank == 1) return "";  // alive (it joins the buffer's teardown) but never dispatches
         TinyInputs in = tiny_inputs(buffer, r.rank, 0, r.device, r.stream);
-        return dispatch_expecting_missing_peer(buffer, in.view, r.stream, "epx-gpu-threads",
-                                               r.rank, 1);
+        return dispatch_expecting_missing_peer(buffer, in.view, r.stream, "epx-gpu-threads", r.rank,
+                                               1);
       },
       120);
   EXPECT_EQ(failed, "");

@@ -2,8 +2,8 @@
 // but by the hardware's round-to-nearest-even conversion: one cvt.rn.bf16x2.f32 rounds and packs
 // a pair, where the integer form takes about six instructions per value, and the reductions'
 // stores of their sums are among the instructions those kernels are bound by
-// (docs/performance.md). The conversion returns its canonical NaN for any NaN, so a chunk holding a NaN
-// takes the integer form (which keeps the payload's top bits); tests/gpu/test_gpu_numerics.cu
+// (docs/performance.md). The conversion returns its canonical NaN for any NaN, so a chunk holding a
+// NaN takes the integer form (which keeps the payload's top bits); tests/gpu/test_gpu_numerics.cu
 // compares the two over every fp32 value.
 #pragma once
 

@@ -16,7 +16,9 @@ namespace epx::cuda {
 
 // Device side: every kernel launched through launch_chained starts with these two. A kernel
 // launched without the attribute passes both at once.
-__device__ __forceinline__ void chain_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void chain_wait() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+}
 // Lets the next chained kernel be scheduled now (it still waits for this one to finish).
 __device__ __forceinline__ void chain_release() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");

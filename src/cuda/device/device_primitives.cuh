@@ -13,14 +13,22 @@ namespace epx::cuda {
 constexpr int kWarpSize = 32;
 constexpr int kBlockThreads = 512;  // the warp-per-row kernels' block size
 
-__device__ __forceinline__ int lane_id() { return threadIdx.x % kWarpSize; }
-__device__ __forceinline__ int warp_in_block() { return threadIdx.x / kWarpSize; }
-__device__ __forceinline__ int warps_per_block() { return blockDim.x / kWarpSize; }
+__device__ __forceinline__ int lane_id() {
+  return threadIdx.x % kWarpSize;
+}
+__device__ __forceinline__ int warp_in_block() {
+  return threadIdx.x / kWarpSize;
+}
+__device__ __forceinline__ int warps_per_block() {
+  return blockDim.x / kWarpSize;
+}
 // Warps of the whole grid, for grid-stride loops with one warp per token or row.
 __device__ __forceinline__ int global_warp() {
   return blockIdx.x * warps_per_block() + warp_in_block();
 }
-__device__ __forceinline__ int total_warps() { return gridDim.x * warps_per_block(); }
+__device__ __forceinline__ int total_warps() {
+  return gridDim.x * warps_per_block();
+}
 
 __device__ __forceinline__ uint64_t global_timer_ns() {
   uint64_t t;

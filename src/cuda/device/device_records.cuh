@@ -12,8 +12,8 @@
 namespace epx::cuda {
 
 __device__ __forceinline__ void record_error(const Topology& topo, int32_t code, int32_t phase,
-                                             int32_t peer, int32_t value = 0,
-                                             uint64_t expected = 0, uint64_t seen = 0) {
+                                             int32_t peer, int32_t value = 0, uint64_t expected = 0,
+                                             uint64_t seen = 0) {
   if (atomicCAS(topo.failed, 0, 1) != 0) return;
   volatile DeviceStatus* status = topo.status;
   status->phase = phase;

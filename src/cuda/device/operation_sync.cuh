@@ -19,8 +19,8 @@
 // entry barrier only, which is what an aborting peer does (abort_kernel), so epochs stay paired.
 #pragma once
 
-#include "cuda/device/device_records.cuh"
 #include "cuda/device/device_primitives.cuh"
+#include "cuda/device/device_records.cuh"
 #include "cuda/kernels/kernels.hpp"
 
 namespace epx::cuda {
@@ -32,8 +32,8 @@ namespace epx::cuda {
 // error on this rank, as it is on the peer, which sees this rank's. The record is read with
 // loads issued together after the flag's acquire (one round trip, as the abort mark alone
 // took). False: this thread recorded a failure (other threads return true).
-__device__ __forceinline__ bool wait_for_peers(const Topology& topo, uint64_t epoch,
-                                               int32_t phase, bool entry) {
+__device__ __forceinline__ bool wait_for_peers(const Topology& topo, uint64_t epoch, int32_t phase,
+                                               bool entry) {
   const plan::WorkspaceLayout& layout = topo.layout;
   const int peer = threadIdx.x;
   if (peer >= layout.num_ranks) return true;
@@ -87,7 +87,9 @@ __device__ __forceinline__ bool wait_for_peers(const Topology& topo, uint64_t ep
 // Failures recorded by other blocks need not stop this one: its own waits saw every peer
 // arrive (and none abort), so its stores are expected (and re-reading the failure flag would
 // add a memory round trip to every kernel's start, docs/performance.md).
-__device__ __forceinline__ bool block_all(bool ok) { return __syncthreads_and(ok) != 0; }
+__device__ __forceinline__ bool block_all(bool ok) {
+  return __syncthreads_and(ok) != 0;
+}
 
 // Threads [0, R) publish `epoch` into every peer's flag slot of this rank: a release at system
 // scope (publish_max_system), so every earlier store of this thread, of its block (ordered by

@@ -2,10 +2,10 @@
 // cuda/device/row_sums.cuh (the numerics of plan/numerics.hpp).
 #include "cuda/device/chained_launch.hpp"
 #include "cuda/device/device_primitives.cuh"
-#include "cuda/kernels/kernels.hpp"
 #include "cuda/device/operation_sync.cuh"
 #include "cuda/device/padding.cuh"
 #include "cuda/device/row_sums.cuh"
+#include "cuda/kernels/kernels.hpp"
 #include "plan/routing.hpp"
 
 namespace epx::cuda {
@@ -109,8 +109,8 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
     const int64_t t = item / parts.count, part = item % parts.count;
     const int64_t end = min(hidden, (part + 1) * parts.bytes / 2);
     auto term = [&](int i, float& w) -> const uint16_t* {
-      const bool present = p.at_source ? p.topk32[t * num_topk + i] >= 0
-                                       : p.send_slot[t * num_ranks + i] >= 0;
+      const bool present =
+          p.at_source ? p.topk32[t * num_topk + i] >= 0 : p.send_slot[t * num_ranks + i] >= 0;
       if (!present) return nullptr;
       w = p.at_source && p.weighted ? layout.row_weights(local)[t * num_topk + i] : 1.0f;
       if (p.own_x) {  // this rank's own expert outputs are read where they are
@@ -157,11 +157,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardParams p) {
   for (int64_t n = global_warp(); n < num_recv; n += total_warps()) {
     const int s = plan::source_of_received(p.recv_offsets, num_ranks, n);
     const int64_t slot = n - p.recv_offsets[s];
-    const auto* grad =
-        p.own_grad_y && s == p.topo.rank
-            ? p.own_grad_y + int64_t(p.src_token[n] - s * layout.max_tokens) * hidden
-            : reinterpret_cast<const uint16_t*>(
-                  layout.row(local, layout.dispatch_row_index(s, slot)));
+    const auto* grad = p.own_grad_y && s == p.topo.rank
+                           ? p.own_grad_y + int64_t(p.src_token[n] - s * layout.max_tokens) * hidden
+                           : reinterpret_cast<const uint16_t*>(
+                                 layout.row(local, layout.dispatch_row_index(s, slot)));
     const int32_t* rows = p.expanded_rows + n * num_topk;
     // One (token, k) at a time keeps registers bounded for any K; grad_y stays in L1/L2.
     for (int k = 0; k < num_topk; ++k) {
@@ -175,9 +174,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardParams p) {
           prefetch_l2(next + b);
         }
       }
-      const float dot = scale_and_dot_row<Vec>(grad, p.x + int64_t(row) * hidden,
-                                               p.weights[row], p.grad_x + int64_t(row) * hidden,
-                                               hidden, lane);
+      const float dot = scale_and_dot_row<Vec>(grad, p.x + int64_t(row) * hidden, p.weights[row],
+                                               p.grad_x + int64_t(row) * hidden, hidden, lane);
       if (lane == 0) p.grad_weights[row] = dot;
     }
   }
@@ -248,8 +246,7 @@ void launch_combine_send(const CombineSendParams& params, cudaStream_t stream) {
 
 void launch_combine_reduce(const CombineReduceParams& params, cudaStream_t stream) {
   const plan::WorkspaceLayout& layout = params.topo.layout;
-  const int vec =
-      vector_width(layout.hidden, {params.bias0, params.bias1, params.y, params.own_x});
+  const int vec = vector_width(layout.hidden, {params.bias0, params.bias1, params.y, params.own_x});
   const RowTerms terms = params.at_source ? RowTerms::kTopkAtSource : RowTerms::kRanks;
   const bool wide = wide_sums(vec, terms, layout.num_topk, layout.num_ranks);
   const ReduceVariant& variant = pick_variant(

@@ -4,8 +4,8 @@
 #include <nccl.h>
 #include <nccl_device.h>
 
-#include "cuda/device/device_records.cuh"
 #include "cuda/device/device_primitives.cuh"
+#include "cuda/device/device_records.cuh"
 #include "cuda/device/operation_sync.cuh"
 #include "cuda/kernels/kernels.hpp"
 #include "plan/routing.hpp"
@@ -14,8 +14,8 @@ namespace epx::cuda {
 
 const char* phase_name(int32_t phase) {
   static const char* const names[kPhaseLowLatency] = {
-      "dispatch/entry", "dispatch/exit",  "cached-dispatch/entry", "cached-dispatch/exit",
-      "combine/entry",  "combine/exit",   "combine-backward/entry", "combine-backward/exit"};
+      "dispatch/entry", "dispatch/exit", "cached-dispatch/entry",  "cached-dispatch/exit",
+      "combine/entry",  "combine/exit",  "combine-backward/entry", "combine-backward/exit"};
   if (phase >= kPhaseLowLatency) return plan::low_latency_phase_name(phase - kPhaseLowLatency);
   return phase >= 0 ? names[phase] : "unknown";
 }
@@ -65,8 +65,8 @@ void load_kernels() {
   load_dispatch_kernels();
   load_combine_kernels();
   load_low_latency_kernels();
-  load_functions({reinterpret_cast<const void*>(abort_kernel),
-                  reinterpret_cast<const void*>(poison_kernel)});
+  load_functions(
+      {reinterpret_cast<const void*>(abort_kernel), reinterpret_cast<const void*>(poison_kernel)});
   cudaGetLastError();  // a kernel that fails to load raises at its launch instead
 }
 

@@ -4,17 +4,16 @@
 // This unit holds the phase clock's stamps (cuda/device/device_records.cuh; defined before any
 // include of it).
 #define EPX_PHASE_CLOCK_STORAGE
-#include <cub/block/block_scan.cuh>
-
 #include <cstdint>
+#include <cub/block/block_scan.cuh>
 #include <vector>
 
-#include "cuda/device/device_records.cuh"
 #include "cuda/device/chained_launch.hpp"
 #include "cuda/device/device_primitives.cuh"
-#include "cuda/kernels/kernels.hpp"
+#include "cuda/device/device_records.cuh"
 #include "cuda/device/operation_sync.cuh"
 #include "cuda/device/padding.cuh"
+#include "cuda/kernels/kernels.hpp"
 #include "plan/routing.hpp"
 
 namespace epx::cuda {
@@ -23,7 +22,6 @@ namespace {
 constexpr int kThreads = kBlockThreads;
 // Sources whose header and counts the receive-counts step loads at once (more go in batches).
 constexpr int kMaxHeaderRanks = 8;
-
 
 // One warp per (token, row part): the part goes to every destination in order (this rank's own
 // staging only with stage_own_rows); the warp of part 0 also writes the scales. Then a thread
@@ -323,8 +321,7 @@ __global__ void __launch_bounds__(kThreads) receive_kernel(ReceiveParams p) {
     auto expanded_row = [&](int k) -> int64_t {
       if (!p.routing) return p.expanded_rows[n * num_topk + k];
       const int32_t e = meta.local_expert()[k];
-      return e >= 0 ? counts.expert_source_offsets[e * num_ranks + s] + meta.expert_slot()[k]
-                    : -1;
+      return e >= 0 ? counts.expert_source_offsets[e * num_ranks + s] + meta.expert_slot()[k] : -1;
     };
     if (p.routing && first_part) {
       if (lane == 0) p.src_token[n] = static_cast<int32_t>(s * layout.max_tokens + *meta.token());
@@ -413,9 +410,8 @@ size_t receive_counts_smem_bytes(const plan::WorkspaceLayout& layout) {
 }
 
 const char* phase_mark_name(int mark) {
-  static const char* const names[kMarkCount] = {"send start", "entered",       "sent",
-                                                "handed off", "receive start", "exited",
-                                                "counted",    "received"};
+  static const char* const names[kMarkCount] = {"send start",    "entered", "sent",    "handed off",
+                                                "receive start", "exited",  "counted", "received"};
   return mark >= 0 && mark < kMarkCount ? names[mark] : "unknown";
 }
 
@@ -432,8 +428,12 @@ bool read_phase_clock(std::vector<uint64_t>& stamps) {
                               stamps.size() * sizeof(uint64_t)) == cudaSuccess;
 }
 #else
-bool reset_phase_clock() { return false; }
-bool read_phase_clock(std::vector<uint64_t>&) { return false; }
+bool reset_phase_clock() {
+  return false;
+}
+bool read_phase_clock(std::vector<uint64_t>&) {
+  return false;
+}
 #endif
 
 void load_dispatch_kernels() {

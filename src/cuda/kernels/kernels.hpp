@@ -7,17 +7,17 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <vector>
 
 #include "plan/low_latency_layout.hpp"
 #include "plan/op_record.hpp"
 #include "plan/workspace_layout.hpp"
-#include <vector>
 
 // Opt-in timestamps of a dispatch's phases on the device, to see where a small batch's time
 // goes (docs/performance.md). Configure with -DEPX_PHASE_CLOCK=ON: thread 0 of every block
-// of the dispatch kernels stamps the global timer at each mark (cuda/device/device_records.cuh), and
-// bench_gpu prints the marks of one dispatch. Off (the default) the marks compile to nothing and
-// read_phase_clock returns false.
+// of the dispatch kernels stamps the global timer at each mark (cuda/device/device_records.cuh),
+// and bench_gpu prints the marks of one dispatch. Off (the default) the marks compile to nothing
+// and read_phase_clock returns false.
 namespace epx::cuda {
 
 enum PhaseMark : int {
@@ -48,7 +48,9 @@ namespace epx::cuda {
 // vectors (a caller's tensor may be a view at any element offset). It decides both whether a
 // rank's own rows are read in place rather than staged (cuda_engine.cpp) and whether the
 // reductions take the 8-element path (combine_kernels.cu).
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+inline bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
 
 // Error record in host-mapped memory, written by a kernel that hits a problem; the host raises
 // it at the next synchronisation. `failed` (device memory) makes later kernels skip their work.
@@ -70,7 +72,7 @@ struct DeviceStatus {
   int32_t code;
   int32_t phase;  // a Phase
   int32_t peer;
-  int32_t value;  // bad topk value, channels seen, or the differing fingerprint field
+  int32_t value;      // bad topk value, channels seen, or the differing fingerprint field
   uint64_t expected;  // an epoch; or this rank's value of the differing field
   uint64_t seen;      // an epoch; or the peer's value
 };
@@ -99,13 +101,13 @@ struct Topology {
   plan::WorkspaceLayout layout{};
   char* const* peers = nullptr;  // [R] device array: workspace base of every rank (LSA pointers)
   int32_t rank = 0;
-  int32_t* failed = nullptr;        // device flag: a previous step failed, skip work
-  DeviceStatus* status = nullptr;   // host-mapped
-  uint64_t* epoch = nullptr;        // device: barriers passed (graph replays stay in step)
-  OperationSync* sync = nullptr;    // device
-  uint64_t timeout_ns = 0;    // bound of every wait for a peer
-  bool chained = false;   // kernels are launched chained (cuda/device/chained_launch.hpp)
-  plan::OpFingerprint op{};  // of the operation the kernel belongs to (its entry carries it)
+  int32_t* failed = nullptr;       // device flag: a previous step failed, skip work
+  DeviceStatus* status = nullptr;  // host-mapped
+  uint64_t* epoch = nullptr;       // device: barriers passed (graph replays stay in step)
+  OperationSync* sync = nullptr;   // device
+  uint64_t timeout_ns = 0;         // bound of every wait for a peer
+  bool chained = false;            // kernels are launched chained (cuda/device/chained_launch.hpp)
+  plan::OpFingerprint op{};        // of the operation the kernel belongs to (its entry carries it)
 };
 
 // This rank rejected its input to an operation: its entry barrier with the abort mark, so the
@@ -124,13 +126,13 @@ struct PlanParams {
   int32_t num_topk = 0;
   int32_t num_experts = 0;
   int32_t num_ranks = 0;
-  int32_t* send_slot = nullptr;      // [S, R]
-  int32_t* expert_slot = nullptr;    // [S, K]
-  int32_t* topk32 = nullptr;         // [S, K] int32 copy of the routing
-  int32_t* rank_counts = nullptr;    // [R]
-  int32_t* expert_counts = nullptr;  // [E]
-  int64_t* plan_status = nullptr;    // [2]: RoutingStatus, bad value
-  int32_t* tile_counts = nullptr;    // scratch [plan_tiles][E + R]
+  int32_t* send_slot = nullptr;             // [S, R]
+  int32_t* expert_slot = nullptr;           // [S, K]
+  int32_t* topk32 = nullptr;                // [S, K] int32 copy of the routing
+  int32_t* rank_counts = nullptr;           // [R]
+  int32_t* expert_counts = nullptr;         // [E]
+  int64_t* plan_status = nullptr;           // [2]: RoutingStatus, bad value
+  int32_t* tile_counts = nullptr;           // scratch [plan_tiles][E + R]
   unsigned long long* first_bad = nullptr;  // scratch: first invalid entry; ~0 between plans
   // With publish_entry: block 0 of the first plan kernel publishes the operation's entry
   // (publish_entry_early); the send kernel is then launched with entry_published.
@@ -189,7 +191,7 @@ struct ReceiveCountsParams {
   int32_t* expert_offsets = nullptr;         // [E_l+1]
   int32_t* expert_source_offsets = nullptr;  // [E_l, R]
   int64_t* device_counts = nullptr;          // [2]: N, M
-  int64_t* host_counts = nullptr;            // host-mapped copy of [N, M, tokens_per_expert..., offsets...]
+  int64_t* host_counts = nullptr;  // host-mapped copy of [N, M, tokens_per_expert..., offsets...]
 };
 void launch_receive_counts(const ReceiveCountsParams& params, cudaStream_t stream);
 // Shared memory a block needs to hold the counts (ReceiveParams::compute_counts).
@@ -200,11 +202,12 @@ size_t receive_counts_smem_bytes(const plan::WorkspaceLayout& layout);
 struct ReceiveParams {
   Topology topo{};
   int32_t exit_phase = 0;
-  bool wait_exit = false;       // the exit barrier is part of this kernel (not of receive_counts)
-  bool compute_counts = false;  // every block computes the counts itself from `counts` (block 0 also
-                        // writes them to the handle): sync_counts=false routing dispatch
+  bool wait_exit = false;  // the exit barrier is part of this kernel (not of receive_counts)
+  bool compute_counts =
+      false;  // every block computes the counts itself from `counts` (block 0 also
+              // writes them to the handle): sync_counts=false routing dispatch
   ReceiveCountsParams counts{};
-  int64_t capacity = 0;     // compute_counts: handle rows [N, capacity) get -1
+  int64_t capacity = 0;  // compute_counts: handle rows [N, capacity) get -1
   bool routing = false;  // fill src_token / recv_topk / expanded_rows from the metadata
   bool expand = false;
   const int64_t* device_counts = nullptr;
@@ -219,7 +222,7 @@ struct ReceiveParams {
   int64_t scales_per_row = 0;
   float* weights_out = nullptr;
   float* aux_out = nullptr;
-  int32_t* topk_out = nullptr;  // compact only
+  int32_t* topk_out = nullptr;                 // compact only
   const int32_t* tokens_per_expert = nullptr;  // expanded: the padding rows (unless compute_counts)
   const int32_t* expert_offsets = nullptr;
   bool zero_padding = false;

@@ -16,9 +16,9 @@
 
 #include "cuda/device/chained_launch.hpp"
 #include "cuda/device/device_primitives.cuh"
+#include "cuda/device/device_records.cuh"
 #include "cuda/device/row_sums.cuh"
 #include "cuda/kernels/low_latency.hpp"
-#include "cuda/device/device_records.cuh"
 
 // The device side of the low-latency protocol's words (plan/low_latency_protocol.hpp): the
 // state word a kernel enters by, the handoff from every block of a grid to its last one, the

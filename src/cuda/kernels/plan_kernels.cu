@@ -14,26 +14,25 @@
 // Up to 512 tokens a single kernel does it all (plan_scan_kernel: one block per destination
 // and per expert, one block-wide scan each). Beyond, that design walks the tokens in
 // dependent 512-token passes (47 us at 4096 tokens under ncu, base clocks); the tiles take 25.
+#include <algorithm>
 #include <cub/block/block_discontinuity.cuh>
 #include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_scan.cuh>
 
-#include <algorithm>
-
 #include "cuda/device/chained_launch.hpp"
-#include "cuda/kernels/kernels.hpp"
 #include "cuda/device/operation_sync.cuh"
+#include "cuda/kernels/kernels.hpp"
 #include "plan/routing.hpp"
 
 namespace epx::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kItems = 8;                         // routing entries per thread in a tile
-constexpr int kTileEntries = kThreads * kItems;   // 2048
-constexpr int kEntryBits = 11;                    // an entry index within a tile
-constexpr int kRankField = 9;                     // bits of one packed per-rank counter
-constexpr int kRanksPerScan = 64 / kRankField;    // 7 counters in a 64-bit scan
+constexpr int kItems = 8;                        // routing entries per thread in a tile
+constexpr int kTileEntries = kThreads * kItems;  // 2048
+constexpr int kEntryBits = 11;                   // an entry index within a tile
+constexpr int kRankField = 9;                    // bits of one packed per-rank counter
+constexpr int kRanksPerScan = 64 / kRankField;   // 7 counters in a 64-bit scan
 static_assert(kTileEntries == 2048 && kTileEntries <= (1 << kEntryBits));
 
 template <typename Index>
@@ -310,9 +309,9 @@ __global__ void __launch_bounds__(kThreads) plan_finish_kernel(PlanParams p) {
 // load_plan_kernels loads exactly what it holds.
 struct PlanKernels {
   bool topk_int64;
-  void (*scan)(PlanParams);           // up to kScanTokens tokens: the whole plan
-  void (*tiles)(PlanParams, int);     // beyond: per tile, then
-  void (*finish)(PlanParams);         // the earlier tiles' counts added
+  void (*scan)(PlanParams);        // up to kScanTokens tokens: the whole plan
+  void (*tiles)(PlanParams, int);  // beyond: per tile, then
+  void (*finish)(PlanParams);      // the earlier tiles' counts added
 };
 constexpr PlanKernels kPlanKernels[] = {
     {false, plan_scan_kernel<int32_t>, plan_tiles_kernel<int32_t>, plan_finish_kernel<int32_t>},

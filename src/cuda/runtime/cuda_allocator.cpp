@@ -33,8 +33,8 @@ class CudaAllocator final : public Allocator {
     const size_t bytes = view.nbytes() > 0 ? view.nbytes() : 16;
     auto cuda_stream = static_cast<cudaStream_t>(stream);
     void* memory = nullptr;
-    const cudaError_t status = cudaMallocFromPoolAsync(&memory, bytes, pool(device.index),
-                                                       cuda_stream);
+    const cudaError_t status =
+        cudaMallocFromPoolAsync(&memory, bytes, pool(device.index), cuda_stream);
     EPX_CHECK(status == cudaSuccess, kOutOfMemory,
               "cudaMallocFromPoolAsync(" << bytes << " bytes) on " << to_string(device)
                                          << " failed: " << cudaGetErrorString(status));
@@ -66,6 +66,8 @@ class CudaAllocator final : public Allocator {
 
 }  // namespace
 
-std::shared_ptr<Allocator> make_cuda_allocator() { return std::make_shared<CudaAllocator>(); }
+std::shared_ptr<Allocator> make_cuda_allocator() {
+  return std::make_shared<CudaAllocator>();
+}
 
 }  // namespace epx::detail

@@ -9,11 +9,11 @@
 #include "core/engine.hpp"
 #include "core/op_fingerprint.hpp"
 #include "core/output_batch.hpp"
-#include "cuda/runtime/cuda_check.hpp"
-#include "cuda/runtime/device_memory.hpp"
 #include "cuda/kernels/kernels.hpp"
+#include "cuda/runtime/cuda_check.hpp"
 #include "cuda/runtime/cuda_comm.hpp"
 #include "cuda/runtime/cuda_low_latency.hpp"
+#include "cuda/runtime/device_memory.hpp"
 #include "plan/routing.hpp"
 
 namespace epx::detail {
@@ -30,9 +30,9 @@ class CudaEngine final : public Engine {
         rank_(state_.rank),
         num_ranks_(state_.num_ranks) {
     DeviceGuard guard(state_.device);
-    EPX_CHECK(layout_.num_topk <= 2048, kInvalidArgument,
-              "the CUDA transport supports num_topk up to 2048 (" << layout_.num_topk
-                                                                  << " requested)");
+    EPX_CHECK(
+        layout_.num_topk <= 2048, kInvalidArgument,
+        "the CUDA transport supports num_topk up to 2048 (" << layout_.num_topk << " requested)");
     // The counts a receive block keeps in shared memory (without an opt-in to more than 48 KB).
     EPX_CHECK(cuda::receive_counts_smem_bytes(layout_) <= 48 * 1024, kInvalidArgument,
               "the CUDA transport supports up to ~12 000 experts (" << layout_.num_experts
@@ -49,9 +49,9 @@ class CudaEngine final : public Engine {
     scratch_.rank_counts = DeviceArray<int32_t>(num_ranks_);
     scratch_.expert_counts = DeviceArray<int32_t>(layout_.num_experts);
     scratch_.plan_status = DeviceArray<int64_t>(2);
-    scratch_.plan_tile_counts = DeviceArray<int32_t>(
-        int64_t(cuda::plan_tiles(layout_.max_tokens, layout_.num_topk)) *
-        (layout_.num_experts + num_ranks_));
+    scratch_.plan_tile_counts =
+        DeviceArray<int32_t>(int64_t(cuda::plan_tiles(layout_.max_tokens, layout_.num_topk)) *
+                             (layout_.num_experts + num_ranks_));
     scratch_.plan_first_bad = DeviceArray<unsigned long long>(1);
     EPX_CUDA_CHECK(cudaMemset(scratch_.plan_first_bad.get(), 0xff, sizeof(unsigned long long)));
     if (context.config.low_latency_max_tokens > 0) {
@@ -249,8 +249,7 @@ class CudaEngine final : public Engine {
 
   CombineBackwardResult combine_backward(const TensorView& grad_y, const Handle& handle,
                                          const TensorView& x, const TensorView& weights,
-                                         const plan::OpFingerprint& op,
-                                         void* stream_ptr) override {
+                                         const plan::OpFingerprint& op, void* stream_ptr) override {
     DeviceGuard guard(state_.device);
     auto stream = static_cast<cudaStream_t>(stream_ptr);
     const bool own_rows = own_rows_in_place(grad_y);  // as in dispatch
@@ -332,7 +331,8 @@ class CudaEngine final : public Engine {
                                    << ", saw " << status.seen << ")");
       case cuda::kDeviceBadRouting:
         EPX_FAIL(kInvalidRouting, "rank " << rank_ << ": dispatch aborted: rank " << status.peer
-                                          << " passed topk_idx value " << static_cast<int64_t>(status.expected)
+                                          << " passed topk_idx value "
+                                          << static_cast<int64_t>(status.expected)
                                           << " outside [-1, " << layout_.num_experts << ")");
       case cuda::kDeviceChannelMismatch:
         EPX_FAIL(kInvalidArgument, "rank " << rank_ << ": rank " << status.peer
@@ -340,17 +340,17 @@ class CudaEngine final : public Engine {
                                            << status.value
                                            << "): every rank must pass the same channels");
       case cuda::kDevicePeerAborted:
-        EPX_FAIL(kInvalidArgument, "rank " << rank_ << ": phase " << phase
-                                           << " aborted: rank " << status.peer
+        EPX_FAIL(kInvalidArgument, "rank " << rank_ << ": phase " << phase << " aborted: rank "
+                                           << status.peer
                                            << " rejected its input to this operation (see that "
                                               "rank's error)");
       case cuda::kDeviceOpMismatch:
-        EPX_FAIL(kInvalidArgument,
-                 "rank " << rank_ << ": phase " << phase << ": "
-                         << (status.value < 0
-                                 ? describe_op_mismatch({}, rank_, nullptr, status.peer)
-                                 : describe_op_field(status.value, status.expected, status.seen,
-                                                     rank_, status.peer)));
+        EPX_FAIL(
+            kInvalidArgument,
+            "rank " << rank_ << ": phase " << phase << ": "
+                    << (status.value < 0 ? describe_op_mismatch({}, rank_, nullptr, status.peer)
+                                         : describe_op_field(status.value, status.expected,
+                                                             status.seen, rank_, status.peer)));
       case cuda::kDevicePeerFailed:
         EPX_FAIL(kUnusable, "rank " << rank_ << ": phase " << phase << ": rank " << status.peer
                                     << "'s buffer failed earlier (see that rank's error); build "
@@ -448,35 +448,34 @@ class CudaEngine final : public Engine {
   DispatchResult receive(const Handle& handle, const DispatchInputs& in, ReceiveMode mode,
                          const cuda::ReceiveCountsParams& counts, DispatchResult result,
                          cudaStream_t stream) {
-    cuda::launch_receive(
-        {.topo = topology(),
-         .exit_phase = mode == ReceiveMode::kCached ? cuda::kPhaseCachedExit
-                                                    : cuda::kPhaseDispatchExit,
-         .wait_exit = mode != ReceiveMode::kCountsSynced,
-         .compute_counts = mode == ReceiveMode::kCountsInKernel,
-         .counts = counts,
-         .capacity = handle.recv_token_capacity,
-         .routing = mode != ReceiveMode::kCached,
-         .expand = handle.expand,
-         .device_counts = handle.device_counts.ptr<int64_t>(),
-         .recv_offsets = handle.recv_offsets.ptr<int32_t>(),
-         .expert_source_offsets = handle.expert_source_offsets.ptr<int32_t>(),
-         .src_token = handle.src_token.ptr<int32_t>(),
-         .recv_topk = handle.recv_topk_idx.ptr<int32_t>(),
-         .expanded_rows = handle.expanded_rows.ptr<int32_t>(),
-         .x_out = result.x.ptr<char>(),
-         .row_bytes = row_bytes_of(in.x),
-         .scales_out = result.x_scales.ptr<float>(),
-         .scales_per_row = in.x_scales.defined() ? in.x_scales.size(1) : 0,
-         .weights_out = result.weights.ptr<float>(),
-         .aux_out = result.aux.ptr<float>(),
-         .topk_out = result.topk_idx.ptr<int32_t>(),
-         .tokens_per_expert = handle.tokens_per_expert.ptr<int32_t>(),
-         .expert_offsets = handle.expert_offsets.ptr<int32_t>(),
-         .zero_padding = handle.zero_padding,
-         .num_blocks = num_blocks_,
-         .own_x = own_rows_in_place(in.x) ? in.x.ptr<const char>() : nullptr},
-        stream);
+    cuda::launch_receive({.topo = topology(),
+                          .exit_phase = mode == ReceiveMode::kCached ? cuda::kPhaseCachedExit
+                                                                     : cuda::kPhaseDispatchExit,
+                          .wait_exit = mode != ReceiveMode::kCountsSynced,
+                          .compute_counts = mode == ReceiveMode::kCountsInKernel,
+                          .counts = counts,
+                          .capacity = handle.recv_token_capacity,
+                          .routing = mode != ReceiveMode::kCached,
+                          .expand = handle.expand,
+                          .device_counts = handle.device_counts.ptr<int64_t>(),
+                          .recv_offsets = handle.recv_offsets.ptr<int32_t>(),
+                          .expert_source_offsets = handle.expert_source_offsets.ptr<int32_t>(),
+                          .src_token = handle.src_token.ptr<int32_t>(),
+                          .recv_topk = handle.recv_topk_idx.ptr<int32_t>(),
+                          .expanded_rows = handle.expanded_rows.ptr<int32_t>(),
+                          .x_out = result.x.ptr<char>(),
+                          .row_bytes = row_bytes_of(in.x),
+                          .scales_out = result.x_scales.ptr<float>(),
+                          .scales_per_row = in.x_scales.defined() ? in.x_scales.size(1) : 0,
+                          .weights_out = result.weights.ptr<float>(),
+                          .aux_out = result.aux.ptr<float>(),
+                          .topk_out = result.topk_idx.ptr<int32_t>(),
+                          .tokens_per_expert = handle.tokens_per_expert.ptr<int32_t>(),
+                          .expert_offsets = handle.expert_offsets.ptr<int32_t>(),
+                          .zero_padding = handle.zero_padding,
+                          .num_blocks = num_blocks_,
+                          .own_x = own_rows_in_place(in.x) ? in.x.ptr<const char>() : nullptr},
+                         stream);
     EPX_CUDA_CHECK(cudaGetLastError());
     result.handle = handle;
     return result;
@@ -494,12 +493,12 @@ class CudaEngine final : public Engine {
   std::unique_ptr<CudaLowLatency> low_latency_;  // cuda_low_latency.cpp; null when the mode is off
   // The engine's own memory (only this rank uses it).
   struct Scratch {
-    DeviceArray<uint64_t> epoch;          // barriers passed (cuda/device/operation_sync.cuh)
+    DeviceArray<uint64_t> epoch;  // barriers passed (cuda/device/operation_sync.cuh)
     DeviceArray<cuda::OperationSync> sync;
-    DeviceArray<int32_t> failed;          // a kernel recorded an error: later ones skip
+    DeviceArray<int32_t> failed;             // a kernel recorded an error: later ones skip
     MappedArray<cuda::DeviceStatus> status;  // the error record the host raises
-    MappedArray<int64_t> host_counts;     // sync_counts: N, M, tokens per expert, offsets
-    DeviceArray<int32_t> rank_counts;     // the routing plan's counts and scratch
+    MappedArray<int64_t> host_counts;        // sync_counts: N, M, tokens per expert, offsets
+    DeviceArray<int32_t> rank_counts;        // the routing plan's counts and scratch
     DeviceArray<int32_t> expert_counts;
     DeviceArray<int64_t> plan_status;
     DeviceArray<int32_t> plan_tile_counts;

@@ -75,10 +75,11 @@ class MappedArray {
  public:
   MappedArray() = default;
   explicit MappedArray(size_t count) {
-    EPX_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_), count * sizeof(T),
-                                 cudaHostAllocMapped));
+    EPX_CUDA_CHECK(
+        cudaHostAlloc(reinterpret_cast<void**>(&host_), count * sizeof(T), cudaHostAllocMapped));
     std::memset(static_cast<void*>(host_), 0, count * sizeof(T));
-    const cudaError_t status = cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_), host_, 0);
+    const cudaError_t status =
+        cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_), host_, 0);
     if (status != cudaSuccess) release();
     EPX_CUDA_CHECK(status);
   }

@@ -10,13 +10,13 @@
 // it under a peer's feet.
 
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "core/shm_segments.hpp"
 #include "cuda/runtime/cuda_check.hpp"
-#include "epx/error.hpp"
-#include <string>
 #include "cuda/runtime/cuda_comm.hpp"
+#include "epx/error.hpp"
 
 // CUDA transport over CUDA IPC (Comm::ipc): one process per rank on one host, each rank's
 // workspace a cudaMalloc whose IPC handle its peers open (below). The ranks meet through
@@ -46,8 +46,7 @@ struct IpcPeerInfo {
 
 class IpcWorkspace final : public PeerWorkspace {
  public:
-  IpcWorkspace(IpcCommState& state, size_t bytes, const SetupRecord& record,
-               double timeout_seconds)
+  IpcWorkspace(IpcCommState& state, size_t bytes, const SetupRecord& record, double timeout_seconds)
       : rank_(state.rank), num_ranks_(state.num_ranks), bases_(state.num_ranks, nullptr) {
     EPX_CUDA_CHECK(cudaMalloc(&local_, bytes));
     try {
@@ -70,8 +69,7 @@ class IpcWorkspace final : public PeerWorkspace {
   }
 
  private:
-  void open(IpcCommState& state, size_t bytes, const SetupRecord& record,
-            double timeout_seconds) {
+  void open(IpcCommState& state, size_t bytes, const SetupRecord& record, double timeout_seconds) {
     EPX_CUDA_CHECK(cudaMemset(local_, 0, bytes));
     EPX_CUDA_CHECK(cudaDeviceSynchronize());
     IpcPeerInfo mine{};
@@ -107,8 +105,8 @@ class IpcWorkspace final : public PeerWorkspace {
         bases_[peer] = static_cast<char*>(base);
       }
       EPX_CUDA_CHECK(cudaMalloc(&peers_, sizeof(char*) * num_ranks_));
-      EPX_CUDA_CHECK(cudaMemcpy(peers_, bases_.data(), sizeof(char*) * num_ranks_,
-                                cudaMemcpyHostToDevice));
+      EPX_CUDA_CHECK(
+          cudaMemcpy(peers_, bases_.data(), sizeof(char*) * num_ranks_, cudaMemcpyHostToDevice));
     } catch (...) {
       segments_->abort();  // the peers' next round raises instead of timing out
       throw;
@@ -135,8 +133,7 @@ class IpcWorkspace final : public PeerWorkspace {
 
 }  // namespace
 
-std::unique_ptr<PeerWorkspace> IpcCommState::open_workspace(size_t bytes,
-                                                            const SetupRecord& record,
+std::unique_ptr<PeerWorkspace> IpcCommState::open_workspace(size_t bytes, const SetupRecord& record,
                                                             double timeout_seconds) {
   return std::make_unique<IpcWorkspace>(*this, bytes, record, timeout_seconds);
 }
@@ -148,8 +145,8 @@ Comm Comm::ipc(int rank, int num_ranks, const std::string& name, int cuda_device
   int num_devices = 0;
   EPX_CUDA_CHECK(cudaGetDeviceCount(&num_devices));
   EPX_CHECK(cuda_device >= 0 && cuda_device < num_devices, kInvalidArgument,
-            "rank " << rank << ": CUDA device " << cuda_device << " does not exist ("
-                    << num_devices << " visible)");
+            "rank " << rank << ": CUDA device " << cuda_device << " does not exist (" << num_devices
+                    << " visible)");
   EPX_CUDA_CHECK(cudaSetDevice(cuda_device));
   auto state = std::make_shared<detail::IpcCommState>();
   state->name = name;

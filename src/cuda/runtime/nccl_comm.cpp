@@ -3,15 +3,15 @@
 #include <nccl.h>
 #include <nccl_device.h>
 
+#include <chrono>
 #include <cstring>
 #include <thread>
 #include <vector>
 
 #include "cuda/kernels/kernels.hpp"
 #include "cuda/runtime/cuda_check.hpp"
-#include "epx/error.hpp"
-#include <chrono>
 #include "cuda/runtime/cuda_comm.hpp"
+#include "epx/error.hpp"
 
 // CUDA transport over NCCL: a communicator (created by epx from a unique id, or the caller's)
 // on one CUDA device per rank; workspaces are NCCL symmetric windows (below).
@@ -102,8 +102,8 @@ Comm Comm::nccl(int rank, int num_ranks, const UniqueId& id, int cuda_device,
   const auto deadline = std::chrono::steady_clock::now() +
                         std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                             std::chrono::duration<double>(timeout_seconds));
-  const ncclResult_t started = ncclCommInitRankConfig(&state->comm, num_ranks, nccl_id, rank,
-                                                      &config);
+  const ncclResult_t started =
+      ncclCommInitRankConfig(&state->comm, num_ranks, nccl_id, rank, &config);
   EPX_CHECK(started == ncclSuccess || started == ncclInProgress, kTransport,
             "rank " << rank << ": ncclCommInitRankConfig failed: " << ncclGetErrorString(started));
   state->owned = true;
@@ -148,12 +148,15 @@ class NcclWorkspace final : public PeerWorkspace {
  public:
   NcclWorkspace(NcclCommState& state, size_t bytes, const SetupRecord& record,
                 double timeout_seconds)
-      : comm_(state.comm), rank_(state.rank), timeout_seconds_(timeout_seconds),
+      : comm_(state.comm),
+        rank_(state.rank),
+        timeout_seconds_(timeout_seconds),
         deadline_(Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                      std::chrono::duration<double>(timeout_seconds))) {
     const int num_ranks = state.num_ranks;
     EPX_CHECK(comm_ != nullptr, kUnusable,
-              "rank " << rank_ << ": the NCCL communicator was aborted after an earlier setup "
+              "rank " << rank_
+                      << ": the NCCL communicator was aborted after an earlier setup "
                          "timed out; make a new one");
     check_records(state, record);
     void* memory = nullptr;
@@ -208,8 +211,8 @@ class NcclWorkspace final : public PeerWorkspace {
     EPX_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     std::vector<SetupRecord> all(num_ranks);
     try {
-      EPX_CUDA_CHECK(cudaMemcpyAsync(records + rank_, &mine, sizeof(mine),
-                                     cudaMemcpyHostToDevice, stream));
+      EPX_CUDA_CHECK(
+          cudaMemcpyAsync(records + rank_, &mine, sizeof(mine), cudaMemcpyHostToDevice, stream));
       call(ncclAllGather(records + rank_, records, sizeof(SetupRecord), ncclUint8, comm_, stream),
            "buffer setup");
       EPX_CUDA_CHECK(cudaMemcpyAsync(all.data(), records, sizeof(SetupRecord) * num_ranks,
@@ -238,8 +241,8 @@ class NcclWorkspace final : public PeerWorkspace {
     cudaFree(records);
     for (int p = 0; p < num_ranks; ++p) {
       const std::string mismatch = setup_mismatch(mine, rank_, all[p], p);
-      EPX_CHECK(mismatch.empty(), kInvalidArgument, "rank " << rank_ << ": buffer setup: "
-                                                            << mismatch);
+      EPX_CHECK(mismatch.empty(), kInvalidArgument,
+                "rank " << rank_ << ": buffer setup: " << mismatch);
     }
   }
 

@@ -2,15 +2,15 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <memory>
 #include <utility>
 #include <vector>
 
+#include "core/thread_group.hpp"
 #include "cuda/runtime/cuda_check.hpp"
+#include "cuda/runtime/cuda_comm.hpp"
 #include "epx/comm.hpp"
 #include "epx/error.hpp"
-#include <memory>
-#include "core/thread_group.hpp"
-#include "cuda/runtime/cuda_comm.hpp"
 
 // CUDA transport for ranks that are threads of one process (Comm::cuda_threads): the ranks of
 // a ThreadGroup meet in its rendezvous to exchange their workspaces (below).
@@ -116,8 +116,8 @@ class ThreadWorkspace final : public PeerWorkspace {
         group_->exchange(rank_, {local_, device_, record}, kSetup);
     for (int peer = 0; peer < num_ranks; ++peer) {
       const std::string mismatch = setup_mismatch(record, rank_, entries[peer].record, peer);
-      EPX_CHECK(mismatch.empty(), kInvalidArgument, "rank " << rank_ << ": buffer setup: "
-                                                            << mismatch);
+      EPX_CHECK(mismatch.empty(), kInvalidArgument,
+                "rank " << rank_ << ": buffer setup: " << mismatch);
     }
     check_peer_access(entries);
     check_hardware_queues(entries);
@@ -161,8 +161,7 @@ class ThreadWorkspace final : public PeerWorkspace {
   }
 
   // The ranks of the group on CUDA device `device`.
-  static std::ptrdiff_t ranks_on(const std::vector<ThreadGroupState::Entry>& entries,
-                                 int device) {
+  static std::ptrdiff_t ranks_on(const std::vector<ThreadGroupState::Entry>& entries, int device) {
     return std::count_if(entries.begin(), entries.end(),
                          [&](const auto& entry) { return entry.device == device; });
   }
