@@ -3,8 +3,13 @@
 //   graph   each part captured in a graph of its own (dispatch; combine), the two graphs replayed
 //           alternately (the calls must alternate), a pair of events around each replay: the
 //           median per part; and a graph of dispatch + combine replayed N times between two
-//           events: the mean per round;
-//   eager   the same calls made directly, events around each: the median per part;
+//           events: the mean per round. Each sample is queued behind a hold kernel (a spin of
+//           ~0.2 ms), so that its launches reach the GPU before it gets to them: the events
+//           then time the GPU's work. Without it a GPU left idle by the previous sample's
+//           synchronisation starts the first replay only when its launch arrives, and the first
+//           part's figure carries the launch latency (the "from idle" row: what a lone
+//           replay costs when nothing is queued);
+//   eager   the same calls made directly, events around each, from idle: the median per part;
 //   normal  the normal path's compact dispatch (sync_counts=false) and combine, graphs as above;
 //   copy    a plain SM copy of the bytes a dispatch writes (S * K rows), on the LL kernels' SMs,
 //           replayed in a graph: the LL figures are given as multiples of it.
@@ -78,6 +83,15 @@ class Graph {
   cudaGraphExec_t exec_{};
 };
 
+// Spins for `ns` nanoseconds: what the stream runs while the host queues a sample behind it.
+__global__ void hold_kernel(uint64_t ns) {
+  uint64_t start = 0, now = 0;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  } while (now - start < ns);
+}
+
 class Timer {
  public:
   explicit Timer(cudaStream_t stream) : stream_(stream) {
@@ -86,11 +100,13 @@ class Timer {
   ~Timer() {
     for (cudaEvent_t event : events_) cudaEventDestroy(event);
   }
-  // Medians of the two parts of `first(); second();` repeated `iters` times, events around each.
+  // Medians of the two parts of `first(); second();` repeated `iters` times, events around each;
+  // `held`: each repetition queued behind a hold kernel (the GPU's time, not the launch's).
   std::pair<double, double> alternating_us(int iters, const std::function<void()>& first,
-                                           const std::function<void()>& second) {
+                                           const std::function<void()>& second, bool held) {
     std::vector<double> a, b;
     for (int i = 0; i < iters + 3; ++i) {  // three warm-ups
+      if (held) hold(kHoldNs);
       check_cuda(cudaEventRecord(events_[0], stream_), "record");
       first();
       check_cuda(cudaEventRecord(events_[1], stream_), "record");
@@ -103,9 +119,11 @@ class Timer {
     }
     return {median(a), median(b)};
   }
-  // Mean of `iters` calls of `op` between two events, after three warm-ups.
+  // Mean of `iters` calls of `op` between two events, after three warm-ups, all queued behind a
+  // hold kernel long enough for the host to issue them.
   double mean_us(int iters, const std::function<void()>& op) {
     for (int i = 0; i < 3; ++i) op();
+    hold(kHoldNs + uint64_t(iters) * 20'000);
     check_cuda(cudaEventRecord(events_[0], stream_), "record");
     for (int i = 0; i < iters; ++i) op();
     check_cuda(cudaEventRecord(events_[1], stream_), "record");
@@ -114,6 +132,11 @@ class Timer {
   }
 
  private:
+  static constexpr uint64_t kHoldNs = 200'000;
+  void hold(uint64_t ns) {
+    hold_kernel<<<1, 1, 0, stream_>>>(ns);
+    check_cuda(cudaGetLastError(), "hold kernel");
+  }
   static double elapsed_us(cudaEvent_t from, cudaEvent_t to) {
     float ms = 0;
     check_cuda(cudaEventElapsedTime(&ms, from, to), "elapsed");
@@ -226,7 +249,7 @@ std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm
           arena->reset();
           dispatch(buffer, in);
         },
-        [&] { combine(buffer); });
+        [&] { combine(buffer); }, false);
     buffer.synchronize(stream);
 
     // Graphs: a dispatch and a combine of their own, replayed alternately; a round.
@@ -234,7 +257,12 @@ std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm
     const Graph dispatch_graph(stream, [&] { dispatch(buffer, in); });
     const Graph combine_graph(stream, [&] { combine(buffer); });
     const auto [graph_dispatch, graph_combine] = timer.alternating_us(
-        o.iters, [&] { dispatch_graph.launch(); }, [&] { combine_graph.launch(); });
+        o.iters, [&] { dispatch_graph.launch(); }, [&] { combine_graph.launch(); }, true);
+    const double idle_dispatch =
+        timer
+            .alternating_us(
+                o.iters, [&] { dispatch_graph.launch(); }, [&] { combine_graph.launch(); }, false)
+            .first;
     const Graph round_graph(stream, [&] {
       dispatch(buffer, in);
       combine(buffer);
@@ -246,7 +274,7 @@ std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm
     const Graph fp8_dispatch_graph(stream, [&] { dispatch(fp8_buffer, in_fp8); });
     const Graph fp8_combine_graph(stream, [&] { combine(fp8_buffer); });
     const auto fp8_times = timer.alternating_us(
-        o.iters, [&] { fp8_dispatch_graph.launch(); }, [&] { fp8_combine_graph.launch(); });
+        o.iters, [&] { fp8_dispatch_graph.launch(); }, [&] { fp8_combine_graph.launch(); }, true);
     fp8_buffer.synchronize(stream);
 
     // The normal path, compact, without a host synchronisation.
@@ -261,13 +289,14 @@ std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm
       (void)buffer.combine(back, routed->handle, {}, stream);
     });
     const auto normal_times = timer.alternating_us(
-        o.iters, [&] { normal_dispatch.launch(); }, [&] { normal_combine.launch(); });
+        o.iters, [&] { normal_dispatch.launch(); }, [&] { normal_combine.launch(); }, true);
     buffer.synchronize(stream);
 
     row(tokens, "ll dispatch (graph)", graph_dispatch, copy_us);
     row(tokens, "ll combine (graph)", graph_combine, copy_us);
     row(tokens, "ll dispatch + combine (one graph)", graph_round, copy_us);
     row(tokens, "ll dispatch fp8 (graph)", fp8_times.first, copy_us);
+    row(tokens, "ll dispatch (graph, from idle)", idle_dispatch, copy_us);
     row(tokens, "ll dispatch (eager)", eager_dispatch, copy_us);
     row(tokens, "ll combine (eager)", eager_combine, copy_us);
     row(tokens, "normal dispatch compact (graph)", normal_times.first, copy_us);

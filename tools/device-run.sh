@@ -3,6 +3,8 @@
 # and the Python extension, then the steps named in EPX_STEPS (default: all of them):
 #   gpu     tools/gpu-check.sh (GPU tests bit-exact vs the reference, sanitizer, demo on GPUs)
 #   python  the pytest suite, its NCCL and IPC cases included
+#   ll      the low-latency suite (test_gpu_low_latency: thread ranks R = 1-8, one NCCL rank,
+#           errors, graph replays), EPX_GPU_CONFIGS (default 4) random configurations per case
 #   bench   the benchmark (bench/bench.py), JSON and plot under $OUT
 #   threads bench_gpu with 2 and 4 ranks (EPX_THREAD_RANKS) as threads sharing GPU 0 (128 and
 #           4096 tokens)
@@ -10,9 +12,11 @@
 #           timeout), then memcheck with padding after every allocation (a stray write into a
 #           neighbouring allocation is invisible to plain memcheck) on the EPX_STRESS_SEEDS
 #           replays, each "base_seed:configs", and on 4 fresh configurations of every R
-#   soak    >= 1000 random scenarios in one call (EPX_SOAK_CONFIGS scales it): thread ranks
-#           R = 2, 3, 4, 8 on GPU 0, IPC processes R = 2, 3, 4 on GPU 0 and one NCCL rank, every
-#           fourth configuration at production shapes; base seeds printed for replay
+#   soak    >= 1000 random scenarios in one call (EPX_SOAK_CONFIGS, default 250, scales it):
+#           thread ranks R = 2, 3, 4 on GPU 0 (EPX_SOAK_CONFIGS each) and R = 8 (an eighth of
+#           it: eight ranks time-slice one GPU), IPC processes R = 2, 3, 4 on GPU 0 and one NCCL
+#           rank (3/8 of it each), every fourth configuration at production shapes; base seeds
+#           printed for replay
 #   pyprof  bench/python_overhead.py: host time of one eager call and of its pieces
 #   micro   bench/micro/sync_costs.cu: the synchronisation pieces' costs on their own,
 #           bench/micro/copy_paths.cu: register against bulk copies of 14 KB rows, and
@@ -27,7 +31,8 @@
 #           between calls is a few %, more than many changes gain): each directory under
 #           EPX_VARIANTS (default alt/, ignored by git; send it with the device tool's carry)
 #           holds files at their repository paths, put over a copy of the tree; every build runs
-#           at 4096 and 128 tokens and with each of EPX_VARIANT_RANKS ranks as threads (4)
+#           bench_gpu with each of EPX_VARIANT_ARGS, ';'-separated argument lists (default
+#           "--tokens 4096;--tokens 128;--tokens 4096 --thread-ranks 4")
 #   phase   bench_gpu built with -DEPX_PHASE_CLOCK=ON (build-clk): the phase timeline of one
 #           dispatch at 128, 512 and 4096 tokens (src/cuda/kernels/phase_clock.hpp)
 # Logs go to $OUT (the device tool brings them back) and a summary is printed last.
@@ -72,6 +77,11 @@ for step in $steps; do
         "$root/tests/python" 2>&1 | tee "$out/pytest-gpu.log"
       summary+=("pytest: $(tail -n 1 "$out/pytest-gpu.log")")
       ;;
+    ll)
+      EPX_GPU_CONFIGS=${EPX_GPU_CONFIGS:-4} timeout 300 "$EPX_BUILD_DIR/tests/test_gpu_low_latency" \
+        2>&1 | tee "$out/low-latency.log"
+      summary+=("low-latency suite: exit ${PIPESTATUS[0]}, $(grep -c '^\[       OK \]' "$out/low-latency.log") tests passed")
+      ;;
     bench)
       PYTHONPATH="$root/python:$EPX_BUILD_DIR/python" timeout 480 "$python" "$root/bench/bench.py" \
         --out "$out" ${EPX_BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
@@ -106,11 +116,13 @@ for step in $steps; do
       rm -f "$out/stress-run.log"
       ;;
     soak)
-      configs=${EPX_SOAK_CONFIGS:-100}
+      configs=${EPX_SOAK_CONFIGS:-250}
       {
-        EPX_GPU_CONFIGS=$configs timeout 560 "$EPX_BUILD_DIR/tests/test_gpu_threads" \
-          --gtest_filter='*ThreadsRandom*OneGpu*'
-        EPX_GPU_CONFIGS=$((configs * 3 / 8)) timeout 560 "$EPX_BUILD_DIR/tests/test_gpu" \
+        EPX_GPU_CONFIGS=$configs timeout 300 "$EPX_BUILD_DIR/tests/test_gpu_threads" \
+          --gtest_filter='*ThreadsRandom*R2OneGpu*:*ThreadsRandom*R3OneGpu*:*ThreadsRandom*R4OneGpu*'
+        EPX_GPU_CONFIGS=$((configs / 8)) timeout 150 "$EPX_BUILD_DIR/tests/test_gpu_threads" \
+          --gtest_filter='*ThreadsRandom*R8OneGpu*'
+        EPX_GPU_CONFIGS=$((configs * 3 / 8)) timeout 300 "$EPX_BUILD_DIR/tests/test_gpu" \
           --gtest_filter='*GpuRandom*IpcR*:*GpuRandom*NcclR1'
       } 2>&1 | tee "$out/soak.log" | grep -E "base seed|scenarios bit-exact|FAILED|Failure"
       passed=$(grep -oE "[0-9]+ scenarios bit-exact" "$out/soak.log" | awk '{s += $1} END {print s + 0}')
@@ -139,9 +151,9 @@ for step in $steps; do
       done
       ;;
     variants)
+      IFS=';' read -ra variant_args <<< "${EPX_VARIANT_ARGS:---tokens 4096;--tokens 128;--tokens 4096 --thread-ranks 4}"
       run_bench() {  # $1: bench_gpu binary, $2: label
-        local ranks=(${EPX_VARIANT_RANKS:-4})
-        for args in "--tokens 4096" "--tokens 128" "${ranks[@]/#/--tokens 4096 --thread-ranks }"; do
+        for args in "${variant_args[@]}"; do
           echo "## $2: bench_gpu $args"
           timeout 120 "$1" $args 2>&1 | grep -E "^rank 0: "
         done

@@ -68,8 +68,9 @@ run "bench 128 x 7168, top-8 of 256, 24 SMs" timeout 90 "$build/bench/bench_gpu"
 run "moe check (default: GPUs when present)" timeout 120 "$build/tests/check/epx-moe-check"
 run "moe check, host transport" timeout 120 "$build/tests/check/epx-moe-check" --transport host
 run "moe layer example (GPUs)" timeout 120 "$build/examples/epx-moe-layer"
-# The GPU suites (label gpu) ran above, one at a time: several at once would share the GPU.
-run "host tests (same build)" bash -c "set -o pipefail; cd '$build' && ctest -LE gpu -j 8 --output-on-failure | tail -n 3"
+# The GPU suites (label gpu) and the fault suite ran above, one at a time: several at once would
+# share the GPU.
+run "host tests (same build)" bash -c "set -o pipefail; cd '$build' && ctest -LE gpu -E Faults -j 8 --output-on-failure | tail -n 3"
 
 echo "== gpu-check summary $(date -u +%FT%TZ): $gpus x ${gpu_name:-no GPU}, driver ${driver:-?}, NCCL ${nccl_version:-?}"
 printf '%s\n' "${results[@]}"

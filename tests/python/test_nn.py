@@ -61,14 +61,16 @@ def check_compiled(reports, loss_tolerance, grad_tolerance):
             assert entry["grads_vs_eager"] <= grad_tolerance, f"rank {rank} step {step}: {entry}"
 
 
+# One rank too: the CUDA transport's one-rank NCCL communicator is what one GPU can run.
 @needs_custom_ops
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("layout", ["expanded", "compact"])
 @pytest.mark.parametrize("grouped", [False, True], ids=["module-list", "stacked"])
-def test_compiled_layer_matches_eager(run_ranks, backend, layout, grouped):
+def test_compiled_layer_matches_eager(run_ranks, backend, world, layout, grouped):
     """aot_eager: the graph torch.compile traces (custom ops, fake sizes, registered autograd)
     run as traced, so eager and compiled agree bit for bit."""
-    reports = run_ranks(2, backend, gradient_cases.moe_layer_case, seed=401, layout=layout,
+    reports = run_ranks(world, backend, gradient_cases.moe_layer_case, seed=401, layout=layout,
                         grouped=grouped, sync_counts=False, compile_backend="aot_eager")
     check_compiled(reports, 0.0, 0.0)
 
@@ -94,9 +96,10 @@ def test_compile_refuses_synced_counts(run_ranks, backend):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "gloo"])
+@pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("layout", ["expanded", "compact"])
-def test_cuda_graph_replays_forward_and_backward(run_ranks, backend, layout):
-    assert all(run_ranks(2, backend, gradient_cases.capture_case, seed=404, layout=layout))
+def test_cuda_graph_replays_forward_and_backward(run_ranks, backend, world, layout):
+    assert all(run_ranks(world, backend, gradient_cases.capture_case, seed=404, layout=layout))
 
 
 def _transformers_skip_reason():
