@@ -65,8 +65,8 @@ fi
 # First-look timings (every visible GPU one rank): the headline case, then the small one.
 run "bench 4096 x 7168, top-8 of 256, 24 SMs" timeout 150 "$build/bench/bench_gpu"
 run "bench 128 x 7168, top-8 of 256, 24 SMs" timeout 90 "$build/bench/bench_gpu" --tokens 128
-run "moe check (default: GPUs when present)" timeout 120 "$build/tests/check/epx-moe-check"
-run "moe check, host transport" timeout 120 "$build/tests/check/epx-moe-check" --transport host
+run "moe check (default: GPUs when present)" timeout 120 "$build/tests/epx-moe-check"
+run "moe check, host transport" timeout 120 "$build/tests/epx-moe-check" --transport host
 run "moe layer example (GPUs)" timeout 120 "$build/examples/epx-moe-layer"
 # The GPU suites (label gpu) and the fault suite ran above, one at a time: several at once would
 # share the GPU.

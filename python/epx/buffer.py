@@ -183,8 +183,14 @@ def _local_expert_idx(expert_offsets, tokens_per_expert, num_rows):
     the row is padding or past M. Device ops only (no host synchronisation)."""
     offsets = expert_offsets.long()
     rows = torch.arange(num_rows, device=offsets.device)
-    # The segment of row r: the number of experts that start at or before it, less one.
-    expert = torch.searchsorted(offsets[1:].contiguous(), rows, right=True)
+    # The segment of row r: the number of experts that start at or before it, less one, i.e.
+    # searchsorted(offsets[1:], rows, right=True), counted by a scatter and a running sum
+    # (inductor's CUDA lowering of searchsorted fails on a slice: torch 2.11, NotImplementedError
+    # SliceView). Integer sums: the same on every run.
+    starts = offsets[1:].clamp(max=num_rows)
+    marks = torch.zeros(num_rows + 1, dtype=torch.long, device=offsets.device)
+    marks.scatter_add_(0, starts, torch.ones_like(starts))
+    expert = marks[:num_rows].cumsum(0)
     inside = expert.clamp(max=offsets.shape[0] - 2)
     real = ((expert < offsets.shape[0] - 1)
             & (rows - offsets[inside] < tokens_per_expert.long()[inside]))
