@@ -12,6 +12,7 @@
 //
 // A combine's and a combine_backward's blocks wait for their own grid's handoff, so they are
 // launched cooperatively (co-resident); a dispatch's waiting is done by its last block alone.
+#include <algorithm>
 #include <cub/block/block_scan.cuh>
 
 #include "cuda/device/chained_launch.hpp"
@@ -139,6 +140,12 @@ namespace {
 constexpr int kThreads = kBlockThreads;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kFanoutLoads = 4;  // 16-byte loads in flight per lane while a part fans out
+
+// The first part of a kernel's shared memory: [E_l] counts or an [E_l + 1] prefix, rounded up to
+// an even count of int32 (what follows is 8-byte aligned).
+__host__ __device__ __forceinline__ int padded_experts(const plan::LowLatencyLayout& layout) {
+  return (layout.local_experts() + 2) / 2 * 2;
+}
 
 // Where one (t, k) of a block's tokens goes: the owner and the row in its region; owner -1:
 // nowhere (a masked k, or a row past the region).
@@ -274,9 +281,11 @@ __device__ void send_rows(const LowLatencyContext& c, const LowLatencyRows& r, i
 // The wait part of a dispatch (cached or not), one block: every source's sent flag, then the
 // round's counts (a routing dispatch's from the counters, reset for the next round; past the
 // region: an error, clamped) into the counts view and the handle, and the scalars of rows past
-// them cleared where this half's last round had rows.
+// them cleared where this half's last round had rows. `counts` and `old` are shared memory
+// [E_l] each: the last round's counts are loaded with the new ones, a thread per expert, so that
+// the clearing loop (a warp per expert) waits on no global load per expert.
 __device__ void settle_dispatch(const LowLatencyDispatchParams& p, uint64_t epoch, int32_t phase,
-                                int32_t* counts) {
+                                int32_t* counts, int32_t* old) {
   const LowLatencyContext& c = p.ll;
   const plan::LowLatencyLayout& layout = c.layout;
   bool ok;
@@ -286,7 +295,9 @@ __device__ void settle_dispatch(const LowLatencyDispatchParams& p, uint64_t epoc
   const int local_experts = layout.local_experts();
   const int64_t capacity = layout.expert_rows();
   const bool routing = p.rows.kind == plan::kKindDispatch;
+  int32_t* old_counts = c.old_counts + c.half * local_experts;
   for (int e = threadIdx.x; e < local_experts; e += blockDim.x) {
+    old[e] = old_counts[e];
     int32_t count;
     if (routing) {
       volatile int32_t* counter = layout.counters(local) + e;
@@ -303,9 +314,8 @@ __device__ void settle_dispatch(const LowLatencyDispatchParams& p, uint64_t epoc
   }
   __syncthreads();
   const int lane = lane_id();
-  int32_t* old_counts = c.old_counts + c.half * local_experts;
   for (int e = warp_in_block(); e < local_experts; e += warps_per_block()) {
-    for (int64_t slot = counts[e] + lane; slot < old_counts[e]; slot += kWarpSize) {
+    for (int64_t slot = counts[e] + lane; slot < old[e]; slot += kWarpSize) {
       const int64_t row = layout.row_index(e, slot);
       layout.recv_weights(local, c.half)[row] = 0.0f;
       layout.recv_aux(local, c.half)[row] = 0.0f;
@@ -323,7 +333,7 @@ __device__ void settle_dispatch(const LowLatencyDispatchParams& p, uint64_t epoc
 
 __global__ void __launch_bounds__(kThreads)
     low_latency_dispatch_kernel(LowLatencyDispatchParams p) {
-  extern __shared__ int32_t counts[];  // [E_l]
+  extern __shared__ int32_t counts[];  // [E_l], then the last round's [E_l] (settle_dispatch)
   const LowLatencyContext& c = p.ll;
   const int32_t phase = plan::low_latency_send_phase(p.rows.kind);
   const uint64_t epoch = c.scratch->round + 1;
@@ -343,7 +353,7 @@ __global__ void __launch_bounds__(kThreads)
     low_latency_publish(c, false, epoch, tags);
     if (!p.wait) return;
   }
-  settle_dispatch(p, epoch, phase + 1, counts);
+  settle_dispatch(p, epoch, phase + 1, counts, counts + padded_experts(c.layout));
 }
 
 // The exclusive prefix of `counts` [E_l] into prefix [E_l + 1] (shared memory), the block.
@@ -454,7 +464,7 @@ __global__ void __launch_bounds__(kThreads) low_latency_combine_kernel(LowLatenc
     if (!p.wait) return;
   }
   // Every block waits for every owner (its own grid's last block among them).
-  OwnerRegions* owners = reinterpret_cast<OwnerRegions*>(smem + (local_experts + 2) / 2 * 2);
+  OwnerRegions* owners = reinterpret_cast<OwnerRegions*>(smem + padded_experts(c.layout));
   bool ok;
   const uint32_t theirs = low_latency_wait(c, true, epoch, phase + 1, ok);
   if (threadIdx.x < layout.num_ranks) {
@@ -581,9 +591,11 @@ void launch(void (*kernel)(Params), int blocks, bool cooperative, size_t smem, c
 
 }  // namespace
 
+// [padded E_l] counts, then a combine's owners or a dispatch's [E_l] last-round counts.
 size_t low_latency_smem_bytes(const plan::LowLatencyLayout& layout) {
-  return static_cast<size_t>((layout.local_experts() + 2) / 2 * 2) * sizeof(int32_t) +
-         layout.num_ranks * sizeof(OwnerRegions);
+  return static_cast<size_t>(padded_experts(layout)) * sizeof(int32_t) +
+         std::max(layout.num_ranks * sizeof(OwnerRegions),
+                  static_cast<size_t>(layout.local_experts()) * sizeof(int32_t));
 }
 
 void load_low_latency_kernels() {
