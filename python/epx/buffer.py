@@ -441,11 +441,13 @@ class Buffer:
     # out the timeout.
 
     @contextlib.contextmanager
-    def _collective_checks(self, stream):
+    def _collective_checks(self, stream, low_latency=False):
+        """Any exception inside aborts the operation for the peers (the normal path's entry, or
+        the low-latency call's round) and propagates."""
         try:
             yield
         except Exception:
-            self._c.abort(stream)
+            (self._c.low_latency_abort if low_latency else self._c.abort)(stream)
             raise
 
     def dispatch(self, x, topk_idx=None, weights=None, aux=None, *, expand=False,

@@ -16,7 +16,6 @@ mode raises. This module adds the calls to ``epx.Buffer`` and the autograd funct
 ``epx.functional`` exports.
 """
 
-import contextlib
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -69,15 +68,6 @@ class LowLatencyCombineResult(NamedTuple):
     scalars: Optional[torch.Tensor]
 
 
-@contextlib.contextmanager
-def _checks(buffer, stream):
-    """A check that fails before the call reaches epx aborts the LL call for the peers."""
-    try:
-        yield
-    except Exception:
-        buffer._c.low_latency_abort(stream)
-        raise
-
 
 def _check_handle(handle):
     if not isinstance(handle, LowLatencyHandle):
@@ -95,7 +85,7 @@ def low_latency_dispatch(self, x, topk_idx=None, weights=None, aux=None, *, hand
     With return_hook the call returns once the rows are sent; low_latency_wait() completes it.
     """
     stream = stream_of(self._device)
-    with _checks(self, stream):
+    with self._collective_checks(stream, low_latency=True):
         if isinstance(x, (tuple, list)):
             if len(x) != 2:
                 raise error("fp8 x must be a tuple (data, scales)")
@@ -131,7 +121,7 @@ def low_latency_combine(self, x, handle, *, weights=None, scalars=None,
     view: read where it is). Returns y [S, H] and scalars [S, K] (0 where topk_idx is -1).
     """
     stream = stream_of(self._device)
-    with _checks(self, stream):
+    with self._collective_checks(stream, low_latency=True):
         _check_handle(handle)
         args = (describe(x, "x"), describe(weights, "weights"), describe(scalars, "scalars"))
     y, combined = self._c.low_latency_combine(*args, handle._c, bool(return_hook), stream)
@@ -144,7 +134,7 @@ def low_latency_combine_backward(self, grad_y, handle, *, x,
     bf16 = bf16(w_row * grad_y[t]), grad_weights [E_l, R*S_ll] fp32 = dot(grad_y[t], x_row)), 0
     past the counts. Starts a round like a dispatch: an LL combine must follow."""
     stream = stream_of(self._device)
-    with _checks(self, stream):
+    with self._collective_checks(stream, low_latency=True):
         _check_handle(handle)
         args = (describe(grad_y, "grad_y"), handle._c, describe(x, "x"),
                 describe(weights, "weights"))

@@ -35,6 +35,10 @@ class PeerWorkspace {
 
 namespace epx::detail {
 
+// Makes `cuda_device` current for `rank` (kInvalidArgument naming the rank when it does not
+// exist): the first step of every CUDA Comm factory.
+void use_cuda_device(int rank, int cuda_device);
+
 struct CudaCommState : CommState {
   int device = 0;
   // Collective: every rank calls it for each buffer, in the same order. Each rank states its

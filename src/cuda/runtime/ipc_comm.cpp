@@ -142,12 +142,7 @@ std::unique_ptr<PeerWorkspace> IpcCommState::open_workspace(size_t bytes, const 
 
 Comm Comm::ipc(int rank, int num_ranks, const std::string& name, int cuda_device) {
   detail::check_segment_ranks_and_name("ipc", rank, num_ranks, name);
-  int num_devices = 0;
-  EPX_CUDA_CHECK(cudaGetDeviceCount(&num_devices));
-  EPX_CHECK(cuda_device >= 0 && cuda_device < num_devices, kInvalidArgument,
-            "rank " << rank << ": CUDA device " << cuda_device << " does not exist (" << num_devices
-                    << " visible)");
-  EPX_CUDA_CHECK(cudaSetDevice(cuda_device));
+  detail::use_cuda_device(rank, cuda_device);
   auto state = std::make_shared<detail::IpcCommState>();
   state->name = name;
   state->device = cuda_device;

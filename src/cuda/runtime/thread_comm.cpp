@@ -24,6 +24,15 @@ struct ThreadCommState final : CudaCommState {
                                                 double timeout_seconds) override;
 };
 
+void use_cuda_device(int rank, int cuda_device) {
+  int num_devices = 0;
+  EPX_CUDA_CHECK(cudaGetDeviceCount(&num_devices));
+  EPX_CHECK(cuda_device >= 0 && cuda_device < num_devices, kInvalidArgument,
+            "rank " << rank << ": CUDA device " << cuda_device << " does not exist (" << num_devices
+                    << " visible)");
+  EPX_CUDA_CHECK(cudaSetDevice(cuda_device));
+}
+
 }  // namespace epx::detail
 
 namespace epx {
@@ -32,12 +41,7 @@ Comm Comm::cuda_threads(const ThreadGroup& group, int rank, int cuda_device) {
   EPX_CHECK(group.state() != nullptr, kInvalidArgument, "the thread group is empty");
   EPX_CHECK(rank >= 0 && rank < group.num_ranks(), kInvalidArgument,
             "rank " << rank << " is outside [0, " << group.num_ranks() << ")");
-  int num_devices = 0;
-  EPX_CUDA_CHECK(cudaGetDeviceCount(&num_devices));
-  EPX_CHECK(cuda_device >= 0 && cuda_device < num_devices, kInvalidArgument,
-            "rank " << rank << ": CUDA device " << cuda_device << " does not exist (" << num_devices
-                    << " visible)");
-  EPX_CUDA_CHECK(cudaSetDevice(cuda_device));
+  detail::use_cuda_device(rank, cuda_device);
   // The device's default pool (cudaMallocAsync, e.g. a caller's inputs) otherwise gives memory
   // back at every synchronisation; unmapping may wait for the whole device, where the other
   // ranks' kernels wait for this rank. The pool keeps its memory instead. (epx's own default
