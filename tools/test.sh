@@ -9,7 +9,8 @@
 #   tools/test.sh --python-only    the Python extension and the pytest suite alone, e.g. for a
 #                                  second interpreter: EPX_PYTHON=venv/bin/python
 #                                  EPX_BUILD_DIR=build-venv tools/test.sh --python-only
-# EPX_BUILD_DIR (default build/), EPX_PYTHON and EPX_CMAKE_ARGS (extra CMake options) apply to both.
+# EPX_BUILD_DIR (default build/), EPX_PYTHON, EPX_CMAKE_ARGS (extra CMake options) and
+# EPX_PYTEST_ARGS (extra pytest options) apply to both.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 python_only=0
@@ -54,7 +55,7 @@ if [ -n "$python" ] && [ -d "$root/tests/python" ]; then
   torch_version=$("$python" -c "import torch; print(torch.__version__)")
   set +e
   PYTHONPATH="$root/python:$build/python${PYTHONPATH:+:$PYTHONPATH}" \
-    "$python" -m pytest -q "$root/tests/python" 2>&1 | tee "$build/pytest.log"
+    "$python" -m pytest -q ${EPX_PYTEST_ARGS:-} "$root/tests/python" 2>&1 | tee "$build/pytest.log"
   py_status=${PIPESTATUS[0]}
   set -e
   if [ "$py_status" -ne 0 ] && [ "$py_status" -ne 5 ]; then status=1; fi
