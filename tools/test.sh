@@ -48,6 +48,9 @@ else
   cmake --build "$build" -j "$(nproc)"
   (cd "$build" && ctest --output-on-failure -j 2 2>&1 | tee "$build/ctest.log") || status=1
   ctest_line=$(grep -E "tests passed|tests failed" "$build/ctest.log" | tail -n 1 || true)
+  # The fault suite's counts (cases, hangs, silent wrong results, leaks), which ctest keeps in
+  # its log of passing tests.
+  faults_line=$(grep -h "\[epx-faults\].*cases" "$build/Testing/Temporary/LastTest.log" 2>/dev/null || true)
 fi
 
 pytest_line="pytest: skipped (no python3 with torch found)"
@@ -64,5 +67,6 @@ fi
 
 echo "== epx test summary =="
 echo "ctest: $ctest_line"
+[ -z "${faults_line:-}" ] || echo "fault suite: ${faults_line#\[epx-faults\] }"
 echo "$pytest_line"
 exit $status
