@@ -1,5 +1,5 @@
 // What every Comm has, whatever its transport (each transport defines its own factory:
-// src/host/host_comm.cpp, src/cuda/runtime/*_comm.cpp).
+// src/host/host_engine.cpp, src/cuda/runtime/*_comm.cpp).
 #include "epx/comm.hpp"
 
 #include <algorithm>
