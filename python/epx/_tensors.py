@@ -86,6 +86,15 @@ def describe(tensor, name):
     return (tensor.data_ptr(), int(dtype), tensor.shape, tensor.stride(), kind, index)
 
 
+def split_fp8(x):
+    """(data, scales) of a dispatch's x: a (data, scales) pair for fp8, else (x, None)."""
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise error("fp8 x must be a tuple (data, scales)")
+        return x[0], x[1]
+    return x, None
+
+
 def from_c(spec):
     """An epx output (base, byte_offset, dtype, shape) as a torch tensor; None stays None."""
     if spec is None:

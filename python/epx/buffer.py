@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from . import _C
-from ._tensors import as_float, as_int, describe, error, from_c, stream_of, torch_device
+from ._tensors import (as_float, as_int, describe, error, from_c, split_fp8, stream_of,
+                       torch_device)
 from ._tensors import allocate as _allocate
 
 
@@ -463,12 +464,7 @@ class Buffer:
         """
         stream = stream_of(self._device)
         with self._collective_checks(stream):
-            if isinstance(x, (tuple, list)):
-                if len(x) != 2:
-                    raise error("fp8 x must be a tuple (data, scales)")
-                data, scales = x
-            else:
-                data, scales = x, None
+            data, scales = split_fp8(x)
             inputs = (describe(data, "x"), describe(scales, "x scales"))
             channels = (describe(weights, "weights"), describe(aux, "aux"))
             if handle is not None:

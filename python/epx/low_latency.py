@@ -22,7 +22,7 @@ import torch
 
 from . import _C
 from .buffer import Buffer
-from ._tensors import describe, error, from_c, stream_of
+from ._tensors import describe, error, from_c, split_fp8, stream_of
 
 
 class LowLatencyHandle:
@@ -68,7 +68,6 @@ class LowLatencyCombineResult(NamedTuple):
     scalars: Optional[torch.Tensor]
 
 
-
 def _check_handle(handle):
     if not isinstance(handle, LowLatencyHandle):
         raise error(f"handle must be an epx.LowLatencyHandle, got {type(handle).__name__}",
@@ -86,12 +85,7 @@ def low_latency_dispatch(self, x, topk_idx=None, weights=None, aux=None, *, hand
     """
     stream = stream_of(self._device)
     with self._collective_checks(stream, low_latency=True):
-        if isinstance(x, (tuple, list)):
-            if len(x) != 2:
-                raise error("fp8 x must be a tuple (data, scales)")
-            data, scales = x
-        else:
-            data, scales = x, None
+        data, scales = split_fp8(x)
         if handle is not None:
             _check_handle(handle)
             if topk_idx is not None:
