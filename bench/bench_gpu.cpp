@@ -20,7 +20,9 @@
 //
 // Usage: bench_gpu [--tokens S] [--hidden H] [--experts E] [--topk K] [--sms N] [--iters N]
 //                  [--thread-ranks R]   (R ranks as threads on GPU 0 instead of one per GPU)
-//                  [--low-latency 0]    (without the low-latency rows: low_latency_bench.hpp)
+//                  [--low-latency 0|1|2]  (0: without the low-latency rows, low_latency_bench.hpp;
+//                                        2: those rows alone, e.g. for 8 thread ranks, whose
+//                                        normal-path rows take minutes on one GPU)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -93,7 +95,7 @@ struct Options {
   int sms = 24;
   int iters = 20;
   int thread_ranks = 0;  // > 0: that many ranks as threads sharing GPU 0 (no NCCL)
-  int low_latency = 1;   // the low-latency rows too (low_latency_bench.hpp)
+  int low_latency = 1;   // 1: the low-latency rows too (low_latency_bench.hpp); 2: them alone
 };
 
 Options parse(int argc, char** argv) {
@@ -101,6 +103,8 @@ Options parse(int argc, char** argv) {
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string key = argv[i];
     const long long value = std::stoll(argv[i + 1]);
+    if (key == "--low-latency" && (value < 0 || value > 2))
+      throw std::runtime_error("--low-latency takes 0, 1 or 2");
     if (key == "--tokens")
       o.tokens = value;
     else if (key == "--hidden")
@@ -178,8 +182,25 @@ struct Timer {
   }
 };
 
+std::string low_latency_rows(int rank, int num_ranks, const Options& o, const Comm& comm,
+                             cudaStream_t stream) {
+  return bench::low_latency_report({.rank = rank,
+                                    .num_ranks = num_ranks,
+                                    .hidden = o.hidden,
+                                    .experts = o.experts,
+                                    .topk = o.topk,
+                                    .iters = o.iters,
+                                    .shares_gpu = o.thread_ranks > 0},
+                                   comm, stream);
+}
+
 std::string run_rank(int rank, int num_ranks, const Options& o, const Comm& comm,
                      cudaStream_t stream) {
+  if (o.low_latency == 2) {
+    std::fputs(low_latency_rows(rank, num_ranks, o, comm, stream).c_str(), stdout);
+    std::fflush(stdout);
+    return "";
+  }
   BufferConfig config;
   config.max_tokens_per_rank = o.tokens;
   config.hidden = o.hidden;
@@ -367,16 +388,7 @@ std::string run_rank(int rank, int num_ranks, const Options& o, const Comm& comm
                   row.us, row.us > 0 ? bytes / (row.us * 1e3) : 0.0);
     report += line;
   }
-  if (o.low_latency) {
-    report += bench::low_latency_report({.rank = rank,
-                                         .num_ranks = num_ranks,
-                                         .hidden = o.hidden,
-                                         .experts = o.experts,
-                                         .topk = o.topk,
-                                         .iters = o.iters,
-                                         .shares_gpu = o.thread_ranks > 0},
-                                        comm, stream);
-  }
+  if (o.low_latency) report += low_latency_rows(rank, num_ranks, o, comm, stream);
   std::fputs(report.c_str(), stdout);
   std::fflush(stdout);
   // The stream stays: results and inputs still alive here free on it when they go out of scope.

@@ -7,7 +7,9 @@
 #           errors, graph replays), EPX_GPU_CONFIGS (default 4) random configurations per case
 #   bench   the benchmark (bench/bench.py), JSON and plot under $OUT
 #   threads bench_gpu with 2 and 4 ranks (EPX_THREAD_RANKS) as threads sharing GPU 0 (128 and
-#           4096 tokens)
+#           4096 tokens; EPX_THREADS_TOKENS), more bench_gpu options in EPX_THREADS_ARGS (e.g.
+#           EPX_THREAD_RANKS=8 EPX_THREADS_TOKENS=128 EPX_THREADS_ARGS="--low-latency 2": the
+#           low-latency rows of 8 thread ranks alone)
 #   stress  the thread-rank suite at R = 8 repeated EPX_STRESS_RUNS times (default 40, 5 s
 #           timeout), then memcheck with padding after every allocation (a stray write into a
 #           neighbouring allocation is invisible to plain memcheck) on the EPX_STRESS_SEEDS
@@ -89,8 +91,9 @@ for step in $steps; do
       ;;
     threads)
       for r in ${EPX_THREAD_RANKS:-2 4}; do
-        for t in 128 4096; do
-          timeout 120 "$EPX_BUILD_DIR/bench/bench_gpu" --thread-ranks $r --tokens $t 2>&1
+        for t in ${EPX_THREADS_TOKENS:-128 4096}; do
+          timeout 120 "$EPX_BUILD_DIR/bench/bench_gpu" --thread-ranks $r --tokens $t \
+            ${EPX_THREADS_ARGS:-} 2>&1
         done
       done | tee "$out/bench-threads.log"
       summary+=("threads: exit ${PIPESTATUS[0]}")
