@@ -45,7 +45,7 @@
 namespace {
 
 // With a build configured -DEPX_PHASE_CLOCK=ON: the phase marks of one unsynced compact
-// dispatch (src/cuda/kernels/phase_clock.hpp), per mark the blocks that stamped it and the earliest
+// dispatch (src/cuda/kernels/kernels.hpp), per mark the blocks that stamped it and the earliest
 // and latest stamp in us from the earliest kernel start. Nothing otherwise.
 void print_phase_clock(int rank, const std::function<void()>& dispatch,
                        const std::function<void()>& synchronize) {

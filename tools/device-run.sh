@@ -36,7 +36,7 @@
 #           bench_gpu with each of EPX_VARIANT_ARGS, ';'-separated argument lists (default
 #           "--tokens 4096;--tokens 128;--tokens 4096 --thread-ranks 4")
 #   phase   bench_gpu built with -DEPX_PHASE_CLOCK=ON (build-clk): the phase timeline of one
-#           dispatch at 128, 512 and 4096 tokens (src/cuda/kernels/phase_clock.hpp)
+#           dispatch at 128, 512 and 4096 tokens (src/cuda/kernels/kernels.hpp)
 # Logs go to $OUT (the device tool brings them back) and a summary is printed last.
 set -uo pipefail
 export PYTHONUNBUFFERED=1

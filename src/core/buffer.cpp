@@ -172,7 +172,7 @@ void Buffer::synchronize(void* stream) {
   }
 }
 
-// The low-latency calls (src/core/buffer_low_latency.cpp) go through run_operation too; the
+// The low-latency calls (src/core/buffer.cpp) go through run_operation too; the
 // wait of a hook is part of a call already numbered.
 void Buffer::run_low_latency(const char* operation, void* stream,
                              const detail::LowLatencyCall& call) {
@@ -230,7 +230,7 @@ Handle new_handle(const EngineContext& context, const DispatchOptions& options,
 }  // namespace epx
 
 // Buffer's low-latency calls (epx/low_latency.hpp): each is numbered like every operation
-// (Buffer::run_low_latency), checks its inputs (core/validate_low_latency.hpp; a rejected input
+// (Buffer::run_low_latency), checks its inputs (core/validate.hpp; a rejected input
 // aborts the call on the LL flags, so the peers raise instead of waiting), then runs the
 // transport's part (core/low_latency_engine.hpp).
 namespace epx {

@@ -1,7 +1,7 @@
 // The transport-specific half of the low-latency mode (epx/low_latency.hpp), and the host-side
 // state both transports keep the same way: which half of the receive regions the round uses,
 // whether a hook's wait is due, whether the mode failed. Buffer validates every input first
-// (src/core/validate_low_latency.cpp); the transports run docs/protocol.md's LL protocol.
+// (src/core/validate.cpp); the transports run docs/protocol.md's LL protocol.
 #pragma once
 
 #include <cstdint>
@@ -15,7 +15,7 @@
 
 namespace epx::detail {
 
-// The low-latency layout of a buffer (src/core/buffer_low_latency.cpp): the region after
+// The low-latency layout of a buffer (src/core/buffer.cpp): the region after
 // `workspace`'s own (zero bytes when the mode is off).
 plan::LowLatencyLayout low_latency_layout(const BufferConfig& config, int num_ranks,
                                           const plan::WorkspaceLayout& workspace);
@@ -97,7 +97,7 @@ class LowLatencyEngine {
   virtual void wait_part(void* stream) = 0;
 
   // What both transports build alike. The flag tags of this rank's call
-  // (plan/low_latency_protocol.hpp): a dispatch-direction call of `kind` with `in`, a combine.
+  // (plan/low_latency_layout.hpp): a dispatch-direction call of `kind` with `in`, a combine.
   static uint32_t dispatch_tags(const DispatchInputs& in, uint32_t kind, int half);
   static uint32_t combine_tags(const LowLatencyCombineInputs& in, int half);
   // A routing dispatch's handle, its three arrays in one allocation (the call's only one).
@@ -123,7 +123,7 @@ class LowLatencyEngine {
 }  // namespace epx::detail
 
 // One low-latency call as Buffer runs it (Buffer::run_low_latency, src/core/buffer.cpp): the
-// calls are in src/core/buffer_low_latency.cpp, the numbering, failure and abort rules of every
+// calls are in src/core/buffer.cpp, the numbering, failure and abort rules of every
 // operation in buffer.cpp's run_operation.
 namespace epx::detail {
 

@@ -1,5 +1,5 @@
 // One randomized end-to-end check of a buffer's low-latency mode against the reference
-// (reference/low_latency_reference.hpp), shared by the host tests and the GPU tests: three
+// (reference/reference.hpp), shared by the host tests and the GPU tests: three
 // rounds on one buffer, every output element compared.
 //
 //   round 0  routing dispatch; combine (weighted when the case has weights; zero-copy cases

@@ -44,7 +44,7 @@ struct PackedChunk {
 };
 
 // The same Vec elements as fp32, the form they are summed in; stored with one RNE rounding to
-// bf16 per element (two at a time, cuda/bf16_rounding.cuh).
+// bf16 per element (two at a time, cuda/device/bf16_rounding.cuh).
 template <int Vec>
 struct Chunk {
   float v[Vec];

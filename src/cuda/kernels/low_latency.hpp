@@ -2,7 +2,7 @@
 // mode"): parameter structs and launchers. One launch per call, or two when the call returned a
 // hook (its send part, then its wait part); no host synchronisation, so every launch can be
 // captured in a CUDA graph. Addresses come from plan/low_latency_layout.hpp, the flags' words
-// and the state word from plan/low_latency_protocol.hpp.
+// and the state word from plan/low_latency_layout.hpp.
 #pragma once
 
 #include <cuda_runtime.h>

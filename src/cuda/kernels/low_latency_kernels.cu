@@ -21,7 +21,7 @@
 #include "cuda/device/row_sums.cuh"
 #include "cuda/kernels/low_latency.hpp"
 
-// The device side of the low-latency protocol's words (plan/low_latency_protocol.hpp): the
+// The device side of the low-latency protocol's words (plan/low_latency_layout.hpp): the
 // state word a kernel enters by, the handoff from every block of a grid to its last one, the
 // sent / ready flags raised to the peers and waited for, the failed flags.
 //

@@ -14,7 +14,8 @@
 // (all the kernels know of peers). Made collectively by the communicator
 // (CudaCommState::open_workspace) and freed collectively by its destructor, so every rank
 // creates and destroys its workspaces in the same order. Implementations: an NCCL symmetric
-// window (nccl_workspace.cpp), a thread group's cudaMalloc (thread_workspace.cpp).
+// window (nccl_comm.cpp), a thread group's cudaMalloc (thread_comm.cpp), IPC-shared memory
+// (ipc_comm.cpp).
 namespace epx::detail {
 
 class PeerWorkspace {

@@ -1,5 +1,5 @@
 // The CUDA transport: the protocol of docs/protocol.md over a symmetric workspace (an NCCL
-// window, or a thread group's cudaMalloc'd workspaces: cuda/peer_workspace.hpp; NVLink loads
+// window, or a thread group's cudaMalloc'd workspaces: cuda/runtime/cuda_comm.hpp; NVLink loads
 // and stores into peers' workspaces), one stream-ordered sequence of kernels per
 // operation. Host synchronisation happens only where the caller asks for it (sync_counts, or
 // Buffer::synchronize), so sync_counts=false operations can be captured in a CUDA graph.
