@@ -30,7 +30,7 @@ namespace epx {
 namespace detail {
 class Engine;
 class LowLatencyEngine;
-struct LowLatencyCall;  // core/low_latency_call.hpp
+struct LowLatencyCall;  // src/core/low_latency_engine.hpp
 }  // namespace detail
 
 struct DispatchInputs {

@@ -118,7 +118,7 @@ void launch_abort(const Topology& topo, cudaStream_t stream);
 void launch_poison(const Topology& topo, cudaStream_t stream);
 
 // Source plan on the device: exactly plan::plan_source (src/plan/source_plan.cpp), tile by
-// tile (cuda/plan_kernels.cu).
+// tile (cuda/kernels/plan_kernels.cu).
 struct PlanParams {
   const void* topk_idx = nullptr;  // [S, K] int32 or int64
   bool topk_int64 = false;
