@@ -166,6 +166,10 @@ class Buffer {
   // An LL call through run_operation (its wait part without numbering it: src/core/buffer.cpp).
   void run_low_latency(const char* operation, void* stream, const detail::LowLatencyCall& call);
   detail::LowLatencyEngine& low_latency_engine(const char* operation);
+  // Both low_latency_dispatch overloads (`cached` null: a routing dispatch).
+  LowLatencyDispatchResult run_low_latency_dispatch(const DispatchInputs& inputs,
+                                                    const LowLatencyHandle* cached,
+                                                    const LowLatencyOptions& options, void* stream);
   // A timeout or a peer's failure makes the buffer unusable (and tells the peers).
   void note_failure(const Error& error, void* stream);
 

@@ -172,8 +172,8 @@ void Buffer::synchronize(void* stream) {
   }
 }
 
-// The low-latency calls (src/core/buffer.cpp) go through run_operation too; the
-// wait of a hook is part of a call already numbered.
+// The low-latency calls (below) go through run_operation too; the wait of a hook is part of a
+// call already numbered.
 void Buffer::run_low_latency(const char* operation, void* stream,
                              const detail::LowLatencyCall& call) {
   if (call.check) {
@@ -236,16 +236,6 @@ Handle new_handle(const EngineContext& context, const DispatchOptions& options,
 namespace epx {
 namespace {
 
-uint32_t bit_if(const TensorView& tensor, uint32_t bit) {
-  return tensor.defined() ? bit : 0u;
-}
-
-uint32_t dispatch_tensor_bits(const DispatchInputs& in) {
-  const bool fp8 = in.x.defined() && in.x.dtype == DType::kFloat8E4M3;
-  return bit_if(in.weights, plan::kTensorWeights) | bit_if(in.aux, plan::kTensorAux) |
-         (fp8 ? uint32_t(plan::kTensorFp8) : 0u);
-}
-
 // Runs the input checks; a rejection goes out on the LL flags before it is raised.
 template <typename Check>
 void checked(detail::LowLatencyEngine& low_latency, void* stream, Check&& check) {
@@ -269,50 +259,41 @@ detail::LowLatencyEngine& Buffer::low_latency_engine(const char* operation) {
 LowLatencyDispatchResult Buffer::low_latency_dispatch(const DispatchInputs& inputs,
                                                       const LowLatencyOptions& options,
                                                       void* stream) {
-  const char* name = "low_latency_dispatch";
-  detail::LowLatencyEngine& low_latency = low_latency_engine(name);
-  std::optional<LowLatencyDispatchResult> result;
-  run_low_latency(name, stream,
-                  {.check =
-                       [&](uint64_t sequence) {
-                         return plan::OpFingerprint{.sequence = sequence,
-                                                    .config_hash = config_hash_,
-                                                    .kind = plan::kOpLowLatencyDispatch,
-                                                    .tensors = dispatch_tensor_bits(inputs)};
-                       },
-                   .run =
-                       [&](const plan::OpFingerprint& op) {
-                         checked(low_latency, stream, [&] {
-                           detail::check_low_latency_dispatch(inputs, config_, device());
-                         });
-                         result.emplace(low_latency.dispatch(inputs, nullptr, options, op, stream));
-                       }});
-  return std::move(*result);
+  return run_low_latency_dispatch(inputs, nullptr, options, stream);
 }
 
 LowLatencyDispatchResult Buffer::low_latency_dispatch(const DispatchInputs& inputs,
                                                       const LowLatencyHandle& handle,
                                                       const LowLatencyOptions& options,
                                                       void* stream) {
-  const char* name = "cached low_latency_dispatch";
+  return run_low_latency_dispatch(inputs, &handle, options, stream);
+}
+
+LowLatencyDispatchResult Buffer::run_low_latency_dispatch(const DispatchInputs& inputs,
+                                                          const LowLatencyHandle* cached,
+                                                          const LowLatencyOptions& options,
+                                                          void* stream) {
+  const char* name = cached ? "cached low_latency_dispatch" : "low_latency_dispatch";
   detail::LowLatencyEngine& low_latency = low_latency_engine(name);
   std::optional<LowLatencyDispatchResult> result;
   run_low_latency(name, stream,
                   {.check =
                        [&](uint64_t sequence) {
-                         return plan::OpFingerprint{.sequence = sequence,
-                                                    .handle_origin = handle.origin,
-                                                    .config_hash = config_hash_,
-                                                    .kind = plan::kOpLowLatencyCachedDispatch,
-                                                    .tensors = dispatch_tensor_bits(inputs)};
+                         return detail::low_latency_dispatch_fingerprint(inputs, cached, sequence,
+                                                                         config_hash_);
                        },
                    .run =
                        [&](const plan::OpFingerprint& op) {
                          checked(low_latency, stream, [&] {
-                           detail::check_low_latency_handle(handle, id_, rank(), num_ranks(), name);
-                           detail::check_low_latency_cached(inputs, handle, config_, device());
+                           if (cached) {
+                             detail::check_low_latency_handle(*cached, id_, rank(), num_ranks(),
+                                                              name);
+                             detail::check_low_latency_cached(inputs, *cached, config_, device());
+                           } else {
+                             detail::check_low_latency_dispatch(inputs, config_, device());
+                           }
                          });
-                         result.emplace(low_latency.dispatch(inputs, &handle, options, op, stream));
+                         result.emplace(low_latency.dispatch(inputs, cached, options, op, stream));
                        }});
   return std::move(*result);
 }
@@ -328,12 +309,7 @@ LowLatencyCombineResult Buffer::low_latency_combine(const LowLatencyCombineInput
       name, stream,
       {.check =
            [&](uint64_t sequence) {
-             return plan::OpFingerprint{.sequence = sequence,
-                                        .handle_origin = handle.origin,
-                                        .config_hash = config_hash_,
-                                        .kind = plan::kOpLowLatencyCombine,
-                                        .tensors = bit_if(inputs.weights, plan::kTensorWeights) |
-                                                   bit_if(inputs.scalars, plan::kTensorScalars)};
+             return detail::low_latency_combine_fingerprint(inputs, handle, sequence, config_hash_);
            },
        .run =
            [&](const plan::OpFingerprint&) {
@@ -357,10 +333,8 @@ CombineBackwardResult Buffer::low_latency_combine_backward(const TensorView& gra
   run_low_latency(name, stream,
                   {.check =
                        [&](uint64_t sequence) {
-                         return plan::OpFingerprint{.sequence = sequence,
-                                                    .handle_origin = handle.origin,
-                                                    .config_hash = config_hash_,
-                                                    .kind = plan::kOpLowLatencyCombineBackward};
+                         return detail::low_latency_combine_backward_fingerprint(handle, sequence,
+                                                                                 config_hash_);
                        },
                    .run =
                        [&](const plan::OpFingerprint&) {

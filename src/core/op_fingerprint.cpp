@@ -119,6 +119,35 @@ OpFingerprint combine_backward_fingerprint(const Handle& handle, uint64_t sequen
           .alignment = handle.expert_alignment};
 }
 
+OpFingerprint low_latency_dispatch_fingerprint(const DispatchInputs& in,
+                                               const LowLatencyHandle* cached, uint64_t sequence,
+                                               uint64_t config) {
+  return {
+      .sequence = sequence,
+      .handle_origin = cached ? cached->origin : 0,
+      .config_hash = config,
+      .kind = cached ? kOpLowLatencyCachedDispatch : kOpLowLatencyDispatch,
+      .tensors = tensor_bits({{&in.weights, kTensorWeights}, {&in.aux, kTensorAux}}) | fp8_bit(in)};
+}
+
+OpFingerprint low_latency_combine_fingerprint(const LowLatencyCombineInputs& in,
+                                              const LowLatencyHandle& handle, uint64_t sequence,
+                                              uint64_t config) {
+  return {.sequence = sequence,
+          .handle_origin = handle.origin,
+          .config_hash = config,
+          .kind = kOpLowLatencyCombine,
+          .tensors = tensor_bits({{&in.weights, kTensorWeights}, {&in.scalars, kTensorScalars}})};
+}
+
+OpFingerprint low_latency_combine_backward_fingerprint(const LowLatencyHandle& handle,
+                                                       uint64_t sequence, uint64_t config) {
+  return {.sequence = sequence,
+          .handle_origin = handle.origin,
+          .config_hash = config,
+          .kind = kOpLowLatencyCombineBackward};
+}
+
 const char* op_kind_name(uint32_t kind) {
   switch (kind) {
     case kOpDispatch:

@@ -23,6 +23,16 @@ plan::OpFingerprint combine_fingerprint(const CombineInputs& in, const Handle& h
                                         ReduceAt reduce_at, uint64_t sequence, uint64_t config);
 plan::OpFingerprint combine_backward_fingerprint(const Handle& handle, uint64_t sequence,
                                                  uint64_t config);
+// The low-latency calls' (`cached` null: a routing dispatch). They carry no options or alignment:
+// the buffer's configuration fixes the LL layout.
+plan::OpFingerprint low_latency_dispatch_fingerprint(const DispatchInputs& in,
+                                                     const LowLatencyHandle* cached,
+                                                     uint64_t sequence, uint64_t config);
+plan::OpFingerprint low_latency_combine_fingerprint(const LowLatencyCombineInputs& in,
+                                                    const LowLatencyHandle& handle,
+                                                    uint64_t sequence, uint64_t config);
+plan::OpFingerprint low_latency_combine_backward_fingerprint(const LowLatencyHandle& handle,
+                                                             uint64_t sequence, uint64_t config);
 
 const char* op_kind_name(uint32_t kind);
 
