@@ -213,18 +213,38 @@ T parse_number(const std::string& option, const char* text, T min, T max) {
   return value;
 }
 
-inline Options parse(int argc, char** argv) {
-  Options o;
+// The command-line walk both this example and tests/check/moe_check.cpp use: --help / -h set
+// `help`; every other option goes to `handle(option, value)`, where value() takes the option's
+// argument (a UsageError when there is none), and `handle` returns false for an option it does
+// not know (a UsageError too).
+template <typename Handler>
+void for_each_option(int argc, char** argv, bool& help, Handler&& handle) {
   for (int i = 1; i < argc; ++i) {
     const std::string option = argv[i];
     if (option == "--help" || option == "-h") {
-      o.help = true;
+      help = true;
       continue;
     }
     auto value = [&] {
       if (i + 1 >= argc) throw UsageError(option + " needs a value");
       return argv[++i];
     };
+    if (!handle(option, value)) throw UsageError("unknown option " + option);
+  }
+}
+
+// --transport's value: auto, host or cuda.
+inline std::string parse_transport(const char* text) {
+  const std::string transport = text;
+  if (transport != "auto" && transport != "host" && transport != "cuda") {
+    throw UsageError("--transport takes auto, host or cuda, not '" + transport + "'");
+  }
+  return transport;
+}
+
+inline Options parse(int argc, char** argv) {
+  Options o;
+  for_each_option(argc, argv, o.help, [&](const std::string& option, auto value) {
     if (option == "--ranks") {
       o.ranks = parse_number(option, value(), 1, 64);
     } else if (option == "--tokens") {
@@ -238,14 +258,12 @@ inline Options parse(int argc, char** argv) {
     } else if (option == "--alignment") {
       o.alignment = parse_number(option, value(), 1, 1 << 10);
     } else if (option == "--transport") {
-      o.transport = value();
-      if (o.transport != "auto" && o.transport != "host" && o.transport != "cuda") {
-        throw UsageError("--transport takes auto, host or cuda, not '" + o.transport + "'");
-      }
+      o.transport = parse_transport(value());
     } else {
-      throw UsageError("unknown option " + option);
+      return false;
     }
-  }
+    return true;
+  });
   if (o.topk > o.experts) {
     throw UsageError("--topk " + std::to_string(o.topk) + " exceeds --experts " +
                      std::to_string(o.experts));

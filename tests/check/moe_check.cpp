@@ -65,43 +65,34 @@ struct Options {
   bool help = false;
 };
 
-// The example's strict number parsing (a bad value is a UsageError: the usage, exit code 2).
+// The example's strict command line (a mistake is a UsageError: the usage, exit code 2).
+using moe_layer::for_each_option;
 using moe_layer::parse_number;
+using moe_layer::parse_transport;
 using moe_layer::UsageError;
 
 Options parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string option = argv[i];
-    if (option == "--help" || option == "-h") {
-      o.help = true;
-      continue;
-    }
-    auto value = [&] {
-      if (i + 1 >= argc) throw UsageError(option + " needs a value");
-      return argv[++i];
-    };
-    if (option == "--ranks")
+  for_each_option(argc, argv, o.help, [&](const std::string& option, auto value) {
+    if (option == "--ranks") {
       o.ranks = parse_number(option, value(), 1, 64);
-    else if (option == "--tokens")
+    } else if (option == "--tokens") {
       o.tokens = parse_number<int64_t>(option, value(), 1, 1 << 20);
-    else if (option == "--hidden")
+    } else if (option == "--hidden") {
       o.hidden = parse_number<int64_t>(option, value(), 1, 1 << 16);
-    else if (option == "--experts")
+    } else if (option == "--experts") {
       o.experts = parse_number(option, value(), 1, 1 << 16);
-    else if (option == "--topk")
+    } else if (option == "--topk") {
       o.topk = parse_number(option, value(), 1, 64);
-    else if (option == "--seed")
+    } else if (option == "--seed") {
       o.seed = parse_number(option, value(), uint64_t(0), ~uint64_t(0));
-    else if (option == "--transport") {
-      o.transport = value();
-      if (o.transport != "auto" && o.transport != "host" && o.transport != "cuda") {
-        throw UsageError("--transport takes auto, host or cuda, not '" + o.transport + "'");
-      }
+    } else if (option == "--transport") {
+      o.transport = parse_transport(value());
     } else {
-      throw UsageError("unknown option " + option);
+      return false;
     }
-  }
+    return true;
+  });
   return o;
 }
 
