@@ -197,6 +197,25 @@ std::string run_threads(int num_ranks, Placement placement, double group_timeout
   return failures(outcomes);
 }
 
+std::string expect_raise(Buffer& buffer, const ThreadRank& r, ErrorCode code, int bad_rank,
+                         const std::string& needle,
+                         const std::function<void(Buffer&, const ThreadRank&)>& bad,
+                         const char* tag) {
+  try {
+    bad(buffer, r);
+    buffer.synchronize(r.stream);
+    return "no error was raised";
+  } catch (const Error& error) {
+    const std::string what = error.what();
+    std::cout << tag << " rank " << r.rank << " raised: " << what << std::endl;
+    if (error.code() != code) return "wrong code: " + what;
+    if (r.rank != bad_rank && what.find(needle) == std::string::npos) {
+      return "message lacks '" + needle + "': " + what;
+    }
+  }
+  return "";
+}
+
 }  // namespace epx::testing
 
 namespace epx::testing {

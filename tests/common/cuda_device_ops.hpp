@@ -143,6 +143,14 @@ std::string run_threads(int num_ranks, Placement placement, double group_timeout
                         const std::function<std::string(const ThreadRank&)>& fn,
                         double timeout_seconds);
 
+// On a rank thread: runs `bad` on `buffer` and synchronises. "" when it raised `code` with a
+// message containing `needle` (not asked of rank `bad_rank`, whose own message may differ),
+// else what went wrong; every error is printed after `tag`.
+std::string expect_raise(Buffer& buffer, const ThreadRank& r, ErrorCode code, int bad_rank,
+                         const std::string& needle,
+                         const std::function<void(Buffer&, const ThreadRank&)>& bad,
+                         const char* tag);
+
 }  // namespace epx::testing
 
 // The CUDA-graph scenario of the GPU tests, shared by the NCCL ranks (test_gpu) and the thread

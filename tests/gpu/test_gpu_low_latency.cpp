@@ -298,19 +298,7 @@ void expect_all_raise(ErrorCode code, int bad_rank, const std::string& needle,
       3, Placement::kOneGpu, 60,
       [&](const ThreadRank& r) -> std::string {
         Buffer buffer(r.comm, shared_gpu_config(c, r, timeout_seconds), poisoned_cuda_allocator());
-        try {
-          bad(buffer, r);
-          buffer.synchronize(r.stream);
-          return "no error was raised";
-        } catch (const Error& error) {
-          const std::string what = error.what();
-          std::cout << "[epx-gpu-low-latency] rank " << r.rank << " raised: " << what << std::endl;
-          if (error.code() != code) return "wrong code: " + what;
-          if (r.rank != bad_rank && what.find(needle) == std::string::npos) {
-            return "message lacks '" + needle + "': " + what;
-          }
-        }
-        return "";
+        return expect_raise(buffer, r, code, bad_rank, needle, bad, "[epx-gpu-low-latency]");
       },
       300);
   EXPECT_EQ(failed, "");

@@ -188,20 +188,9 @@ void expect_all_raise(ErrorCode code, int bad_rank, const std::string& peer_need
         config.fp8 = false;
         config.max_tokens = std::max<int64_t>(config.max_tokens, kTinyTokens);
         Buffer buffer(r.comm, thread_buffer_config(config, r, 20), poisoned_cuda_allocator());
-        try {
-          bad(buffer, r);
-          buffer.synchronize(r.stream);
-          return "no error was raised";
-        } catch (const Error& error) {
-          const std::string what = error.what();
-          std::cout << "[epx-gpu-threads] rank " << r.rank << " raised as expected: " << what
-                    << std::endl;
-          if (error.code() != code) return "wrong code: " + what;
-          if (r.rank != bad_rank && what.find(peer_needle) == std::string::npos) {
-            return "message lacks '" + peer_needle + "': " + what;
-          }
-        }
-        return run_scenario(buffer, config, r.rank, r.ops());
+        const std::string raised =
+            expect_raise(buffer, r, code, bad_rank, peer_needle, bad, "[epx-gpu-threads]");
+        return raised.empty() ? run_scenario(buffer, config, r.rank, r.ops()) : raised;
       },
       300);
   EXPECT_EQ(failed, "");
