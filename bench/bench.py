@@ -29,12 +29,6 @@ import json  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 
-try:
-    import torch
-    import torch.multiprocessing as mp
-except ImportError:  # --plot-only needs matplotlib alone
-    torch = mp = None
-
 from epxbench import REPO, describe_error, say  # noqa: E402
 from epxbench.report import failed_checks, machine_name, print_table  # noqa: E402
 
@@ -121,8 +115,12 @@ def main(argv=None):
             print_table(json.load(f))
         say(f"[bench] plot {plot(args.plot_only)}")
         return 0
-    if torch is None:
-        say("[bench] PyTorch is not importable by this Python: only --plot-only works")
+    try:  # here, not at the top: report, ncu-stalls and --plot-only need no PyTorch
+        import torch
+        import torch.multiprocessing as mp
+    except ImportError:
+        say("[bench] PyTorch is not importable by this Python: only report, ncu-stalls and "
+            "--plot-only work")
         return 2
     if args.smoke:
         world = args.world or 2
