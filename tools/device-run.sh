@@ -37,6 +37,8 @@
 #           "--tokens 4096;--tokens 128;--tokens 4096 --thread-ranks 4")
 #   phase   bench_gpu built with -DEPX_PHASE_CLOCK=ON (build-clk): the phase timeline of one
 #           dispatch at 128, 512 and 4096 tokens (src/cuda/kernels/kernels.hpp)
+# EPX_BUILD_TARGETS (e.g. "bench_gpu test_gpu_low_latency") builds only those targets: a call
+# whose steps need no more saves the minutes of the full build.
 # Logs go to $OUT (the device tool brings them back) and a summary is printed last.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -63,7 +65,8 @@ echo "== build ($(date -u +%FT%TZ)) commit $EPX_COMMIT nccl_root=$nccl_root"
 cmake -S "$root" -B "$EPX_BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=${EPX_BUILD_TYPE:-Release} \
   -DEPX_BUILD_PYTHON=ON -DPython_EXECUTABLE="$python" -DPYTHON_EXECUTABLE="$python" \
   ${nccl_root:+-DEPX_NCCL_ROOT="$nccl_root"} > "$out/build.log" 2>&1 &&
-  cmake --build "$EPX_BUILD_DIR" -j "$(nproc)" >> "$out/build.log" 2>&1
+  cmake --build "$EPX_BUILD_DIR" -j "$(nproc)" ${EPX_BUILD_TARGETS:+--target $EPX_BUILD_TARGETS} \
+    >> "$out/build.log" 2>&1
 build_status=$?
 tail -n 30 "$out/build.log"
 summary+=("build: exit $build_status")

@@ -17,9 +17,12 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <iostream>
 #include <random>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include "common/cuda_device_ops.hpp"
 #include "common/multi_process.hpp"
@@ -298,6 +301,36 @@ TEST_P(GpuFixed, MissingPeerTimesOutAndTheBufferFailsEverywhere) {
             return "";
           }),
       "");
+}
+
+// Every CUDA factory given a device that does not exist raises kInvalidArgument naming the rank
+// and the device (not a CUDA error from deep inside the setup).
+TEST(GpuComm, DeviceThatDoesNotExistRaisesInvalidArgument) {
+  EPX_REQUIRE_GPUS(1);
+  const auto outcomes = run_ranks(1, [](int) -> std::string {
+    constexpr int kNoDevice = 999;
+    const std::vector<std::pair<const char*, std::function<void()>>> factories = {
+        {"nccl", [] { (void)Comm::nccl(0, 1, Comm::nccl_unique_id(), kNoDevice, 5.0); }},
+        {"ipc", [] { (void)Comm::ipc(0, 1, unique_name("epx-no-device"), kNoDevice); }},
+        {"cuda_threads",
+         [] { (void)Comm::cuda_threads(ThreadGroup::create(1, 5.0), 0, kNoDevice); }}};
+    std::string failures;
+    for (const auto& [name, open] : factories) {
+      try {
+        open();
+        failures += std::string(name) + ": nothing raised; ";
+      } catch (const Error& error) {
+        const std::string what = error.what();
+        std::cout << "[epx-gpu] " << name << ": " << what << std::endl;
+        if (error.code() != ErrorCode::kInvalidArgument ||
+            what.find("rank 0: CUDA device 999 does not exist") == std::string::npos) {
+          failures += std::string(name) + ": " + what + "; ";
+        }
+      }
+    }
+    return failures;
+  });
+  EXPECT_EQ(failures(outcomes), "");
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, GpuFixed, kFixedCases,

@@ -11,11 +11,11 @@ import torch.distributed as dist
 
 import epx
 import epx.functional as F
-from rank_cases import _setup
+from rank_cases import setup_buffer_and_inputs
 from reference import receive_layout
 
 
-def _expert(x_rows, weight):
+def expert_mlp(x_rows, weight):
     return torch.tanh(x_rows.float() @ weight)
 
 
@@ -63,7 +63,7 @@ def _low_latency_layer(buffer, x, topk, weights, local_weights):
     recv_x, recv_w, handle = F.low_latency_dispatch(buffer, x, topk, weights)
     real = (torch.arange(recv_x.shape[1], device=x.device).unsqueeze(0) <
             handle.counts.to(x.device).long().unsqueeze(1))  # [E_l, R*S_ll]
-    h = torch.stack([_expert(recv_x[e], w) for e, w in enumerate(local_weights)])
+    h = torch.stack([expert_mlp(recv_x[e], w) for e, w in enumerate(local_weights)])
     h = torch.where(real.unsqueeze(-1), h, torch.zeros((), device=x.device)).bfloat16()
     return F.low_latency_combine(buffer, h, handle, recv_w)
 
@@ -73,12 +73,12 @@ def _expanded_experts(recv_x, handle, expert_weights, first):
     counts were synced, else by handle.local_expert_idx (no host synchronisation)."""
     offsets = handle.host_expert_offsets
     if offsets is not None:
-        return torch.cat([_expert(recv_x[offsets[e]:offsets[e + 1]], expert_weights[first + e])
+        return torch.cat([expert_mlp(recv_x[offsets[e]:offsets[e + 1]], expert_weights[first + e])
                           for e in range(handle.local_experts)])
     expert_idx = handle.local_expert_idx.unsqueeze(1)
     out = torch.zeros(recv_x.shape, dtype=torch.float32, device=recv_x.device)
     for e in range(handle.local_experts):
-        out = torch.where(expert_idx == e, _expert(recv_x, expert_weights[first + e]), out)
+        out = torch.where(expert_idx == e, expert_mlp(recv_x, expert_weights[first + e]), out)
     return out
 
 
@@ -138,7 +138,7 @@ def moe_grad_case(ctx, seed, expand=False, alignment=1, steps=1, empty_rank=None
                 acc = torch.zeros(recv_x.shape, dtype=torch.float32, device=dev)
                 for e in range(local_experts):
                     coefficient = (scale * (local_k == e)).sum(1, keepdim=True)
-                    acc = acc + coefficient * _expert(recv_x, experts_p[first + e])
+                    acc = acc + coefficient * expert_mlp(recv_x, experts_p[first + e])
                 y = F.combine(buffer, acc.bfloat16(), handle)
         assert y.shape == x.shape and y.dtype == torch.bfloat16
         (y.float() * grad_out_all[rank].to(dev)).sum().backward()
@@ -180,7 +180,7 @@ def autograd_edges_case(ctx, seed):
     gradient arrives as None), an unweighted expanded combine (cached-dispatch backward) and
     unzeroed padding rows (their gradient must still be zero)."""
     rank, dev = ctx.rank, ctx.device
-    buffer, num_experts, (xs, topks, ws, _) = _setup(ctx, seed, mask_fraction=0.2)
+    buffer, num_experts, (xs, topks, ws, _) = setup_buffer_and_inputs(ctx, seed, mask_fraction=0.2)
     x = xs[rank].to(dev, copy=True).requires_grad_()
     w = ws[rank].to(dev, copy=True).requires_grad_()
     recv_x, recv_w, handle = F.dispatch(buffer, x, topks[rank].to(dev), w, expand=True,
@@ -206,7 +206,7 @@ def autograd_losses_case(ctx, seed, expand, loss):
     both backward collectives (nobody waits for a peer), gradients have the inputs' shapes, and
     a second step on the same buffer works."""
     rank, dev = ctx.rank, ctx.device
-    buffer, num_experts, (xs, topks, ws, _) = _setup(ctx, seed, empty_rank=0)
+    buffer, num_experts, (xs, topks, ws, _) = setup_buffer_and_inputs(ctx, seed, empty_rank=0)
     for step in range(2):
         x = xs[rank].to(dev, copy=True).requires_grad_()
         w = ws[rank].to(dev, copy=True).requires_grad_()
@@ -440,7 +440,7 @@ def opcheck_case(ctx, seed, expand):
     test_aot_dispatch_dynamic: it compares two calls' outputs, and a dispatch's handle tensor
     names a new handle each time (the compiled layer's tests cover AOT tracing)."""
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
-    buffer, num_experts, (xs, topks, ws, auxs) = _setup(ctx, seed)
+    buffer, num_experts, (xs, topks, ws, auxs) = setup_buffer_and_inputs(ctx, seed)
     rank, dev = ctx.rank, ctx.device
     dispatch_args = (xs[rank].to(dev), topks[rank].to(dev), ws[rank].to(dev),
                      auxs[rank].to(dev), buffer._op_id, expand, 4, True, False)

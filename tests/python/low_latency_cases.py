@@ -7,8 +7,8 @@ import torch
 
 import epx
 import epx.functional as F
-from gradient_cases import _expert
-from rank_cases import _same, make_inputs
+from gradient_cases import expert_mlp
+from rank_cases import assert_same_bits, make_inputs
 from reference import fma
 
 S_LL, HIDDEN, NUM_TOPK, LOCAL_EXPERTS = 20, 256, 3, 3
@@ -60,30 +60,33 @@ def exchange_case(ctx, seed, fp8=False, hook=False, zero_copy=False, idx_dtype="
         buffer.low_latency_wait()
     rows = canonical_rows(topks, rank, local, S_LL, NUM_TOPK)
     counts = [len(r) for r in rows]
-    _same(recv.counts, torch.tensor(counts, dtype=torch.int32), "counts")
-    _same(recv.handle.counts, torch.tensor(counts, dtype=torch.int32), "handle.counts")
-    _same(recv.handle.topk_idx, topks[rank].int(), "handle.topk_idx")
+    assert_same_bits(recv.counts, torch.tensor(counts, dtype=torch.int32), "counts")
+    assert_same_bits(recv.handle.counts, torch.tensor(counts, dtype=torch.int32), "handle.counts")
+    assert_same_bits(recv.handle.topk_idx, topks[rank].int(), "handle.topk_idx")
     recv_x = recv.x[0] if fp8 else recv.x
     src_info = recv.src_info.cpu()
     for e in range(local):
         c = counts[e]
         order = torch.argsort(src_info[e, :c].long())
         ids = [i for i, _, _, _ in rows[e]]
-        _same(src_info[e, :c][order], torch.tensor(ids, dtype=torch.int32), f"src_info of {e}")
-        _same(src_info[e, c:], torch.full((capacity - c,), -1, dtype=torch.int32), "src_info tail")
+        assert_same_bits(src_info[e, :c][order], torch.tensor(ids, dtype=torch.int32),
+                         f"src_info of {e}")
+        assert_same_bits(src_info[e, c:], torch.full((capacity - c,), -1, dtype=torch.int32),
+                         "src_info tail")
         got = recv_x[e, :c].cpu()[order]
         source = data if fp8 else xs
         want = (torch.stack([source[s][t] for _, s, t, _ in rows[e]]) if c else got)
-        _same(got.view(torch.uint8) if fp8 else got, want, f"x of expert {e}")
+        assert_same_bits(got.view(torch.uint8) if fp8 else got, want, f"x of expert {e}")
         if fp8:
             want_scales = torch.stack([scales[s][t] for _, s, t, _ in rows[e]]) if c else None
             if c:
-                _same(recv.x[1][e, :c].cpu()[order], want_scales, f"scales of expert {e}")
+                assert_same_bits(recv.x[1][e, :c].cpu()[order], want_scales,
+                                 f"scales of expert {e}")
         for name, got_s, values in (("weights", recv.weights, ws), ("aux", recv.aux, auxs)):
             got_s = got_s.cpu()
             want_s = torch.tensor([float(values[s][t, k]) for _, s, t, k in rows[e]])
-            _same(got_s[e, :c][order], want_s, f"{name} of expert {e}")
-            _same(got_s[e, c:], torch.zeros(capacity - c), f"{name} tail")
+            assert_same_bits(got_s[e, :c][order], want_s, f"{name} of expert {e}")
+            assert_same_bits(got_s[e, c:], torch.zeros(capacity - c), f"{name} tail")
 
     # Combine, weighted by the dispatch's own weights (zero-copy) or by weights of its own.
     ids_here = src_info.clone()
@@ -118,19 +121,19 @@ def exchange_case(ctx, seed, fp8=False, hook=False, zero_copy=False, idx_dtype="
             acc = fma(w, value_rows([i], HIDDEN, seed)[0].float(), acc)
             want_scalars[t, k] = value_scalars([i], seed + 2)[0]
         y[t] = acc.bfloat16()
-    _same(out.x, y, "combine y")
-    _same(out.scalars, want_scalars, "combine scalars")
+    assert_same_bits(out.x, y, "combine y")
+    assert_same_bits(out.scalars, want_scalars, "combine scalars")
 
     # A cached dispatch of bf16 rows lands where the routing dispatch's rows did.
     new_x = [x * 2 for x in xs]
     cached = buffer.low_latency_dispatch(new_x[rank].to(dev), handle=recv.handle)
-    _same(cached.src_info, src_info, "cached src_info")
+    assert_same_bits(cached.src_info, src_info, "cached src_info")
     for e in range(local):
         c = counts[e]
         order = torch.argsort(src_info[e, :c].long())
         if c:
             want = torch.stack([new_x[s][t] for _, s, t, _ in rows[e]])
-            _same(cached.x[e, :c].cpu()[order], want, f"cached x of expert {e}")
+            assert_same_bits(cached.x[e, :c].cpu()[order], want, f"cached x of expert {e}")
     buffer.low_latency_combine(buffer.low_latency_combine_input(), recv.handle)
 
     # combine_backward of the weighted combine above.
@@ -147,7 +150,7 @@ def exchange_case(ctx, seed, fp8=False, hook=False, zero_copy=False, idx_dtype="
             i = int(ids_here[e, j])
             s, t = i // NUM_TOPK // S_LL, i // NUM_TOPK % S_LL
             gy = grad_y[s][t].float()
-            _same(grad_x[e, j], (w_rows[e, j] * gy).bfloat16(), f"grad_x row {j} of {e}")
+            assert_same_bits(grad_x[e, j], (w_rows[e, j] * gy).bfloat16(), f"grad_x row {j} of {e}")
             dot = torch.dot(gy.double(), h[e, j].double())
             bound = (gy.double().abs() * h[e, j].double().abs()).sum()
             assert abs(float(grad_w[e, j]) - float(dot)) <= 1e-5 * float(bound) + 1e-30
@@ -202,7 +205,7 @@ def frozen_inputs_case(ctx, seed):
         x = torch.randn(8, hidden, generator=g).bfloat16().to(dev)
         topk = torch.randint(0, local * world, (8, num_topk), generator=g).to(dev)
         recv_x, _, handle = F.low_latency_dispatch(buffer, x, topk)
-        h = torch.stack([_expert(recv_x[e], experts[rank * local + e]) for e in range(local)])
+        h = torch.stack([expert_mlp(recv_x[e], experts[rank * local + e]) for e in range(local)])
         y = F.low_latency_combine(buffer, h.bfloat16(), handle)
         y.float().sum().backward()
     buffer.synchronize()

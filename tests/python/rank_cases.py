@@ -32,7 +32,7 @@ def make_inputs(seed, world, max_tokens, hidden, num_experts, num_topk, *, empty
     return xs, topks, weights, auxs
 
 
-def _same(actual, expected, what):
+def assert_same_bits(actual, expected, what):
     actual, expected = actual.cpu(), expected.cpu()
     assert actual.shape == expected.shape, \
         f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
@@ -45,7 +45,7 @@ def _same(actual, expected, what):
 SIZES = dict(max_tokens=20, hidden=64, num_topk=3)
 
 
-def _setup(ctx, seed, local_experts=3, **input_options):
+def setup_buffer_and_inputs(ctx, seed, local_experts=3, **input_options):
     num_experts = local_experts * ctx.world
     inputs = make_inputs(seed, ctx.world, SIZES["max_tokens"], SIZES["hidden"], num_experts,
                          SIZES["num_topk"], **input_options)
@@ -57,7 +57,7 @@ def _setup(ctx, seed, local_experts=3, **input_options):
 def dispatch_case(ctx, seed, expand, alignment, idx_dtype="int64", zero_padding=True,
                   **input_options):
     """dispatch (and its cached replay) against the oracle, row for row and bit for bit."""
-    buffer, num_experts, (xs, topks, ws, auxs) = _setup(ctx, seed, **input_options)
+    buffer, num_experts, (xs, topks, ws, auxs) = setup_buffer_and_inputs(ctx, seed, **input_options)
     rank, dev = ctx.rank, ctx.device
     result = buffer.dispatch(xs[rank].to(dev), topks[rank].to(dev, getattr(torch, idx_dtype)),
                              ws[rank].to(dev), auxs[rank].to(dev), expand=expand,
@@ -71,33 +71,34 @@ def dispatch_case(ctx, seed, expand, alignment, idx_dtype="int64", zero_padding=
     assert handle.num_rows == (layout.num_rows if expand else layout.num_recv)
     assert handle.tokens_per_expert == layout.tokens_per_expert
     assert handle.host_expert_offsets == layout.expert_offsets
-    _same(handle.expert_offsets, torch.tensor(layout.expert_offsets, dtype=torch.int32),
-          "expert_offsets")
-    _same(handle.src_token,
-          torch.tensor([s * SIZES["max_tokens"] + t for s, t in layout.tokens], dtype=torch.int32),
-          "src_token")
-    _same(handle.expanded_rows, layout.expanded_rows, "expanded_rows")
+    assert_same_bits(handle.expert_offsets,
+                     torch.tensor(layout.expert_offsets, dtype=torch.int32), "expert_offsets")
+    assert_same_bits(
+        handle.src_token,
+        torch.tensor([s * SIZES["max_tokens"] + t for s, t in layout.tokens], dtype=torch.int32),
+        "src_token")
+    assert_same_bits(handle.expanded_rows, layout.expanded_rows, "expanded_rows")
     if expand:
         assert result.topk_idx is None and handle.recv_topk_idx is None
         real = torch.tensor([owner is not None for owner in layout.row_owner], dtype=torch.bool)
         got_x = result.x.cpu()
         if not zero_padding:  # padding rows are unspecified: compare the real rows only
             got_x = torch.where(real.unsqueeze(1), got_x, torch.zeros((), dtype=got_x.dtype))
-        _same(got_x, want_x, "recv_x")
+        assert_same_bits(got_x, want_x, "recv_x")
     else:
-        _same(result.topk_idx, layout.recv_topk, "recv topk_idx")
-        _same(handle.recv_topk_idx, layout.recv_topk, "handle.recv_topk_idx")
-        _same(result.x, want_x, "recv_x")
-    _same(result.weights, want_w, "recv weights")
-    _same(result.aux, want_aux, "recv aux")
+        assert_same_bits(result.topk_idx, layout.recv_topk, "recv topk_idx")
+        assert_same_bits(handle.recv_topk_idx, layout.recv_topk, "handle.recv_topk_idx")
+        assert_same_bits(result.x, want_x, "recv_x")
+    assert_same_bits(result.weights, want_w, "recv weights")
+    assert_same_bits(result.aux, want_aux, "recv aux")
 
     # Cached dispatch replays the layout row for row, with new scalars.
     new_w = ws[rank].to(dev) * 2
     cached = buffer.dispatch(xs[rank].to(dev), weights=new_w, handle=handle)
     assert cached.handle is handle
     if zero_padding or not expand:
-        _same(cached.x, result.x, "cached recv_x")
-    _same(cached.weights, want_w * 2, "cached recv weights")
+        assert_same_bits(cached.x, result.x, "cached recv_x")
+    assert_same_bits(cached.weights, want_w * 2, "cached recv weights")
     assert cached.aux is None
     return layout.num_recv
 
@@ -118,7 +119,7 @@ def _expert_side_rows(seed, layouts, hidden, num_topk, expand):
 def combine_case(ctx, seed, expand, alignment, **input_options):
     """combine in every mode (weighted or not, reduced at expert or source, scalars, one or
     two biases) against the oracle, bit for bit."""
-    buffer, num_experts, (xs, topks, ws, auxs) = _setup(ctx, seed, **input_options)
+    buffer, num_experts, (xs, topks, ws, auxs) = setup_buffer_and_inputs(ctx, seed, **input_options)
     rank, dev = ctx.rank, ctx.device
     handle = buffer.dispatch(xs[rank].to(dev), topks[rank].to(dev), ws[rank].to(dev),
                              expand=expand, expert_alignment=alignment).handle
@@ -143,8 +144,8 @@ def combine_case(ctx, seed, expand, alignment, **input_options):
                                         w_rows if weighted else None, s_rows,
                                         bias=biases[rank][:num_bias], expand=expand,
                                         reduce_at=reduce_at, num_experts=num_experts)
-        _same(out.x, want_y, what + " y")
-        _same(out.scalars, want_s, what + " scalars")
+        assert_same_bits(out.x, want_y, what + " y")
+        assert_same_bits(out.scalars, want_s, what + " scalars")
     out = buffer.combine(h_rows[rank].to(dev), handle)
     assert out.scalars is None
     return True
@@ -152,7 +153,7 @@ def combine_case(ctx, seed, expand, alignment, **input_options):
 
 def combine_backward_case(ctx, seed, alignment, **input_options):
     """The fused backward: grad_x = bf16(w * g) exactly, grad_w = dot(g, x) within 1e-5."""
-    buffer, num_experts, (xs, topks, ws, auxs) = _setup(ctx, seed, **input_options)
+    buffer, num_experts, (xs, topks, ws, auxs) = setup_buffer_and_inputs(ctx, seed, **input_options)
     rank, dev = ctx.rank, ctx.device
     handle = buffer.dispatch(xs[rank].to(dev), topks[rank].to(dev), ws[rank].to(dev),
                              expand=True, expert_alignment=alignment).handle
@@ -163,7 +164,7 @@ def combine_backward_case(ctx, seed, alignment, **input_options):
     grad_x, grad_w = buffer.combine_backward(grad_y[rank].to(dev), handle,
                                              x=h_rows[rank].to(dev), weights=w_rows[rank].to(dev))
     want_x, want_w = combine_backward_outputs(layouts[rank], grad_y, h_rows[rank], w_rows[rank])
-    _same(grad_x, want_x, "grad_x")
+    assert_same_bits(grad_x, want_x, "grad_x")
     assert grad_w.dtype == torch.float32 and grad_w.shape == want_w.shape
     # Tolerance of docs/semantics.md: 1e-5 of sum |g| |x| for each row.
     bound = torch.zeros_like(want_w)
@@ -195,19 +196,19 @@ def fp8_case(ctx, seed, expand):
     layout = receive_layout(topks, rank, num_experts, 4)
     want_data, want_w, _ = dispatch_outputs(layout, data, ws, None, expand)
     want_scales, _, _ = dispatch_outputs(layout, scales, None, None, expand)
-    _same(recv_data.view(torch.uint8), want_data, "fp8 data")
-    _same(recv_scales, want_scales, "fp8 scales")
-    _same(result.weights, want_w, "weights")
+    assert_same_bits(recv_data.view(torch.uint8), want_data, "fp8 data")
+    assert_same_bits(recv_scales, want_scales, "fp8 scales")
+    assert_same_bits(result.weights, want_w, "weights")
     cached = buffer.dispatch(xs[rank].to(dev), handle=result.handle)
     want_x, _, _ = dispatch_outputs(layout, xs, None, None, expand)
-    _same(cached.x, want_x, "bf16 cached dispatch on an fp8 buffer")
+    assert_same_bits(cached.x, want_x, "bf16 cached dispatch on an fp8 buffer")
     return True
 
 
 def unsynced_case(ctx, seed, expand, alignment):
     """sync_counts=False: worst-case outputs, counts on the device, same rows in the same
     places, and the same combine result."""
-    buffer, num_experts, (xs, topks, ws, _) = _setup(ctx, seed)
+    buffer, num_experts, (xs, topks, ws, _) = setup_buffer_and_inputs(ctx, seed)
     rank, dev = ctx.rank, ctx.device
     local, k = num_experts // ctx.world, SIZES["num_topk"]
     synced = buffer.dispatch(xs[rank].to(dev), topks[rank].to(dev), ws[rank].to(dev),
@@ -224,17 +225,17 @@ def unsynced_case(ctx, seed, expand, alignment):
         worst = worst * k + local * (alignment - 1)  # K rows: duplicates count
     assert lazy.x.shape[0] == worst, (lazy.x.shape, worst)
     n, m = synced.handle.num_recv_tokens, synced.handle.num_rows
-    _same(handle.device_counts, torch.tensor([n, m], dtype=torch.int64), "device_counts")
-    _same(lazy.x[:m], synced.x, "recv_x rows")
-    _same(lazy.weights[:m], synced.weights, "recv weights")
-    _same(handle.src_token[:n], synced.handle.src_token, "src_token")
+    assert_same_bits(handle.device_counts, torch.tensor([n, m], dtype=torch.int64), "device_counts")
+    assert_same_bits(lazy.x[:m], synced.x, "recv_x rows")
+    assert_same_bits(lazy.weights[:m], synced.weights, "recv weights")
+    assert_same_bits(handle.src_token[:n], synced.handle.src_token, "src_token")
     h = torch.randn(lazy.x.shape, generator=torch.Generator().manual_seed(seed + rank))
     h = h.bfloat16().to(dev)
     kwargs = dict(weights=lazy.weights) if expand else {}
     y_lazy = buffer.combine(h, handle, **kwargs).x
     kwargs = dict(weights=synced.weights) if expand else {}
     y_synced = buffer.combine(h[:m].contiguous(), synced.handle, **kwargs).x
-    _same(y_lazy, y_synced.cpu(), "combine y")
+    assert_same_bits(y_lazy, y_synced.cpu(), "combine y")
     return True
 
 
@@ -251,7 +252,7 @@ def _expect_error(code, function, *args, **kwargs):
 def errors_case(ctx, seed):
     """Bad input raises epx.EpxError with the right code on every rank and leaves the buffer
     usable."""
-    buffer, num_experts, (xs, topks, ws, _) = _setup(ctx, seed)
+    buffer, num_experts, (xs, topks, ws, _) = setup_buffer_and_inputs(ctx, seed)
     rank, dev = ctx.rank, ctx.device
     x, topk, w = xs[rank].to(dev), topks[rank].to(dev), ws[rank].to(dev)
     Code = epx.ErrorCode
@@ -297,7 +298,7 @@ def errors_case(ctx, seed):
     result = buffer.dispatch(x, topk, w)
     layout = receive_layout(topks, rank, num_experts, 1)
     want_x, _, _ = dispatch_outputs(layout, xs, None, None, False)
-    _same(result.x, want_x, "recv_x after errors")
+    assert_same_bits(result.x, want_x, "recv_x after errors")
     return True
 
 
@@ -332,7 +333,7 @@ def allocation_calls_case(ctx, seed, sync_counts):
 
     epx_buffer._allocate = counting  # what the Buffer below hands to the extension
     try:
-        buffer, _, (xs, topks, ws, _) = _setup(ctx, seed)
+        buffer, _, (xs, topks, ws, _) = setup_buffer_and_inputs(ctx, seed)
     finally:
         epx_buffer._allocate = allocate
     rank, dev = ctx.rank, ctx.device
@@ -390,7 +391,7 @@ def python_check_on_one_rank_case(ctx, seed):
     (the check aborts the operation for the peers), and the buffer works afterwards."""
     import time
 
-    buffer, num_experts, (xs, topks, ws, _) = _setup(ctx, seed)
+    buffer, num_experts, (xs, topks, ws, _) = setup_buffer_and_inputs(ctx, seed)
     rank, dev = ctx.rank, ctx.device
     x, topk, w = xs[rank].to(dev), topks[rank].to(dev), ws[rank].to(dev)
     timings = []
@@ -409,7 +410,7 @@ def python_check_on_one_rank_case(ctx, seed):
     assert max(timings) < 1.0, timings
     layout = receive_layout(topks, rank, num_experts, 1)
     want_x, _, _ = dispatch_outputs(layout, xs, None, None, False)
-    _same(buffer.dispatch(x, topk, w).x, want_x, "recv_x after the aborted calls")
+    assert_same_bits(buffer.dispatch(x, topk, w).x, want_x, "recv_x after the aborted calls")
     return max(timings)
 
 
@@ -418,7 +419,7 @@ def mismatch_case(ctx, seed, what):
     buffer works afterwards (nothing was exchanged, nothing is left half done):
       layout: expand=True on rank 0 only; weights: combine weights on rank 0 only;
       operation: rank 0 dispatches while the others combine."""
-    buffer, num_experts, (xs, topks, ws, _) = _setup(ctx, seed)
+    buffer, num_experts, (xs, topks, ws, _) = setup_buffer_and_inputs(ctx, seed)
     rank, dev = ctx.rank, ctx.device
     x, topk, w = xs[rank].to(dev), topks[rank].to(dev), ws[rank].to(dev)
     handle = buffer.dispatch(x, topk, w, expand=True).handle
@@ -458,7 +459,7 @@ def timeout_then_unusable_case(ctx, seed):
     UNUSABLE at once (no silently wrong result, no second timeout); a new buffer works."""
     import time
 
-    buffer, num_experts, (xs, topks, ws, _) = _setup(ctx, seed)
+    buffer, num_experts, (xs, topks, ws, _) = setup_buffer_and_inputs(ctx, seed)
     rank, dev = ctx.rank, ctx.device
     x, topk, w = xs[rank].to(dev), topks[rank].to(dev), ws[rank].to(dev)
     short = ctx.buffer(max_tokens_per_rank=SIZES["max_tokens"], hidden=SIZES["hidden"],
@@ -475,7 +476,7 @@ def timeout_then_unusable_case(ctx, seed):
     assert waited < 0.9, waited
     layout = receive_layout(topks, rank, num_experts, 1)
     want_x, _, _ = dispatch_outputs(layout, xs, None, None, False)
-    _same(buffer.dispatch(x, topk, w).x, want_x, "recv_x on another buffer")
+    assert_same_bits(buffer.dispatch(x, topk, w).x, want_x, "recv_x on another buffer")
     return waited
 
 

@@ -90,7 +90,7 @@ Comm Comm::nccl(int rank, int num_ranks, const UniqueId& id, int cuda_device,
             "rank " << rank << " is outside [0, " << num_ranks << ")");
   EPX_CHECK(timeout_seconds > 0 && timeout_seconds < 1e6, kInvalidArgument,
             "timeout_seconds must be in (0, 1e6), got " << timeout_seconds);
-  EPX_CUDA_CHECK(cudaSetDevice(cuda_device));
+  detail::use_cuda_device(rank, cuda_device);
   ncclUniqueId nccl_id;
   std::memcpy(&nccl_id, id.bytes.data(), sizeof(nccl_id));
   auto state = std::make_shared<detail::NcclCommState>();
