@@ -23,6 +23,7 @@
 //                  [--low-latency 0|1|2]  (0: without the low-latency rows, low_latency_bench.hpp;
 //                                        2: those rows alone, e.g. for 8 thread ranks, whose
 //                                        normal-path rows take minutes on one GPU)
+//                  [--ll-tokens S]  (the low-latency rows at S tokens only, instead of 1 to 256)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -94,8 +95,9 @@ struct Options {
   int32_t topk = 8;
   int sms = 24;
   int iters = 20;
-  int thread_ranks = 0;  // > 0: that many ranks as threads sharing GPU 0 (no NCCL)
-  int low_latency = 1;   // 1: the low-latency rows too (low_latency_bench.hpp); 2: them alone
+  int thread_ranks = 0;   // > 0: that many ranks as threads sharing GPU 0 (no NCCL)
+  int low_latency = 1;    // 1: the low-latency rows too (low_latency_bench.hpp); 2: them alone
+  int64_t ll_tokens = 0;  // > 0: the low-latency rows at that token count only
 };
 
 Options parse(int argc, char** argv) {
@@ -121,6 +123,8 @@ Options parse(int argc, char** argv) {
       o.thread_ranks = static_cast<int>(value);
     else if (key == "--low-latency")
       o.low_latency = static_cast<int>(value);
+    else if (key == "--ll-tokens")
+      o.ll_tokens = value;
     else
       throw std::runtime_error("unknown option " + key);
   }
@@ -190,7 +194,8 @@ std::string low_latency_rows(int rank, int num_ranks, const Options& o, const Co
                                     .experts = o.experts,
                                     .topk = o.topk,
                                     .iters = o.iters,
-                                    .shares_gpu = o.thread_ranks > 0},
+                                    .shares_gpu = o.thread_ranks > 0,
+                                    .tokens = o.ll_tokens},
                                    comm, stream);
 }
 

@@ -21,9 +21,11 @@
 #include <algorithm>
 #include <cstdio>
 #include <functional>
+#include <iterator>
 #include <memory>
 #include <optional>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "common/cuda_device_ops.hpp"
@@ -214,7 +216,13 @@ std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm
     report += "\n";
   };
 
-  for (int64_t tokens : kTokenCounts) {
+  if (o.tokens < 0 || o.tokens > kMaxTokens) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "--ll-tokens takes 1 to " + std::to_string(kMaxTokens));
+  }
+  std::vector<int64_t> token_counts(std::begin(kTokenCounts), std::end(kTokenCounts));
+  if (o.tokens > 0) token_counts = {o.tokens};
+  for (int64_t tokens : token_counts) {
     const std::vector<int64_t> routing = uniform_routing(o.rank, tokens, o.experts, o.topk);
     auto topk = ops.upload(routing.data(), routing.size() * 8);
     DispatchInputs in;

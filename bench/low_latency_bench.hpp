@@ -20,6 +20,7 @@ struct LowLatencyBenchOptions {
   int32_t topk = 8;
   int iters = 20;
   bool shares_gpu = false;  // thread ranks on one GPU: each takes its share of the SMs
+  int64_t tokens = 0;       // > 0: that token count only (1 to 256), else each of them
 };
 
 // The report of this rank (collective: every rank runs it). Raises epx::Error on failure.

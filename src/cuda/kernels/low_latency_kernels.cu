@@ -29,7 +29,9 @@
 // scope (publish_max_system) by threads of a block after a block barrier; a handoff orders every
 // block's stores before it (a block barrier, one fence.acq_rel.sys per block, a counter, a GPU
 // fence in the last block), and the release is cumulative over them. A waiting thread acquires
-// the flag at system scope; a block barrier then orders its block's reads after it.
+// the flag at system scope; a block barrier then orders its block's reads after it. No thread
+// waits for this rank's own flag where stream order or its grid's handoff already put the
+// flag's stores before it.
 namespace epx::cuda {
 
 // Records an LL error of this rank (the host raises it at the next synchronisation, and the
@@ -75,11 +77,12 @@ __device__ __forceinline__ bool low_latency_last_block(uint32_t* counter) {
   return last != 0;
 }
 
-// Threads [0, R) raise this rank's line of peer threadIdx.x's sent (or ready) flags to
-// (epoch, tags); the caller's block barrier and handoff order what they publish.
+// Threads [first, first + R) raise this rank's line of peer threadIdx.x - first's sent (or
+// ready) flags to (epoch, tags); the caller's block barrier and handoff order what they publish.
 __device__ __forceinline__ void low_latency_publish(const LowLatencyContext& c, bool ready,
-                                                    uint64_t epoch, uint32_t tags) {
-  const int peer = threadIdx.x;
+                                                    uint64_t epoch, uint32_t tags, int first = 0) {
+  const int peer = static_cast<int>(threadIdx.x) - first;
+  if (peer < 0) return;
   if (peer >= c.layout.num_ranks) return;
   char* ws = c.topo.peers[peer];
   uint64_t* flag =
@@ -92,12 +95,16 @@ __device__ __forceinline__ void low_latency_publish(const LowLatencyContext& c, 
 // flag that arrived is never overruled) or whose buffer failed (its poison mark) ends the
 // wait. Then its tags are checked against this rank's (`dispatch`: the dispatch direction's
 // tags). Returns the peer's tags (0 for other threads); `ok` false when this thread recorded an
-// error.
+// error. `own_ordered`: what this rank's own flag publishes is ordered before the caller already
+// (written by an earlier kernel on the stream, or the caller is its grid's last block), so its
+// thread returns `own_tags` (the tags this rank raises) without reading the flag.
 __device__ __forceinline__ uint32_t low_latency_wait(const LowLatencyContext& c, bool ready,
-                                                     uint64_t epoch, int32_t phase, bool& ok) {
+                                                     uint64_t epoch, int32_t phase, bool& ok,
+                                                     bool own_ordered, uint32_t own_tags) {
   ok = true;
   const int peer = threadIdx.x;
   if (peer >= c.layout.num_ranks) return 0;
+  if (own_ordered && peer == c.topo.rank) return own_tags;
   char* local = c.topo.peers[c.topo.rank];
   const uint64_t* flag = ready ? c.layout.ready_flag(local, peer) : c.layout.sent_flag(local, peer);
   const volatile uint64_t* failed = c.layout.failed_flag(local, peer);
@@ -141,17 +148,20 @@ constexpr int kThreads = kBlockThreads;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kFanoutLoads = 4;  // 16-byte loads in flight per lane while a part fans out
 
-// The first part of a kernel's shared memory: [E_l] counts or an [E_l + 1] prefix, rounded up to
-// an even count of int32 (what follows is 8-byte aligned).
+// The first part of a combine's or combine_backward's shared memory: an [E_l + 1] prefix, rounded
+// up to an even count of int32 (what follows is 8-byte aligned).
 __host__ __device__ __forceinline__ int padded_experts(const plan::LowLatencyLayout& layout) {
   return (layout.local_experts() + 2) / 2 * 2;
 }
 
-// Where one (t, k) of a block's tokens goes: the owner and the row in its region; owner -1:
-// nowhere (a masked k, or a row past the region).
+// Where one (t, k) of a block's tokens goes: its row in the owner's receive region and the row's
+// scales (fp8), resolved once by the claiming thread; row null: nowhere (a masked k, or a row
+// past the region). The fan-out reads them from shared memory: resolving a destination there
+// (the peer pointer, a global load) after the stores to the one before cost a memory round trip
+// per destination, ~0.7 us each (docs/performance.md).
 struct Destination {
-  int32_t owner;
-  int32_t row;
+  char* row;
+  float* scales;
 };
 
 // The block's tokens are t = blockIdx.x + j * gridDim.x, j < block_tokens().
@@ -159,18 +169,36 @@ __device__ __forceinline__ int64_t block_tokens(int64_t num_tokens) {
   return num_tokens > blockIdx.x ? (num_tokens - 1 - blockIdx.x) / gridDim.x + 1 : 0;
 }
 
-// The destination of entry (t, k), one thread: a routing dispatch checks the value, claims a
-// slot on the owner's counter and fills the handle; the others read the handle. The row's
-// scalars (weights, aux, src_info) go with it; a combine_backward moves rows only.
+// Entry (t, k) as the send part reads it: a routing dispatch's topk_idx value, the handle's
+// expert otherwise.
+__device__ __forceinline__ int64_t entry_value(const LowLatencyRows& r, int64_t i) {
+  if (r.kind != plan::kKindDispatch) return r.topk32[i];
+  return r.topk_int64 ? static_cast<const int64_t*>(r.topk_idx)[i]
+                      : static_cast<const int32_t*>(r.topk_idx)[i];
+}
+
+// The entry this thread claims in the block's first batch of send_rows (-2: none), loaded at
+// the kernel's start with the state word instead of after it (its round trip overlaps).
+__device__ __forceinline__ int64_t first_entry(const LowLatencyContext& c,
+                                               const LowLatencyRows& r) {
+  const int num_topk = c.layout.num_topk;
+  const int64_t t = blockIdx.x + int64_t(threadIdx.x / num_topk) * gridDim.x;
+  if (threadIdx.x >= (kBlockThreads / num_topk) * num_topk || t >= r.num_tokens) return -2;
+  return entry_value(r, t * num_topk + threadIdx.x % num_topk);
+}
+
+// The destination of entry (t, k) of value `value` (entry_value), one thread: a routing
+// dispatch checks the value, claims a slot on the owner's counter and fills the handle; the
+// others take the handle's. The row's scalars (weights, aux, src_info) go with it; a
+// combine_backward moves rows only.
 __device__ Destination claim(const LowLatencyContext& c, const LowLatencyRows& r, int64_t t, int k,
-                             int32_t phase) {
+                             int64_t value, int32_t phase) {
   const plan::LowLatencyLayout& layout = c.layout;
+  const LowLatencyRegions& at = c.regions;
   const int64_t i = t * layout.num_topk + k;
   const bool routing = r.kind == plan::kKindDispatch;
   int32_t e;
   if (routing) {
-    const int64_t value = r.topk_int64 ? static_cast<const int64_t*>(r.topk_idx)[i]
-                                       : static_cast<const int32_t*>(r.topk_idx)[i];
     const bool valid = value >= -1 && value < layout.num_experts;
     if (!valid) {
       // Recorded here; the peers learn of it from the sent flags' tags.
@@ -181,40 +209,43 @@ __device__ Destination claim(const LowLatencyContext& c, const LowLatencyRows& r
     e = valid ? static_cast<int32_t>(value) : -1;
     r.topk32[i] = e;
   } else {
-    e = r.topk32[i];
+    e = static_cast<int32_t>(value);
   }
   if (e < 0) {
     if (routing) r.slots[i] = -1;
-    return {-1, 0};
+    return {nullptr, nullptr};
   }
-  const int local_experts = layout.local_experts();
-  const int owner = e / local_experts;
-  const int32_t local = e % local_experts;
+  const bool scalars = r.kind != plan::kKindBackward;
+  // Loaded before the claim's round trip, not after it.
+  const float weight = scalars && r.weights ? r.weights[i] : 0.0f;
+  const float aux = scalars && r.aux ? r.aux[i] : 0.0f;
+  const int owner = e / at.local_experts;
+  const int32_t local = e % at.local_experts;
   char* ws = c.topo.peers[owner];
   int32_t slot;
   if (routing) {
-    slot = atomicAdd_system(layout.counters(ws) + local, 1);
-    if (slot >= layout.expert_rows()) slot = -1;  // past the region: dropped, the owner raises
+    slot = atomicAdd_system(region<int32_t>(ws, at.counters) + local, 1);
+    if (slot >= at.expert_rows) slot = -1;  // past the region: dropped, the owner raises
     r.slots[i] = slot;
   } else {
     slot = r.slots[i];
   }
-  if (slot < 0) return {-1, 0};
-  const int64_t row = layout.row_index(local, slot);
-  if (r.kind != plan::kKindBackward) {
-    if (r.weights) layout.recv_weights(ws, c.half)[row] = r.weights[i];
-    if (r.aux) layout.recv_aux(ws, c.half)[row] = r.aux[i];
-    layout.src_info(ws, c.half)[row] = layout.source_id(c.topo.rank, t, k);
+  if (slot < 0) return {nullptr, nullptr};
+  const int64_t row = local * at.expert_rows + slot;
+  if (scalars) {
+    if (r.weights) region<float>(ws, at.recv_weights)[row] = weight;
+    if (r.aux) region<float>(ws, at.recv_aux)[row] = aux;
+    region<int32_t>(ws, at.src_info)[row] = layout.source_id(c.topo.rank, t, k);
   }
-  return {owner, static_cast<int32_t>(row)};
+  return {ws + at.recv_rows + row * r.row_bytes,
+          r.scales ? region<float>(ws, at.recv_scales) + row * at.scales_per_row : nullptr};
 }
 
 // The warp copies elements [begin, end) (of type V) of `src` into the same elements of each
-// destination row of `dests` (K of them, owner -1 skipped): loaded once, stored to each.
+// destination row of `dests` (K of them, null rows skipped): loaded once, stored to each.
 template <typename V, int Loads>
 __device__ __forceinline__ void fan_out(const char* src, int64_t begin, int64_t end,
-                                        const Destination* dests, int num_dests,
-                                        const LowLatencyContext& c, int64_t row_bytes, int lane) {
+                                        const Destination* dests, int num_dests, int lane) {
   const V* s = reinterpret_cast<const V*>(src);
   for (int64_t i = begin + lane; i < end; i += Loads * kWarpSize) {
     V v[Loads];
@@ -223,9 +254,9 @@ __device__ __forceinline__ void fan_out(const char* src, int64_t begin, int64_t 
       if (i + j * kWarpSize < end) v[j] = s[i + j * kWarpSize];
     }
     for (int d = 0; d < num_dests; ++d) {
-      if (dests[d].owner < 0) continue;
-      V* dst = reinterpret_cast<V*>(c.layout.recv_rows(c.topo.peers[dests[d].owner], c.half) +
-                                    int64_t(dests[d].row) * row_bytes);
+      V* dst = reinterpret_cast<V*>(dests[d].row);
+      if (!dst) continue;
+      __builtin_assume(__isGlobal(dst));  // a workspace row (read back from shared memory)
 #pragma unroll
       for (int j = 0; j < Loads; ++j) {
         if (i + j * kWarpSize < end) dst[i + j * kWarpSize] = v[j];
@@ -237,19 +268,23 @@ __device__ __forceinline__ void fan_out(const char* src, int64_t begin, int64_t 
 // The send part of a dispatch-direction call, every block: batches of its tokens, a thread per
 // (t, k) claiming destinations, then a warp per (token, row part) fanning the part out (16-byte
 // vectors when rows and input are aligned, else 2-byte elements, else bytes).
-__device__ void send_rows(const LowLatencyContext& c, const LowLatencyRows& r, int32_t phase) {
+// `first`: this thread's entry of the first batch (first_entry).
+__device__ void send_rows(const LowLatencyContext& c, const LowLatencyRows& r, int64_t first,
+                          int32_t phase) {
   __shared__ Destination dests[kThreads];
   const int num_topk = c.layout.num_topk;
   const int64_t tokens = block_tokens(r.num_tokens);
   const int batch = kThreads / num_topk;  // tokens whose destinations fit in `dests`
   const int lane = lane_id(), warp = warp_in_block();
   const uintptr_t bits = reinterpret_cast<uintptr_t>(r.x) | static_cast<uintptr_t>(r.row_bytes);
-  const int64_t scales = r.scales ? c.layout.scales_per_row() : 0;
+  const int64_t scales = r.scales ? c.regions.scales_per_row : 0;
   for (int64_t j0 = 0; j0 < tokens; j0 += batch) {
     const int n = static_cast<int>(min(int64_t(batch), tokens - j0));
     if (threadIdx.x < n * num_topk) {
       const int jt = threadIdx.x / num_topk, k = threadIdx.x % num_topk;
-      dests[threadIdx.x] = claim(c, r, blockIdx.x + (j0 + jt) * gridDim.x, k, phase);
+      const int64_t t = blockIdx.x + (j0 + jt) * gridDim.x;
+      const int64_t value = j0 == 0 ? first : entry_value(r, t * num_topk + k);
+      dests[threadIdx.x] = claim(c, r, t, k, value, phase);
     }
     __syncthreads();
     const RowParts parts = row_parts(n, r.row_bytes, kWarps);
@@ -261,16 +296,16 @@ __device__ void send_rows(const LowLatencyContext& c, const LowLatencyRows& r, i
       const Destination* d = dests + jt * num_topk;
       const int64_t begin = part * parts.bytes, end = min(r.row_bytes, begin + parts.bytes);
       if ((bits & 15) == 0) {
-        fan_out<int4, kFanoutLoads>(src, begin / 16, end / 16, d, num_topk, c, r.row_bytes, lane);
+        fan_out<int4, kFanoutLoads>(src, begin / 16, end / 16, d, num_topk, lane);
       } else if ((bits & 1) == 0) {
-        fan_out<uint16_t, 8>(src, begin / 2, end / 2, d, num_topk, c, r.row_bytes, lane);
+        fan_out<uint16_t, 8>(src, begin / 2, end / 2, d, num_topk, lane);
       } else {
-        fan_out<uint8_t, 8>(src, begin, end, d, num_topk, c, r.row_bytes, lane);
+        fan_out<uint8_t, 8>(src, begin, end, d, num_topk, lane);
       }
       if (part != 0 || !scales) continue;  // a row's first part carries its scales
       for (int k = 0; k < num_topk; ++k) {
-        if (d[k].owner < 0) continue;
-        float* out = c.layout.recv_scales(c.topo.peers[d[k].owner], c.half) + d[k].row * scales;
+        float* out = d[k].scales;
+        if (!out) continue;
         for (int64_t i = lane; i < scales; i += kWarpSize) out[i] = r.scales[t * scales + i];
       }
     }
@@ -281,28 +316,35 @@ __device__ void send_rows(const LowLatencyContext& c, const LowLatencyRows& r, i
 // The wait part of a dispatch (cached or not), one block: every source's sent flag, then the
 // round's counts (a routing dispatch's from the counters, reset for the next round; past the
 // region: an error, clamped) into the counts view and the handle, and the scalars of rows past
-// them cleared where this half's last round had rows. `counts` and `old` are shared memory
-// [E_l] each: the last round's counts are loaded with the new ones, a thread per expert, so that
-// the clearing loop (a warp per expert) waits on no global load per expert.
+// them cleared where this half's last round had rows. A thread per expert does all of it for its
+// expert: the rows a round drops per expert are few, and a warp per expert cost 16 dependent
+// iterations for 256 experts (docs/performance.md). Run by threads [0, settlers) of the block
+// (a multiple of the warp size): the others may still be publishing.
 __device__ void settle_dispatch(const LowLatencyDispatchParams& p, uint64_t epoch, int32_t phase,
-                                int32_t* counts, int32_t* old) {
+                                int settlers) {
   const LowLatencyContext& c = p.ll;
-  const plan::LowLatencyLayout& layout = c.layout;
+  const LowLatencyRegions& at = c.regions;
+  // This rank's own rows and claims: before the last block's handoff acquire, or in the send
+  // kernel before this (the hook's) one.
   bool ok;
-  (void)low_latency_wait(c, false, epoch, phase, ok);
-  __syncthreads();  // the sources' rows and claims are done
+  (void)low_latency_wait(c, false, epoch, phase, ok, true, 0);
+  // The sources' rows and claims are done (a barrier of the settling threads only).
+  asm volatile("bar.sync 1, %0;" ::"r"(settlers) : "memory");
   char* local = c.topo.peers[c.topo.rank];
-  const int local_experts = layout.local_experts();
-  const int64_t capacity = layout.expert_rows();
+  const int64_t capacity = at.expert_rows;
   const bool routing = p.rows.kind == plan::kKindDispatch;
-  int32_t* old_counts = c.old_counts + c.half * local_experts;
-  for (int e = threadIdx.x; e < local_experts; e += blockDim.x) {
-    old[e] = old_counts[e];
+  int32_t* old_counts = c.old_counts + c.half * at.local_experts;
+  volatile int32_t* counters = region<int32_t>(local, at.counters);
+  int32_t* counts_view = region<int32_t>(local, at.counts);
+  float* weights = region<float>(local, at.recv_weights);
+  float* aux = region<float>(local, at.recv_aux);
+  int32_t* src_info = region<int32_t>(local, at.src_info);
+  for (int e = threadIdx.x; e < at.local_experts; e += settlers) {
+    const int32_t old = old_counts[e];
     int32_t count;
     if (routing) {
-      volatile int32_t* counter = layout.counters(local) + e;
-      count = *counter;
-      *counter = 0;
+      count = counters[e];
+      counters[e] = 0;
     } else {
       count = p.counts[e];
     }
@@ -310,22 +352,13 @@ __device__ void settle_dispatch(const LowLatencyDispatchParams& p, uint64_t epoc
       low_latency_error(c, kDeviceLowLatencyOverflow, phase, c.topo.rank, e, capacity, count);
       count = static_cast<int32_t>(capacity);
     }
-    counts[e] = count;
-  }
-  __syncthreads();
-  const int lane = lane_id();
-  for (int e = warp_in_block(); e < local_experts; e += warps_per_block()) {
-    for (int64_t slot = counts[e] + lane; slot < old[e]; slot += kWarpSize) {
-      const int64_t row = layout.row_index(e, slot);
-      layout.recv_weights(local, c.half)[row] = 0.0f;
-      layout.recv_aux(local, c.half)[row] = 0.0f;
-      layout.src_info(local, c.half)[row] = -1;
-    }
-    __syncwarp();
-    if (lane == 0) {
-      old_counts[e] = counts[e];
-      layout.counts(local, c.half)[e] = counts[e];
-      if (routing) p.counts[e] = counts[e];
+    old_counts[e] = count;
+    counts_view[e] = count;
+    if (routing) p.counts[e] = count;
+    for (int64_t row = e * capacity + count; row < e * capacity + old; ++row) {
+      weights[row] = 0.0f;
+      aux[row] = 0.0f;
+      src_info[row] = -1;
     }
   }
   if (threadIdx.x == 0) c.scratch->state = plan::kStateDispatched;
@@ -333,15 +366,15 @@ __device__ void settle_dispatch(const LowLatencyDispatchParams& p, uint64_t epoc
 
 __global__ void __launch_bounds__(kThreads)
     low_latency_dispatch_kernel(LowLatencyDispatchParams p) {
-  extern __shared__ int32_t counts[];  // [E_l], then the last round's [E_l] (settle_dispatch)
   const LowLatencyContext& c = p.ll;
   const int32_t phase = plan::low_latency_send_phase(p.rows.kind);
+  const int64_t first = p.send ? first_entry(c, p.rows) : -2;
   const uint64_t epoch = c.scratch->round + 1;
   if (!low_latency_enter(c, plan::low_latency_step(false, !p.send), phase + (p.send ? 0 : 1))) {
     return;
   }
   if (p.send) {
-    send_rows(c, p.rows, phase);
+    send_rows(c, p.rows, first, phase);
     if (!low_latency_last_block(&c.scratch->blocks_sent)) return;
     __shared__ uint32_t tags;
     if (threadIdx.x == 0) {
@@ -350,10 +383,15 @@ __global__ void __launch_bounds__(kThreads)
       c.scratch->state = plan::kStateDispatchSent;
     }
     __syncthreads();
-    low_latency_publish(c, false, epoch, tags);
-    if (!p.wait) return;
+    // With few enough peers, the block's second half publishes and the first half settles: the
+    // release's system membar holds the publishing threads ~1 us, the settle need not wait.
+    const bool split = c.layout.num_ranks <= kThreads / 2;
+    low_latency_publish(c, false, epoch, tags, split ? kThreads / 2 : 0);
+    if (!p.wait || (split && threadIdx.x >= kThreads / 2)) return;
+    settle_dispatch(p, epoch, phase + 1, split ? kThreads / 2 : kThreads);
+    return;
   }
-  settle_dispatch(p, epoch, phase + 1, counts, counts + padded_experts(c.layout));
+  settle_dispatch(p, epoch, phase + 1, kThreads);
 }
 
 // The exclusive prefix of `counts` [E_l] into prefix [E_l + 1] (shared memory), the block.
@@ -394,24 +432,26 @@ __device__ __forceinline__ int64_t real_row(const int32_t* prefix, int local_exp
 // The expert side of a combine: what is not in the combine region yet goes there, row for row.
 __device__ void copy_expert_side(const LowLatencyCombineParams& p, int32_t* prefix) {
   const LowLatencyContext& c = p.ll;
-  const plan::LowLatencyLayout& layout = c.layout;
-  const int local_experts = layout.local_experts();
+  const LowLatencyRegions& at = c.regions;
+  const int local_experts = at.local_experts;
   block_prefix(p.counts, local_experts, prefix);
   char* local = c.topo.peers[c.topo.rank];
-  const int64_t row_bytes = layout.hidden * 2, total = prefix[local_experts];
+  char* rows = region<char>(local, at.combine_rows);
+  float* weights = region<float>(local, at.combine_weights);
+  float* scalars = region<float>(local, at.combine_scalars);
+  const int64_t row_bytes = c.layout.hidden * 2, total = prefix[local_experts];
   const RowParts parts = row_parts(total, row_bytes);
   const int lane = lane_id();
   for (int64_t item = global_warp(); item < total * parts.count; item += total_warps()) {
     const int64_t n = item / parts.count, part = item % parts.count;
-    const int64_t row = real_row(prefix, local_experts, n, layout.expert_rows());
+    const int64_t row = real_row(prefix, local_experts, n, at.expert_rows);
     if (p.x) {
-      warp_copy_part(reinterpret_cast<char*>(layout.combine_rows(local)) + row * row_bytes,
-                     reinterpret_cast<const char*>(p.x) + row * row_bytes, row_bytes, parts, part,
-                     lane);
+      warp_copy_part(rows + row * row_bytes, reinterpret_cast<const char*>(p.x) + row * row_bytes,
+                     row_bytes, parts, part, lane);
     }
     if (part != 0 || lane != 0) continue;
-    if (p.weights) layout.combine_weights(local)[row] = p.weights[row];
-    if (p.scalars) layout.combine_scalars(local)[row] = p.scalars[row];
+    if (p.weights) weights[row] = p.weights[row];
+    if (p.scalars) scalars[row] = p.scalars[row];
   }
 }
 
@@ -441,8 +481,22 @@ __global__ void __launch_bounds__(kThreads) low_latency_combine_kernel(LowLatenc
   extern __shared__ int32_t smem[];  // prefix [E_l + 1], then (8-aligned) the owners' regions [R]
   const LowLatencyContext& c = p.ll;
   const plan::LowLatencyLayout& layout = c.layout;
-  const int local_experts = layout.local_experts(), num_topk = layout.num_topk;
+  const LowLatencyRegions& at = c.regions;
+  const int local_experts = at.local_experts, num_topk = layout.num_topk;
+  const int64_t hidden = layout.hidden;
   const int32_t phase = plan::low_latency_send_phase(plan::kKindCombine);
+  const int lane = lane_id();
+  // Lane k's entry (t, k) of the warp's first token, loaded with the state word rather than
+  // after the waits (this rank's handle, written by the dispatch before this kernel): the sum of
+  // a decode batch's one token per warp then starts one round trip sooner.
+  const RowParts parts = row_parts(p.num_tokens, hidden * 2);
+  const int64_t first_token = global_warp() / parts.count;
+  const bool prefetched = p.wait && first_token < p.num_tokens && lane < num_topk;
+  int32_t first_e = -1, first_slot = -1;
+  if (prefetched) {
+    first_e = p.topk32[first_token * num_topk + lane];
+    first_slot = p.slots[first_token * num_topk + lane];
+  }
   const uint64_t epoch = c.scratch->round + 1;
   if (!low_latency_enter(c, plan::low_latency_step(true, !p.send), phase + (p.send ? 0 : 1))) {
     return;
@@ -463,31 +517,42 @@ __global__ void __launch_bounds__(kThreads) low_latency_combine_kernel(LowLatenc
     }
     if (!p.wait) return;
   }
-  // Every block waits for every owner (its own grid's last block among them).
+  // Every block waits for every owner; for this rank only when this grid copied its expert side
+  // (then its last block publishes): zero-copy rows, or the send kernel before this (the
+  // hook's) one, are ordered before this kernel by the stream.
   OwnerRegions* owners = reinterpret_cast<OwnerRegions*>(smem + padded_experts(c.layout));
+  const bool own_ordered = !p.send || !(p.x || p.weights || p.scalars);
   bool ok;
-  const uint32_t theirs = low_latency_wait(c, true, epoch, phase + 1, ok);
+  const uint32_t theirs = low_latency_wait(c, true, epoch, phase + 1, ok, own_ordered, ready_tags);
   if (threadIdx.x < layout.num_ranks) {
     char* ws = c.topo.peers[threadIdx.x];
-    owners[threadIdx.x] = {layout.combine_rows(ws),
-                           (theirs & plan::kTagWeightsInRecv) ? layout.recv_weights(ws, c.half)
-                                                              : layout.combine_weights(ws),
-                           layout.combine_scalars(ws)};
+    owners[threadIdx.x] = {
+        region<uint16_t>(ws, at.combine_rows),
+        region<float>(ws,
+                      (theirs & plan::kTagWeightsInRecv) ? at.recv_weights : at.combine_weights),
+        region<float>(ws, at.combine_scalars)};
   }
   if (__syncthreads_and(ok) != 0) {
-    const int64_t hidden = layout.hidden;
-    const int lane = lane_id();
-    const RowParts parts = row_parts(p.num_tokens, hidden * 2);
     for (int64_t item = global_warp(); item < p.num_tokens * parts.count; item += total_warps()) {
       const int64_t t = item / parts.count, part = item % parts.count;
       const int64_t end = min(hidden, (part + 1) * parts.bytes / 2);
+      // Entry (t, k): the expert and the slot the row took.
+      auto entry = [&](int k, int32_t& e, int32_t& slot) {
+        if (prefetched && t == first_token && k == lane) {
+          e = first_e;
+          slot = first_slot;
+        } else {
+          e = p.topk32[t * num_topk + k];
+          slot = p.slots[t * num_topk + k];
+        }
+      };
       // Term k: the row (t, k) took on its owner, weighted by the owner's weight of it.
       auto term = [&](int k, float& w) -> const uint16_t* {
-        const int64_t i = t * num_topk + k;
-        const int32_t e = p.topk32[i], slot = p.slots[i];
+        int32_t e, slot;
+        entry(k, e, slot);
         if (e < 0 || slot < 0) return nullptr;
         const OwnerRegions& owner = owners[e / local_experts];
-        const int64_t row = layout.row_index(e % local_experts, slot);
+        const int64_t row = (e % local_experts) * at.expert_rows + slot;
         w = p.weighted ? owner.weights[row] : 1.0f;
         return owner.rows + row * hidden;
       };
@@ -496,12 +561,12 @@ __global__ void __launch_bounds__(kThreads) low_latency_combine_kernel(LowLatenc
           [&](int64_t h, const Chunk<Vec>& sum) { sum.store(p.y + t * hidden + h); });
       if (part != 0 || !p.scalars_out) continue;
       for (int k = lane; k < num_topk; k += kWarpSize) {
-        const int64_t i = t * num_topk + k;
-        const int32_t e = p.topk32[i], slot = p.slots[i];
-        p.scalars_out[i] =
+        int32_t e, slot;
+        entry(k, e, slot);
+        p.scalars_out[t * num_topk + k] =
             e < 0 || slot < 0
                 ? 0.0f
-                : owners[e / local_experts].scalars[layout.row_index(e % local_experts, slot)];
+                : owners[e / local_experts].scalars[(e % local_experts) * at.expert_rows + slot];
       }
     }
   }
@@ -519,18 +584,18 @@ __global__ void __launch_bounds__(kThreads)
   const plan::LowLatencyLayout& layout = c.layout;
   const int32_t phase = plan::low_latency_send_phase(plan::kKindBackward);
   const uint64_t epoch = c.scratch->round + 1;
+  const int64_t first = first_entry(c, p.rows);
   if (!low_latency_enter(c, plan::low_latency_step(false, false), phase)) return;
-  send_rows(c, p.rows, phase);
+  send_rows(c, p.rows, first, phase);
   if (low_latency_last_block(&c.scratch->blocks_sent)) low_latency_publish(c, false, epoch, c.tags);
   // Every block waits for every source (its own grid's last block among them).
   bool ok;
-  (void)low_latency_wait(c, false, epoch, phase + 1, ok);
+  (void)low_latency_wait(c, false, epoch, phase + 1, ok, false, 0);
   if (__syncthreads_and(ok) != 0) {
-    const int local_experts = layout.local_experts();
-    const int64_t hidden = layout.hidden, expert_rows = layout.expert_rows();
+    const int local_experts = c.regions.local_experts;
+    const int64_t hidden = layout.hidden, expert_rows = c.regions.expert_rows;
     block_prefix(p.counts, local_experts, prefix);
-    const auto* grads =
-        reinterpret_cast<const uint16_t*>(layout.recv_rows(c.topo.peers[c.topo.rank], c.half));
+    const auto* grads = region<const uint16_t>(c.topo.peers[c.topo.rank], c.regions.recv_rows);
     const int lane = lane_id();
     for (int64_t n = global_warp(); n < prefix[local_experts]; n += total_warps()) {
       const int64_t row = real_row(prefix, local_experts, n, expert_rows);
@@ -591,11 +656,10 @@ void launch(void (*kernel)(Params), int blocks, bool cooperative, size_t smem, c
 
 }  // namespace
 
-// [padded E_l] counts, then a combine's owners or a dispatch's [E_l] last-round counts.
+// [padded E_l + 1] a prefix, then a combine's owners [R].
 size_t low_latency_smem_bytes(const plan::LowLatencyLayout& layout) {
   return static_cast<size_t>(padded_experts(layout)) * sizeof(int32_t) +
-         std::max(layout.num_ranks * sizeof(OwnerRegions),
-                  static_cast<size_t>(layout.local_experts()) * sizeof(int32_t));
+         layout.num_ranks * sizeof(OwnerRegions);
 }
 
 void load_low_latency_kernels() {
@@ -606,8 +670,8 @@ void load_low_latency_kernels() {
 }
 
 void launch_low_latency_dispatch(const LowLatencyDispatchParams& params, cudaStream_t stream) {
-  launch(low_latency_dispatch_kernel, params.send ? params.ll.num_blocks : 1, false,
-         low_latency_smem_bytes(params.ll.layout), stream, params);
+  launch(low_latency_dispatch_kernel, params.send ? params.ll.num_blocks : 1, false, 0, stream,
+         params);
 }
 
 void launch_low_latency_combine(const LowLatencyCombineParams& params, cudaStream_t stream) {
