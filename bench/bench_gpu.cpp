@@ -24,6 +24,7 @@
 //                                        2: those rows alone, e.g. for 8 thread ranks, whose
 //                                        normal-path rows take minutes on one GPU)
 //                  [--ll-tokens S]  (the low-latency rows at S tokens only, instead of 1 to 256)
+//                  [--ll-normal 0]  (without the normal path's rows beside them)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -98,6 +99,7 @@ struct Options {
   int thread_ranks = 0;   // > 0: that many ranks as threads sharing GPU 0 (no NCCL)
   int low_latency = 1;    // 1: the low-latency rows too (low_latency_bench.hpp); 2: them alone
   int64_t ll_tokens = 0;  // > 0: the low-latency rows at that token count only
+  bool ll_normal = true;  // the normal path's rows beside the low-latency ones
 };
 
 Options parse(int argc, char** argv) {
@@ -125,6 +127,8 @@ Options parse(int argc, char** argv) {
       o.low_latency = static_cast<int>(value);
     else if (key == "--ll-tokens")
       o.ll_tokens = value;
+    else if (key == "--ll-normal")
+      o.ll_normal = value != 0;
     else
       throw std::runtime_error("unknown option " + key);
   }
@@ -195,7 +199,8 @@ std::string low_latency_rows(int rank, int num_ranks, const Options& o, const Co
                                     .topk = o.topk,
                                     .iters = o.iters,
                                     .shares_gpu = o.thread_ranks > 0,
-                                    .tokens = o.ll_tokens},
+                                    .tokens = o.ll_tokens,
+                                    .normal_rows = o.ll_normal},
                                    comm, stream);
 }
 
