@@ -30,6 +30,12 @@ __device__ __forceinline__ int total_warps() {
   return gridDim.x * warps_per_block();
 }
 
+// A block barrier of threads [0, threads) only (a multiple of the warp size; hardware barrier 1,
+// which no other code uses): the block's other threads may be elsewhere, or gone.
+__device__ __forceinline__ void partial_barrier(int threads) {
+  asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
+}
+
 __device__ __forceinline__ uint64_t global_timer_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));

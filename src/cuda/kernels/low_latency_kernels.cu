@@ -82,8 +82,7 @@ __device__ __forceinline__ bool low_latency_last_block(uint32_t* counter) {
 __device__ __forceinline__ void low_latency_publish(const LowLatencyContext& c, bool ready,
                                                     uint64_t epoch, uint32_t tags, int first = 0) {
   const int peer = static_cast<int>(threadIdx.x) - first;
-  if (peer < 0) return;
-  if (peer >= c.layout.num_ranks) return;
+  if (peer < 0 || peer >= c.layout.num_ranks) return;
   char* ws = c.topo.peers[peer];
   uint64_t* flag =
       ready ? c.layout.ready_flag(ws, c.topo.rank) : c.layout.sent_flag(ws, c.topo.rank);
@@ -328,8 +327,7 @@ __device__ void settle_dispatch(const LowLatencyDispatchParams& p, uint64_t epoc
   // kernel before this (the hook's) one.
   bool ok;
   (void)low_latency_wait(c, false, epoch, phase, ok, true, 0);
-  // The sources' rows and claims are done (a barrier of the settling threads only).
-  asm volatile("bar.sync 1, %0;" ::"r"(settlers) : "memory");
+  partial_barrier(settlers);  // the sources' rows and claims are done
   char* local = c.topo.peers[c.topo.rank];
   const int64_t capacity = at.expert_rows;
   const bool routing = p.rows.kind == plan::kKindDispatch;

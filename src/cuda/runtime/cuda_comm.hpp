@@ -37,7 +37,8 @@ class PeerWorkspace {
 namespace epx::detail {
 
 // Makes `cuda_device` current for `rank` (kInvalidArgument naming the rank when it does not
-// exist): the first step of Comm::ipc, Comm::cuda_threads and Comm::nccl (defined in thread_comm.cpp).
+// exist): the first step of Comm::ipc, Comm::cuda_threads and Comm::nccl (defined in
+// thread_comm.cpp).
 void use_cuda_device(int rank, int cuda_device);
 
 struct CudaCommState : CommState {
