@@ -36,7 +36,8 @@
 #           bench_gpu with each of EPX_VARIANT_ARGS, ';'-separated argument lists (default
 #           "--tokens 4096;--tokens 128;--tokens 4096 --thread-ranks 4")
 #   phase   bench_gpu built with -DEPX_PHASE_CLOCK=ON (build-clk): the phase timeline of one
-#           dispatch at 128, 512 and 4096 tokens (src/cuda/kernels/kernels.hpp)
+#           dispatch at 128, 512 and 4096 tokens and of one low-latency round at 1 to 256 tokens
+#           (src/cuda/kernels/kernels.hpp)
 # EPX_BUILD_TARGETS (e.g. "bench_gpu test_gpu_low_latency") builds only those targets: a call
 # whose steps need no more saves the minutes of the full build.
 # Logs go to $OUT (the device tool brings them back) and a summary is printed last.
@@ -192,9 +193,12 @@ for step in $steps; do
       ;;
     phase)
       build_bench_gpu "$root" "$root/build-clk" -DEPX_PHASE_CLOCK=ON > "$out/phase-build.log" 2>&1
-      for t in 128 512 4096; do
-        timeout 100 "$root/build-clk/bench/bench_gpu" --tokens $t 2>&1
-      done | tee "$out/phase-clock.txt" | grep -E "phase clock|blocks|sync_counts=false"
+      {
+        for t in 128 512 4096; do
+          timeout 100 "$root/build-clk/bench/bench_gpu" --tokens $t --low-latency 0 2>&1
+        done
+        timeout 100 "$root/build-clk/bench/bench_gpu" --low-latency 2 --ll-normal 0 2>&1
+      } | tee "$out/phase-clock.txt" | grep -E "phase clock|blocks|sync_counts=false"
       summary+=("phase: exit ${PIPESTATUS[0]}")
       ;;
     ncu)

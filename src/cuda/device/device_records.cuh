@@ -37,4 +37,16 @@ __device__ __forceinline__ void mark_phase(PhaseMark mark) {
 __device__ __forceinline__ void mark_phase(PhaseMark) {}
 #endif
 
+// The same from another translation unit, into the stamps at `stamps`
+// (phase_clock_stamps_on_device; null: nothing is stamped).
+#ifdef EPX_PHASE_CLOCK
+__device__ __forceinline__ void mark_phase_into(uint64_t* stamps, PhaseMark mark) {
+  if (stamps && threadIdx.x == 0 && blockIdx.x < kClockBlocks) {
+    stamps[blockIdx.x * kMarkCount + mark] = global_timer_ns();
+  }
+}
+#else
+__device__ __forceinline__ void mark_phase_into(uint64_t*, PhaseMark) {}
+#endif
+
 }  // namespace epx::cuda

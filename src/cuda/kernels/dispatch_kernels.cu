@@ -410,8 +410,14 @@ size_t receive_counts_smem_bytes(const plan::WorkspaceLayout& layout) {
 }
 
 const char* phase_mark_name(int mark) {
-  static const char* const names[kMarkCount] = {"send start",    "entered", "sent",    "handed off",
-                                                "receive start", "exited",  "counted", "received"};
+  static const char* const names[kMarkCount] = {
+      "send start",      "entered",          "sent",
+      "handed off",      "receive start",    "exited",
+      "counted",         "received",         "ll start",
+      "ll entered",      "ll claimed",       "ll sent",
+      "ll handed off",   "ll publishing",    "ll settled",
+      "ll comb. start",  "ll comb. entered", "ll comb. waited",
+      "ll comb. summed", "ll comb. finished"};
   return mark >= 0 && mark < kMarkCount ? names[mark] : "unknown";
 }
 
@@ -427,12 +433,22 @@ bool read_phase_clock(std::vector<uint64_t>& stamps) {
   return cudaMemcpyFromSymbol(stamps.data(), phase_clock_stamps,
                               stamps.size() * sizeof(uint64_t)) == cudaSuccess;
 }
+
+uint64_t* phase_clock_stamps_on_device() {
+  void* stamps = nullptr;
+  return cudaGetSymbolAddress(&stamps, phase_clock_stamps) == cudaSuccess
+             ? static_cast<uint64_t*>(stamps)
+             : nullptr;
+}
 #else
 bool reset_phase_clock() {
   return false;
 }
 bool read_phase_clock(std::vector<uint64_t>&) {
   return false;
+}
+uint64_t* phase_clock_stamps_on_device() {
+  return nullptr;
 }
 #endif
 

@@ -15,9 +15,10 @@
 
 // Opt-in timestamps of a dispatch's phases on the device, to see where a small batch's time
 // goes (docs/performance.md). Configure with -DEPX_PHASE_CLOCK=ON: thread 0 of every block
-// of the dispatch kernels stamps the global timer at each mark (cuda/device/device_records.cuh),
-// and bench_gpu prints the marks of one dispatch. Off (the default) the marks compile to nothing
-// and read_phase_clock returns false.
+// of the dispatch kernels and of the low-latency kernels stamps the global timer at each mark
+// (cuda/device/device_records.cuh), and bench_gpu prints the marks of one dispatch and of one
+// low-latency round. Off (the default) the marks compile to nothing and read_phase_clock returns
+// false.
 namespace epx::cuda {
 
 enum PhaseMark : int {
@@ -29,13 +30,30 @@ enum PhaseMark : int {
   kMarkExited,        // exit barrier passed
   kMarkCounted,       // receive counts computed
   kMarkReceived,      // the block's receive done
+  // The low-latency kernels (low_latency_kernels.cu): a dispatch ...
+  kMarkLlStart,       // the kernel's start
+  kMarkLlEntered,     // past the state word
+  kMarkLlClaimed,     // the first batch's claims done (the block's barrier after them)
+  kMarkLlSent,        // the block's rows stored
+  kMarkLlHandedOff,   // past the handoff (the blocks that are not last leave)
+  kMarkLlPublishing,  // the last block: past its barrier before raising the sent flags
+  kMarkLlSettled,     // the last block's thread 0: its experts' counts stored, rows cleared
+  // ... and a combine.
+  kMarkLlCombineStart,
+  kMarkLlCombineEntered,
+  kMarkLlCombineWaited,    // every owner's ready flag seen
+  kMarkLlCombineSummed,    // the block's sums stored
+  kMarkLlCombineFinished,  // past the count of finished blocks
   kMarkCount
 };
-constexpr int kClockBlocks = 128;  // blocks that stamp (the rest do not)
+constexpr int kClockBlocks = 256;  // blocks that stamp (the rest do not)
 
 const char* phase_mark_name(int mark);
 // Zeroes the stamps (false: not compiled in).
 bool reset_phase_clock();
+// Where the stamps live on the device, for the kernels of other translation units (their
+// parameters carry it; null: not compiled in).
+uint64_t* phase_clock_stamps_on_device();
 // The stamps [kClockBlocks][kMarkCount] in ns of the global timer, 0 where none was made since
 // the reset (false: not compiled in).
 bool read_phase_clock(std::vector<uint64_t>& stamps);

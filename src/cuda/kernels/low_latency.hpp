@@ -72,6 +72,7 @@ struct LowLatencyContext {
   int half = 0;                   // the round's half of the receive regions
   uint32_t tags = 0;              // this rank's flag tags for the call (compared by the peers)
   int num_blocks = 0;
+  uint64_t* clock = nullptr;  // the phase clock's stamps (kernels.hpp; null: none taken)
 };
 
 // The rows a dispatch, cached dispatch or combine_backward pushes into the owners' regions.

@@ -286,6 +286,7 @@ __device__ void send_rows(const LowLatencyContext& c, const LowLatencyRows& r, i
       dests[threadIdx.x] = claim(c, r, t, k, value, phase);
     }
     __syncthreads();
+    if (j0 == 0) mark_phase_into(c.clock, kMarkLlClaimed);
     const RowParts parts = row_parts(n, r.row_bytes, kWarps);
     for (int64_t item = warp; item < n * parts.count; item += kWarps) {
       const int jt = static_cast<int>(item / parts.count);
@@ -360,20 +361,26 @@ __device__ void settle_dispatch(const LowLatencyDispatchParams& p, uint64_t epoc
     }
   }
   if (threadIdx.x == 0) c.scratch->state = plan::kStateDispatched;
+  mark_phase_into(c.clock, kMarkLlSettled);
 }
 
 __global__ void __launch_bounds__(kThreads)
     low_latency_dispatch_kernel(LowLatencyDispatchParams p) {
   const LowLatencyContext& c = p.ll;
+  mark_phase_into(c.clock, kMarkLlStart);
   const int32_t phase = plan::low_latency_send_phase(p.rows.kind);
   const int64_t first = p.send ? first_entry(c, p.rows) : -2;
   const uint64_t epoch = c.scratch->round + 1;
   if (!low_latency_enter(c, plan::low_latency_step(false, !p.send), phase + (p.send ? 0 : 1))) {
     return;
   }
+  mark_phase_into(c.clock, kMarkLlEntered);
   if (p.send) {
     send_rows(c, p.rows, first, phase);
-    if (!low_latency_last_block(&c.scratch->blocks_sent)) return;
+    mark_phase_into(c.clock, kMarkLlSent);
+    const bool last = low_latency_last_block(&c.scratch->blocks_sent);
+    mark_phase_into(c.clock, kMarkLlHandedOff);
+    if (!last) return;
     __shared__ uint32_t tags;
     if (threadIdx.x == 0) {
       tags = c.tags | (c.scratch->bad_routing ? uint32_t(plan::kTagBadRouting) : 0u);
@@ -381,6 +388,7 @@ __global__ void __launch_bounds__(kThreads)
       c.scratch->state = plan::kStateDispatchSent;
     }
     __syncthreads();
+    mark_phase_into(c.clock, kMarkLlPublishing);
     // With few enough peers, the block's second half publishes and the first half settles: the
     // release's system membar holds the publishing threads ~1 us, the settle need not wait.
     const bool split = c.layout.num_ranks <= kThreads / 2;
@@ -483,6 +491,7 @@ __global__ void __launch_bounds__(kThreads) low_latency_combine_kernel(LowLatenc
   const int local_experts = at.local_experts, num_topk = layout.num_topk;
   const int64_t hidden = layout.hidden;
   const int32_t phase = plan::low_latency_send_phase(plan::kKindCombine);
+  mark_phase_into(c.clock, kMarkLlCombineStart);
   const int lane = lane_id();
   // Lane k's entry (t, k) of the warp's first token, loaded with the state word rather than
   // after the waits (this rank's handle, written by the dispatch before this kernel): the sum of
@@ -499,6 +508,7 @@ __global__ void __launch_bounds__(kThreads) low_latency_combine_kernel(LowLatenc
   if (!low_latency_enter(c, plan::low_latency_step(true, !p.send), phase + (p.send ? 0 : 1))) {
     return;
   }
+  mark_phase_into(c.clock, kMarkLlCombineEntered);
   const uint32_t ready_tags = c.tags | (p.weights_in_recv ? uint32_t(plan::kTagWeightsInRecv) : 0u);
   if (p.send) {
     if (p.x || p.weights || p.scalars) {
@@ -530,7 +540,9 @@ __global__ void __launch_bounds__(kThreads) low_latency_combine_kernel(LowLatenc
                       (theirs & plan::kTagWeightsInRecv) ? at.recv_weights : at.combine_weights),
         region<float>(ws, at.combine_scalars)};
   }
-  if (__syncthreads_and(ok) != 0) {
+  const bool all_ok = __syncthreads_and(ok) != 0;
+  mark_phase_into(c.clock, kMarkLlCombineWaited);
+  if (all_ok) {
     for (int64_t item = global_warp(); item < p.num_tokens * parts.count; item += total_warps()) {
       const int64_t t = item / parts.count, part = item % parts.count;
       const int64_t end = min(hidden, (part + 1) * parts.bytes / 2);
@@ -568,10 +580,12 @@ __global__ void __launch_bounds__(kThreads) low_latency_combine_kernel(LowLatenc
       }
     }
   }
+  mark_phase_into(c.clock, kMarkLlCombineSummed);
   if (last_to_finish(&c.scratch->blocks_done) && threadIdx.x == 0) {
     c.scratch->round = epoch;
     c.scratch->state = plan::kStateIdle;
   }
+  mark_phase_into(c.clock, kMarkLlCombineFinished);
 }
 
 template <int Vec>

@@ -56,7 +56,8 @@ CudaLowLatency::CudaLowLatency(const EngineContext& context, const plan::LowLate
       num_blocks_(num_blocks),
       links_(std::move(links)),
       scratch_(1),
-      old_counts_(2 * size_t(layout.local_experts())) {
+      old_counts_(2 * size_t(layout.local_experts())),
+      clock_(cuda::phase_clock_stamps_on_device()) {
   EPX_CHECK(layout.num_topk <= cuda::kLowLatencyMaxTopk, kInvalidArgument,
             "the CUDA transport's low-latency mode supports num_topk up to "
                 << cuda::kLowLatencyMaxTopk << " (" << layout.num_topk << " requested)");
@@ -78,7 +79,8 @@ cuda::LowLatencyContext CudaLowLatency::kernel_context(int half, uint32_t tags) 
           .old_counts = old_counts_.get(),
           .half = half,
           .tags = tags,
-          .num_blocks = num_blocks_};
+          .num_blocks = num_blocks_,
+          .clock = clock_};
 }
 
 Tensor CudaLowLatency::view(void* data, DType dtype, std::vector<int64_t> shape) const {

@@ -55,6 +55,7 @@ class CudaLowLatency final : public LowLatencyEngine {
   EngineLinks links_;
   DeviceArray<cuda::LowLatencyScratch> scratch_;
   DeviceArray<int32_t> old_counts_;  // [2][E_l], see cuda::LowLatencyContext
+  uint64_t* clock_;                  // the phase clock's stamps (null: not compiled in)
   // The wait part a hook left due: of a dispatch or of a combine.
   std::optional<cuda::LowLatencyDispatchParams> pending_dispatch_;
   std::optional<cuda::LowLatencyCombineParams> pending_combine_;
