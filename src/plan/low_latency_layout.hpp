@@ -131,6 +131,43 @@ struct LowLatencyLayout {
   }
 };
 
+// Where the regions one call touches begin, in bytes from the start of any rank's workspace,
+// for the call's half, and the layout's derived sizes: what the CUDA kernels take instead of
+// evaluating the offset chains above (a division, alignments, products) on the device, where
+// they sat inside the loops that store rows and counts and cost ~0.6 us per iteration
+// (docs/performance.md, "Low-latency mode"). Resolved once per call on the host.
+struct LowLatencyRegions {
+  int64_t counters = 0, combine_rows = 0, combine_weights = 0, combine_scalars = 0;
+  int64_t recv_rows = 0, recv_scales = 0, recv_weights = 0, recv_aux = 0, src_info = 0;
+  int64_t counts = 0;
+  int64_t expert_rows = 0;  // R * S_ll, the rows of each expert's region
+  int64_t scales_per_row = 0;
+  int32_t local_experts = 0;
+};
+
+inline LowLatencyRegions low_latency_regions(const LowLatencyLayout& layout, int half) {
+  const int64_t h = layout.half_offset(half);
+  return {.counters = layout.counters_offset(),
+          .combine_rows = layout.combine_rows_offset(),
+          .combine_weights = layout.combine_weights_offset(),
+          .combine_scalars = layout.combine_scalars_offset(),
+          .recv_rows = h,
+          .recv_scales = h + layout.recv_scales_in_half(),
+          .recv_weights = h + layout.recv_weights_in_half(),
+          .recv_aux = h + layout.recv_aux_in_half(),
+          .src_info = h + layout.src_info_in_half(),
+          .counts = h + layout.counts_in_half(),
+          .expert_rows = layout.expert_rows(),
+          .scales_per_row = layout.scales_per_row(),
+          .local_experts = layout.local_experts()};
+}
+
+// The region at `offset` of workspace `ws` (any rank's), as T.
+template <typename T>
+EPX_HD T* region(char* ws, int64_t offset) {
+  return reinterpret_cast<T*>(ws + offset);
+}
+
 }  // namespace epx::plan
 
 // The words of the low-latency protocol that both transports share (docs/protocol.md,

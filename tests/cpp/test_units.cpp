@@ -9,12 +9,14 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "core/output_batch.hpp"
 #include "core/thread_group.hpp"
 #include "epx/comm.hpp"
 #include "epx/error.hpp"
+#include "plan/low_latency_layout.hpp"
 #include "plan/routing.hpp"
 #include "plan/source_plan.hpp"
 #include "plan/workspace_layout.hpp"
@@ -93,6 +95,44 @@ TEST(Plan, WorkspaceRegionsAreOrderedAndAligned) {
   EXPECT_EQ(layout.staging_rows(), 9 * 17);
   EXPECT_LT(layout.source_combine_row_index(16, 8), layout.staging_rows());
   EXPECT_LT(layout.expert_combine_row_index(2, 16), layout.staging_rows());
+}
+
+// The offsets the CUDA kernels take (low_latency_regions) name the same bytes as the layout's
+// accessors, for both halves and several shapes, each region inside the layout's bytes.
+TEST(Plan, LowLatencyRegionsMatchTheLayoutsAccessors) {
+  for (const auto& [ranks, experts, fp8, base] :
+       {std::tuple{1, 16, false, int64_t(0)}, std::tuple{3, 12, true, int64_t(4096)},
+        std::tuple{8, 64, true, int64_t(256)}}) {
+    LowLatencyLayout layout{.num_ranks = ranks,
+                            .num_experts = experts,
+                            .num_topk = 4,
+                            .max_tokens = 5,
+                            .hidden = 256,
+                            .fp8 = fp8,
+                            .base = base};
+    std::vector<char> workspace(static_cast<size_t>(layout.base + layout.bytes()));
+    char* ws = workspace.data();
+    for (int half : {0, 1}) {
+      const LowLatencyRegions at = low_latency_regions(layout, half);
+      auto offset = [&](const void* p) { return static_cast<const char*>(p) - ws; };
+      EXPECT_EQ(at.counters, offset(layout.counters(ws)));
+      EXPECT_EQ(at.combine_rows, offset(layout.combine_rows(ws)));
+      EXPECT_EQ(at.combine_weights, offset(layout.combine_weights(ws)));
+      EXPECT_EQ(at.combine_scalars, offset(layout.combine_scalars(ws)));
+      EXPECT_EQ(at.recv_rows, offset(layout.recv_rows(ws, half)));
+      EXPECT_EQ(at.recv_scales, offset(layout.recv_scales(ws, half)));
+      EXPECT_EQ(at.recv_weights, offset(layout.recv_weights(ws, half)));
+      EXPECT_EQ(at.recv_aux, offset(layout.recv_aux(ws, half)));
+      EXPECT_EQ(at.src_info, offset(layout.src_info(ws, half)));
+      EXPECT_EQ(at.counts, offset(layout.counts(ws, half)));
+      EXPECT_EQ(region<int32_t>(ws, at.counts), layout.counts(ws, half));
+      EXPECT_EQ(at.expert_rows, int64_t(ranks) * 5);
+      EXPECT_EQ(at.local_experts, experts / ranks);
+      EXPECT_EQ(at.scales_per_row, fp8 ? 2 : 0);
+      // The last region of the half ends inside the layout.
+      EXPECT_LE(at.counts + 4 * at.local_experts, layout.base + layout.bytes());
+    }
+  }
 }
 
 }  // namespace

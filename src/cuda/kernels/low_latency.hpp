@@ -24,49 +24,11 @@ struct LowLatencyScratch {
   int32_t bad_routing = 0;   // the send part found a topk_idx value outside [-1, E)
 };
 
-// Where the regions a call touches begin, in bytes from the start of any rank's workspace (the
-// layout is the same on every rank), for the call's half, and the layout's derived sizes:
-// resolved once on the host (low_latency_regions). The kernels add these to a workspace pointer;
-// evaluated on the device, the layout's chains of offsets (a division, alignments, products)
-// sat inside the loops that store rows and counts, where nothing they store can be proven not
-// to alias the parameters, and cost about 0.6 us per iteration (docs/performance.md).
-struct LowLatencyRegions {
-  int64_t counters = 0, combine_rows = 0, combine_weights = 0, combine_scalars = 0;
-  int64_t recv_rows = 0, recv_scales = 0, recv_weights = 0, recv_aux = 0, src_info = 0;
-  int64_t counts = 0;
-  int64_t expert_rows = 0;  // R * S_ll, the rows of each expert's region
-  int64_t scales_per_row = 0;
-  int32_t local_experts = 0;
-};
-
-inline LowLatencyRegions low_latency_regions(const plan::LowLatencyLayout& layout, int half) {
-  const int64_t h = layout.half_offset(half);
-  return {.counters = layout.counters_offset(),
-          .combine_rows = layout.combine_rows_offset(),
-          .combine_weights = layout.combine_weights_offset(),
-          .combine_scalars = layout.combine_scalars_offset(),
-          .recv_rows = h,
-          .recv_scales = h + layout.recv_scales_in_half(),
-          .recv_weights = h + layout.recv_weights_in_half(),
-          .recv_aux = h + layout.recv_aux_in_half(),
-          .src_info = h + layout.src_info_in_half(),
-          .counts = h + layout.counts_in_half(),
-          .expert_rows = layout.expert_rows(),
-          .scales_per_row = layout.scales_per_row(),
-          .local_experts = layout.local_experts()};
-}
-
-// The region at `offset` of workspace `ws` (any rank's), as T.
-template <typename T>
-__host__ __device__ __forceinline__ T* region(char* ws, int64_t offset) {
-  return reinterpret_cast<T*>(ws + offset);
-}
-
 // What every LL kernel knows.
 struct LowLatencyContext {
   Topology topo{};  // peers, rank, error record, timeout (the fingerprint is not used)
   plan::LowLatencyLayout layout{};
-  LowLatencyRegions regions{};  // of `layout`, for `half`
+  plan::LowLatencyRegions regions{};  // of `layout`, for `half`
   LowLatencyScratch* scratch = nullptr;
   int32_t* old_counts = nullptr;  // [2][E_l]: the counts each half's last round left
   int half = 0;                   // the round's half of the receive regions

@@ -193,7 +193,7 @@ __device__ __forceinline__ int64_t first_entry(const LowLatencyContext& c,
 __device__ Destination claim(const LowLatencyContext& c, const LowLatencyRows& r, int64_t t, int k,
                              int64_t value, int32_t phase) {
   const plan::LowLatencyLayout& layout = c.layout;
-  const LowLatencyRegions& at = c.regions;
+  const plan::LowLatencyRegions& at = c.regions;
   const int64_t i = t * layout.num_topk + k;
   const bool routing = r.kind == plan::kKindDispatch;
   int32_t e;
@@ -223,7 +223,7 @@ __device__ Destination claim(const LowLatencyContext& c, const LowLatencyRows& r
   char* ws = c.topo.peers[owner];
   int32_t slot;
   if (routing) {
-    slot = atomicAdd_system(region<int32_t>(ws, at.counters) + local, 1);
+    slot = atomicAdd_system(plan::region<int32_t>(ws, at.counters) + local, 1);
     if (slot >= at.expert_rows) slot = -1;  // past the region: dropped, the owner raises
     r.slots[i] = slot;
   } else {
@@ -232,12 +232,12 @@ __device__ Destination claim(const LowLatencyContext& c, const LowLatencyRows& r
   if (slot < 0) return {nullptr, nullptr};
   const int64_t row = local * at.expert_rows + slot;
   if (scalars) {
-    if (r.weights) region<float>(ws, at.recv_weights)[row] = weight;
-    if (r.aux) region<float>(ws, at.recv_aux)[row] = aux;
-    region<int32_t>(ws, at.src_info)[row] = layout.source_id(c.topo.rank, t, k);
+    if (r.weights) plan::region<float>(ws, at.recv_weights)[row] = weight;
+    if (r.aux) plan::region<float>(ws, at.recv_aux)[row] = aux;
+    plan::region<int32_t>(ws, at.src_info)[row] = layout.source_id(c.topo.rank, t, k);
   }
   return {ws + at.recv_rows + row * r.row_bytes,
-          r.scales ? region<float>(ws, at.recv_scales) + row * at.scales_per_row : nullptr};
+          r.scales ? plan::region<float>(ws, at.recv_scales) + row * at.scales_per_row : nullptr};
 }
 
 // The warp copies elements [begin, end) (of type V) of `src` into the same elements of each
@@ -323,7 +323,7 @@ __device__ void send_rows(const LowLatencyContext& c, const LowLatencyRows& r, i
 __device__ void settle_dispatch(const LowLatencyDispatchParams& p, uint64_t epoch, int32_t phase,
                                 int settlers) {
   const LowLatencyContext& c = p.ll;
-  const LowLatencyRegions& at = c.regions;
+  const plan::LowLatencyRegions& at = c.regions;
   // This rank's own rows and claims: before the last block's handoff acquire, or in the send
   // kernel before this (the hook's) one.
   bool ok;
@@ -333,11 +333,11 @@ __device__ void settle_dispatch(const LowLatencyDispatchParams& p, uint64_t epoc
   const int64_t capacity = at.expert_rows;
   const bool routing = p.rows.kind == plan::kKindDispatch;
   int32_t* old_counts = c.old_counts + c.half * at.local_experts;
-  volatile int32_t* counters = region<int32_t>(local, at.counters);
-  int32_t* counts_view = region<int32_t>(local, at.counts);
-  float* weights = region<float>(local, at.recv_weights);
-  float* aux = region<float>(local, at.recv_aux);
-  int32_t* src_info = region<int32_t>(local, at.src_info);
+  volatile int32_t* counters = plan::region<int32_t>(local, at.counters);
+  int32_t* counts_view = plan::region<int32_t>(local, at.counts);
+  float* weights = plan::region<float>(local, at.recv_weights);
+  float* aux = plan::region<float>(local, at.recv_aux);
+  int32_t* src_info = plan::region<int32_t>(local, at.src_info);
   for (int e = threadIdx.x; e < at.local_experts; e += settlers) {
     const int32_t old = old_counts[e];
     int32_t count;
@@ -438,13 +438,13 @@ __device__ __forceinline__ int64_t real_row(const int32_t* prefix, int local_exp
 // The expert side of a combine: what is not in the combine region yet goes there, row for row.
 __device__ void copy_expert_side(const LowLatencyCombineParams& p, int32_t* prefix) {
   const LowLatencyContext& c = p.ll;
-  const LowLatencyRegions& at = c.regions;
+  const plan::LowLatencyRegions& at = c.regions;
   const int local_experts = at.local_experts;
   block_prefix(p.counts, local_experts, prefix);
   char* local = c.topo.peers[c.topo.rank];
-  char* rows = region<char>(local, at.combine_rows);
-  float* weights = region<float>(local, at.combine_weights);
-  float* scalars = region<float>(local, at.combine_scalars);
+  char* rows = plan::region<char>(local, at.combine_rows);
+  float* weights = plan::region<float>(local, at.combine_weights);
+  float* scalars = plan::region<float>(local, at.combine_scalars);
   const int64_t row_bytes = c.layout.hidden * 2, total = prefix[local_experts];
   const RowParts parts = row_parts(total, row_bytes);
   const int lane = lane_id();
@@ -487,7 +487,7 @@ __global__ void __launch_bounds__(kThreads) low_latency_combine_kernel(LowLatenc
   extern __shared__ int32_t smem[];  // prefix [E_l + 1], then (8-aligned) the owners' regions [R]
   const LowLatencyContext& c = p.ll;
   const plan::LowLatencyLayout& layout = c.layout;
-  const LowLatencyRegions& at = c.regions;
+  const plan::LowLatencyRegions& at = c.regions;
   const int local_experts = at.local_experts, num_topk = layout.num_topk;
   const int64_t hidden = layout.hidden;
   const int32_t phase = plan::low_latency_send_phase(plan::kKindCombine);
@@ -535,10 +535,10 @@ __global__ void __launch_bounds__(kThreads) low_latency_combine_kernel(LowLatenc
   if (threadIdx.x < layout.num_ranks) {
     char* ws = c.topo.peers[threadIdx.x];
     owners[threadIdx.x] = {
-        region<uint16_t>(ws, at.combine_rows),
-        region<float>(ws,
-                      (theirs & plan::kTagWeightsInRecv) ? at.recv_weights : at.combine_weights),
-        region<float>(ws, at.combine_scalars)};
+        plan::region<uint16_t>(ws, at.combine_rows),
+        plan::region<float>(
+            ws, (theirs & plan::kTagWeightsInRecv) ? at.recv_weights : at.combine_weights),
+        plan::region<float>(ws, at.combine_scalars)};
   }
   const bool all_ok = __syncthreads_and(ok) != 0;
   mark_phase_into(c.clock, kMarkLlCombineWaited);
@@ -607,7 +607,8 @@ __global__ void __launch_bounds__(kThreads)
     const int local_experts = c.regions.local_experts;
     const int64_t hidden = layout.hidden, expert_rows = c.regions.expert_rows;
     block_prefix(p.counts, local_experts, prefix);
-    const auto* grads = region<const uint16_t>(c.topo.peers[c.topo.rank], c.regions.recv_rows);
+    const auto* grads =
+        plan::region<const uint16_t>(c.topo.peers[c.topo.rank], c.regions.recv_rows);
     const int lane = lane_id();
     for (int64_t n = global_warp(); n < prefix[local_experts]; n += total_warps()) {
       const int64_t row = real_row(prefix, local_experts, n, expert_rows);

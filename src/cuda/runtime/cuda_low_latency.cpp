@@ -74,7 +74,7 @@ CudaLowLatency::CudaLowLatency(const EngineContext& context, const plan::LowLate
 cuda::LowLatencyContext CudaLowLatency::kernel_context(int half, uint32_t tags) const {
   return {.topo = links_.topology(),
           .layout = layout_,
-          .regions = cuda::low_latency_regions(layout_, half),
+          .regions = plan::low_latency_regions(layout_, half),
           .scratch = scratch_.get(),
           .old_counts = old_counts_.get(),
           .half = half,
