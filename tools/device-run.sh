@@ -4,7 +4,8 @@
 #   gpu     tools/gpu-check.sh (GPU tests bit-exact vs the reference, sanitizer, demo on GPUs)
 #   python  the pytest suite, its NCCL and IPC cases included
 #   ll      the low-latency suite (test_gpu_low_latency: thread ranks R = 1-8, one NCCL rank,
-#           errors, graph replays), EPX_GPU_CONFIGS (default 4) random configurations per case
+#           IPC processes R = 2, 3, errors, graph replays), EPX_GPU_CONFIGS (default 4) random
+#           configurations per case
 #   bench   the benchmark (bench/bench.py), JSON and plot under $OUT
 #   threads bench_gpu with 2 and 4 ranks (EPX_THREAD_RANKS) as threads sharing GPU 0 (128 and
 #           4096 tokens; EPX_THREADS_TOKENS), more bench_gpu options in EPX_THREADS_ARGS (e.g.

@@ -4,6 +4,8 @@
 //   - thread ranks sharing GPU 0 (R = 1, 2, 3, 4, 8), random configurations, then production
 //     shapes (hidden 7168 bf16 and fp8, 2048, 1032; 128 and 256 tokens; 256 experts, top-8);
 //   - one NCCL rank (R = 1), the same;
+//   - IPC processes sharing GPU 0 (R = 2, 3: a process per rank, the workspaces mapped through
+//     CUDA IPC), random configurations;
 //   - a CUDA graph of dispatch -> expert step -> combine (zero-copy, one with hooks inside),
 //     captured once and replayed with new rows and new routing written into its inputs before
 //     every replay, each replay's output compared;
@@ -116,6 +118,38 @@ TEST_P(LowLatencyThreads, ProductionShapesMatchTheReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Ranks, LowLatencyThreads, ::testing::Values(1, 2, 3, 4, 8),
+                         [](const auto& info) { return "R" + std::to_string(info.param); });
+
+// Processes on one GPU time-slice it (no MPS): a rank's kernel that waits for a peer holds the
+// GPU until its slice ends, so these are slower than thread ranks, not different.
+class LowLatencyIpc : public ::testing::TestWithParam<int> {};
+
+TEST_P(LowLatencyIpc, RandomConfigurationsMatchTheReference) {
+  EPX_REQUIRE_GPUS(1);
+  const int num_ranks = GetParam();
+  const int count = env_int("EPX_GPU_CONFIGS", 12);
+  const uint64_t seed0 = base_seed() * 7919ull + uint64_t(num_ranks) * 131ull;
+  const std::string rendezvous = unique_name("epx-gpu-ll-ipc");
+  const std::string failed = failures(run_ranks(
+      num_ranks,
+      [&](int rank) -> std::string {
+        RankContext ctx = open_rank(GpuTransport::kIpc, rank, num_ranks, rendezvous);
+        for (int i = 0; i < count; ++i) {
+          const LowLatencyCase c = draw_low_latency_case(seed0 + i, num_ranks);
+          Buffer buffer(ctx.comm, low_latency_buffer_config(c, env_int("EPX_GPU_TIMEOUT_S", 60)),
+                        poisoned_cuda_allocator());
+          const std::string bad = run_low_latency_scenario(buffer, c, rank, ctx.ops());
+          if (!bad.empty()) return "seed " + std::to_string(seed0 + i) + ": " + bad;
+        }
+        return "";
+      },
+      560));
+  ASSERT_EQ(failed, "");
+  std::cout << "[epx-gpu-low-latency] IPC R=" << num_ranks << ": " << count
+            << " scenarios bit-exact with the reference" << std::endl;
+}
+
+INSTANTIATE_TEST_SUITE_P(Ranks, LowLatencyIpc, ::testing::Values(2, 3),
                          [](const auto& info) { return "R" + std::to_string(info.param); });
 
 TEST(LowLatencyNccl, OneRankMatchesTheReference) {
