@@ -1,0 +1,177 @@
+// The send part of the low-latency kernels that push rows the dispatch way (a dispatch, a cached
+// dispatch, combine_backward; docs/protocol.md, "Low-latency mode"): a thread per (t, k) claims
+// its destination on the owner, then the block's warps copy each token's row once into every
+// destination row.
+#pragma once
+
+#include "cuda/device/device_primitives.cuh"
+#include "cuda/device/device_records.cuh"
+#include "cuda/device/low_latency_sync.cuh"
+#include "cuda/kernels/low_latency.hpp"
+
+namespace epx::cuda {
+
+constexpr int kBlockWarps = kBlockThreads / kWarpSize;
+constexpr int kFanoutLoads = 4;  // 16-byte loads in flight per lane while a part fans out
+
+// Where one (t, k) of a block's tokens goes: its row in the owner's receive region and the row's
+// scales (fp8), resolved once by the claiming thread; row null: nowhere (a masked k, or a row
+// past the region). The fan-out reads them from shared memory: resolving a destination there
+// (the peer pointer, a global load) after the stores to the one before cost a memory round trip
+// per destination, ~0.7 us each (docs/performance.md).
+struct Destination {
+  char* row;
+  float* scales;
+};
+
+// The block's tokens are t = blockIdx.x + j * gridDim.x, j < block_tokens().
+__device__ __forceinline__ int64_t block_tokens(int64_t num_tokens) {
+  return num_tokens > blockIdx.x ? (num_tokens - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+}
+
+// Entry (t, k) as the send part reads it: a routing dispatch's topk_idx value, the handle's
+// expert otherwise.
+__device__ __forceinline__ int64_t entry_value(const LowLatencyRows& r, int64_t i) {
+  if (r.kind != plan::kKindDispatch) return r.topk32[i];
+  return r.topk_int64 ? static_cast<const int64_t*>(r.topk_idx)[i]
+                      : static_cast<const int32_t*>(r.topk_idx)[i];
+}
+
+// The entry this thread claims in the block's first batch of send_rows (-2: none), loaded at
+// the kernel's start with the state word instead of after it (its round trip overlaps).
+__device__ __forceinline__ int64_t first_entry(const LowLatencyContext& c,
+                                               const LowLatencyRows& r) {
+  const int num_topk = c.layout.num_topk;
+  const int64_t t = blockIdx.x + int64_t(threadIdx.x / num_topk) * gridDim.x;
+  if (threadIdx.x >= (kBlockThreads / num_topk) * num_topk || t >= r.num_tokens) return -2;
+  return entry_value(r, t * num_topk + threadIdx.x % num_topk);
+}
+
+// The destination of entry (t, k) of value `value` (entry_value), one thread: a routing
+// dispatch checks the value, claims a slot on the owner's counter and fills the handle; the
+// others take the handle's. The row's scalars (weights, aux, src_info) go with it; a
+// combine_backward moves rows only.
+inline __device__ Destination claim(const LowLatencyContext& c, const LowLatencyRows& r, int64_t t,
+                                    int k, int64_t value, int32_t phase) {
+  const plan::LowLatencyLayout& layout = c.layout;
+  const plan::LowLatencyRegions& at = c.regions;
+  const int64_t i = t * layout.num_topk + k;
+  const bool routing = r.kind == plan::kKindDispatch;
+  int32_t e;
+  if (routing) {
+    const bool valid = value >= -1 && value < layout.num_experts;
+    if (!valid) {
+      // Recorded here; the peers learn of it from the sent flags' tags.
+      c.scratch->bad_routing = 1;
+      record_error(c.topo, kDeviceBadRouting, kPhaseLowLatency + phase, c.topo.rank,
+                   static_cast<int32_t>(value));
+    }
+    e = valid ? static_cast<int32_t>(value) : -1;
+    r.topk32[i] = e;
+  } else {
+    e = static_cast<int32_t>(value);
+  }
+  if (e < 0) {
+    if (routing) r.slots[i] = -1;
+    return {nullptr, nullptr};
+  }
+  const bool scalars = r.kind != plan::kKindBackward;
+  // Loaded before the claim's round trip, not after it.
+  const float weight = scalars && r.weights ? r.weights[i] : 0.0f;
+  const float aux = scalars && r.aux ? r.aux[i] : 0.0f;
+  const int owner = e / at.local_experts;
+  const int32_t local = e % at.local_experts;
+  char* ws = c.topo.peers[owner];
+  int32_t slot;
+  if (routing) {
+    slot = atomicAdd_system(plan::region<int32_t>(ws, at.counters) + local, 1);
+    if (slot >= at.expert_rows) slot = -1;  // past the region: dropped, the owner raises
+    r.slots[i] = slot;
+  } else {
+    slot = r.slots[i];
+  }
+  if (slot < 0) return {nullptr, nullptr};
+  const int64_t row = local * at.expert_rows + slot;
+  if (scalars) {
+    if (r.weights) plan::region<float>(ws, at.recv_weights)[row] = weight;
+    if (r.aux) plan::region<float>(ws, at.recv_aux)[row] = aux;
+    plan::region<int32_t>(ws, at.src_info)[row] = layout.source_id(c.topo.rank, t, k);
+  }
+  return {ws + at.recv_rows + row * r.row_bytes,
+          r.scales ? plan::region<float>(ws, at.recv_scales) + row * at.scales_per_row : nullptr};
+}
+
+// The warp copies elements [begin, end) (of type V) of `src` into the same elements of each
+// destination row of `dests` (K of them, null rows skipped): loaded once, stored to each.
+template <typename V, int Loads>
+__device__ __forceinline__ void fan_out(const char* src, int64_t begin, int64_t end,
+                                        const Destination* dests, int num_dests, int lane) {
+  const V* s = reinterpret_cast<const V*>(src);
+  for (int64_t i = begin + lane; i < end; i += Loads * kWarpSize) {
+    V v[Loads];
+#pragma unroll
+    for (int j = 0; j < Loads; ++j) {
+      if (i + j * kWarpSize < end) v[j] = s[i + j * kWarpSize];
+    }
+    for (int d = 0; d < num_dests; ++d) {
+      V* dst = reinterpret_cast<V*>(dests[d].row);
+      if (!dst) continue;
+      __builtin_assume(__isGlobal(dst));  // a workspace row (read back from shared memory)
+#pragma unroll
+      for (int j = 0; j < Loads; ++j) {
+        if (i + j * kWarpSize < end) dst[i + j * kWarpSize] = v[j];
+      }
+    }
+  }
+}
+
+// The send part of a dispatch-direction call, every block: batches of its tokens, a thread per
+// (t, k) claiming destinations, then a warp per (token, row part) fanning the part out (16-byte
+// vectors when rows and input are aligned, else 2-byte elements, else bytes).
+// `first`: this thread's entry of the first batch (first_entry).
+inline __device__ void send_rows(const LowLatencyContext& c, const LowLatencyRows& r, int64_t first,
+                                 int32_t phase) {
+  __shared__ Destination dests[kBlockThreads];
+  const int num_topk = c.layout.num_topk;
+  const int64_t tokens = block_tokens(r.num_tokens);
+  const int batch = kBlockThreads / num_topk;  // tokens whose destinations fit in `dests`
+  const int lane = lane_id(), warp = warp_in_block();
+  const uintptr_t bits = reinterpret_cast<uintptr_t>(r.x) | static_cast<uintptr_t>(r.row_bytes);
+  const int64_t scales = r.scales ? c.regions.scales_per_row : 0;
+  for (int64_t j0 = 0; j0 < tokens; j0 += batch) {
+    const int n = static_cast<int>(min(int64_t(batch), tokens - j0));
+    if (threadIdx.x < n * num_topk) {
+      const int jt = threadIdx.x / num_topk, k = threadIdx.x % num_topk;
+      const int64_t t = blockIdx.x + (j0 + jt) * gridDim.x;
+      const int64_t value = j0 == 0 ? first : entry_value(r, t * num_topk + k);
+      dests[threadIdx.x] = claim(c, r, t, k, value, phase);
+    }
+    __syncthreads();
+    if (j0 == 0) mark_phase_into(c.clock, kMarkLlClaimed);
+    const RowParts parts = row_parts(n, r.row_bytes, kBlockWarps);
+    for (int64_t item = warp; item < n * parts.count; item += kBlockWarps) {
+      const int jt = static_cast<int>(item / parts.count);
+      const int64_t part = item % parts.count;
+      const int64_t t = blockIdx.x + (j0 + jt) * gridDim.x;
+      const char* src = r.x + t * r.row_bytes;
+      const Destination* d = dests + jt * num_topk;
+      const int64_t begin = part * parts.bytes, end = min(r.row_bytes, begin + parts.bytes);
+      if ((bits & 15) == 0) {
+        fan_out<int4, kFanoutLoads>(src, begin / 16, end / 16, d, num_topk, lane);
+      } else if ((bits & 1) == 0) {
+        fan_out<uint16_t, 8>(src, begin / 2, end / 2, d, num_topk, lane);
+      } else {
+        fan_out<uint8_t, 8>(src, begin, end, d, num_topk, lane);
+      }
+      if (part != 0 || !scales) continue;  // a row's first part carries its scales
+      for (int k = 0; k < num_topk; ++k) {
+        float* out = d[k].scales;
+        if (!out) continue;
+        for (int64_t i = lane; i < scales; i += kWarpSize) out[i] = r.scales[t * scales + i];
+      }
+    }
+    __syncthreads();
+  }
+}
+
+}  // namespace epx::cuda
