@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <functional>
 #include <iostream>
 #include <random>
 
@@ -70,6 +71,21 @@ constexpr Shape kShapes[] = {{7168, 128, false},
                              {1032, 256, false},
                              {7168, 1, false}};
 
+// One rank's part of `count` random configurations of `num_ranks` ranks, seeds seed0 + i, each
+// on a buffer of config(case): "" when every one matched the reference, else the first failure
+// with its seed.
+std::string random_scenarios(const Comm& comm, int rank, int num_ranks, uint64_t seed0, int count,
+                             const std::function<BufferConfig(const LowLatencyCase&)>& config,
+                             const DeviceOps& ops) {
+  for (int i = 0; i < count; ++i) {
+    const LowLatencyCase c = draw_low_latency_case(seed0 + i, num_ranks);
+    Buffer buffer(comm, config(c), poisoned_cuda_allocator());
+    const std::string bad = run_low_latency_scenario(buffer, c, rank, ops);
+    if (!bad.empty()) return "seed " + std::to_string(seed0 + i) + ": " + bad;
+  }
+  return "";
+}
+
 class LowLatencyThreads : public ::testing::TestWithParam<int> {};
 
 TEST_P(LowLatencyThreads, RandomConfigurationsMatchTheReference) {
@@ -79,14 +95,10 @@ TEST_P(LowLatencyThreads, RandomConfigurationsMatchTheReference) {
   const uint64_t seed0 = base_seed() * 1000003ull + uint64_t(num_ranks) * 4099ull;
   const std::string failed = run_threads(
       num_ranks, Placement::kOneGpu, 120,
-      [&](const ThreadRank& r) -> std::string {
-        for (int i = 0; i < count; ++i) {
-          const LowLatencyCase c = draw_low_latency_case(seed0 + i, num_ranks);
-          Buffer buffer(r.comm, shared_gpu_config(c, r), poisoned_cuda_allocator());
-          const std::string bad = run_low_latency_scenario(buffer, c, r.rank, r.ops());
-          if (!bad.empty()) return "seed " + std::to_string(seed0 + i) + ": " + bad;
-        }
-        return "";
+      [&](const ThreadRank& r) {
+        return random_scenarios(
+            r.comm, r.rank, num_ranks, seed0, count,
+            [&](const LowLatencyCase& c) { return shared_gpu_config(c, r); }, r.ops());
       },
       560);
   ASSERT_EQ(failed, "");
@@ -132,16 +144,14 @@ TEST_P(LowLatencyIpc, RandomConfigurationsMatchTheReference) {
   const std::string rendezvous = unique_name("epx-gpu-ll-ipc");
   const std::string failed = failures(run_ranks(
       num_ranks,
-      [&](int rank) -> std::string {
+      [&](int rank) {
         RankContext ctx = open_rank(GpuTransport::kIpc, rank, num_ranks, rendezvous);
-        for (int i = 0; i < count; ++i) {
-          const LowLatencyCase c = draw_low_latency_case(seed0 + i, num_ranks);
-          Buffer buffer(ctx.comm, low_latency_buffer_config(c, env_int("EPX_GPU_TIMEOUT_S", 60)),
-                        poisoned_cuda_allocator());
-          const std::string bad = run_low_latency_scenario(buffer, c, rank, ctx.ops());
-          if (!bad.empty()) return "seed " + std::to_string(seed0 + i) + ": " + bad;
-        }
-        return "";
+        return random_scenarios(
+            ctx.comm, rank, num_ranks, seed0, count,
+            [](const LowLatencyCase& c) {
+              return low_latency_buffer_config(c, env_int("EPX_GPU_TIMEOUT_S", 60));
+            },
+            ctx.ops());
       },
       560));
   ASSERT_EQ(failed, "");
