@@ -39,53 +39,12 @@
 
 #include "common/cuda_device_ops.hpp"
 #include "common/multi_process.hpp"
-#include "cuda/kernels/kernels.hpp"
 #include "epx/buffer.hpp"
 #include "epx/error.hpp"
 #include "low_latency_bench.hpp"
+#include "phase_clock.hpp"
 
 namespace {
-
-// With a build configured -DEPX_PHASE_CLOCK=ON: the phase marks of one unsynced compact
-// dispatch (src/cuda/kernels/kernels.hpp), per mark the blocks that stamped it and the earliest
-// and latest stamp in us from the earliest kernel start. Nothing otherwise.
-void print_phase_clock(int rank, const std::function<void()>& dispatch,
-                       const std::function<void()>& synchronize) {
-  std::vector<uint64_t> stamps;
-  if (!epx::cuda::reset_phase_clock()) return;  // not compiled in
-  for (int i = 0; i < 5; ++i) dispatch();
-  synchronize();
-  epx::cuda::reset_phase_clock();
-  dispatch();
-  synchronize();
-  if (!epx::cuda::read_phase_clock(stamps)) return;
-  uint64_t origin = UINT64_MAX;
-  for (int b = 0; b < epx::cuda::kClockBlocks; ++b) {
-    for (int m : {epx::cuda::kMarkSendStart, epx::cuda::kMarkReceiveStart}) {
-      const uint64_t t = stamps[b * epx::cuda::kMarkCount + m];
-      if (t) origin = std::min(origin, t);
-    }
-  }
-  std::printf(
-      "rank %d: phase clock of one dispatch compact (sync_counts=false), us from the "
-      "first kernel start:\n",
-      rank);
-  for (int m = 0; m < epx::cuda::kMarkCount; ++m) {
-    uint64_t first = UINT64_MAX, last = 0;
-    int blocks = 0;
-    for (int b = 0; b < epx::cuda::kClockBlocks; ++b) {
-      const uint64_t t = stamps[b * epx::cuda::kMarkCount + m];
-      if (!t) continue;
-      ++blocks;
-      first = std::min(first, t);
-      last = std::max(last, t);
-    }
-    if (blocks == 0) continue;
-    std::printf("rank %d:   %-14s %3d blocks  first %7.2f  last %7.2f\n", rank,
-                epx::cuda::phase_mark_name(m), blocks, (first - origin) / 1e3,
-                (last - origin) / 1e3);
-  }
-}
 
 using namespace epx;
 
@@ -371,9 +330,15 @@ std::string run_rank(int rank, int num_ranks, const Options& o, const Comm& comm
                     false});
   }
 
-  print_phase_clock(
-      rank, [&] { (void)buffer.dispatch(inputs(true), compact_async, stream); },
-      [&] { buffer.synchronize(stream); });
+  // With -DEPX_PHASE_CLOCK=ON: the marks of one unsynced compact dispatch, from its first start.
+  std::fputs(bench::phase_clock_report(
+                 "phase clock of one dispatch compact (sync_counts=false), us from the first "
+                 "kernel start:",
+                 rank, 5, [&] { (void)buffer.dispatch(inputs(true), compact_async, stream); },
+                 [&] { buffer.synchronize(stream); },
+                 {{0, cuda::kMarkLlStart, {cuda::kMarkSendStart, cuda::kMarkReceiveStart}}})
+                 .c_str(),
+             stdout);
 
   int64_t rows_in = 0, rows_back = 0;
   for (int peer = 0; peer < num_ranks; ++peer) {

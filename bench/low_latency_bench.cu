@@ -30,10 +30,10 @@
 #include <vector>
 
 #include "common/cuda_device_ops.hpp"
-#include "cuda/kernels/kernels.hpp"
 #include "epx/buffer.hpp"
 #include "epx/error.hpp"
 #include "low_latency_bench.hpp"
+#include "phase_clock.hpp"
 
 namespace epx::bench {
 namespace {
@@ -153,49 +153,6 @@ class Timer {
   cudaStream_t stream_;
   cudaEvent_t events_[3]{};
 };
-
-// With a build configured -DEPX_PHASE_CLOCK=ON: the marks of one replay of `round` (a graph of
-// dispatch + combine; src/cuda/kernels/kernels.hpp), per mark the blocks that stamped it and
-// the earliest and latest stamp in us from its kernel's first start. "" otherwise.
-std::string phase_clock_report(int rank, int64_t tokens, const Graph& round, cudaStream_t stream) {
-  using namespace epx::cuda;
-  if (!reset_phase_clock()) return "";  // not compiled in
-  for (int i = 0; i < 3; ++i) round.launch();
-  check_cuda(cudaStreamSynchronize(stream), "sync");
-  reset_phase_clock();
-  round.launch();
-  check_cuda(cudaStreamSynchronize(stream), "sync");
-  std::vector<uint64_t> stamps;
-  if (!read_phase_clock(stamps)) return "";
-  auto at = [&](int block, int mark) { return stamps[size_t(block) * kMarkCount + mark]; };
-  // Each kernel's marks are timed from its own first start.
-  auto origin_of = [&](int start) {
-    uint64_t origin = UINT64_MAX;
-    for (int b = 0; b < kClockBlocks; ++b) {
-      if (at(b, start)) origin = std::min(origin, at(b, start));
-    }
-    return origin;
-  };
-  std::string out = "rank " + std::to_string(rank) + ": phase clock of one LL round, " +
-                    std::to_string(tokens) + " tokens (us from the kernel's first start):\n";
-  char line[160];
-  for (int m = kMarkLlStart; m < kMarkCount; ++m) {
-    const uint64_t origin = origin_of(m < kMarkLlCombineStart ? kMarkLlStart : kMarkLlCombineStart);
-    uint64_t first = UINT64_MAX, last = 0;
-    int blocks = 0;
-    for (int b = 0; b < kClockBlocks; ++b) {
-      if (!at(b, m)) continue;
-      ++blocks;
-      first = std::min(first, at(b, m));
-      last = std::max(last, at(b, m));
-    }
-    if (blocks == 0) continue;
-    std::snprintf(line, sizeof(line), "rank %d:   %-18s %3d blocks  first %7.2f  last %7.2f\n",
-                  rank, phase_mark_name(m), blocks, (first - origin) / 1e3, (last - origin) / 1e3);
-    out += line;
-  }
-  return out;
-}
 
 }  // namespace
 
@@ -322,7 +279,14 @@ std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm
     });
     const double graph_round = timer.mean_us(o.iters, [&] { round_graph.launch(); });
     buffer.synchronize(stream);
-    const std::string clock = phase_clock_report(o.rank, tokens, round_graph, stream);
+    // With -DEPX_PHASE_CLOCK=ON: one replay's marks, each kernel timed from its own start.
+    const std::string clock = phase_clock_report(
+        "phase clock of one LL round, " + std::to_string(tokens) +
+            " tokens (us from the kernel's first start):",
+        o.rank, 3, [&] { round_graph.launch(); },
+        [&] { check_cuda(cudaStreamSynchronize(stream), "sync"); },
+        {{cuda::kMarkLlStart, cuda::kMarkLlCombineStart, {cuda::kMarkLlStart}},
+         {cuda::kMarkLlCombineStart, cuda::kMarkCount, {cuda::kMarkLlCombineStart}}});
 
     fp8_arena->reset();
     const Graph fp8_dispatch_graph(stream, [&] { dispatch(fp8_buffer, in_fp8); });

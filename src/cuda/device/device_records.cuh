@@ -26,19 +26,8 @@ __device__ __forceinline__ void record_error(const Topology& topo, int32_t code,
   __threadfence_system();
 }
 
-#if defined(EPX_PHASE_CLOCK) && defined(EPX_PHASE_CLOCK_STORAGE)
-__device__ uint64_t phase_clock_stamps[kClockBlocks * kMarkCount];
-__device__ __forceinline__ void mark_phase(PhaseMark mark) {
-  if (threadIdx.x == 0 && blockIdx.x < kClockBlocks) {
-    phase_clock_stamps[blockIdx.x * kMarkCount + mark] = global_timer_ns();
-  }
-}
-#else
-__device__ __forceinline__ void mark_phase(PhaseMark) {}
-#endif
-
-// The same from another translation unit, into the stamps at `stamps`
-// (phase_clock_stamps_on_device; null: nothing is stamped).
+// Stamps `mark` into the stamps at `stamps` (phase_clock_stamps_on_device; null: nothing is
+// stamped), from any translation unit.
 #ifdef EPX_PHASE_CLOCK
 __device__ __forceinline__ void mark_phase_into(uint64_t* stamps, PhaseMark mark) {
   if (stamps && threadIdx.x == 0 && blockIdx.x < kClockBlocks) {
@@ -47,6 +36,16 @@ __device__ __forceinline__ void mark_phase_into(uint64_t* stamps, PhaseMark mark
 }
 #else
 __device__ __forceinline__ void mark_phase_into(uint64_t*, PhaseMark) {}
+#endif
+
+// The same into the stamps themselves, in the translation unit that holds them.
+#if defined(EPX_PHASE_CLOCK) && defined(EPX_PHASE_CLOCK_STORAGE)
+__device__ uint64_t phase_clock_stamps[kClockBlocks * kMarkCount];
+__device__ __forceinline__ void mark_phase(PhaseMark mark) {
+  mark_phase_into(phase_clock_stamps, mark);
+}
+#else
+__device__ __forceinline__ void mark_phase(PhaseMark) {}
 #endif
 
 }  // namespace epx::cuda
