@@ -116,8 +116,11 @@ __device__ __forceinline__ void warp_copy(void* dst, const void* src, int64_t by
 
 // Row parts: the row-moving loops hand out (row, part) pairs to warps. With at least as many
 // rows as warps a part is the whole row (a warp streams it with warp_copy, kCopyLoads loads
-// in flight per lane); with fewer, each row splits into enough parts (of >= 512 bytes, a multiple
-// of 16) to keep every warp busy: 128 rows of 14 KB over 384 warps are 3 parts each.
+// in flight per lane); with fewer, each row splits into as many parts (of >= 512 bytes, a
+// multiple of 16) as every row can have with no warp left a second (row, part): 128 rows of 14 KB
+// over 384 warps are 3 parts each, over 2 112 warps 16. Rounding the count up instead gave 64 of
+// 2 112 warps a second part, a second round of loads that doubled the time of a one-pass sum
+// (docs/performance.md).
 struct RowParts {
   int64_t count;  // parts per row
   int64_t bytes;  // bytes per part (the last one may be shorter)
@@ -125,7 +128,7 @@ struct RowParts {
 
 // Over `warps` warps (the grid's, or a block's for a block's own rows).
 __device__ __forceinline__ RowParts row_parts(int64_t rows, int64_t row_bytes, int64_t warps) {
-  int64_t count = rows >= warps || rows == 0 ? 1 : (warps + rows - 1) / rows;
+  int64_t count = rows >= warps || rows == 0 ? 1 : warps / rows;
   count = max(int64_t(1), min(count, row_bytes / 512));
   const int64_t bytes = ((row_bytes + count - 1) / count + 15) / 16 * 16;
   return RowParts{(row_bytes + bytes - 1) / bytes, bytes};

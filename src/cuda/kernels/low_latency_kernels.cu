@@ -280,16 +280,16 @@ __global__ void __launch_bounds__(kThreads) low_latency_combine_kernel(LowLatenc
         }
       };
       // Term k: the row (t, k) took on its owner, weighted by the owner's weight of it.
-      auto term = [&](int k, float& w) -> const uint16_t* {
+      auto term = [&](int k, const float*& w) -> const uint16_t* {
         int32_t e, slot;
         entry(k, e, slot);
         if (e < 0 || slot < 0) return nullptr;
         const OwnerRegions& owner = owners[e / local_experts];
         const int64_t row = (e % local_experts) * at.expert_rows + slot;
-        w = p.weighted ? owner.weights[row] : 1.0f;
+        w = p.weighted ? owner.weights + row : nullptr;
         return owner.rows + row * hidden;
       };
-      sum_row<Vec, Terms, Span, false, Terms == kNarrowTerms>(
+      sum_row<Vec, Terms, Span, false, Terms == kNarrowTerms, true>(
           num_topk, part * parts.bytes / 2, end, lane, term,
           [&](int64_t h, const Chunk<Vec>& sum) { sum.store(p.y + t * hidden + h); });
       if (part != 0 || !p.scalars_out) continue;
