@@ -19,6 +19,7 @@
 // Routing: top-K distinct experts per token, uniform; bytes are those of bf16 rows (fp8 rows
 // and scales for the fp8 dispatch).
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <functional>
@@ -158,6 +159,15 @@ class Timer {
 
 std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm,
                                cudaStream_t stream) {
+  // Progress on stderr from rank 0 (the report comes whole at the end; eight ranks sharing a GPU
+  // take minutes): each step's end, seconds since the start.
+  const auto start = std::chrono::steady_clock::now();
+  auto progress = [&](int64_t tokens, const char* step) {
+    if (o.rank != 0) return;
+    const std::chrono::duration<double> since = std::chrono::steady_clock::now() - start;
+    std::fprintf(stderr, "rank 0: ll bench, %lld tokens: %s (%.1f s)\n",
+                 static_cast<long long>(tokens), step, since.count());
+  };
   int device = 0;
   check_cuda(cudaGetDevice(&device), "device");
   cudaDeviceProp properties{};
@@ -197,6 +207,7 @@ std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm
   const std::vector<uint8_t> copy_host(size_t(kMaxTokens * o.topk * row_bytes));
   auto copy_src = ops.upload(copy_host.data(), copy_host.size());
   auto copy_dst = ops.upload(copy_host.data(), copy_host.size());
+  progress(0, "buffers and inputs ready");
 
   Timer timer(stream);
   std::string report;
@@ -242,6 +253,7 @@ std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm
                                                     static_cast<int4*>(copy_dst.get()), vectors);
     });
     const double copy_us = timer.mean_us(o.iters, [&] { copy.launch(); });
+    progress(tokens, "copy timed");
 
     // Eager: calls alternate; the arena restarts with each round.
     std::optional<LowLatencyDispatchResult> recv;
@@ -261,6 +273,7 @@ std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm
         },
         [&] { combine(buffer); }, false);
     buffer.synchronize(stream);
+    progress(tokens, "eager calls timed");
 
     // Graphs: a dispatch and a combine of their own, replayed alternately; a round.
     arena->reset();
@@ -279,6 +292,7 @@ std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm
     });
     const double graph_round = timer.mean_us(o.iters, [&] { round_graph.launch(); });
     buffer.synchronize(stream);
+    progress(tokens, "graphs timed");
     // With -DEPX_PHASE_CLOCK=ON: one replay's marks, each kernel timed from its own start.
     const std::string clock = phase_clock_report(
         "phase clock of one LL round, " + std::to_string(tokens) +
@@ -294,6 +308,7 @@ std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm
     const auto fp8_times = timer.alternating_us(
         o.iters, [&] { fp8_dispatch_graph.launch(); }, [&] { fp8_combine_graph.launch(); }, true);
     fp8_buffer.synchronize(stream);
+    progress(tokens, "fp8 timed");
 
     // The normal path, compact, without a host synchronisation (unless left out: on one GPU
     // shared by eight thread ranks it takes minutes).
