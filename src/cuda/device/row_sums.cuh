@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <initializer_list>
+#include <type_traits>
 
 #include "cuda/device/bf16_rounding.cuh"
 #include "cuda/device/device_primitives.cuh"
@@ -114,11 +115,12 @@ struct RowSpan {
   __device__ __forceinline__ int64_t at(int u) const { return h0 + int64_t(u) * kWarpSize * Vec; }
 };
 
-// term(i, w) returns term i's row, or null when the term is absent, and sets where its weight
-// is, w (null: weight 1), loaded beside the row's chunks. An unweighted term has weight 1:
-// fma(1, x, acc) rounds once, exactly as acc + x does (plan::accumulate), so both kinds take the
-// same instructions, without a branch per term (docs/performance.md).
-template <int Vec, int Terms, int Span, typename Term>
+// term(i, w) returns term i's row, or null when the term is absent, and sets its weight w
+// (WeightAt: where its weight is, w, null for weight 1, loaded beside the row's chunks). An
+// unweighted term has w = 1: fma(1, x, acc) rounds once, exactly as acc + x does
+// (plan::accumulate), so both kinds take the same instructions, without a branch per term
+// (docs/performance.md).
+template <int Vec, int Terms, int Span, bool WeightAt, typename Term>
 __device__ __forceinline__ void sum_terms(RowSpan<Vec, Span>& acc, int num_terms, Term term) {
 #pragma unroll
   for (int u = 0; u < Span; ++u) acc.v[u].zero();
@@ -129,7 +131,12 @@ __device__ __forceinline__ void sum_terms(RowSpan<Vec, Span>& acc, int num_terms
 #pragma unroll
     for (int j = 0; j < Terms; ++j) {
       const float* w = nullptr;
-      rows[j] = i0 + j < num_terms ? term(i0 + j, w) : nullptr;
+      if constexpr (WeightAt) {
+        rows[j] = i0 + j < num_terms ? term(i0 + j, w) : nullptr;
+      } else {
+        weight[j] = 0.0f;
+        rows[j] = i0 + j < num_terms ? term(i0 + j, weight[j]) : nullptr;
+      }
 #pragma unroll
       for (int u = 0; u < Span; ++u) {
         if (rows[j] && acc.has(u)) {
@@ -139,7 +146,7 @@ __device__ __forceinline__ void sum_terms(RowSpan<Vec, Span>& acc, int num_terms
           x[j][u].load(rows[j] + acc.at(u));
         }
       }
-      weight[j] = rows[j] && w ? *w : 1.0f;
+      if constexpr (WeightAt) weight[j] = rows[j] && w ? *w : 1.0f;
     }
 #pragma unroll
     for (int j = 0; j < Terms; ++j) {
@@ -157,11 +164,12 @@ __device__ __forceinline__ void sum_terms(RowSpan<Vec, Span>& acc, int num_terms
 // warp's slot of shared memory, and the position loop reads them there (docs/performance.md).
 // Up to kCachedTerms terms; with more, every position resolves them again.
 //
-// WeightsBeside: the cache keeps the weight's address, and the position loop loads the weight
-// beside the row's chunks, where otherwise the lane loads it first: a row sum of one pass (the
-// low-latency combine: parts of a decode batch's rows) then waits one round trip fewer, -0.6 us
-// at 128 tokens; a sum of many passes loads the weight again at each, which made the normal
-// path's 4 096-token combines 2-9% slower (docs/performance.md).
+// WeightsBeside (a term that gives its weight's address, sum_terms' WeightAt): the cache keeps
+// the address, and the position loop loads the weight beside the row's chunks, where otherwise
+// the lane loads it first: a row sum of one pass (the low-latency combine: parts of a decode
+// batch's rows) then waits one round trip fewer, -0.6 us at 128 tokens; a sum of many passes
+// loads the weight again at each, which made the normal path's 4 096-token combines 2-9% slower
+// (docs/performance.md).
 constexpr int kCachedTerms = 8;
 struct CachedTerms {
   const uint16_t* row[kCachedTerms];
@@ -169,39 +177,41 @@ struct CachedTerms {
   const float* weight_at[kCachedTerms];  // WeightsBeside; null: weight 1
 };
 
+// What a term gives for its weight: the value, or (WeightsBeside) its address, null for 1.
+template <bool WeightsBeside>
+using TermWeight = std::conditional_t<WeightsBeside, const float*, float>;
+__device__ __forceinline__ void cache_weight(CachedTerms& cache, int slot, float w) {
+  cache.weight[slot] = w;
+}
+__device__ __forceinline__ void cache_weight(CachedTerms& cache, int slot, const float* w) {
+  cache.weight_at[slot] = w;
+}
+
 // Fills `cache` from term(i, w), i < num_terms, in order; the warp, all lanes. Returns how many
 // slots the sum reads, or -1 when there are more terms than slots. With SkipAbsent the absent
 // terms take no slot (a ballot per row): worth it where most of a row's terms are absent, the
 // expert-side sum over several ranks (-9% at 2 thread ranks, -13% at 4), not where they
 // are present (the ballot costs ~25 us per 4 096 rows; docs/performance.md).
-// Term `slot` of the cache: its row and its weight (w: where it is, null: 1).
-template <bool WeightsBeside>
-__device__ __forceinline__ void cache_term(CachedTerms& cache, int slot, const uint16_t* row,
-                                           const float* w) {
-  cache.row[slot] = row;
-  if constexpr (WeightsBeside) {
-    cache.weight_at[slot] = w;
-  } else {
-    cache.weight[slot] = row && w ? *w : 1.0f;
-  }
-}
-
 template <bool SkipAbsent, bool WeightsBeside, typename Term>
 __device__ __forceinline__ int cache_terms(CachedTerms& cache, int num_terms, int lane, Term term) {
   if (num_terms > kCachedTerms) return -1;
   __syncwarp();  // the previous row's reads of the cache are done
   if constexpr (SkipAbsent) {
-    const float* w = nullptr;
+    TermWeight<WeightsBeside> w{};
     const uint16_t* row = lane < num_terms ? term(lane, w) : nullptr;
     const unsigned present = __ballot_sync(0xffffffffu, row != nullptr);
-    if (row) cache_term<WeightsBeside>(cache, __popc(present & ((1u << lane) - 1u)), row, w);
+    if (row) {
+      const int slot = __popc(present & ((1u << lane) - 1u));
+      cache.row[slot] = row;
+      cache_weight(cache, slot, w);
+    }
     __syncwarp();
     return __popc(present);
   } else {
     if (lane < num_terms) {
-      const float* w = nullptr;
-      const uint16_t* row = term(lane, w);
-      cache_term<WeightsBeside>(cache, lane, row, w);
+      TermWeight<WeightsBeside> w{};
+      cache.row[lane] = term(lane, w);
+      cache_weight(cache, lane, w);
     }
     __syncwarp();
     return num_terms;
@@ -256,27 +266,32 @@ __device__ __forceinline__ void sum_row(int num_terms, int64_t begin, int64_t en
                                         Term term, Finish finish) {
   CachedTerms& cache = warp_term_cache();
   const int cached = cache_terms<SkipAbsent, WeightsBeside>(cache, num_terms, lane, term);
-  auto from_cache = [&](int i, const float*& w) -> const uint16_t* {
+  // The cached terms, in the form the term gives them (sum_terms' WeightAt).
+  auto from_cache = [&](int i, auto& w) -> const uint16_t* {
     if constexpr (WeightsBeside) {
       w = cache.weight_at[i];
       __builtin_assume(w == nullptr || __isGlobal(w));  // as the rows (sum_terms)
     } else {
-      w = &cache.weight[i];
+      w = cache.weight[i];
     }
     return cache.row[i];
   };
   if (OneTermPath && cached == 1 && cache.row[0] != nullptr) {
-    const float* w = nullptr;
+    TermWeight<WeightsBeside> w{};
     from_cache(0, w);
-    sum_single_term<Vec>(cache.row[0], w ? *w : 1.0f, begin, end, lane, finish);
+    if constexpr (WeightsBeside) {
+      sum_single_term<Vec>(cache.row[0], w ? *w : 1.0f, begin, end, lane, finish);
+    } else {
+      sum_single_term<Vec>(cache.row[0], w, begin, end, lane, finish);
+    }
     return;
   }
   for (int64_t h0 = begin + int64_t(lane) * Vec; h0 < end; h0 += Span * kWarpSize * Vec) {
     RowSpan<Vec, Span> acc{{}, h0, end};
     if (cached >= 0) {
-      sum_terms<Vec, Terms, Span>(acc, cached, from_cache);
+      sum_terms<Vec, Terms, Span, WeightsBeside>(acc, cached, from_cache);
     } else {
-      sum_terms<Vec, Terms, Span>(acc, num_terms, term);
+      sum_terms<Vec, Terms, Span, WeightsBeside>(acc, num_terms, term);
     }
 #pragma unroll
     for (int u = 0; u < Span; ++u) {

@@ -47,10 +47,10 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendParam
           layout.row(dst, layout.expert_combine_row_index(rank, token)));
       const int64_t end = min(hidden, (part + 1) * parts.bytes / 2);
       // The token's expanded rows in k order, weighted when weights are given.
-      auto term = [&](int k, const float*& w) -> const uint16_t* {
+      auto term = [&](int k, float& w) -> const uint16_t* {
         const int32_t row = rows[k];
         if (row < 0) return nullptr;
-        w = p.weights ? p.weights + row : nullptr;
+        w = p.weights ? p.weights[row] : 1.0f;
         return p.x + int64_t(row) * hidden;
       };
       // The narrow shape is picked here when a token's terms are spread over the ranks, so
@@ -108,11 +108,11 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(CombineReduceP
   for (int64_t item = global_warp(); item < p.num_tokens * parts.count; item += total_warps()) {
     const int64_t t = item / parts.count, part = item % parts.count;
     const int64_t end = min(hidden, (part + 1) * parts.bytes / 2);
-    auto term = [&](int i, const float*& w) -> const uint16_t* {
+    auto term = [&](int i, float& w) -> const uint16_t* {
       const bool present =
           p.at_source ? p.topk32[t * num_topk + i] >= 0 : p.send_slot[t * num_ranks + i] >= 0;
       if (!present) return nullptr;
-      w = p.at_source && p.weighted ? layout.row_weights(local) + t * num_topk + i : nullptr;
+      w = p.at_source && p.weighted ? layout.row_weights(local)[t * num_topk + i] : 1.0f;
       if (p.own_x) {  // this rank's own expert outputs are read where they are
         const int32_t own_slot = p.send_slot[t * num_ranks + rank];
         if (!p.at_source && i == rank) return p.own_x + (own_first + own_slot) * hidden;
