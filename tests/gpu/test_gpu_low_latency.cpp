@@ -305,7 +305,9 @@ TEST_P(LowLatencyGraph, ReplaysWithNewRouting) {
   EXPECT_EQ(failed, "");
 }
 
-INSTANTIATE_TEST_SUITE_P(Ranks, LowLatencyGraph, ::testing::Values(1, 2, 4),
+// R = 8: bench_gpu's 8-rank graph stage did not finish in 180 s at the headline shape
+// (docs/performance.md, "Low-latency mode"); here it either passes or names what failed.
+INSTANTIATE_TEST_SUITE_P(Ranks, LowLatencyGraph, ::testing::Values(1, 2, 4, 8),
                          [](const auto& info) { return "R" + std::to_string(info.param); });
 
 TEST(LowLatencyNccl, GraphReplaysWithNewRouting) {
