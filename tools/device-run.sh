@@ -10,7 +10,9 @@
 #   threads bench_gpu with 2 and 4 ranks (EPX_THREAD_RANKS) as threads sharing GPU 0 (128 and
 #           4096 tokens; EPX_THREADS_TOKENS), more bench_gpu options in EPX_THREADS_ARGS (e.g.
 #           EPX_THREAD_RANKS=8 EPX_THREADS_TOKENS=128 EPX_THREADS_ARGS="--low-latency 2": the
-#           low-latency rows of 8 thread ranks alone)
+#           low-latency rows of 8 thread ranks alone); each run under EPX_THREADS_TIMEOUT_S
+#           (default 120; bench_gpu's own limit for thread ranks is 300 s, past which it reports
+#           what failed)
 #   stress  the thread-rank suite at R = 8 repeated EPX_STRESS_RUNS times (default 40, 5 s
 #           timeout), then memcheck with padding after every allocation (a stray write into a
 #           neighbouring allocation is invisible to plain memcheck) on the EPX_STRESS_SEEDS
@@ -97,8 +99,8 @@ for step in $steps; do
     threads)
       for r in ${EPX_THREAD_RANKS:-2 4}; do
         for t in ${EPX_THREADS_TOKENS:-128 4096}; do
-          timeout 120 "$EPX_BUILD_DIR/bench/bench_gpu" --thread-ranks $r --tokens $t \
-            ${EPX_THREADS_ARGS:-} 2>&1
+          timeout ${EPX_THREADS_TIMEOUT_S:-120} "$EPX_BUILD_DIR/bench/bench_gpu" --thread-ranks $r \
+            --tokens $t ${EPX_THREADS_ARGS:-} 2>&1
         done
       done | tee "$out/bench-threads.log"
       summary+=("threads: exit ${PIPESTATUS[0]}")
