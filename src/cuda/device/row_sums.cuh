@@ -116,11 +116,11 @@ struct RowSpan {
 };
 
 // term(i, w) returns term i's row, or null when the term is absent, and sets its weight w
-// (WeightAt: where its weight is, w, null for weight 1, loaded beside the row's chunks). An
+// (WeightsBeside: where its weight is, w, null for weight 1, loaded beside the row's chunks). An
 // unweighted term has w = 1: fma(1, x, acc) rounds once, exactly as acc + x does
 // (plan::accumulate), so both kinds take the same instructions, without a branch per term
 // (docs/performance.md).
-template <int Vec, int Terms, int Span, bool WeightAt, typename Term>
+template <int Vec, int Terms, int Span, bool WeightsBeside, typename Term>
 __device__ __forceinline__ void sum_terms(RowSpan<Vec, Span>& acc, int num_terms, Term term) {
 #pragma unroll
   for (int u = 0; u < Span; ++u) acc.v[u].zero();
@@ -131,7 +131,7 @@ __device__ __forceinline__ void sum_terms(RowSpan<Vec, Span>& acc, int num_terms
 #pragma unroll
     for (int j = 0; j < Terms; ++j) {
       const float* w = nullptr;
-      if constexpr (WeightAt) {
+      if constexpr (WeightsBeside) {
         rows[j] = i0 + j < num_terms ? term(i0 + j, w) : nullptr;
       } else {
         weight[j] = 0.0f;
@@ -146,7 +146,7 @@ __device__ __forceinline__ void sum_terms(RowSpan<Vec, Span>& acc, int num_terms
           x[j][u].load(rows[j] + acc.at(u));
         }
       }
-      if constexpr (WeightAt) weight[j] = rows[j] && w ? *w : 1.0f;
+      if constexpr (WeightsBeside) weight[j] = rows[j] && w ? *w : 1.0f;
     }
 #pragma unroll
     for (int j = 0; j < Terms; ++j) {
@@ -164,8 +164,8 @@ __device__ __forceinline__ void sum_terms(RowSpan<Vec, Span>& acc, int num_terms
 // warp's slot of shared memory, and the position loop reads them there (docs/performance.md).
 // Up to kCachedTerms terms; with more, every position resolves them again.
 //
-// WeightsBeside (a term that gives its weight's address, sum_terms' WeightAt): the cache keeps
-// the address, and the position loop loads the weight beside the row's chunks, where otherwise
+// WeightsBeside (a term that gives its weight's address, as in sum_terms): the cache keeps the
+// address, and the position loop loads the weight beside the row's chunks, where otherwise
 // the lane loads it first: a row sum of one pass (the low-latency combine: parts of a decode
 // batch's rows) then waits one round trip fewer, -0.6 us at 128 tokens; a sum of many passes
 // loads the weight again at each, which made the normal path's 4 096-token combines 2-9% slower
@@ -266,7 +266,7 @@ __device__ __forceinline__ void sum_row(int num_terms, int64_t begin, int64_t en
                                         Term term, Finish finish) {
   CachedTerms& cache = warp_term_cache();
   const int cached = cache_terms<SkipAbsent, WeightsBeside>(cache, num_terms, lane, term);
-  // The cached terms, in the form the term gives them (sum_terms' WeightAt).
+  // The cached terms, in the form the term gives them (TermWeight).
   auto from_cache = [&](int i, auto& w) -> const uint16_t* {
     if constexpr (WeightsBeside) {
       w = cache.weight_at[i];
