@@ -336,7 +336,9 @@ std::string run_rank(int rank, int num_ranks, const Options& o, const Comm& comm
                  "kernel start:",
                  rank, 5, [&] { (void)buffer.dispatch(inputs(true), compact_async, stream); },
                  [&] { buffer.synchronize(stream); },
-                 {{0, cuda::kMarkLlStart, {cuda::kMarkSendStart, cuda::kMarkReceiveStart}}})
+                 {{cuda::kMarkSendStart,
+                   cuda::kMarkLlStart,
+                   {cuda::kMarkSendStart, cuda::kMarkReceiveStart}}})
                  .c_str(),
              stdout);
 

@@ -159,6 +159,10 @@ class Timer {
 
 std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm,
                                cudaStream_t stream) {
+  if (o.tokens < 0 || o.tokens > kMaxTokens) {  // before the buffers take their GBs
+    throw Error(ErrorCode::kInvalidArgument,
+                "--ll-tokens takes 1 to " + std::to_string(kMaxTokens));
+  }
   // Progress on stderr from rank 0 (the report comes whole at the end; eight ranks sharing a GPU
   // take minutes): each step's end, seconds since the start.
   const auto start = std::chrono::steady_clock::now();
@@ -229,10 +233,6 @@ std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm
     report += "\n";
   };
 
-  if (o.tokens < 0 || o.tokens > kMaxTokens) {
-    throw Error(ErrorCode::kInvalidArgument,
-                "--ll-tokens takes 1 to " + std::to_string(kMaxTokens));
-  }
   std::vector<int64_t> token_counts(std::begin(kTokenCounts), std::end(kTokenCounts));
   if (o.tokens > 0) token_counts = {o.tokens};
   for (int64_t tokens : token_counts) {
