@@ -25,6 +25,8 @@
 //                                        normal-path rows take minutes on one GPU)
 //                  [--ll-tokens S]  (the low-latency rows at S tokens only, instead of 1 to 256)
 //                  [--ll-normal 0]  (without the normal path's rows beside them)
+//                  [--timeout S]  (the Buffers' bound on each wait, default 60 s: lower it to
+//                                 learn sooner which rank and phase a stalled run waits in)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -59,6 +61,7 @@ struct Options {
   int low_latency = 1;    // 1: the low-latency rows too (low_latency_bench.hpp); 2: them alone
   int64_t ll_tokens = 0;  // > 0: the low-latency rows at that token count only
   bool ll_normal = true;  // the normal path's rows beside the low-latency ones
+  int timeout = 60;       // seconds, BufferConfig::timeout_seconds
 };
 
 Options parse(int argc, char** argv) {
@@ -88,6 +91,8 @@ Options parse(int argc, char** argv) {
       o.ll_tokens = value;
     else if (key == "--ll-normal")
       o.ll_normal = value != 0;
+    else if (key == "--timeout")
+      o.timeout = static_cast<int>(value);
     else
       throw std::runtime_error("unknown option " + key);
   }
@@ -159,7 +164,8 @@ std::string low_latency_rows(int rank, int num_ranks, const Options& o, const Co
                                     .iters = o.iters,
                                     .shares_gpu = o.thread_ranks > 0,
                                     .tokens = o.ll_tokens,
-                                    .normal_rows = o.ll_normal},
+                                    .normal_rows = o.ll_normal,
+                                    .timeout_seconds = o.timeout},
                                    comm, stream);
 }
 
@@ -176,7 +182,7 @@ std::string run_rank(int rank, int num_ranks, const Options& o, const Comm& comm
   config.num_experts = o.experts;
   config.num_topk = o.topk;
   config.num_sms = o.sms;
-  config.timeout_seconds = 60;
+  config.timeout_seconds = o.timeout;
   Buffer buffer(comm, config);
   const Device device = buffer.device();
 

@@ -182,7 +182,7 @@ std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm
                       .hidden = o.hidden,
                       .num_experts = o.experts,
                       .num_topk = o.topk,
-                      .timeout_seconds = 60,
+                      .timeout_seconds = double(o.timeout_seconds),
                       .num_sms = o.shares_gpu ? sms : 0,
                       .low_latency_max_tokens = kMaxTokens};
   // Fixed addresses for the graphs' outputs (reset between rounds of eager calls: each round's

@@ -22,6 +22,7 @@ struct LowLatencyBenchOptions {
   bool shares_gpu = false;  // thread ranks on one GPU: each takes its share of the SMs
   int64_t tokens = 0;       // > 0: that token count only (1 to 256), else each of them
   bool normal_rows = true;  // the normal path's rows beside the LL ones
+  int timeout_seconds = 60; // BufferConfig::timeout_seconds
 };
 
 // The report of this rank (collective: every rank runs it). Raises epx::Error on failure.
