@@ -25,6 +25,8 @@
 //                                        normal-path rows take minutes on one GPU)
 //                  [--ll-tokens S]  (the low-latency rows at S tokens only, instead of 1 to 256)
 //                  [--ll-normal 0]  (without the normal path's rows beside them)
+//                  [--ll-sms N]  (the low-latency kernels on at most N SMs; default every SM,
+//                                or the rank's share of them when ranks share the GPU)
 //                  [--timeout S]  (the Buffers' bound on each wait, default 60 s: lower it to
 //                                 learn sooner which rank and phase a stalled run waits in)
 #include <cuda_runtime.h>
@@ -62,6 +64,7 @@ struct Options {
   int64_t ll_tokens = 0;  // > 0: the low-latency rows at that token count only
   bool ll_normal = true;  // the normal path's rows beside the low-latency ones
   int timeout = 60;       // seconds, BufferConfig::timeout_seconds
+  int ll_sms = 0;         // > 0: at most that many SMs for the low-latency rows
 };
 
 Options parse(int argc, char** argv) {
@@ -91,6 +94,8 @@ Options parse(int argc, char** argv) {
       o.ll_tokens = value;
     else if (key == "--ll-normal")
       o.ll_normal = value != 0;
+    else if (key == "--ll-sms")
+      o.ll_sms = static_cast<int>(value);
     else if (key == "--timeout")
       o.timeout = static_cast<int>(value);
     else
@@ -165,7 +170,8 @@ std::string low_latency_rows(int rank, int num_ranks, const Options& o, const Co
                                     .shares_gpu = o.thread_ranks > 0,
                                     .tokens = o.ll_tokens,
                                     .normal_rows = o.ll_normal,
-                                    .timeout_seconds = o.timeout},
+                                    .timeout_seconds = o.timeout,
+                                    .sms = o.ll_sms},
                                    comm, stream);
 }
 

@@ -176,14 +176,15 @@ std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm
   check_cuda(cudaGetDevice(&device), "device");
   cudaDeviceProp properties{};
   check_cuda(cudaGetDeviceProperties(&properties, device), "properties");
-  const int sms = o.shares_gpu ? std::max(1, properties.multiProcessorCount / o.num_ranks)
-                               : properties.multiProcessorCount;
+  const int share = o.shares_gpu ? std::max(1, properties.multiProcessorCount / o.num_ranks)
+                                 : properties.multiProcessorCount;
+  const int sms = o.sms > 0 ? std::min(o.sms, share) : share;
   BufferConfig config{.max_tokens_per_rank = kMaxTokens,
                       .hidden = o.hidden,
                       .num_experts = o.experts,
                       .num_topk = o.topk,
                       .timeout_seconds = double(o.timeout_seconds),
-                      .num_sms = o.shares_gpu ? sms : 0,
+                      .num_sms = sms < properties.multiProcessorCount ? sms : 0,
                       .low_latency_max_tokens = kMaxTokens};
   // Fixed addresses for the graphs' outputs (reset between rounds of eager calls: each round's
   // outputs are dead once the next starts).
@@ -279,13 +280,19 @@ std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm
     arena->reset();
     const Graph dispatch_graph(stream, [&] { dispatch(buffer, in); });
     const Graph combine_graph(stream, [&] { combine(buffer); });
+    progress(tokens, "graphs captured");
     const auto [graph_dispatch, graph_combine] = timer.alternating_us(
         o.iters, [&] { dispatch_graph.launch(); }, [&] { combine_graph.launch(); }, true);
+    // The device's errors (a wait that timed out) raise here, not after every stage's samples.
+    buffer.synchronize(stream);
+    progress(tokens, "held replays timed");
     const double idle_dispatch =
         timer
             .alternating_us(
                 o.iters, [&] { dispatch_graph.launch(); }, [&] { combine_graph.launch(); }, false)
             .first;
+    buffer.synchronize(stream);
+    progress(tokens, "replays from idle timed");
     const Graph round_graph(stream, [&] {
       dispatch(buffer, in);
       combine(buffer);

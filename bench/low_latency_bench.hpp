@@ -23,6 +23,7 @@ struct LowLatencyBenchOptions {
   int64_t tokens = 0;       // > 0: that token count only (1 to 256), else each of them
   bool normal_rows = true;  // the normal path's rows beside the LL ones
   int timeout_seconds = 60; // BufferConfig::timeout_seconds
+  int sms = 0;              // > 0: at most that many SMs (blocks) for the LL kernels and the copy
 };
 
 // The report of this rank (collective: every rank runs it). Raises epx::Error on failure.
