@@ -32,6 +32,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <barrier>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -65,6 +66,7 @@ struct Options {
   bool ll_normal = true;  // the normal path's rows beside the low-latency ones
   int timeout = 60;       // seconds, BufferConfig::timeout_seconds
   int ll_sms = 0;         // > 0: at most that many SMs for the low-latency rows
+  std::function<void()> graphs_ready;  // thread ranks: their barrier (low_latency_bench.hpp)
 };
 
 Options parse(int argc, char** argv) {
@@ -171,7 +173,8 @@ std::string low_latency_rows(int rank, int num_ranks, const Options& o, const Co
                                     .tokens = o.ll_tokens,
                                     .normal_rows = o.ll_normal,
                                     .timeout_seconds = o.timeout,
-                                    .sms = o.ll_sms},
+                                    .sms = o.ll_sms,
+                                    .graphs_ready = o.graphs_ready},
                                    comm, stream);
 }
 
@@ -403,6 +406,7 @@ int main(int argc, char** argv) {
     if (o.thread_ranks > 0) {
       // Every rank a thread on GPU 0: the multi-rank protocol's costs on one GPU (peer rows go
       // through this GPU's memory, not NVLink).
+      std::barrier<> graphs_ready(num_ranks);
       failed = epx::testing::run_threads(
           num_ranks, epx::testing::Placement::kOneGpu, 60,
           [&](const epx::testing::ThreadRank& r) {
@@ -411,6 +415,7 @@ int main(int argc, char** argv) {
             cudaDeviceProp properties{};
             epx::testing::check_cuda(cudaGetDeviceProperties(&properties, r.device), "properties");
             Options shared = o;
+            shared.graphs_ready = [&] { graphs_ready.arrive_and_wait(); };
             shared.sms = std::max(1, std::min(o.sms, properties.multiProcessorCount / num_ranks));
             return run_rank(r.rank, num_ranks, shared, r.comm, r.stream);
           },

@@ -6,6 +6,7 @@
 
 #include <cuda_runtime.h>
 
+#include <functional>
 #include <string>
 
 #include "epx/comm.hpp"
@@ -24,6 +25,9 @@ struct LowLatencyBenchOptions {
   bool normal_rows = true;  // the normal path's rows beside the LL ones
   int timeout_seconds = 60; // BufferConfig::timeout_seconds
   int sms = 0;              // > 0: at most that many SMs (blocks) for the LL kernels and the copy
+  // Called by every rank once its graphs are captured and uploaded, before any is replayed: a
+  // barrier of the ranks that share the GPU (none otherwise).
+  std::function<void()> graphs_ready;
 };
 
 // The report of this rank (collective: every rank runs it). Raises epx::Error on failure.
