@@ -32,7 +32,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <barrier>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -406,7 +405,6 @@ int main(int argc, char** argv) {
     if (o.thread_ranks > 0) {
       // Every rank a thread on GPU 0: the multi-rank protocol's costs on one GPU (peer rows go
       // through this GPU's memory, not NVLink).
-      std::barrier<> graphs_ready(num_ranks);
       failed = epx::testing::run_threads(
           num_ranks, epx::testing::Placement::kOneGpu, 60,
           [&](const epx::testing::ThreadRank& r) {
@@ -415,7 +413,7 @@ int main(int argc, char** argv) {
             cudaDeviceProp properties{};
             epx::testing::check_cuda(cudaGetDeviceProperties(&properties, r.device), "properties");
             Options shared = o;
-            shared.graphs_ready = [&] { graphs_ready.arrive_and_wait(); };
+            shared.graphs_ready = [&r] { r.barrier->arrive_and_wait(); };
             shared.sms = std::max(1, std::min(o.sms, properties.multiProcessorCount / num_ranks));
             return run_rank(r.rank, num_ranks, shared, r.comm, r.stream);
           },

@@ -163,8 +163,8 @@ std::string run_threads(int num_ranks, Placement placement, double group_timeout
             placement == Placement::kOneGpu ? 1 : std::min(num_devices, num_ranks);
         const ThreadGroup group = ThreadGroup::create(num_ranks, group_timeout);
         const char* align_env = std::getenv("EPX_TEST_ALIGN_RANKS");
-        std::barrier<> align(num_ranks);
-        std::barrier<>* aligned = align_env && std::string(align_env) == "1" ? &align : nullptr;
+        std::barrier<> barrier(num_ranks);
+        std::barrier<>* aligned = align_env && std::string(align_env) == "1" ? &barrier : nullptr;
         std::vector<std::string> results(num_ranks);
         std::vector<std::thread> threads;
         for (int rank = 0; rank < num_ranks; ++rank) {
@@ -176,13 +176,14 @@ std::string run_threads(int num_ranks, Placement placement, double group_timeout
               cudaStream_t stream;
               check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
               results[rank] = fn(ThreadRank{rank, num_ranks, device, sharing, stream,
-                                            Comm::cuda_threads(group, rank, device), aligned});
+                                            Comm::cuda_threads(group, rank, device), aligned,
+                                            &barrier});
               // The stream is left alive: outputs still owned by the caller free on it.
             } catch (const std::exception& error) {
               results[rank] = std::string("threw: ") + error.what();
             }
             // A rank that stopped early (a failure) no longer holds the others at the barrier.
-            if (aligned) aligned->arrive_and_drop();
+            barrier.arrive_and_drop();
           });
         }
         for (auto& thread : threads) thread.join();

@@ -133,6 +133,9 @@ struct ThreadRank {
   // every time; lined up they pass (seen on one H200 at cc2470e, in git history); presumably
   // the tool holds a rank's CUDA calls while a peer's kernel spins waiting for that rank.
   std::barrier<>* align = nullptr;
+  // Every rank's barrier (the one `align` points to when set): a rank whose fn returned or threw
+  // drops out of it, so a rank that failed never holds the others there.
+  std::barrier<>* barrier = nullptr;
   DeviceOps ops() const;
 };
 
