@@ -66,6 +66,7 @@ struct Options {
   int timeout = 60;       // seconds, BufferConfig::timeout_seconds
   int ll_sms = 0;         // > 0: at most that many SMs for the low-latency rows
   std::function<void()> graphs_ready;  // thread ranks: their barrier (low_latency_bench.hpp)
+  unsigned* start_gate = nullptr;      // thread ranks: their samples' gate (low_latency_bench.hpp)
 };
 
 Options parse(int argc, char** argv) {
@@ -173,7 +174,8 @@ std::string low_latency_rows(int rank, int num_ranks, const Options& o, const Co
                                     .normal_rows = o.ll_normal,
                                     .timeout_seconds = o.timeout,
                                     .sms = o.ll_sms,
-                                    .graphs_ready = o.graphs_ready},
+                                    .graphs_ready = o.graphs_ready,
+                                    .start_gate = o.start_gate},
                                    comm, stream);
 }
 
@@ -405,6 +407,9 @@ int main(int argc, char** argv) {
     if (o.thread_ranks > 0) {
       // Every rank a thread on GPU 0: the multi-rank protocol's costs on one GPU (peer rows go
       // through this GPU's memory, not NVLink).
+      // The LL samples' start gate: rank 0 allocates it (in the ranks' process: CUDA here
+      // would not survive run_threads' fork); it lives as long as that process.
+      unsigned* gate = nullptr;
       failed = epx::testing::run_threads(
           num_ranks, epx::testing::Placement::kOneGpu, 60,
           [&](const epx::testing::ThreadRank& r) {
@@ -414,6 +419,12 @@ int main(int argc, char** argv) {
             epx::testing::check_cuda(cudaGetDeviceProperties(&properties, r.device), "properties");
             Options shared = o;
             shared.graphs_ready = [&r] { r.barrier->arrive_and_wait(); };
+            if (r.rank == 0) {
+              epx::testing::check_cuda(cudaMalloc(&gate, sizeof(unsigned)), "gate");
+              epx::testing::check_cuda(cudaMemset(gate, 0, sizeof(unsigned)), "gate");
+            }
+            r.barrier->arrive_and_wait();  // the gate is set (and orders its write)
+            shared.start_gate = gate;
             shared.sms = std::max(1, std::min(o.sms, properties.multiProcessorCount / num_ranks));
             return run_rank(r.rank, num_ranks, shared, r.comm, r.stream);
           },

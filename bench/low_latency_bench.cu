@@ -5,14 +5,17 @@
 //           median per part; and a graph of dispatch + combine replayed N times between two
 //           events: the mean per round. Each sample is queued behind a hold kernel (a spin of
 //           ~0.2 ms), so that its launches reach the GPU before it gets to them: the events
-//           then time the GPU's work. Without it a GPU left idle by the previous sample's
-//           synchronisation starts the first replay only when its launch arrives, and the first
-//           part's figure carries the launch latency (the "from idle" row: what a lone
-//           replay costs when nothing is queued);
+//           then time the GPU's work (ranks sharing the GPU start the spin together, through
+//           a gate, so that no rank's figure carries its wait for a peer's late start). Without
+//           it a GPU left idle by the previous sample's synchronisation starts the first replay
+//           only when its launch arrives, and the first part's figure carries the launch
+//           latency (the "from idle" row: what a lone replay costs when nothing is queued);
 //   eager   the same calls made directly, events around each, from idle: the median per part;
 //   normal  the normal path's compact dispatch (sync_counts=false) and combine, graphs as above;
 //   copy    a plain SM copy of the bytes a dispatch writes (S * K rows), on the LL kernels' SMs,
-//           replayed in a graph: the LL figures are given as multiples of it.
+//           replayed in a graph: the LL figures are given as multiples of it;
+//   clock   with -DEPX_PHASE_CLOCK=ON, the phase marks of one round, every rank's on one
+//           timeline.
 //
 // Combines are zero-copy: the expert outputs are taken to be in low_latency_combine_input() and
 // the weights are the dispatch's own view (what an expert GEMM writing in place gives).
@@ -45,11 +48,21 @@ constexpr int64_t kTokenCounts[] = {1, 8, 32, 128, 256};
 constexpr int64_t kMaxTokens = 256;
 constexpr int kCopyThreads = 512;
 
+// The plain copy the LL figures are set against: 16-byte vectors, four loads in flight per
+// thread (as the LL send's fan-out has). With one load per thread and iteration, eight ranks'
+// copies on 16 SMs each moved 2.9 TB/s, less than the LL kernels' own data phases (3.5-3.8).
+constexpr int kCopyLoads = 4;
 __global__ void copy_kernel(const int4* src, int4* dst, int64_t n) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    dst[i] = src[i];
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (; i + (kCopyLoads - 1) * stride < n; i += kCopyLoads * stride) {
+    int4 v[kCopyLoads];
+#pragma unroll
+    for (int j = 0; j < kCopyLoads; ++j) v[j] = src[i + j * stride];
+#pragma unroll
+    for (int j = 0; j < kCopyLoads; ++j) dst[i + j * stride] = v[j];
   }
+  for (; i < n; i += stride) dst[i] = src[i];
 }
 
 // Top-K distinct experts per token, uniform; a pure function of (rank, tokens).
@@ -89,18 +102,37 @@ class Graph {
   cudaGraphExec_t exec_{};
 };
 
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  return now;
+}
+
 // Spins for `ns` nanoseconds: what the stream runs while the host queues a sample behind it.
-__global__ void hold_kernel(uint64_t ns) {
-  uint64_t start = 0, now = 0;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
-  do {
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-  } while (now - start < ns);
+// With a gate (ranks sharing the GPU), the spin starts once every rank's hold has arrived
+// (`target` arrivals in all), so their samples start together: without it each rank's sample
+// started when its own host thread's hold ran out, and a rank's part figure carried its wait for
+// the last rank to start. A gate not reached in a second opens anyway (a rank that failed): the
+// sample's own waits then time out and say which rank.
+__global__ void hold_kernel(uint64_t ns, unsigned* gate, unsigned target) {
+  if (gate) {
+    atomicAdd(gate, 1u);
+    const uint64_t arrived = global_ns();
+    while (*static_cast<volatile unsigned*>(gate) < target &&
+           global_ns() - arrived < 1'000'000'000) {
+    }
+  }
+  const uint64_t start = global_ns();
+  while (global_ns() - start < ns) {
+  }
 }
 
 class Timer {
  public:
-  explicit Timer(cudaStream_t stream) : stream_(stream) {
+  // `gate`: device memory shared by the `ranks` that share the GPU, zero before the first hold
+  // (null: one rank per GPU, no gate).
+  Timer(cudaStream_t stream, unsigned* gate, int ranks)
+      : stream_(stream), gate_(gate), ranks_(ranks) {
     for (cudaEvent_t& event : events_) check_cuda(cudaEventCreate(&event), "event");
   }
   ~Timer() {
@@ -125,6 +157,8 @@ class Timer {
     }
     return {median(a), median(b)};
   }
+  // A hold kernel on the stream (through the gate): what a sample is queued behind.
+  void hold() { hold(kHoldNs); }
   // Mean of `iters` calls of `op` between two events, after three warm-ups, all queued behind a
   // hold kernel long enough for the host to issue them.
   double mean_us(int iters, const std::function<void()>& op) {
@@ -140,7 +174,8 @@ class Timer {
  private:
   static constexpr uint64_t kHoldNs = 200'000;
   void hold(uint64_t ns) {
-    hold_kernel<<<1, 1, 0, stream_>>>(ns);
+    ++holds_;
+    hold_kernel<<<1, 1, 0, stream_>>>(ns, gate_, holds_ * unsigned(ranks_));
     check_cuda(cudaGetLastError(), "hold kernel");
   }
   static double elapsed_us(cudaEvent_t from, cudaEvent_t to) {
@@ -153,6 +188,9 @@ class Timer {
     return samples[samples.size() / 2];
   }
   cudaStream_t stream_;
+  unsigned* gate_;
+  int ranks_;
+  unsigned holds_ = 0;  // every rank holds as often as the others: the gate's count
   cudaEvent_t events_[3]{};
 };
 
@@ -215,7 +253,7 @@ std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm
   auto copy_dst = ops.upload(copy_host.data(), copy_host.size());
   progress(0, "buffers and inputs ready");
 
-  Timer timer(stream);
+  Timer timer(stream, o.start_gate, o.num_ranks);
   std::string report;
   char line[256];
   std::snprintf(line, sizeof(line),
@@ -310,14 +348,20 @@ std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm
     const double graph_round = timer.mean_us(o.iters, [&] { round_graph.launch(); });
     buffer.synchronize(stream);
     progress(tokens, "graphs timed");
-    // With -DEPX_PHASE_CLOCK=ON: one replay's marks, each kernel timed from its own start.
+    // With -DEPX_PHASE_CLOCK=ON: one replay's marks, each kernel timed from the earliest start
+    // of any rank's (their replays held to start together, as the samples are).
     const std::string clock = phase_clock_report(
         "phase clock of one LL round, " + std::to_string(tokens) +
-            " tokens (us from the kernel's first start):",
-        o.rank, 3, [&] { round_graph.launch(); },
+            " tokens (us from the kernel's first start on any rank):",
+        o.rank, 3,
+        [&] {
+          timer.hold();
+          round_graph.launch();
+        },
         [&] { check_cuda(cudaStreamSynchronize(stream), "sync"); },
         {{cuda::kMarkLlStart, cuda::kMarkLlCombineStart, {cuda::kMarkLlStart}},
-         {cuda::kMarkLlCombineStart, cuda::kMarkCount, {cuda::kMarkLlCombineStart}}});
+         {cuda::kMarkLlCombineStart, cuda::kMarkCount, {cuda::kMarkLlCombineStart}}},
+        {.first = o.rank * sms, .count = sms, .barrier = o.graphs_ready});
 
     const auto fp8_times = timer.alternating_us(
         o.iters, [&] { fp8_dispatch_graph.launch(); }, [&] { fp8_combine_graph.launch(); }, true);

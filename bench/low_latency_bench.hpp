@@ -20,14 +20,17 @@ struct LowLatencyBenchOptions {
   int32_t experts = 256;
   int32_t topk = 8;
   int iters = 20;
-  bool shares_gpu = false;  // thread ranks on one GPU: each takes its share of the SMs
-  int64_t tokens = 0;       // > 0: that token count only (1 to 256), else each of them
-  bool normal_rows = true;  // the normal path's rows beside the LL ones
-  int timeout_seconds = 60; // BufferConfig::timeout_seconds
-  int sms = 0;              // > 0: at most that many SMs (blocks) for the LL kernels and the copy
+  bool shares_gpu = false;   // thread ranks on one GPU: each takes its share of the SMs
+  int64_t tokens = 0;        // > 0: that token count only (1 to 256), else each of them
+  bool normal_rows = true;   // the normal path's rows beside the LL ones
+  int timeout_seconds = 60;  // BufferConfig::timeout_seconds
+  int sms = 0;               // > 0: at most that many SMs (blocks) for the LL kernels and the copy
   // Called by every rank once its graphs are captured and uploaded, before any is replayed: a
   // barrier of the ranks that share the GPU (none otherwise).
   std::function<void()> graphs_ready;
+  // Ranks sharing the GPU: a zeroed word of its memory shared by them, the held samples' start
+  // gate (low_latency_bench.cu, hold_kernel); null otherwise.
+  unsigned* start_gate = nullptr;
 };
 
 // The report of this rank (collective: every rank runs it). Raises epx::Error on failure.

@@ -46,6 +46,17 @@ LowLatencyFailure failure_of(const cuda::DeviceStatus& status) {
   return failure;
 }
 
+// The phase clock's stamps of this rank's blocks (null: not compiled in). Ranks that share a
+// process (thread ranks on one GPU) share the stamps, so rank r's blocks stamp from block
+// r * num_blocks on, where they fit (the others stamp nothing); the report (bench/phase_clock.hpp)
+// reads each rank's blocks there, in one process or in several.
+uint64_t* rank_clock(int rank, int num_blocks) {
+  uint64_t* stamps = cuda::phase_clock_stamps_on_device();
+  if (!stamps || rank == 0) return stamps;
+  if ((rank + 1) * num_blocks > cuda::kClockBlocks) return nullptr;
+  return stamps + size_t(rank) * num_blocks * cuda::kMarkCount;
+}
+
 }  // namespace
 
 CudaLowLatency::CudaLowLatency(const EngineContext& context, const plan::LowLatencyLayout& layout,
@@ -57,7 +68,7 @@ CudaLowLatency::CudaLowLatency(const EngineContext& context, const plan::LowLate
       links_(std::move(links)),
       scratch_(1),
       old_counts_(2 * size_t(layout.local_experts())),
-      clock_(cuda::phase_clock_stamps_on_device()) {
+      clock_(rank_clock(context.comm.rank(), num_blocks)) {
   EPX_CHECK(layout.num_topk <= cuda::kLowLatencyMaxTopk, kInvalidArgument,
             "the CUDA transport's low-latency mode supports num_topk up to "
                 << cuda::kLowLatencyMaxTopk << " (" << layout.num_topk << " requested)");
