@@ -13,6 +13,7 @@ namespace epx::cuda {
 
 constexpr int kBlockWarps = kBlockThreads / kWarpSize;
 constexpr int kFanoutLoads = 4;  // 16-byte loads in flight per lane while a part fans out
+constexpr int kHeldScales = 2;   // fp8 scales per lane held in registers: rows up to 8192 wide
 
 // Where one (t, k) of a block's tokens goes: its row in the owner's receive region and the row's
 // scales (fp8), resolved once by the claiming thread; row null: nowhere (a masked k, or a row
@@ -156,6 +157,18 @@ inline __device__ void send_rows(const LowLatencyContext& c, const LowLatencyRow
       const char* src = r.x + t * r.row_bytes;
       const Destination* d = dests + jt * num_topk;
       const int64_t begin = part * parts.bytes, end = min(r.row_bytes, begin + parts.bytes);
+      // A row's first part carries its scales (fp8): loaded here, beside the part's first
+      // loads, and stored to each destination from registers after the fan-out (loaded per
+      // destination after it, each load waited behind the stores to the destination before).
+      const bool carries_scales = part == 0 && scales > 0;
+      float held[kHeldScales];
+      if (carries_scales) {
+#pragma unroll
+        for (int j = 0; j < kHeldScales; ++j) {
+          const int64_t i = lane + j * kWarpSize;
+          if (i < scales) held[j] = r.scales[t * scales + i];
+        }
+      }
       if ((bits & 15) == 0) {
         fan_out<int4, kFanoutLoads>(src, begin / 16, end / 16, d, num_topk, lane);
       } else if ((bits & 1) == 0) {
@@ -163,11 +176,18 @@ inline __device__ void send_rows(const LowLatencyContext& c, const LowLatencyRow
       } else {
         fan_out<uint8_t, 8>(src, begin, end, d, num_topk, lane);
       }
-      if (part != 0 || !scales) continue;  // a row's first part carries its scales
+      if (!carries_scales) continue;
       for (int k = 0; k < num_topk; ++k) {
         float* out = d[k].scales;
         if (!out) continue;
-        for (int64_t i = lane; i < scales; i += kWarpSize) out[i] = r.scales[t * scales + i];
+#pragma unroll
+        for (int j = 0; j < kHeldScales; ++j) {
+          const int64_t i = lane + j * kWarpSize;
+          if (i < scales) out[i] = held[j];
+        }
+        for (int64_t i = lane + kHeldScales * kWarpSize; i < scales; i += kWarpSize) {
+          out[i] = r.scales[t * scales + i];  // rows past kHeldScales * 128 * 32 elements
+        }
       }
     }
     __syncthreads();
