@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "common/cuda_device_ops.hpp"
+#include "cuda/device/device_primitives.cuh"
 #include "epx/buffer.hpp"
 #include "epx/error.hpp"
 #include "low_latency_bench.hpp"
@@ -102,12 +103,6 @@ class Graph {
   cudaGraphExec_t exec_{};
 };
 
-__device__ __forceinline__ uint64_t global_ns() {
-  uint64_t now;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-  return now;
-}
-
 // Spins for `ns` nanoseconds: what the stream runs while the host queues a sample behind it.
 // With a gate (ranks sharing the GPU), the spin starts once every rank's hold has arrived
 // (`target` arrivals in all), so their samples start together: without it each rank's sample
@@ -117,13 +112,13 @@ __device__ __forceinline__ uint64_t global_ns() {
 __global__ void hold_kernel(uint64_t ns, unsigned* gate, unsigned target) {
   if (gate) {
     atomicAdd(gate, 1u);
-    const uint64_t arrived = global_ns();
+    const uint64_t arrived = cuda::global_timer_ns();
     while (*static_cast<volatile unsigned*>(gate) < target &&
-           global_ns() - arrived < 1'000'000'000) {
+           cuda::global_timer_ns() - arrived < 1'000'000'000) {
     }
   }
-  const uint64_t start = global_ns();
-  while (global_ns() - start < ns) {
+  const uint64_t start = cuda::global_timer_ns();
+  while (cuda::global_timer_ns() - start < ns) {
   }
 }
 
