@@ -186,7 +186,7 @@ inline __device__ void send_rows(const LowLatencyContext& c, const LowLatencyRow
           if (i < scales) out[i] = held[j];
         }
         for (int64_t i = lane + kHeldScales * kWarpSize; i < scales; i += kWarpSize) {
-          out[i] = r.scales[t * scales + i];  // rows past kHeldScales * 128 * 32 elements
+          out[i] = r.scales[t * scales + i];  // past the held ones: rows wider than 8192
         }
       }
     }
