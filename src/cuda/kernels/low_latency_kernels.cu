@@ -41,17 +41,26 @@ __host__ __device__ __forceinline__ int padded_experts(const plan::LowLatencyLay
 // region: an error, clamped) into the counts view and the handle, and the scalars of rows past
 // them cleared where this half's last round had rows. A thread per expert does all of it for its
 // expert: the rows a round drops per expert are few, and a warp per expert cost 16 dependent
-// iterations for 256 experts (docs/performance.md). Run by threads [0, settlers) of the block
-// (a multiple of the warp size): the others may still be publishing.
+// iterations for 256 experts (docs/performance.md). Longer runs of rows to clear (a half's
+// first round, which knows nothing of its rows and clears them all, or a batch much smaller than
+// the last) go to a list the warps clear a row per lane: a thread's stores, a row of its own
+// expert each, took ~208 us for a first round of 256 experts x 256 rows. Run by threads
+// [0, settlers) of the block (a multiple of the warp size): the others may still be publishing.
+constexpr int kThreadClearRows = 16;  // longer runs go to the warps' list
+constexpr int kListedRuns = 512;      // the list's length (runs past it stay with their thread)
+
 __device__ void settle_dispatch(const LowLatencyDispatchParams& p, uint64_t epoch, int32_t phase,
                                 int settlers) {
   const LowLatencyContext& c = p.ll;
   const plan::LowLatencyRegions& at = c.regions;
+  __shared__ int64_t runs[kListedRuns][2];  // [first, end) rows to clear
+  __shared__ int listed;
+  if (threadIdx.x == 0) listed = 0;
   // This rank's own rows and claims: before the last block's handoff acquire, or in the send
   // kernel before this (the hook's) one.
   bool ok;
   (void)low_latency_wait(c, false, epoch, phase, ok, true, 0);
-  partial_barrier(settlers);  // the sources' rows and claims are done
+  partial_barrier(settlers);  // the sources' rows and claims are done (and `listed` is 0)
   char* local = c.topo.peers[c.topo.rank];
   const int64_t capacity = at.expert_rows;
   const bool routing = p.rows.kind == plan::kKindDispatch;
@@ -77,7 +86,25 @@ __device__ void settle_dispatch(const LowLatencyDispatchParams& p, uint64_t epoc
     old_counts[e] = count;
     counts_view[e] = count;
     if (routing) p.counts[e] = count;
-    for (int64_t row = e * capacity + count; row < e * capacity + old; ++row) {
+    const int64_t first = e * capacity + count, end = e * capacity + old;
+    if (end - first > kThreadClearRows) {
+      const int slot = atomicAdd(&listed, 1);
+      if (slot < kListedRuns) {
+        runs[slot][0] = first;
+        runs[slot][1] = end;
+        continue;
+      }
+    }
+    for (int64_t row = first; row < end; ++row) {
+      weights[row] = 0.0f;
+      aux[row] = 0.0f;
+      src_info[row] = -1;
+    }
+  }
+  partial_barrier(settlers);
+  const int num_runs = min(listed, kListedRuns), lane = lane_id();
+  for (int i = threadIdx.x / kWarpSize; i < num_runs; i += settlers / kWarpSize) {
+    for (int64_t row = runs[i][0] + lane; row < runs[i][1]; row += kWarpSize) {
       weights[row] = 0.0f;
       aux[row] = 0.0f;
       src_info[row] = -1;
