@@ -70,6 +70,11 @@ __device__ void settle_dispatch(const LowLatencyDispatchParams& p, uint64_t epoc
   float* weights = plan::region<float>(local, at.recv_weights);
   float* aux = plan::region<float>(local, at.recv_aux);
   int32_t* src_info = plan::region<int32_t>(local, at.src_info);
+  auto clear = [&](int64_t row) {  // a row past the counts: no weight, no aux, no source
+    weights[row] = 0.0f;
+    aux[row] = 0.0f;
+    src_info[row] = -1;
+  };
   for (int e = threadIdx.x; e < at.local_experts; e += settlers) {
     const int32_t old = old_counts[e];
     int32_t count;
@@ -95,20 +100,12 @@ __device__ void settle_dispatch(const LowLatencyDispatchParams& p, uint64_t epoc
         continue;
       }
     }
-    for (int64_t row = first; row < end; ++row) {
-      weights[row] = 0.0f;
-      aux[row] = 0.0f;
-      src_info[row] = -1;
-    }
+    for (int64_t row = first; row < end; ++row) clear(row);
   }
   partial_barrier(settlers);
   const int num_runs = min(listed, kListedRuns), lane = lane_id();
   for (int i = threadIdx.x / kWarpSize; i < num_runs; i += settlers / kWarpSize) {
-    for (int64_t row = runs[i][0] + lane; row < runs[i][1]; row += kWarpSize) {
-      weights[row] = 0.0f;
-      aux[row] = 0.0f;
-      src_info[row] = -1;
-    }
+    for (int64_t row = runs[i][0] + lane; row < runs[i][1]; row += kWarpSize) clear(row);
   }
   if (threadIdx.x == 0) c.scratch->state = plan::kStateDispatched;
   mark_phase_into(c.clock, kMarkLlSettled);
