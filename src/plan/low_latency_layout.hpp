@@ -4,6 +4,7 @@
 // uses the same layout, so an address computed locally names the same field in any peer.
 //
 //   sent      [R] lines          peer p raises line p to (epoch, tags) once its rows are here
+//   claimed   [R] lines          peer p raises line p once its claims on the counters are done
 //   ready     [R] lines          peer p raises line p once its combine rows can be read
 //   failed    [R] lines          peer p sets line p when its LL mode failed: a wait for it ends
 //   counters  [E_l] int32        the local experts' slot counters (sources claim rows with atomics)
@@ -26,6 +27,10 @@
 #include "plan/workspace_layout.hpp"
 
 namespace epx::plan {
+
+// The flag lines a rank raises in its peers' workspaces (the failed lines aside): a dispatch's
+// claims and rows, a combine's readiness.
+enum class LowLatencyFlag { kClaimed, kSent, kReady };
 
 struct LowLatencyLayout {
   int32_t num_ranks = 0;
@@ -54,8 +59,9 @@ struct LowLatencyLayout {
   EPX_HD int64_t sent_offset() const { return base; }
   EPX_HD int64_t ready_offset() const { return sent_offset() + kLineBytes * num_ranks; }
   EPX_HD int64_t failed_offset() const { return ready_offset() + kLineBytes * num_ranks; }
+  EPX_HD int64_t claimed_offset() const { return failed_offset() + kLineBytes * num_ranks; }
   EPX_HD int64_t counters_offset() const {
-    return align_up(failed_offset() + kLineBytes * num_ranks, kAlignment);
+    return align_up(claimed_offset() + kLineBytes * num_ranks, kAlignment);
   }
   EPX_HD int64_t combine_rows_offset() const {
     return align_up(counters_offset() + 4 * int64_t(local_experts()), kAlignment);
@@ -96,6 +102,14 @@ struct LowLatencyLayout {
   }
   EPX_HD uint64_t* ready_flag(char* ws, int peer) const {
     return reinterpret_cast<uint64_t*>(ws + ready_offset() + peer * kLineBytes);
+  }
+  EPX_HD uint64_t* claimed_flag(char* ws, int peer) const {
+    return reinterpret_cast<uint64_t*>(ws + claimed_offset() + peer * kLineBytes);
+  }
+  EPX_HD uint64_t* flag(LowLatencyFlag kind, char* ws, int peer) const {
+    return kind == LowLatencyFlag::kClaimed ? claimed_flag(ws, peer)
+           : kind == LowLatencyFlag::kSent  ? sent_flag(ws, peer)
+                                            : ready_flag(ws, peer);
   }
   EPX_HD uint64_t* failed_flag(char* ws, int peer) const {
     return reinterpret_cast<uint64_t*>(ws + failed_offset() + peer * kLineBytes);

@@ -66,6 +66,19 @@ __device__ __forceinline__ void fence_acquire_gpu() {
   asm volatile("fence.acq_rel.gpu;" ::: "memory");
 }
 
+// A count one block's thread raises after a block barrier, and another block of the grid
+// acquires: GPU scope, as both are on this GPU (SASS: a GPU membar, then the reduction). What the
+// counted blocks ordered before it is, cumulatively, before a system-scope release the reader
+// makes next.
+__device__ __forceinline__ void count_release_gpu(uint32_t* counter) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
+}
+__device__ __forceinline__ uint32_t load_acquire_gpu(const uint32_t* counter) {
+  uint32_t value;
+  asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(value) : "l"(counter) : "memory");
+  return value;
+}
+
 __device__ __forceinline__ uint64_t load_acquire_system(const uint64_t* flag) {
   uint64_t value;
   asm volatile("ld.acquire.sys.u64 %0, [%1];" : "=l"(value) : "l"(flag) : "memory");

@@ -25,9 +25,20 @@ struct Destination {
   float* scales;
 };
 
-// The block's tokens are t = blockIdx.x + j * gridDim.x, j < block_tokens().
-__device__ __forceinline__ int64_t block_tokens(int64_t num_tokens) {
-  return num_tokens > blockIdx.x ? (num_tokens - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+// The blocks of a grid that send rows, and this block's place among them: every block of a
+// combine_backward; a dispatch's blocks but its first, which settles the round (its block 0
+// stays at -1). Sending block `index` has the tokens t = index + j * count.
+struct SendBlocks {
+  int index;
+  int count;
+};
+__device__ __forceinline__ SendBlocks send_blocks(int first) {
+  return {static_cast<int>(blockIdx.x) - first, static_cast<int>(gridDim.x) - first};
+}
+
+// The count of the block's tokens, t = b.index + j * b.count for j below it.
+__device__ __forceinline__ int64_t block_tokens(int64_t num_tokens, SendBlocks b) {
+  return b.index >= 0 && num_tokens > b.index ? (num_tokens - 1 - b.index) / b.count + 1 : 0;
 }
 
 // Entry (t, k) as the send part reads it: a routing dispatch's topk_idx value, the handle's
@@ -41,10 +52,12 @@ __device__ __forceinline__ int64_t entry_value(const LowLatencyRows& r, int64_t 
 // The entry this thread claims in the block's first batch of send_rows (-2: none), loaded at
 // the kernel's start with the state word instead of after it (its round trip overlaps).
 __device__ __forceinline__ int64_t first_entry(const LowLatencyContext& c,
-                                               const LowLatencyRows& r) {
+                                               const LowLatencyRows& r, SendBlocks b) {
   const int num_topk = c.layout.num_topk;
-  const int64_t t = blockIdx.x + int64_t(threadIdx.x / num_topk) * gridDim.x;
-  if (threadIdx.x >= (kBlockThreads / num_topk) * num_topk || t >= r.num_tokens) return -2;
+  const int64_t t = b.index + int64_t(threadIdx.x / num_topk) * b.count;
+  if (b.index < 0 || threadIdx.x >= (kBlockThreads / num_topk) * num_topk || t >= r.num_tokens) {
+    return -2;
+  }
   return entry_value(r, t * num_topk + threadIdx.x % num_topk);
 }
 
@@ -63,7 +76,7 @@ inline __device__ Destination claim(const LowLatencyContext& c, const LowLatency
     const bool valid = value >= -1 && value < layout.num_experts;
     if (!valid) {
       // Recorded here; the peers learn of it from the sent flags' tags.
-      c.scratch->bad_routing = 1;
+      c.scratch->bad_routing = c.scratch->round + 1;
       record_error(c.topo, kDeviceBadRouting, kPhaseLowLatency + phase, c.topo.rank,
                    static_cast<int32_t>(value));
     }
@@ -126,15 +139,19 @@ __device__ __forceinline__ void fan_out(const char* src, int64_t begin, int64_t 
   }
 }
 
-// The send part of a dispatch-direction call, every block: batches of its tokens, a thread per
-// (t, k) claiming destinations, then a warp per (token, row part) fanning the part out (16-byte
-// vectors when rows and input are aligned, else 2-byte elements, else bytes).
-// `first`: this thread's entry of the first batch (first_entry).
+// The send part of a dispatch-direction call, every sending block: batches of its tokens, a
+// thread per (t, k) claiming destinations, then a warp per (token, row part) fanning the part out
+// (16-byte vectors when rows and input are aligned, else 2-byte elements, else bytes).
+// `first`: this thread's entry of the first batch (first_entry). `claimed` (or null): raised by
+// one once the block's last claims are done, for the block that settles the counts, which then
+// runs while the rows are still being stored (the counts are known before the rows land).
 inline __device__ void send_rows(const LowLatencyContext& c, const LowLatencyRows& r, int64_t first,
-                                 int32_t phase) {
+                                 int32_t phase, SendBlocks b, uint32_t* claimed) {
   __shared__ Destination dests[kBlockThreads];
   const int num_topk = c.layout.num_topk;
-  const int64_t tokens = block_tokens(r.num_tokens);
+  const int64_t tokens = block_tokens(r.num_tokens, b);
+  // Thread 0 of a block without tokens counts at once; otherwise after its last claims.
+  if (claimed && tokens == 0 && threadIdx.x == 0) count_release_gpu(claimed);
   const int batch = kBlockThreads / num_topk;  // tokens whose destinations fit in `dests`
   const int lane = lane_id(), warp = warp_in_block();
   const uintptr_t bits = reinterpret_cast<uintptr_t>(r.x) | static_cast<uintptr_t>(r.row_bytes);
@@ -143,17 +160,18 @@ inline __device__ void send_rows(const LowLatencyContext& c, const LowLatencyRow
     const int n = static_cast<int>(min(int64_t(batch), tokens - j0));
     if (threadIdx.x < n * num_topk) {
       const int jt = threadIdx.x / num_topk, k = threadIdx.x % num_topk;
-      const int64_t t = blockIdx.x + (j0 + jt) * gridDim.x;
+      const int64_t t = b.index + (j0 + jt) * b.count;
       const int64_t value = j0 == 0 ? first : entry_value(r, t * num_topk + k);
       dests[threadIdx.x] = claim(c, r, t, k, value, phase);
     }
     __syncthreads();
     if (j0 == 0) mark_phase_into(c.clock, kMarkLlClaimed);
+    if (claimed && j0 + batch >= tokens && threadIdx.x == 0) count_release_gpu(claimed);
     const RowParts parts = row_parts(n, r.row_bytes, kBlockWarps);
     for (int64_t item = warp; item < n * parts.count; item += kBlockWarps) {
       const int jt = static_cast<int>(item / parts.count);
       const int64_t part = item % parts.count;
-      const int64_t t = blockIdx.x + (j0 + jt) * gridDim.x;
+      const int64_t t = b.index + (j0 + jt) * b.count;
       const char* src = r.x + t * r.row_bytes;
       const Destination* d = dests + jt * num_topk;
       const int64_t begin = part * parts.bytes, end = min(r.row_bytes, begin + parts.bytes);

@@ -1,6 +1,6 @@
 // The device side of the low-latency protocol's words (plan/low_latency_layout.hpp): the
-// state word a kernel enters by, the handoff from every block of a grid to its last one, the
-// sent / ready flags raised to the peers and waited for, the failed flags.
+// state word a kernel enters by, the handoff from a grid's blocks to the last of them, the
+// claimed / sent / ready flags raised to the peers and waited for, the failed flags.
 //
 // Memory order, as in cuda/device/operation_sync.cuh: a flag is raised with a release at system
 // scope (publish_max_system) by threads of a block after a block barrier; a handoff orders every
@@ -8,7 +8,7 @@
 // fence in the last block), and the release is cumulative over them. A waiting thread acquires
 // the flag at system scope; a block barrier then orders its block's reads after it. No thread
 // waits for this rank's own flag where stream order or its grid's handoff already put the
-// flag's stores before it.
+// flag's stores before it, and no thread raises its own line where no reader reads it.
 #pragma once
 
 #include "cuda/device/device_primitives.cuh"
@@ -43,14 +43,14 @@ __device__ __forceinline__ bool low_latency_enter(const LowLatencyContext& c,
   return false;
 }
 
-// The handoff from every block to the last one through `counter` (reset for its next use):
-// true in the last block, whose next stores and releases come after every block's stores.
-__device__ __forceinline__ bool low_latency_last_block(uint32_t* counter) {
+// The handoff from `blocks` blocks to the last of them through `counter` (reset for its next
+// use): true in the last block, whose next stores and releases come after every block's stores.
+__device__ __forceinline__ bool low_latency_last_block(uint32_t* counter, uint32_t blocks) {
   __shared__ int last;
   __syncthreads();
   if (threadIdx.x == 0) {
     fence_release_system();
-    last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    last = atomicAdd(counter, 1u) == blocks - 1;
     if (last) {
       fence_acquire_gpu();
       *counter = 0;
@@ -60,27 +60,30 @@ __device__ __forceinline__ bool low_latency_last_block(uint32_t* counter) {
   return last != 0;
 }
 
-// Threads [first, first + R) raise this rank's line of peer threadIdx.x - first's sent (or
-// ready) flags to (epoch, tags); the caller's block barrier and handoff order what they publish.
-__device__ __forceinline__ void low_latency_publish(const LowLatencyContext& c, bool ready,
-                                                    uint64_t epoch, uint32_t tags, int first = 0) {
+// Threads [first, first + R) raise this rank's line of peer threadIdx.x - first's `kind` flags to
+// (epoch, tags); the caller's block barrier and handoff order what they publish. `skip_own`: not
+// this rank's own line, which no reader of this round reads (its reads of its own part are
+// ordered by stream or grid), and which would hold its thread at the release's system membar.
+__device__ __forceinline__ void low_latency_publish(const LowLatencyContext& c,
+                                                    plan::LowLatencyFlag kind, uint64_t epoch,
+                                                    uint32_t tags, int first = 0,
+                                                    bool skip_own = false) {
   const int peer = static_cast<int>(threadIdx.x) - first;
-  if (peer < 0 || peer >= c.layout.num_ranks) return;
-  char* ws = c.topo.peers[peer];
-  uint64_t* flag =
-      ready ? c.layout.ready_flag(ws, c.topo.rank) : c.layout.sent_flag(ws, c.topo.rank);
-  publish_max_system(flag, plan::low_latency_flag(epoch, tags));
+  if (peer < 0 || peer >= c.layout.num_ranks || (skip_own && peer == c.topo.rank)) return;
+  publish_max_system(c.layout.flag(kind, c.topo.peers[peer], c.topo.rank),
+                     plan::low_latency_flag(epoch, tags));
 }
 
-// Thread p < R of the block waits for peer p's sent (or ready) flag of this round, bounded by
+// Thread p < R of the block waits for peer p's `kind` flag of this round, bounded by
 // the timeout; a peer whose LL mode failed (its failed flag, read before the flag once more: a
 // flag that arrived is never overruled) or whose buffer failed (its poison mark) ends the
-// wait. Then its tags are checked against this rank's (`dispatch`: the dispatch direction's
-// tags). Returns the peer's tags (0 for other threads); `ok` false when this thread recorded an
+// wait. Then its tags are checked against this rank's (a claimed or sent flag: the dispatch
+// direction's tags). Returns the peer's tags (0 for other threads); `ok` false when this thread recorded an
 // error. `own_ordered`: what this rank's own flag publishes is ordered before the caller already
 // (written by an earlier kernel on the stream, or the caller is its grid's last block), so its
 // thread returns `own_tags` (the tags this rank raises) without reading the flag.
-__device__ __forceinline__ uint32_t low_latency_wait(const LowLatencyContext& c, bool ready,
+__device__ __forceinline__ uint32_t low_latency_wait(const LowLatencyContext& c,
+                                                     plan::LowLatencyFlag kind,
                                                      uint64_t epoch, int32_t phase, bool& ok,
                                                      bool own_ordered, uint32_t own_tags) {
   ok = true;
@@ -88,7 +91,8 @@ __device__ __forceinline__ uint32_t low_latency_wait(const LowLatencyContext& c,
   if (peer >= c.layout.num_ranks) return 0;
   if (own_ordered && peer == c.topo.rank) return own_tags;
   char* local = c.topo.peers[c.topo.rank];
-  const uint64_t* flag = ready ? c.layout.ready_flag(local, peer) : c.layout.sent_flag(local, peer);
+  const bool ready = kind == plan::LowLatencyFlag::kReady;
+  const uint64_t* flag = c.layout.flag(kind, local, peer);
   const volatile uint64_t* failed = c.layout.failed_flag(local, peer);
   const volatile plan::PeerRecord* record = c.topo.layout.record(local, peer);
   const uint64_t start = global_timer_ns();

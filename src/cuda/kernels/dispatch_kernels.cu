@@ -415,7 +415,8 @@ const char* phase_mark_name(int mark) {
       "handed off",      "receive start",    "exited",
       "counted",         "received",         "ll start",
       "ll entered",      "ll claimed",       "ll sent",
-      "ll handed off",   "ll publishing",    "ll settled",
+      "ll handed off",   "ll publishing",    "ll counted",
+      "ll settled",
       "ll comb. start",  "ll comb. entered", "ll comb. waited",
       "ll comb. summed", "ll comb. finished"};
   return mark >= 0 && mark < kMarkCount ? names[mark] : "unknown";

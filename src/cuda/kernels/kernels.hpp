@@ -35,9 +35,10 @@ enum PhaseMark : int {
   kMarkLlEntered,     // past the state word
   kMarkLlClaimed,     // the first batch's claims done (the block's barrier after them)
   kMarkLlSent,        // the block's rows stored
-  kMarkLlHandedOff,   // past the handoff (the blocks that are not last leave)
+  kMarkLlHandedOff,   // past the handoff (the blocks that are not last leave; R > 1)
   kMarkLlPublishing,  // the last block: past its barrier before raising the sent flags
-  kMarkLlSettled,     // the last block's thread 0: its experts' counts stored, rows cleared
+  kMarkLlCounted,     // block 0: every sending block's claims counted
+  kMarkLlSettled,     // block 0's thread 0: its experts' counts stored, rows cleared
   // ... and a combine.
   kMarkLlCombineStart,
   kMarkLlCombineEntered,

@@ -19,9 +19,13 @@ namespace epx::cuda {
 struct LowLatencyScratch {
   uint64_t round = 0;        // combines finished: round n's flags carry epoch n + 1
   uint32_t state = 0;        // plan::LowLatencyState
-  uint32_t blocks_sent = 0;  // blocks past the send part (its handoff)
-  uint32_t blocks_done = 0;  // blocks past the wait part of a combine or combine_backward
-  int32_t bad_routing = 0;   // the send part found a topk_idx value outside [-1, E)
+  uint32_t blocks_sent = 0;     // blocks past the send part (its handoff)
+  uint32_t blocks_claimed = 0;  // a dispatch's sending blocks past their claims
+  uint32_t blocks_done = 0;     // blocks past the wait part of a combine or combine_backward
+  // The epoch of the last round whose send part found a topk_idx value outside [-1, E): read by
+  // the settling block and by the last sending block, each once the claims are done, so never
+  // reset (neither could tell when the other had read it).
+  uint64_t bad_routing = 0;
 };
 
 // What every LL kernel knows.
@@ -59,8 +63,9 @@ struct LowLatencyDispatchParams {
   bool send = true;           // the parts this launch runs
   bool wait = true;
 };
-// The send part on ll.num_blocks blocks (the wait part in the last of them); the wait part
-// alone on one block.
+// The send part on ll.num_blocks blocks (at least 2): block 0 counts the others' claims and
+// settles the round's counts while they store the rows (the wait part, in a launch with both);
+// the wait part alone on one block.
 void launch_low_latency_dispatch(const LowLatencyDispatchParams& params, cudaStream_t stream);
 
 struct LowLatencyCombineParams {

@@ -1,9 +1,12 @@
 // The low-latency mode on the device (docs/protocol.md, "Low-latency mode"):
 //
-//   dispatch          every block claims the slots of its tokens' (t, k) on the owners' counters
-//                     (system-scope atomics through the peer pointers), copies each token's row
-//                     once into every destination row, and hands off; the last block raises its
-//                     sent flags, waits for every source's, and settles the round's counts.
+//   dispatch          every block but the first claims the slots of its tokens' (t, k) on the
+//                     owners' counters (system-scope atomics through the peer pointers), counts
+//                     its claims done, copies each token's row once into every destination row,
+//                     and hands off; the last of them raises the sent flags. Block 0 raises the
+//                     claimed flags once the others' claims are counted, waits for every
+//                     source's, settles the round's counts while the rows are still being
+//                     stored, and waits for every source's sent flag.
 //   combine           the expert side copies what is not in the combine region yet, the last
 //                     block raises the ready flags; then every block waits for every owner's and
 //                     sums its tokens' rows, pulled from the owners' combine regions.
@@ -11,7 +14,8 @@
 //                     waits for every source, then computes the expert side's rows.
 //
 // A combine's and a combine_backward's blocks wait for their own grid's handoff, so they are
-// launched cooperatively (co-resident); a dispatch's waiting is done by its last block alone.
+// launched cooperatively (co-resident); a dispatch's waiting is done by its block 0 alone, which
+// no other block waits for.
 // The protocol's words (state, handoff, flags) are cuda/device/low_latency_sync.cuh, the send
 // part of the dispatch direction cuda/device/low_latency_send.cuh.
 #include <algorithm>
@@ -36,31 +40,31 @@ __host__ __device__ __forceinline__ int padded_experts(const plan::LowLatencyLay
   return (layout.local_experts() + 2) / 2 * 2;
 }
 
-// The wait part of a dispatch (cached or not), one block: every source's sent flag, then the
+// The wait part of a dispatch (cached or not), one block: every source's claimed flag, then the
 // round's counts (a routing dispatch's from the counters, reset for the next round; past the
 // region: an error, clamped) into the counts view and the handle, and the scalars of rows past
-// them cleared where this half's last round had rows. A thread per expert does all of it for its
-// expert: the rows a round drops per expert are few, and a warp per expert cost 16 dependent
-// iterations for 256 experts (docs/performance.md). Longer runs of rows to clear (a half's
-// first round, which knows nothing of its rows and clears them all, or a batch much smaller than
-// the last) go to a list the warps clear a row per lane: a thread's stores, a row of its own
-// expert each, took ~208 us for a first round of 256 experts x 256 rows. Run by threads
-// [0, settlers) of the block (a multiple of the warp size): the others may still be publishing.
+// them cleared where this half's last round had rows; then every source's sent flag. It runs in
+// block 0 of the send launch, beside the blocks that store the rows, or alone in the wait launch
+// of a call that returned a hook. A thread per expert settles its expert: the rows a round drops
+// per expert are few, and a warp per expert cost 16 dependent iterations for 256 experts
+// (docs/performance.md). Longer runs of rows to clear (a half's first round, which knows nothing
+// of its rows and clears them all, or a batch much smaller than the last) go to a list the warps
+// clear a row per lane: a thread's stores, a row of its own expert each, took ~208 us for a first
+// round of 256 experts x 256 rows. No thread reads this rank's own flags: its claims are before
+// this block's count of them, or before the wait launch by stream order, and its rows before the
+// next kernel by the grid's end.
 constexpr int kThreadClearRows = 16;  // longer runs go to the warps' list
 constexpr int kListedRuns = 512;      // the list's length (runs past it stay with their thread)
 
-__device__ void settle_dispatch(const LowLatencyDispatchParams& p, uint64_t epoch, int32_t phase,
-                                int settlers) {
+__device__ void settle_dispatch(const LowLatencyDispatchParams& p, uint64_t epoch, int32_t phase) {
   const LowLatencyContext& c = p.ll;
   const plan::LowLatencyRegions& at = c.regions;
   __shared__ int64_t runs[kListedRuns][2];  // [first, end) rows to clear
   __shared__ int listed;
   if (threadIdx.x == 0) listed = 0;
-  // This rank's own rows and claims: before the last block's handoff acquire, or in the send
-  // kernel before this (the hook's) one.
   bool ok;
-  (void)low_latency_wait(c, false, epoch, phase, ok, true, 0);
-  partial_barrier(settlers);  // the sources' rows and claims are done (and `listed` is 0)
+  (void)low_latency_wait(c, plan::LowLatencyFlag::kClaimed, epoch, phase, ok, true, 0);
+  __syncthreads();  // the sources' claims are done (and `listed` is 0)
   char* local = c.topo.peers[c.topo.rank];
   const int64_t capacity = at.expert_rows;
   const bool routing = p.rows.kind == plan::kKindDispatch;
@@ -75,7 +79,7 @@ __device__ void settle_dispatch(const LowLatencyDispatchParams& p, uint64_t epoc
     aux[row] = 0.0f;
     src_info[row] = -1;
   };
-  for (int e = threadIdx.x; e < at.local_experts; e += settlers) {
+  for (int e = threadIdx.x; e < at.local_experts; e += blockDim.x) {
     const int32_t old = old_counts[e];
     int32_t count;
     if (routing) {
@@ -102,13 +106,52 @@ __device__ void settle_dispatch(const LowLatencyDispatchParams& p, uint64_t epoc
     }
     for (int64_t row = first; row < end; ++row) clear(row);
   }
-  partial_barrier(settlers);
+  __syncthreads();
   const int num_runs = min(listed, kListedRuns), lane = lane_id();
-  for (int i = threadIdx.x / kWarpSize; i < num_runs; i += settlers / kWarpSize) {
+  for (int i = warp_in_block(); i < num_runs; i += kBlockWarps) {
     for (int64_t row = runs[i][0] + lane; row < runs[i][1]; row += kWarpSize) clear(row);
   }
-  if (threadIdx.x == 0) c.scratch->state = plan::kStateDispatched;
   mark_phase_into(c.clock, kMarkLlSettled);
+  if (ok) (void)low_latency_wait(c, plan::LowLatencyFlag::kSent, epoch, phase, ok, true, 0);
+  if (threadIdx.x == 0) c.scratch->state = plan::kStateDispatched;
+}
+
+// The tags of this rank's dispatch-direction flags of the round, once its claims are done.
+__device__ __forceinline__ uint32_t dispatch_tags(const LowLatencyContext& c, uint64_t epoch) {
+  return c.tags | (c.scratch->bad_routing == epoch ? uint32_t(plan::kTagBadRouting) : 0u);
+}
+
+// Block 0 of a send launch: waits (bounded) for the sending blocks' claims, raises this rank's
+// claimed flags in the peers, then settles the round (a launch with the wait part) or leaves
+// the state for the wait launch.
+__device__ void count_claims(const LowLatencyDispatchParams& p, uint64_t epoch, int32_t phase) {
+  const LowLatencyContext& c = p.ll;
+  __shared__ int counted;
+  if (threadIdx.x == 0) {
+    uint32_t* counter = &c.scratch->blocks_claimed;
+    const uint32_t blocks = gridDim.x - 1;
+    const uint64_t start = global_timer_ns();
+    uint32_t seen;
+    counted = 1;
+    while ((seen = load_acquire_gpu(counter)) < blocks) {
+      if (global_timer_ns() - start > c.topo.timeout_ns) {
+        low_latency_error(c, kDeviceTimeout, phase, c.topo.rank, 0, blocks, seen);
+        counted = 0;
+        break;
+      }
+      __nanosleep(32);
+    }
+    if (counted) *counter = 0;
+  }
+  __syncthreads();
+  if (!counted) return;
+  mark_phase_into(c.clock, kMarkLlCounted);
+  low_latency_publish(c, plan::LowLatencyFlag::kClaimed, epoch, dispatch_tags(c, epoch), 0, true);
+  if (p.wait) {
+    settle_dispatch(p, epoch, phase + 1);
+  } else if (threadIdx.x == 0) {
+    c.scratch->state = plan::kStateDispatchSent;
+  }
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -116,35 +159,31 @@ __global__ void __launch_bounds__(kThreads)
   const LowLatencyContext& c = p.ll;
   mark_phase_into(c.clock, kMarkLlStart);
   const int32_t phase = plan::low_latency_send_phase(p.rows.kind);
-  const int64_t first = p.send ? first_entry(c, p.rows) : -2;
+  const SendBlocks blocks = send_blocks(1);
+  const int64_t first = p.send ? first_entry(c, p.rows, blocks) : -2;
   const uint64_t epoch = c.scratch->round + 1;
   if (!low_latency_enter(c, plan::low_latency_step(false, !p.send), phase + (p.send ? 0 : 1))) {
     return;
   }
   mark_phase_into(c.clock, kMarkLlEntered);
-  if (p.send) {
-    send_rows(c, p.rows, first, phase);
-    mark_phase_into(c.clock, kMarkLlSent);
-    const bool last = low_latency_last_block(&c.scratch->blocks_sent);
-    mark_phase_into(c.clock, kMarkLlHandedOff);
-    if (!last) return;
-    __shared__ uint32_t tags;
-    if (threadIdx.x == 0) {
-      tags = c.tags | (c.scratch->bad_routing ? uint32_t(plan::kTagBadRouting) : 0u);
-      c.scratch->bad_routing = 0;
-      c.scratch->state = plan::kStateDispatchSent;
-    }
-    __syncthreads();
-    mark_phase_into(c.clock, kMarkLlPublishing);
-    // With few enough peers, the block's second half publishes and the first half settles: the
-    // release's system membar holds the publishing threads ~1 us, the settle need not wait.
-    const bool split = c.layout.num_ranks <= kThreads / 2;
-    low_latency_publish(c, false, epoch, tags, split ? kThreads / 2 : 0);
-    if (!p.wait || (split && threadIdx.x >= kThreads / 2)) return;
-    settle_dispatch(p, epoch, phase + 1, split ? kThreads / 2 : kThreads);
+  if (!p.send) {
+    settle_dispatch(p, epoch, phase + 1);
     return;
   }
-  settle_dispatch(p, epoch, phase + 1, kThreads);
+  if (blockIdx.x == 0) {
+    count_claims(p, epoch, phase);
+    return;
+  }
+  send_rows(c, p.rows, first, phase, blocks, &c.scratch->blocks_claimed);
+  mark_phase_into(c.clock, kMarkLlSent);
+  // The rows are before the next kernel by the grid's end; the peers learn of them from the
+  // last block's sent flags (none to raise alone).
+  if (c.layout.num_ranks == 1) return;
+  const bool last = low_latency_last_block(&c.scratch->blocks_sent, blocks.count);
+  mark_phase_into(c.clock, kMarkLlHandedOff);
+  if (!last) return;
+  mark_phase_into(c.clock, kMarkLlPublishing);
+  low_latency_publish(c, plan::LowLatencyFlag::kSent, epoch, dispatch_tags(c, epoch), 0, true);
 }
 
 // The exclusive prefix of `counts` [E_l] into prefix [E_l + 1] (shared memory), the block.
@@ -260,15 +299,17 @@ __global__ void __launch_bounds__(kThreads) low_latency_combine_kernel(LowLatenc
   if (p.send) {
     if (p.x || p.weights || p.scalars) {
       copy_expert_side(p, smem);
-      if (low_latency_last_block(&c.scratch->blocks_sent)) {
+      if (low_latency_last_block(&c.scratch->blocks_sent, gridDim.x)) {
         if (!p.wait && threadIdx.x == 0) c.scratch->state = plan::kStateCombineSent;
-        low_latency_publish(c, true, epoch, ready_tags);
+        // This rank's own line is read by this grid's blocks only (the wait launch's order
+        // after this one is the stream's).
+        low_latency_publish(c, plan::LowLatencyFlag::kReady, epoch, ready_tags, 0, !p.wait);
       }
     } else if (blockIdx.x == 0) {
       // Nothing to copy: the rows are where the sources read them (earlier kernels wrote
-      // them, and the release is cumulative over those).
+      // them, and the release is cumulative over those); no reader reads this rank's own line.
       if (!p.wait && threadIdx.x == 0) c.scratch->state = plan::kStateCombineSent;
-      low_latency_publish(c, true, epoch, ready_tags);
+      low_latency_publish(c, plan::LowLatencyFlag::kReady, epoch, ready_tags, 0, true);
     }
     if (!p.wait) return;
   }
@@ -278,7 +319,8 @@ __global__ void __launch_bounds__(kThreads) low_latency_combine_kernel(LowLatenc
   OwnerRegions* owners = reinterpret_cast<OwnerRegions*>(smem + padded_experts(c.layout));
   const bool own_ordered = !p.send || !(p.x || p.weights || p.scalars);
   bool ok;
-  const uint32_t theirs = low_latency_wait(c, true, epoch, phase + 1, ok, own_ordered, ready_tags);
+  const uint32_t theirs =
+      low_latency_wait(c, plan::LowLatencyFlag::kReady, epoch, phase + 1, ok, own_ordered, ready_tags);
   if (threadIdx.x < layout.num_ranks) {
     char* ws = c.topo.peers[threadIdx.x];
     owners[threadIdx.x] = {
@@ -343,13 +385,16 @@ __global__ void __launch_bounds__(kThreads)
   const plan::LowLatencyLayout& layout = c.layout;
   const int32_t phase = plan::low_latency_send_phase(plan::kKindBackward);
   const uint64_t epoch = c.scratch->round + 1;
-  const int64_t first = first_entry(c, p.rows);
+  const SendBlocks blocks = send_blocks(0);
+  const int64_t first = first_entry(c, p.rows, blocks);
   if (!low_latency_enter(c, plan::low_latency_step(false, false), phase)) return;
-  send_rows(c, p.rows, first, phase);
-  if (low_latency_last_block(&c.scratch->blocks_sent)) low_latency_publish(c, false, epoch, c.tags);
+  send_rows(c, p.rows, first, phase, blocks, nullptr);
+  if (low_latency_last_block(&c.scratch->blocks_sent, gridDim.x)) {
+    low_latency_publish(c, plan::LowLatencyFlag::kSent, epoch, c.tags);
+  }
   // Every block waits for every source (its own grid's last block among them).
   bool ok;
-  (void)low_latency_wait(c, false, epoch, phase + 1, ok, false, 0);
+  (void)low_latency_wait(c, plan::LowLatencyFlag::kSent, epoch, phase + 1, ok, false, 0);
   if (__syncthreads_and(ok) != 0) {
     const int local_experts = c.regions.local_experts;
     const int64_t hidden = layout.hidden, expert_rows = c.regions.expert_rows;
@@ -430,8 +475,8 @@ void load_low_latency_kernels() {
 }
 
 void launch_low_latency_dispatch(const LowLatencyDispatchParams& params, cudaStream_t stream) {
-  launch(low_latency_dispatch_kernel, params.send ? params.ll.num_blocks : 1, false, 0, stream,
-         params);
+  launch(low_latency_dispatch_kernel, params.send ? std::max(params.ll.num_blocks, 2) : 1, false, 0,
+         stream, params);
 }
 
 void launch_low_latency_combine(const LowLatencyCombineParams& params, cudaStream_t stream) {
