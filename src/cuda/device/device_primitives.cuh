@@ -90,6 +90,12 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
+// Asks `bytes` (a multiple of 16) from the 16-byte aligned `p` into L2 as one bulk request: no
+// data comes back to the SM.
+__device__ __forceinline__ void prefetch_bulk_l2(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+}
+
 // A warp copies `bytes` from src to dst: 16-byte vectors when both are 16-byte aligned and
 // bytes % 16 == 0 (every row the kernels move, for H % 8 == 0), else 2-byte elements, else
 // bytes (an fp8 input that starts at an odd address).

@@ -1,7 +1,8 @@
 // The send part of the low-latency kernels that push rows the dispatch way (a dispatch, a cached
 // dispatch, combine_backward; docs/protocol.md, "Low-latency mode"): a thread per (t, k) claims
 // its destination on the owner, then the block's warps copy each token's row once into every
-// destination row.
+// destination row (send_rows); a small batch's dispatch gives each (t, k), or each unit of a
+// few k of one token, its own block (send_unit).
 #pragma once
 
 #include "cuda/device/device_primitives.cuh"
@@ -54,11 +55,31 @@ __device__ __forceinline__ int64_t entry_value(const LowLatencyRows& r, int64_t 
 __device__ __forceinline__ int64_t first_entry(const LowLatencyContext& c,
                                                const LowLatencyRows& r, SendBlocks b) {
   const int num_topk = c.layout.num_topk;
+  if (r.unit_topk > 0) {  // thread j < unit_topk claims the unit's j-th entry
+    const int64_t i = b.index * r.unit_topk + threadIdx.x;
+    const bool any = threadIdx.x < r.unit_topk && b.index >= 0 && i < r.num_tokens * num_topk;
+    return any ? entry_value(r, i) : -2;
+  }
   const int64_t t = b.index + int64_t(threadIdx.x / num_topk) * b.count;
   if (b.index < 0 || threadIdx.x >= (kBlockThreads / num_topk) * num_topk || t >= r.num_tokens) {
     return -2;
   }
   return entry_value(r, t * num_topk + threadIdx.x % num_topk);
+}
+
+// The rows of the block's first tokens asked into L2 at the kernel's start, beside the state
+// word, a lane of the second warp per token (up to 32; a unit's block: its token's): the
+// fan-out's loads after the claims then hit L2. A bulk prefetch returns nothing to the SM;
+// loads issued there instead held the claims' replies behind theirs (docs/performance.md).
+// Rows not 16-byte aligned are left alone.
+__device__ __forceinline__ void prefetch_first_rows(const LowLatencyRows& r, int num_topk,
+                                                    SendBlocks b) {
+  const int j = static_cast<int>(threadIdx.x) - kWarpSize;
+  if (j < 0 || j >= (r.unit_topk > 0 ? 1 : kWarpSize) || b.index < 0) return;
+  if (((reinterpret_cast<uintptr_t>(r.x) | static_cast<uintptr_t>(r.row_bytes)) & 15) != 0) return;
+  const int64_t t =
+      r.unit_topk > 0 ? b.index * r.unit_topk / num_topk : b.index + int64_t(j) * b.count;
+  if (t < r.num_tokens) prefetch_bulk_l2(r.x + t * r.row_bytes, static_cast<uint32_t>(r.row_bytes));
 }
 
 // The destination of entry (t, k) of value `value` (entry_value), one thread: a routing
@@ -139,6 +160,55 @@ __device__ __forceinline__ void fan_out(const char* src, int64_t begin, int64_t 
   }
 }
 
+// The thread of a sending block that counts its claims done. The count is a release (a GPU
+// membar, which holds its warp until the block's claim stores have landed), so the last warp
+// makes it, not warp 0, which carries a row's first part and, with fp8, its scales: counted
+// from thread 0, the fp8 dispatch took 9.4-9.6 us at 128 tokens, from the last warp 8.9-9.0
+// (docs/performance.md).
+constexpr int kCountingThread = kBlockThreads - kWarpSize;
+
+// Part `part` of token t's row, one warp: fanned out into each of the `num_dests` destination
+// rows `d` (16-byte vectors when rows and input are aligned, else 2-byte elements, else bytes);
+// the first part carries the row's `scales` (fp8; 0: none): loaded beside the part's first
+// loads and stored to each destination from registers after the fan-out (loaded per
+// destination after it, each load waited behind the stores to the destination before).
+__device__ __forceinline__ void send_part(const LowLatencyRows& r, int64_t t, int64_t part,
+                                          RowParts parts, const Destination* d, int num_dests,
+                                          int64_t scales, int lane) {
+  const uintptr_t bits = reinterpret_cast<uintptr_t>(r.x) | static_cast<uintptr_t>(r.row_bytes);
+  const char* src = r.x + t * r.row_bytes;
+  const int64_t begin = part * parts.bytes, end = min(r.row_bytes, begin + parts.bytes);
+  const bool carries_scales = part == 0 && scales > 0;
+  float held[kHeldScales];
+  if (carries_scales) {
+#pragma unroll
+    for (int j = 0; j < kHeldScales; ++j) {
+      const int64_t i = lane + j * kWarpSize;
+      if (i < scales) held[j] = r.scales[t * scales + i];
+    }
+  }
+  if ((bits & 15) == 0) {
+    fan_out<int4, kFanoutLoads>(src, begin / 16, end / 16, d, num_dests, lane);
+  } else if ((bits & 1) == 0) {
+    fan_out<uint16_t, 8>(src, begin / 2, end / 2, d, num_dests, lane);
+  } else {
+    fan_out<uint8_t, 8>(src, begin, end, d, num_dests, lane);
+  }
+  if (!carries_scales) return;
+  for (int k = 0; k < num_dests; ++k) {
+    float* out = d[k].scales;
+    if (!out) continue;
+#pragma unroll
+    for (int j = 0; j < kHeldScales; ++j) {
+      const int64_t i = lane + j * kWarpSize;
+      if (i < scales) out[i] = held[j];
+    }
+    for (int64_t i = lane + kHeldScales * kWarpSize; i < scales; i += kWarpSize) {
+      out[i] = r.scales[t * scales + i];  // past the held ones: rows wider than 8192
+    }
+  }
+}
+
 // The send part of a dispatch-direction call, every sending block: batches of its tokens, a
 // thread per (t, k) claiming destinations, then a warp per (token, row part) fanning the part out
 // (16-byte vectors when rows and input are aligned, else 2-byte elements, else bytes).
@@ -150,11 +220,11 @@ inline __device__ void send_rows(const LowLatencyContext& c, const LowLatencyRow
   __shared__ Destination dests[kBlockThreads];
   const int num_topk = c.layout.num_topk;
   const int64_t tokens = block_tokens(r.num_tokens, b);
-  // Thread 0 of a block without tokens counts at once; otherwise after its last claims.
-  if (claimed && tokens == 0 && threadIdx.x == 0) count_release_gpu(claimed);
+  // A block without tokens counts at once; otherwise after its last claims.
+  const bool counts = claimed && threadIdx.x == kCountingThread;
+  if (counts && tokens == 0) count_release_gpu(claimed);
   const int batch = kBlockThreads / num_topk;  // tokens whose destinations fit in `dests`
   const int lane = lane_id(), warp = warp_in_block();
-  const uintptr_t bits = reinterpret_cast<uintptr_t>(r.x) | static_cast<uintptr_t>(r.row_bytes);
   const int64_t scales = r.scales ? c.regions.scales_per_row : 0;
   for (int64_t j0 = 0; j0 < tokens; j0 += batch) {
     const int n = static_cast<int>(min(int64_t(batch), tokens - j0));
@@ -166,49 +236,39 @@ inline __device__ void send_rows(const LowLatencyContext& c, const LowLatencyRow
     }
     __syncthreads();
     if (j0 == 0) mark_phase_into(c.clock, kMarkLlClaimed);
-    if (claimed && j0 + batch >= tokens && threadIdx.x == 0) count_release_gpu(claimed);
+    if (counts && j0 + batch >= tokens) count_release_gpu(claimed);
     const RowParts parts = row_parts(n, r.row_bytes, kBlockWarps);
     for (int64_t item = warp; item < n * parts.count; item += kBlockWarps) {
       const int jt = static_cast<int>(item / parts.count);
-      const int64_t part = item % parts.count;
       const int64_t t = b.index + (j0 + jt) * b.count;
-      const char* src = r.x + t * r.row_bytes;
-      const Destination* d = dests + jt * num_topk;
-      const int64_t begin = part * parts.bytes, end = min(r.row_bytes, begin + parts.bytes);
-      // A row's first part carries its scales (fp8): loaded here, beside the part's first
-      // loads, and stored to each destination from registers after the fan-out (loaded per
-      // destination after it, each load waited behind the stores to the destination before).
-      const bool carries_scales = part == 0 && scales > 0;
-      float held[kHeldScales];
-      if (carries_scales) {
-#pragma unroll
-        for (int j = 0; j < kHeldScales; ++j) {
-          const int64_t i = lane + j * kWarpSize;
-          if (i < scales) held[j] = r.scales[t * scales + i];
-        }
-      }
-      if ((bits & 15) == 0) {
-        fan_out<int4, kFanoutLoads>(src, begin / 16, end / 16, d, num_topk, lane);
-      } else if ((bits & 1) == 0) {
-        fan_out<uint16_t, 8>(src, begin / 2, end / 2, d, num_topk, lane);
-      } else {
-        fan_out<uint8_t, 8>(src, begin, end, d, num_topk, lane);
-      }
-      if (!carries_scales) continue;
-      for (int k = 0; k < num_topk; ++k) {
-        float* out = d[k].scales;
-        if (!out) continue;
-#pragma unroll
-        for (int j = 0; j < kHeldScales; ++j) {
-          const int64_t i = lane + j * kWarpSize;
-          if (i < scales) out[i] = held[j];
-        }
-        for (int64_t i = lane + kHeldScales * kWarpSize; i < scales; i += kWarpSize) {
-          out[i] = r.scales[t * scales + i];  // past the held ones: rows wider than 8192
-        }
-      }
+      send_part(r, t, item % parts.count, parts, dests + jt * num_topk, num_topk, scales, lane);
     }
     __syncthreads();
+  }
+}
+
+// The send part of a dispatch whose every sending block has one unit (r.unit_topk consecutive
+// k of one token: the launch gave a block per unit, small batches): thread j claims the unit's
+// j-th entry, and the block's warps fan the parts of the token's row out into the unit's
+// destinations. A token's K rows from one SM were most of the dispatch's time at 1-64 tokens
+// (docs/performance.md); here K / unit_topk SMs share them, each reading the row (from L2
+// after the first).
+inline __device__ void send_unit(const LowLatencyContext& c, const LowLatencyRows& r,
+                                 int64_t first, int32_t phase, SendBlocks b, uint32_t* claimed) {
+  __shared__ Destination dests[kBlockThreads];
+  const int num_topk = c.layout.num_topk, unit = r.unit_topk;
+  const int64_t i = b.index * unit, t = i / num_topk;  // the unit's first entry and its token
+  if (threadIdx.x < unit) {
+    dests[threadIdx.x] =
+        claim(c, r, t, static_cast<int>(i % num_topk) + threadIdx.x, first, phase);
+  }
+  __syncthreads();
+  mark_phase_into(c.clock, kMarkLlClaimed);
+  if (claimed && threadIdx.x == kCountingThread) count_release_gpu(claimed);
+  const int64_t scales = r.scales ? c.regions.scales_per_row : 0;
+  const RowParts parts = row_parts(1, r.row_bytes, kBlockWarps);
+  for (int64_t part = warp_in_block(); part < parts.count; part += kBlockWarps) {
+    send_part(r, t, part, parts, dests, unit, scales, lane_id());
   }
 }
 

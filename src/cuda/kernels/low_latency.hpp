@@ -54,6 +54,10 @@ struct LowLatencyRows {
   int64_t num_tokens = 0;
   int32_t* topk32 = nullptr;  // the handle's [S, K] (written by a routing dispatch)
   int32_t* slots = nullptr;   // the handle's [S, K] (written by a routing dispatch)
+  // > 0: each sending block sends one unit, that many consecutive k of one token (a divisor of
+  // K); set by a dispatch's launch where the units fit in its sending blocks (small batches;
+  // low_latency_send.cuh, send_unit). 0: each sends whole tokens.
+  int32_t unit_topk = 0;
 };
 
 struct LowLatencyDispatchParams {
@@ -63,9 +67,10 @@ struct LowLatencyDispatchParams {
   bool send = true;           // the parts this launch runs
   bool wait = true;
 };
-// The send part on ll.num_blocks blocks (at least 2): block 0 counts the others' claims and
-// settles the round's counts while they store the rows (the wait part, in a launch with both);
-// the wait part alone on one block.
+// The send part on up to ll.num_blocks blocks (at least 2: as many as there are tokens, or units
+// of a small batch's (t, k), to send, plus one): block 0 counts the others' claims and settles
+// the round's counts while they store the rows (the wait part, in a launch with both); the wait
+// part alone on one block.
 void launch_low_latency_dispatch(const LowLatencyDispatchParams& params, cudaStream_t stream);
 
 struct LowLatencyCombineParams {

@@ -1,9 +1,9 @@
 // The low-latency mode on the device (docs/protocol.md, "Low-latency mode"):
 //
-//   dispatch          every block but the first claims the slots of its tokens' (t, k) on the
-//                     owners' counters (system-scope atomics through the peer pointers), counts
-//                     its claims done, copies each token's row once into every destination row,
-//                     and hands off; the last of them raises the sent flags. Block 0 raises the
+//   dispatch          every block but the first claims the slots of its tokens' (t, k) (of a
+//                     small batch: of its unit, a few k of one token) on the owners' counters
+//                     (system-scope atomics through the peer pointers), counts its claims done,
+//                     copies each token's row once into every destination row, and hands off; the last of them raises the sent flags. Block 0 raises the
 //                     claimed flags once the others' claims are counted, waits for every
 //                     source's, settles the round's counts while the rows are still being
 //                     stored, and waits for every source's sent flag.
@@ -161,6 +161,7 @@ __global__ void __launch_bounds__(kThreads)
   const int32_t phase = plan::low_latency_send_phase(p.rows.kind);
   const SendBlocks blocks = send_blocks(1);
   const int64_t first = p.send ? first_entry(c, p.rows, blocks) : -2;
+  if (p.send) prefetch_first_rows(p.rows, c.layout.num_topk, blocks);
   const uint64_t epoch = c.scratch->round + 1;
   if (!low_latency_enter(c, plan::low_latency_step(false, !p.send), phase + (p.send ? 0 : 1))) {
     return;
@@ -174,7 +175,11 @@ __global__ void __launch_bounds__(kThreads)
     count_claims(p, epoch, phase);
     return;
   }
-  send_rows(c, p.rows, first, phase, blocks, &c.scratch->blocks_claimed);
+  if (p.rows.unit_topk > 0) {
+    send_unit(c, p.rows, first, phase, blocks, &c.scratch->blocks_claimed);
+  } else {
+    send_rows(c, p.rows, first, phase, blocks, &c.scratch->blocks_claimed);
+  }
   mark_phase_into(c.clock, kMarkLlSent);
   // The rows are before the next kernel by the grid's end; the peers learn of them from the
   // last block's sent flags (none to raise alone).
@@ -475,8 +480,24 @@ void load_low_latency_kernels() {
 }
 
 void launch_low_latency_dispatch(const LowLatencyDispatchParams& params, cudaStream_t stream) {
-  launch(low_latency_dispatch_kernel, params.send ? std::max(params.ll.num_blocks, 2) : 1, false, 0,
-         stream, params);
+  // A send launch: block 0 and sending blocks. Where the tokens' K entries fit in the Buffer's
+  // SMs in units of a divisor of K (the smallest such, below K), a block per unit; else a block
+  // per token, up to the SMs. Blocks without a token are not launched: at 1-32 tokens they cost
+  // 0.4-0.8 us (docs/performance.md).
+  const int64_t senders_max = std::max(params.ll.num_blocks, 2) - 1;
+  const int num_topk = params.ll.layout.num_topk;
+  const int64_t entries = params.rows.num_tokens * num_topk;
+  LowLatencyDispatchParams p = params;
+  int64_t senders = std::clamp<int64_t>(params.rows.num_tokens, 1, senders_max);
+  for (int unit = 1; params.send && entries > 0 && unit < num_topk; ++unit) {
+    if (num_topk % unit == 0 && entries / unit <= senders_max) {
+      p.rows.unit_topk = unit;
+      senders = entries / unit;
+      break;
+    }
+  }
+  launch(low_latency_dispatch_kernel, params.send ? static_cast<int>(senders) + 1 : 1, false, 0,
+         stream, p);
 }
 
 void launch_low_latency_combine(const LowLatencyCombineParams& params, cudaStream_t stream) {
