@@ -2,9 +2,10 @@
 
 One rank on cuda:0 (NCCL group of one), 128 tokens x 7168, top-8 of 256: the host time per
 call of dispatch (sync_counts=False) and compact combine, issued back to back without waiting
-(the GPU keeps up, so this is the host's cost), the same for the pieces a call is made of
-(torch.empty on the device, the current-stream query, epx's input description), then a
-cProfile of the dispatch calls.
+(the GPU keeps up, so this is the host's cost), of a low-latency round (dispatch and zero-copy
+combine), the same for the pieces a call is made of (torch.empty on the device, the
+current-stream query, epx's input description, an LL output's import), then a cProfile of the
+dispatch calls.
 
     PYTHONPATH=python:build-gpu/python python3 bench/python_overhead.py
 """
@@ -40,12 +41,12 @@ def main():
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", rank=0, world_size=1)
     import epx
-    from epx._tensors import describe, stream_of
+    from epx._tensors import describe, from_c, stream_of
 
     device = torch.device("cuda", 0)
     tokens, hidden, experts, topk = 128, 7168, 256, 8
     buf = epx.Buffer(None, max_tokens_per_rank=tokens, hidden=hidden, num_experts=experts,
-                     num_topk=topk)
+                     num_topk=topk, low_latency_max_tokens=tokens)
     x = torch.randn(tokens, hidden, device=device).to(torch.bfloat16)
     idx = torch.stack([torch.randperm(experts)[:topk] for _ in range(tokens)]).to(device)
     w = torch.rand(tokens, topk, device=device)
@@ -55,6 +56,26 @@ def main():
     stream = stream_of(device)
     dx, didx, dw = describe(x, "x"), describe(idx, "topk_idx"), describe(w, "weights")
     dy = describe(first.x, "x")
+    combine_input = buf.low_latency_combine_input()
+    dci = describe(combine_input, "x")
+
+    def ll_round():
+        out = buf.low_latency_dispatch(x, idx, w)
+        return buf.low_latency_combine(combine_input, out.handle, weights=out.weights)
+
+    first_ll = buf.low_latency_dispatch(x, idx, w)
+    dlw = describe(first_ll.weights, "weights")  # the same view every round of this half
+    buf.low_latency_combine(combine_input, first_ll.handle, weights=first_ll.weights)
+
+    def ll_round_c():
+        out = buf._c.low_latency_dispatch(dx, None, didx, dw, None, None, False, stream)
+        return buf._c.low_latency_combine(dci, dlw, None, out["handle"], False, stream)
+
+    def ll_imports(views):
+        out = buf._c.low_latency_dispatch(dx, None, didx, dw, None, None, False, stream)
+        for name in ("x", "weights", "src_info", "counts"):
+            from_c(out[name], views)
+        buf._c.low_latency_combine(dci, dlw, None, out["handle"], False, stream)
 
     rows = [
         ("dispatch compact, sync_counts=False",
@@ -64,12 +85,18 @@ def main():
         ("combine compact", lambda: buf.combine(first.x, first.handle)),
         ("  its C++ call alone (inputs described)",
          lambda: buf._c.combine(dy, None, None, None, None, first.handle._c, False, stream)),
+        ("LL round (dispatch + zero-copy combine)", ll_round),
+        ("  its C++ calls alone (inputs described)", ll_round_c),
         ("torch.empty(1 MB, cuda)", lambda: torch.empty(1 << 20, dtype=torch.uint8,
                                                          device=device)),
         ("torch.cuda.current_stream()", lambda: torch.cuda.current_stream(device)),
         ("epx stream_of(device)", lambda: stream_of(device)),
         ("epx describe(x)", lambda: describe(x, "x")),
     ]
+    if hasattr(buf, "_workspace_views"):  # an epx with the views' cache (from_c's `views`)
+        rows[6:6] = [("  C++ calls + 4 outputs imported afresh", lambda: ll_imports(None)),
+                     ("  C++ calls + 4 outputs from the views",
+                      lambda: ll_imports(buf._workspace_views))]
     for name, fn in rows:
         print(f"{name:<40} {per_call_us(fn):8.1f} us host per call")
 

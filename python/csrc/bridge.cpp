@@ -179,9 +179,10 @@ py::object tensor_to_py(const Tensor& tensor) {
     const auto& owned = *static_cast<const PyOwned*>(tensor.owner.get());
     const uintptr_t offset =
         tensor.view.nbytes() == 0 ? 0 : reinterpret_cast<uintptr_t>(tensor.view.data) - owned.data;
-    return py::make_tuple(owned.object, offset, dtype, shape);
+    return py::make_tuple(owned.object, offset, dtype, shape, py::none());
   }
-  return py::make_tuple(dlpack_bytes(tensor), 0, dtype, shape);
+  return py::make_tuple(dlpack_bytes(tensor), 0, dtype, shape,
+                        reinterpret_cast<uintptr_t>(tensor.view.data));
 }
 
 }  // namespace epx::python

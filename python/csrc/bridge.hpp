@@ -56,9 +56,11 @@ class PyAllocator final : public Allocator {
 // A Python tensor description (see above) or None -> TensorView (empty when None).
 TensorView view_from_py(const py::handle& description);
 
-// An epx output -> (base, byte_offset, dtype, shape), or None when the tensor is not defined.
-// Tensors owned by something other than PyAllocator (an engine's own allocation) cross as a
-// DLPack capsule in place of `base`; the Python side imports it with torch's from_dlpack.
+// An epx output -> (base, byte_offset, dtype, shape, address), or None when the tensor is not
+// defined. Tensors owned by something other than PyAllocator (an engine's own allocation, a
+// Buffer's workspace) cross as a DLPack capsule in place of `base` and with their data address,
+// which lets the Python side reuse the tensor it imported for the same workspace view before
+// (from_c's `views`); `address` is None for PyAllocator's tensors.
 py::object tensor_to_py(const Tensor& tensor);
 
 }  // namespace epx::python

@@ -401,6 +401,10 @@ class Buffer:
         self._sizes = _Sizes(self._c.rank, self._c.num_ranks, config.max_tokens_per_rank,
                              config.hidden, config.num_experts, config.num_topk,
                              config.num_experts // self._c.num_ranks, config.fp8_dispatch)
+        # The tensors imported for the workspace's views (the LL calls' outputs), by address,
+        # dtype and shape (_tensors.from_c): the workspace lives as long as this Buffer, and its
+        # views are a fixed few (two halves of six outputs, the combine region).
+        self._workspace_views = {}
         self._op_id = next(_numbers)  # how epx's custom ops name this buffer
         _LIVE_BUFFERS[self._op_id] = self
 

@@ -97,12 +97,14 @@ def low_latency_dispatch(self, x, topk_idx=None, weights=None, aux=None, *, hand
                 describe(weights, "weights"), describe(aux, "aux"))
     out = self._c.low_latency_dispatch(*args, None if handle is None else handle._c,
                                        bool(return_hook), stream)
-    recv_x = from_c(out["x"])
+    views = self._workspace_views
+    recv_x = from_c(out["x"], views)
     if scales is not None:
-        recv_x = (recv_x, from_c(out["x_scales"]))
+        recv_x = (recv_x, from_c(out["x_scales"], views))
     result_handle = handle if handle is not None else LowLatencyHandle(out["handle"])
-    return LowLatencyDispatchResult(recv_x, from_c(out["weights"]), from_c(out["aux"]),
-                                    from_c(out["src_info"]), from_c(out["counts"]), result_handle)
+    return LowLatencyDispatchResult(recv_x, from_c(out["weights"], views),
+                                    from_c(out["aux"], views), from_c(out["src_info"], views),
+                                    from_c(out["counts"], views), result_handle)
 
 
 def low_latency_combine(self, x, handle, *, weights=None, scalars=None,
@@ -144,7 +146,7 @@ def low_latency_wait(self):
 def low_latency_combine_input(self) -> torch.Tensor:
     """[E_l, R*S_ll, H] bf16, a view of this rank's combine region: expert outputs written here
     (after the round's dispatch completed) are combined without a copy."""
-    return from_c(self._c.low_latency_combine_input())
+    return from_c(self._c.low_latency_combine_input(), self._workspace_views)
 
 
 for _method in (low_latency_dispatch, low_latency_combine, low_latency_combine_backward,
