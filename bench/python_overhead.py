@@ -64,18 +64,24 @@ def main():
         return buf.low_latency_combine(combine_input, out.handle, weights=out.weights)
 
     first_ll = buf.low_latency_dispatch(x, idx, w)
-    dlw = describe(first_ll.weights, "weights")  # the same view every round of this half
+    # The first round's weights view, described once and passed to every round's combine (both
+    # halves): a timing of the calls, not a check of their results.
+    dlw = describe(first_ll.weights, "weights")
     buf.low_latency_combine(combine_input, first_ll.handle, weights=first_ll.weights)
 
-    def ll_round_c():
+    def ll_round_c(imported=(), views=None):
+        """The round's C++ calls, with the dispatch's outputs `imported` as from_c would."""
         out = buf._c.low_latency_dispatch(dx, None, didx, dw, None, None, False, stream)
+        for name in imported:
+            from_c(out[name], views)
         return buf._c.low_latency_combine(dci, dlw, None, out["handle"], False, stream)
 
-    def ll_imports(views):
-        out = buf._c.low_latency_dispatch(dx, None, didx, dw, None, None, False, stream)
-        for name in ("x", "weights", "src_info", "counts"):
-            from_c(out[name], views)
-        buf._c.low_latency_combine(dci, dlw, None, out["handle"], False, stream)
+    outputs = ("x", "weights", "src_info", "counts")
+    # Against an epx without the views' cache (from_c's `views`) the two import rows are left out.
+    import_rows = [] if not hasattr(buf, "_workspace_views") else [
+        ("  C++ calls + 4 outputs imported afresh", lambda: ll_round_c(outputs)),
+        ("  C++ calls + 4 outputs from the views",
+         lambda: ll_round_c(outputs, buf._workspace_views))]
 
     rows = [
         ("dispatch compact, sync_counts=False",
@@ -87,16 +93,13 @@ def main():
          lambda: buf._c.combine(dy, None, None, None, None, first.handle._c, False, stream)),
         ("LL round (dispatch + zero-copy combine)", ll_round),
         ("  its C++ calls alone (inputs described)", ll_round_c),
+        *import_rows,
         ("torch.empty(1 MB, cuda)", lambda: torch.empty(1 << 20, dtype=torch.uint8,
                                                          device=device)),
         ("torch.cuda.current_stream()", lambda: torch.cuda.current_stream(device)),
         ("epx stream_of(device)", lambda: stream_of(device)),
         ("epx describe(x)", lambda: describe(x, "x")),
     ]
-    if hasattr(buf, "_workspace_views"):  # an epx with the views' cache (from_c's `views`)
-        rows[6:6] = [("  C++ calls + 4 outputs imported afresh", lambda: ll_imports(None)),
-                     ("  C++ calls + 4 outputs from the views",
-                      lambda: ll_imports(buf._workspace_views))]
     for name, fn in rows:
         print(f"{name:<40} {per_call_us(fn):8.1f} us host per call")
 
