@@ -334,14 +334,15 @@ LowLatencyCase error_case() {
   return c;
 }
 
-// Three ranks on GPU 0 run `bad` and then synchronise: "" when every rank raised `code` with
-// `needle` (the rank `bad_rank`, where its own message differs, is not held to it).
+// `num_ranks` ranks (3 unless told) on GPU 0 run `bad` and then synchronise: "" when every rank
+// raised `code` with `needle` (the rank `bad_rank`, where its own message differs, is not held
+// to it).
 void expect_all_raise(ErrorCode code, int bad_rank, const std::string& needle,
                       const std::function<void(Buffer&, const ThreadRank&)>& bad,
-                      double timeout_seconds = 20) {
+                      double timeout_seconds = 20, int num_ranks = 3) {
   const LowLatencyCase c = error_case();
   const std::string failed = run_threads(
-      3, Placement::kOneGpu, 60,
+      num_ranks, Placement::kOneGpu, 60,
       [&](const ThreadRank& r) -> std::string {
         Buffer buffer(r.comm, shared_gpu_config(c, r, timeout_seconds), poisoned_cuda_allocator());
         return expect_raise(buffer, r, code, bad_rank, needle, bad, "[epx-gpu-low-latency]");
@@ -406,6 +407,49 @@ TEST(LowLatencyErrors, InvalidRoutingOnOneRankRaisesEverywhere) {
                      }
                      b.low_latency_dispatch(in.view, {}, r.stream);
                    });
+}
+
+// One rank, which has no peer to learn of its errors from and whose own flags are never read:
+// misuse raises as with several: out of turn, a value outside [-1, E), an expert named more
+// times than its region has rows (4 tokens naming expert 0 at both k: 8 rows for a region of 4;
+// the only test of that overflow on the GPU).
+TEST(LowLatencyErrors, OneRankRaisesAsSeveralDo) {
+  EPX_REQUIRE_GPUS(1);
+  expect_all_raise(
+      ErrorCode::kInvalidArgument, -1, "out of turn",
+      [](Buffer& b, const ThreadRank& r) {
+        SmallInputs in = small_inputs(b, r);
+        b.low_latency_dispatch(in.view, {}, r.stream);
+        b.low_latency_dispatch(in.view, {}, r.stream);
+      },
+      20, 1);
+  expect_all_raise(
+      ErrorCode::kInvalidRouting, -1, "passed topk_idx value -2",
+      [](Buffer& b, const ThreadRank& r) {
+        SmallInputs in = small_inputs(b, r);
+        const int32_t bad = -2;
+        r.ops().write(static_cast<char*>(in.topk.get()) + 4, &bad, 4);
+        b.low_latency_dispatch(in.view, {}, r.stream);
+      },
+      20, 1);
+  expect_all_raise(
+      ErrorCode::kInvalidRouting, -1, "expert 0 received 8 rows, more than its region's 4",
+      [](Buffer& b, const ThreadRank& r) {
+        const BufferConfig& config = b.config();
+        const int64_t tokens = config.low_latency_max_tokens;
+        const DeviceOps ops = r.ops();
+        const std::vector<uint16_t> x(size_t(tokens * config.hidden), 0x3f80);
+        const std::vector<int32_t> topk(size_t(tokens * config.num_topk), 0);
+        auto x_dev = ops.upload(x.data(), x.size() * 2);
+        auto topk_dev = ops.upload(topk.data(), topk.size() * 4);
+        DispatchInputs in;
+        in.x = TensorView(x_dev.get(), DType::kBFloat16, {tokens, config.hidden}, b.device());
+        in.topk_idx =
+            TensorView(topk_dev.get(), DType::kInt32, {tokens, config.num_topk}, b.device());
+        b.low_latency_dispatch(in, {}, r.stream);
+        b.synchronize(r.stream);
+      },
+      20, 1);
 }
 
 // Rank 1 builds its buffer but never dispatches: the others raise kTimeout naming the phase and
