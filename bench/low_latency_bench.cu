@@ -14,8 +14,8 @@
 //   normal  the normal path's compact dispatch (sync_counts=false) and combine, graphs as above;
 //   copy    a plain SM copy of the bytes a dispatch writes (S * K rows), on the LL kernels' SMs,
 //           replayed in a graph: the LL figures are given as multiples of it;
-//   clock   with -DEPX_PHASE_CLOCK=ON, the phase marks of one round, every rank's on one
-//           timeline.
+//   clock   with -DEPX_PHASE_CLOCK=ON, the phase marks of one round and of one fp8 round,
+//           every rank's on one timeline.
 //
 // Combines are zero-copy: the expert outputs are taken to be in low_latency_combine_input() and
 // the weights are the dispatch's own view (what an expert GEMM writing in place gives).
@@ -362,6 +362,20 @@ std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm
         o.iters, [&] { fp8_dispatch_graph.launch(); }, [&] { fp8_combine_graph.launch(); }, true);
     fp8_buffer.synchronize(stream);
     progress(tokens, "fp8 timed");
+    // The same marks for the fp8 dispatch (and the combine after it, which the dispatch's half
+    // of the round needs), the two graphs held and replayed one after the other.
+    const std::string fp8_clock = phase_clock_report(
+        "phase clock of one LL fp8 round, " + std::to_string(tokens) +
+            " tokens (us from the kernel's first start on any rank):",
+        o.rank, 3,
+        [&] {
+          timer.hold();
+          fp8_dispatch_graph.launch();
+          fp8_combine_graph.launch();
+        },
+        [&] { check_cuda(cudaStreamSynchronize(stream), "sync"); },
+        {{cuda::kMarkLlStart, cuda::kMarkLlCombineStart, {cuda::kMarkLlStart}}},
+        {.first = o.rank * sms, .count = sms, .barrier = o.graphs_ready});
 
     // The normal path, compact, without a host synchronisation (unless left out: on one GPU
     // shared by eight thread ranks it takes minutes).
@@ -382,7 +396,7 @@ std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm
       buffer.synchronize(stream);
     }
 
-    report += clock;
+    report += clock + fp8_clock;
     row(tokens, "ll dispatch (graph)", graph_dispatch, copy_us);
     row(tokens, "ll combine (graph)", graph_combine, copy_us);
     row(tokens, "ll dispatch + combine (one graph)", graph_round, copy_us);
