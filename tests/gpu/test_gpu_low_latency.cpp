@@ -66,6 +66,7 @@ struct Shape {
   bool fp8;
 };
 constexpr Shape kShapes[] = {{7168, 128, false},
+                             {7168, 128, true},
                              {7168, 256, true},
                              {2048, 128, false},
                              {1032, 256, false},

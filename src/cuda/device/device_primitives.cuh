@@ -96,6 +96,27 @@ __device__ __forceinline__ void prefetch_bulk_l2(const void* p, uint32_t bytes) 
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
 }
 
+// The bulk-copy unit's stores from shared memory (sm_90): `bytes` (a multiple of 16) from the
+// 16-byte aligned shared `src` to the 16-byte aligned global `dst`, in this thread's bulk group.
+// Shared memory written by the block's threads is fenced for the async proxy by each writer
+// (fence_proxy_async_shared) before the block barrier that precedes the store.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+__device__ __forceinline__ void bulk_store_global(void* dst, const void* src, uint32_t bytes) {
+  const uint32_t shared = static_cast<uint32_t>(__cvta_generic_to_shared(src));
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst),
+               "r"(shared), "r"(bytes)
+               : "memory");
+}
+// This thread's bulk stores committed and complete (written, not only read from shared
+// memory), and ordered before its later generic accesses.
+__device__ __forceinline__ void bulk_stores_complete() {
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  asm volatile("fence.proxy.async.global;" ::: "memory");
+}
+
 // A warp copies `bytes` from src to dst: 16-byte vectors when both are 16-byte aligned and
 // bytes % 16 == 0 (every row the kernels move, for H % 8 == 0), else 2-byte elements, else
 // bytes (an fp8 input that starts at an odd address).

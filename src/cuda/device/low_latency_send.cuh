@@ -167,11 +167,42 @@ __device__ __forceinline__ void fan_out(const char* src, int64_t begin, int64_t 
 // (docs/performance.md).
 constexpr int kCountingThread = kBlockThreads - kWarpSize;
 
+// A row's fp8 scales (`scales` of them), one warp: loaded into registers (held, beside the
+// row's first loads), then stored to each destination from there (loaded again for each
+// destination, each load waited behind the stores to the one before).
+struct HeldScales {
+  float value[kHeldScales];
+};
+__device__ __forceinline__ HeldScales load_scales(const LowLatencyRows& r, int64_t t,
+                                                  int64_t scales, int lane) {
+  HeldScales held;
+#pragma unroll
+  for (int j = 0; j < kHeldScales; ++j) {
+    const int64_t i = lane + j * kWarpSize;
+    if (i < scales) held.value[j] = r.scales[t * scales + i];
+  }
+  return held;
+}
+__device__ __forceinline__ void store_scales(const LowLatencyRows& r, int64_t t, int64_t scales,
+                                             const HeldScales& held, const Destination* d,
+                                             int num_dests, int lane) {
+  for (int k = 0; k < num_dests; ++k) {
+    float* out = d[k].scales;
+    if (!out) continue;
+#pragma unroll
+    for (int j = 0; j < kHeldScales; ++j) {
+      const int64_t i = lane + j * kWarpSize;
+      if (i < scales) out[i] = held.value[j];
+    }
+    for (int64_t i = lane + kHeldScales * kWarpSize; i < scales; i += kWarpSize) {
+      out[i] = r.scales[t * scales + i];  // past the held ones: rows wider than 8192
+    }
+  }
+}
+
 // Part `part` of token t's row, one warp: fanned out into each of the `num_dests` destination
 // rows `d` (16-byte vectors when rows and input are aligned, else 2-byte elements, else bytes);
-// the first part carries the row's `scales` (fp8; 0: none): loaded beside the part's first
-// loads and stored to each destination from registers after the fan-out (loaded per
-// destination after it, each load waited behind the stores to the destination before).
+// the first part carries the row's `scales` (fp8; 0: none).
 __device__ __forceinline__ void send_part(const LowLatencyRows& r, int64_t t, int64_t part,
                                           RowParts parts, const Destination* d, int num_dests,
                                           int64_t scales, int lane) {
@@ -179,14 +210,8 @@ __device__ __forceinline__ void send_part(const LowLatencyRows& r, int64_t t, in
   const char* src = r.x + t * r.row_bytes;
   const int64_t begin = part * parts.bytes, end = min(r.row_bytes, begin + parts.bytes);
   const bool carries_scales = part == 0 && scales > 0;
-  float held[kHeldScales];
-  if (carries_scales) {
-#pragma unroll
-    for (int j = 0; j < kHeldScales; ++j) {
-      const int64_t i = lane + j * kWarpSize;
-      if (i < scales) held[j] = r.scales[t * scales + i];
-    }
-  }
+  HeldScales held;
+  if (carries_scales) held = load_scales(r, t, scales, lane);
   if ((bits & 15) == 0) {
     fan_out<int4, kFanoutLoads>(src, begin / 16, end / 16, d, num_dests, lane);
   } else if ((bits & 1) == 0) {
@@ -194,19 +219,32 @@ __device__ __forceinline__ void send_part(const LowLatencyRows& r, int64_t t, in
   } else {
     fan_out<uint8_t, 8>(src, begin, end, d, num_dests, lane);
   }
-  if (!carries_scales) return;
-  for (int k = 0; k < num_dests; ++k) {
-    float* out = d[k].scales;
-    if (!out) continue;
-#pragma unroll
-    for (int j = 0; j < kHeldScales; ++j) {
-      const int64_t i = lane + j * kWarpSize;
-      if (i < scales) out[i] = held[j];
-    }
-    for (int64_t i = lane + kHeldScales * kWarpSize; i < scales; i += kWarpSize) {
-      out[i] = r.scales[t * scales + i];  // past the held ones: rows wider than 8192
-    }
+  if (carries_scales) store_scales(r, t, scales, held, d, num_dests, lane);
+}
+
+// Token t's whole row to its `num_dests` destinations by the bulk-copy unit (r.bulk_rows: the
+// block's one token, 16-byte aligned, at most kBulkRowBytes): the block loads the row into
+// shared memory, then a thread per destination stores all of it with one bulk store and waits
+// for it to complete, so that the block's handoff (or the grid's end) orders it as it does the
+// warps' stores; warp 1 carries the fp8 scales.
+__device__ __forceinline__ void send_bulk(const LowLatencyRows& r, int64_t t, const Destination* d,
+                                          int num_dests, int64_t scales) {
+  extern __shared__ int4 staged_row[];
+  const int4* src = reinterpret_cast<const int4*>(r.x + t * r.row_bytes);
+  const int64_t vectors = r.row_bytes / 16;
+  const int lane = lane_id();
+  const bool carries_scales = scales > 0 && warp_in_block() == 1;
+  HeldScales held;
+  if (carries_scales) held = load_scales(r, t, scales, lane);
+#pragma unroll 4
+  for (int64_t i = threadIdx.x; i < vectors; i += kBlockThreads) staged_row[i] = src[i];
+  fence_proxy_async_shared();
+  __syncthreads();
+  if (threadIdx.x < num_dests && d[threadIdx.x].row) {
+    bulk_store_global(d[threadIdx.x].row, staged_row, static_cast<uint32_t>(r.row_bytes));
+    bulk_stores_complete();
   }
+  if (carries_scales) store_scales(r, t, scales, held, d, num_dests, lane);
 }
 
 // The send part of a dispatch-direction call, every sending block: batches of its tokens, a
@@ -237,6 +275,11 @@ inline __device__ void send_rows(const LowLatencyContext& c, const LowLatencyRow
     __syncthreads();
     if (j0 == 0) mark_phase_into(c.clock, kMarkLlClaimed);
     if (counts && j0 + batch >= tokens) count_release_gpu(claimed);
+    if (r.bulk_rows) {  // one token, n == 1
+      send_bulk(r, b.index, dests, num_topk, scales);
+      __syncthreads();
+      continue;
+    }
     const RowParts parts = row_parts(n, r.row_bytes, kBlockWarps);
     for (int64_t item = warp; item < n * parts.count; item += kBlockWarps) {
       const int jt = static_cast<int>(item / parts.count);

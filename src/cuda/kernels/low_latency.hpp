@@ -58,7 +58,15 @@ struct LowLatencyRows {
   // K); set by a dispatch's launch where the units fit in its sending blocks (small batches;
   // low_latency_send.cuh, send_unit). 0: each sends whole tokens.
   int32_t unit_topk = 0;
+  // Each sending block has one token, whose row (16-byte aligned, at most kBulkRowBytes) goes
+  // through shared memory (the launch's dynamic shared memory) to its destinations by the
+  // bulk-copy unit, a store per destination (low_latency_send.cuh, send_bulk). Set by the
+  // launch.
+  bool bulk_rows = false;
 };
+// With the dispatch kernel's ~25 KB of static shared memory, within the 48 KB a launch gets
+// without opting in to more.
+constexpr int64_t kBulkRowBytes = 16384;
 
 struct LowLatencyDispatchParams {
   LowLatencyContext ll{};
