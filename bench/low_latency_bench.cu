@@ -343,39 +343,40 @@ std::string low_latency_report(const LowLatencyBenchOptions& o, const Comm& comm
     const double graph_round = timer.mean_us(o.iters, [&] { round_graph.launch(); });
     buffer.synchronize(stream);
     progress(tokens, "graphs timed");
-    // With -DEPX_PHASE_CLOCK=ON: one replay's marks, each kernel timed from the earliest start
-    // of any rank's (their replays held to start together, as the samples are).
-    const std::string clock = phase_clock_report(
-        "phase clock of one LL round, " + std::to_string(tokens) +
-            " tokens (us from the kernel's first start on any rank):",
-        o.rank, 3,
-        [&] {
-          timer.hold();
-          round_graph.launch();
-        },
-        [&] { check_cuda(cudaStreamSynchronize(stream), "sync"); },
-        {{cuda::kMarkLlStart, cuda::kMarkLlCombineStart, {cuda::kMarkLlStart}},
-         {cuda::kMarkLlCombineStart, cuda::kMarkCount, {cuda::kMarkLlCombineStart}}},
-        {.first = o.rank * sms, .count = sms, .barrier = o.graphs_ready});
+    // With -DEPX_PHASE_CLOCK=ON: the marks of one replay of `launch` ("" without the clock),
+    // each kernel timed from the earliest start of any rank's (their replays held to start
+    // together, as the samples are).
+    auto round_clock = [&](const std::string& round, const std::function<void()>& launch,
+                           std::initializer_list<PhaseSpan> spans) {
+      return phase_clock_report(
+          "phase clock of one " + round + ", " + std::to_string(tokens) +
+              " tokens (us from the kernel's first start on any rank):",
+          o.rank, 3,
+          [&] {
+            timer.hold();
+            launch();
+          },
+          [&] { check_cuda(cudaStreamSynchronize(stream), "sync"); }, spans,
+          {.first = o.rank * sms, .count = sms, .barrier = o.graphs_ready});
+    };
+    const std::string clock =
+        round_clock("LL round", [&] { round_graph.launch(); },
+                    {{cuda::kMarkLlStart, cuda::kMarkLlCombineStart, {cuda::kMarkLlStart}},
+                     {cuda::kMarkLlCombineStart, cuda::kMarkCount, {cuda::kMarkLlCombineStart}}});
 
     const auto fp8_times = timer.alternating_us(
         o.iters, [&] { fp8_dispatch_graph.launch(); }, [&] { fp8_combine_graph.launch(); }, true);
     fp8_buffer.synchronize(stream);
     progress(tokens, "fp8 timed");
-    // The same marks for the fp8 dispatch (and the combine after it, which the dispatch's half
-    // of the round needs), the two graphs held and replayed one after the other.
-    const std::string fp8_clock = phase_clock_report(
-        "phase clock of one LL fp8 round, " + std::to_string(tokens) +
-            " tokens (us from the kernel's first start on any rank):",
-        o.rank, 3,
+    // The dispatch's marks for fp8 (and the combine after it, which the dispatch's half of the
+    // round needs), the two graphs replayed one after the other.
+    const std::string fp8_clock = round_clock(
+        "LL fp8 round",
         [&] {
-          timer.hold();
           fp8_dispatch_graph.launch();
           fp8_combine_graph.launch();
         },
-        [&] { check_cuda(cudaStreamSynchronize(stream), "sync"); },
-        {{cuda::kMarkLlStart, cuda::kMarkLlCombineStart, {cuda::kMarkLlStart}}},
-        {.first = o.rank * sms, .count = sms, .barrier = o.graphs_ready});
+        {{cuda::kMarkLlStart, cuda::kMarkLlCombineStart, {cuda::kMarkLlStart}}});
 
     // The normal path, compact, without a host synchronisation (unless left out: on one GPU
     // shared by eight thread ranks it takes minutes).
