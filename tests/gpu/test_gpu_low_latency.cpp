@@ -22,6 +22,7 @@
 #include <cstring>
 #include <functional>
 #include <iostream>
+#include <optional>
 #include <random>
 
 #include "common/cuda_device_ops.hpp"
@@ -352,19 +353,21 @@ void expect_all_raise(ErrorCode code, int bad_rank, const std::string& needle,
   EXPECT_EQ(failed, "");
 }
 
-// Rank `rank`'s small inputs on the device: 2 tokens, token t naming experts t and t + 1.
+// Rank `rank`'s small inputs on the device: `tokens` tokens (2 unless told), token t naming
+// experts t + k + rank (mod E) at its k, or every (t, k) naming `only_expert` where given.
 struct SmallInputs {
   std::shared_ptr<void> x, topk;
   DispatchInputs view;
 };
-SmallInputs small_inputs(const Buffer& buffer, const ThreadRank& r) {
+SmallInputs small_inputs(const Buffer& buffer, const ThreadRank& r, int64_t tokens = 2,
+                         std::optional<int32_t> only_expert = std::nullopt) {
   const BufferConfig& config = buffer.config();
-  const int64_t tokens = 2;
   std::vector<uint16_t> x(size_t(tokens * config.hidden), 0x3f80);
   std::vector<int32_t> topk;
   for (int64_t t = 0; t < tokens; ++t) {
     for (int64_t k = 0; k < config.num_topk; ++k) {
-      topk.push_back(static_cast<int32_t>((t + k + r.rank) % config.num_experts));
+      topk.push_back(only_expert ? *only_expert
+                                 : static_cast<int32_t>((t + k + r.rank) % config.num_experts));
     }
   }
   const DeviceOps ops = r.ops();
@@ -436,18 +439,8 @@ TEST(LowLatencyErrors, OneRankRaisesAsSeveralDo) {
   expect_all_raise(
       ErrorCode::kInvalidRouting, -1, "expert 0 received 8 rows, more than its region's 4",
       [](Buffer& b, const ThreadRank& r) {
-        const BufferConfig& config = b.config();
-        const int64_t tokens = config.low_latency_max_tokens;
-        const DeviceOps ops = r.ops();
-        const std::vector<uint16_t> x(size_t(tokens * config.hidden), 0x3f80);
-        const std::vector<int32_t> topk(size_t(tokens * config.num_topk), 0);
-        auto x_dev = ops.upload(x.data(), x.size() * 2);
-        auto topk_dev = ops.upload(topk.data(), topk.size() * 4);
-        DispatchInputs in;
-        in.x = TensorView(x_dev.get(), DType::kBFloat16, {tokens, config.hidden}, b.device());
-        in.topk_idx =
-            TensorView(topk_dev.get(), DType::kInt32, {tokens, config.num_topk}, b.device());
-        b.low_latency_dispatch(in, {}, r.stream);
+        SmallInputs in = small_inputs(b, r, b.config().low_latency_max_tokens, 0);
+        b.low_latency_dispatch(in.view, {}, r.stream);
         b.synchronize(r.stream);
       },
       20, 1);
