@@ -31,6 +31,9 @@
 #           (EPX_PROFILE: its argument, e.g. backward; default 128)
 #   sums    bench/profile-kernels.sh sums: the same for the expert-side sum against the
 #           row_sums micro, and the SASS of both (cuobjdump) into $OUT
+#   sanitize the low-latency suite under compute-sanitizer memcheck, racecheck and synccheck
+#           (EPX_SANITIZE_TOOLS: which of them; sanitized_low_latency in gpu-env.sh, which
+#           gpu-check.sh runs too)
 #   ncu     per-kernel durations of bench_gpu at 128 tokens (ncu, clocks left alone)
 #   variants bench_gpu of this tree and of variants of it, in the same call (run-to-run spread
 #           between calls is a few %, more than many changes gain): each directory under
@@ -90,6 +93,14 @@ for step in $steps; do
       EPX_GPU_CONFIGS=${EPX_GPU_CONFIGS:-4} timeout 300 "$EPX_BUILD_DIR/tests/test_gpu_low_latency" \
         2>&1 | tee "$out/low-latency.log"
       summary+=("low-latency suite: exit ${PIPESTATUS[0]}, $(grep -c '^\[       OK \]' "$out/low-latency.log") tests passed")
+      ;;
+    sanitize)
+      for tool in ${EPX_SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
+        sanitized_low_latency $tool "$EPX_BUILD_DIR" > "$out/sanitize-$tool.log" 2>&1
+        status=$?
+        grep -E "^\[ +(OK|FAILED|PASSED) |SUMMARY|bit-exact" "$out/sanitize-$tool.log" | tail -n 12
+        summary+=("$tool, low-latency suite: exit $status")
+      done
       ;;
     bench)
       PYTHONPATH="$root/python:$EPX_BUILD_DIR/python" timeout 480 "$python" "$root/bench/bench.py" \

@@ -61,6 +61,9 @@ if command -v compute-sanitizer >/dev/null; then
     "${memcheck[@]}" "$build/tests/test_gpu_threads" --gtest_filter='*OneGpu*'
   run "compute-sanitizer racecheck" timeout 240 compute-sanitizer --tool racecheck --target-processes all \
     --error-exitcode 9 "$build/tests/test_gpu" --gtest_filter="$small"
+  for tool in memcheck racecheck synccheck; do
+    run "$tool, low-latency suite" sanitized_low_latency $tool "$build"
+  done
 fi
 # First-look timings (every visible GPU one rank): the headline case, then the small one.
 run "bench 4096 x 7168, top-8 of 256, 24 SMs" timeout 150 "$build/bench/bench_gpu"
