@@ -76,7 +76,7 @@ __device__ __forceinline__ void prefetch_first_rows(const LowLatencyRows& r, int
                                                     SendBlocks b) {
   const int j = static_cast<int>(threadIdx.x) - kWarpSize;
   if (j < 0 || j >= (r.unit_topk > 0 ? 1 : kWarpSize) || b.index < 0) return;
-  if (((reinterpret_cast<uintptr_t>(r.x) | static_cast<uintptr_t>(r.row_bytes)) & 15) != 0) return;
+  if ((r.alignment_bits() & 15) != 0) return;
   const int64_t t =
       r.unit_topk > 0 ? b.index * r.unit_topk / num_topk : b.index + int64_t(j) * b.count;
   if (t < r.num_tokens) prefetch_bulk_l2(r.x + t * r.row_bytes, static_cast<uint32_t>(r.row_bytes));
@@ -206,7 +206,7 @@ __device__ __forceinline__ void store_scales(const LowLatencyRows& r, int64_t t,
 __device__ __forceinline__ void send_part(const LowLatencyRows& r, int64_t t, int64_t part,
                                           RowParts parts, const Destination* d, int num_dests,
                                           int64_t scales, int lane) {
-  const uintptr_t bits = reinterpret_cast<uintptr_t>(r.x) | static_cast<uintptr_t>(r.row_bytes);
+  const uintptr_t bits = r.alignment_bits();
   const char* src = r.x + t * r.row_bytes;
   const int64_t begin = part * parts.bytes, end = min(r.row_bytes, begin + parts.bytes);
   const bool carries_scales = part == 0 && scales > 0;

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "cuda/kernels/kernels.hpp"
+#include "plan/host_device.hpp"
 #include "plan/low_latency_layout.hpp"
 
 namespace epx::cuda {
@@ -63,6 +64,13 @@ struct LowLatencyRows {
   // bulk-copy unit, a store per destination (low_latency_send.cuh, send_bulk). Set by the
   // launch.
   bool bulk_rows = false;
+
+  // The low bits of the rows' address and length together: 0 in the low 4 when every row starts
+  // 16-byte aligned (the rows' 16-byte vectors, prefetches and bulk stores), in the lowest when
+  // every row starts 2-byte aligned.
+  EPX_HD uintptr_t alignment_bits() const {
+    return reinterpret_cast<uintptr_t>(x) | static_cast<uintptr_t>(row_bytes);
+  }
 };
 // With the dispatch kernel's ~25 KB of static shared memory, within the 48 KB a launch gets
 // without opting in to more.

@@ -498,11 +498,9 @@ void launch_low_latency_dispatch(const LowLatencyDispatchParams& params, cudaStr
   }
   // A block's one token (no more tokens than sending blocks) through shared memory and the
   // bulk-copy unit, where it fits.
-  const auto bits = reinterpret_cast<uintptr_t>(params.rows.x) |
-                    static_cast<uintptr_t>(params.rows.row_bytes);
-  p.rows.bulk_rows = params.send && p.rows.unit_topk == 0 &&
-                     params.rows.num_tokens <= senders && (bits & 15) == 0 &&
-                     params.rows.row_bytes > 0 && params.rows.row_bytes <= kBulkRowBytes;
+  p.rows.bulk_rows = params.send && p.rows.unit_topk == 0 && params.rows.num_tokens <= senders &&
+                     (params.rows.alignment_bits() & 15) == 0 && params.rows.row_bytes > 0 &&
+                     params.rows.row_bytes <= kBulkRowBytes;
   const size_t smem = p.rows.bulk_rows ? static_cast<size_t>(params.rows.row_bytes) : 0;
   launch(low_latency_dispatch_kernel, params.send ? static_cast<int>(senders) + 1 : 1, false, smem,
          stream, p);
